@@ -1,1 +1,27 @@
-fn main() {}
+//! The `portico` binary: parse the command line and hand over to the library.
+
+use clap::Parser as _;
+use portico::cli::{self, Cli, Command};
+
+fn main() {
+    let cli = Cli::parse();
+    let code = match cli.command {
+        Command::Check {
+            files,
+            deny_warnings,
+            format,
+        } => cli::check(&files, deny_warnings, format),
+        Command::Explain {
+            file,
+            request,
+            headers,
+            client_ip,
+        } => cli::explain(&file, &request, &headers, client_ip.as_deref()),
+        Command::Test { files } => cli::test(&files),
+        Command::Run(_) | Command::Demo => {
+            eprintln!("portico: the proxy is not part of this build yet");
+            2
+        }
+    };
+    std::process::exit(code);
+}
