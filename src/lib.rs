@@ -17,4 +17,6 @@
 //! 8. **log**: one access log line and the metrics.
 
 pub mod cli;
+pub mod compress;
 pub mod policy;
+pub mod throttle;
