@@ -8,7 +8,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 /// One backend: a named set of origin servers, or a static directory.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone, PartialEq, Default)]
 pub struct BackendConfig {
     /// The name the policy routes to, used in logs and errors.
     pub name: String,
@@ -26,21 +26,6 @@ pub struct BackendConfig {
     pub tls: Option<UpstreamTls>,
     /// Serve files from a directory instead of proxying.
     pub static_dir: Option<StaticConfig>,
-}
-
-impl Default for BackendConfig {
-    fn default() -> Self {
-        Self {
-            name: String::new(),
-            servers: Vec::new(),
-            balance: Balance::default(),
-            health: None,
-            eject: EjectConfig::default(),
-            timeouts: Timeouts::default(),
-            tls: None,
-            static_dir: None,
-        }
-    }
 }
 
 /// One origin server of a backend.
@@ -148,7 +133,7 @@ impl Default for EjectConfig {
 pub struct Timeouts {
     /// TCP (and TLS) connection establishment. Default: 5 s.
     pub connect: Duration,
-    /// From sending the request to the response head of one attempt. Default: 30 s.
+    /// From starting one attempt (connection included) to its response head. Default: 30 s.
     pub first_byte: Duration,
     /// The whole exchange, all attempts included. The pool bounds the time to
     /// the response head with it; the caller bounds the body with what is
