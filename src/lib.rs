@@ -20,3 +20,4 @@ pub mod cli;
 pub mod compress;
 pub mod policy;
 pub mod throttle;
+pub mod upstream;

@@ -1,0 +1,20 @@
+//! The upstream layer: sending a request to one of a backend's servers.
+//!
+//! A [`Pool`] per backend holds its servers, balances requests over them
+//! ([`balance`]), tracks their health by active probes and passive ejection
+//! ([`health`]), and sends over pooled keep-alive HTTP/1.1 connections, plain
+//! or TLS, with connect, first-byte and total time limits and safe failover
+//! ([`pool`]). A backend may instead be a directory ([`static_files`]).
+//! [`config`] holds the plain data the compiled policy fills in.
+
+pub mod balance;
+pub mod config;
+pub mod health;
+pub mod pool;
+pub mod static_files;
+
+pub use config::{
+    BackendConfig, Balance, EjectConfig, HealthConfig, ServerConfig, StaticConfig, Timeouts,
+    UpstreamTls,
+};
+pub use pool::{InFlight, Pool, UpstreamError};

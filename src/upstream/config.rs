@@ -1,0 +1,202 @@
+//! Plain data describing one backend: its servers, how requests are spread
+//! over them, how their health is judged, and the time limits of a request.
+//!
+//! These types carry no behaviour; the compiled policy fills them in and
+//! [`crate::upstream::Pool::new`] turns them into a live pool.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// One backend: a named set of origin servers, or a static directory.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct BackendConfig {
+    /// The name the policy routes to, used in logs and errors.
+    pub name: String,
+    /// The origin servers; at least one when `static_dir` is `None`.
+    pub servers: Vec<ServerConfig>,
+    /// How a server is chosen for each request. Default: round robin.
+    pub balance: Balance,
+    /// Active health checks; `None` means servers are only judged passively.
+    pub health: Option<HealthConfig>,
+    /// Passive ejection after failed requests.
+    pub eject: EjectConfig,
+    /// Time limits of one upstream exchange.
+    pub timeouts: Timeouts,
+    /// TLS to the servers; `None` means plain HTTP/1.1.
+    pub tls: Option<UpstreamTls>,
+    /// Serve files from a directory instead of proxying.
+    pub static_dir: Option<StaticConfig>,
+}
+
+/// One origin server of a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerConfig {
+    /// `host:port` to connect to.
+    pub addr: String,
+    /// Relative share of traffic; 0 is treated as 1. Default: 1.
+    pub weight: u32,
+    /// A backup server only takes traffic when no primary server is usable.
+    pub backup: bool,
+}
+
+impl ServerConfig {
+    /// A primary server of weight 1 at `addr`.
+    pub fn new(addr: impl Into<String>) -> Self {
+        Self {
+            addr: addr.into(),
+            weight: 1,
+            backup: false,
+        }
+    }
+}
+
+/// The selection algorithm of a backend.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Balance {
+    /// Smooth weighted round robin (the nginx algorithm).
+    #[default]
+    RoundRobin,
+    /// Fewest requests in flight relative to weight.
+    LeastConn,
+    /// The less loaded of two weighted random picks ("power of two choices").
+    Random,
+    /// Consistent hashing of a caller-provided key on a ring of virtual nodes.
+    Hash,
+}
+
+impl Balance {
+    /// The policy-language spelling of the algorithm.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Balance::RoundRobin => "round_robin",
+            Balance::LeastConn => "least_conn",
+            Balance::Random => "random",
+            Balance::Hash => "hash",
+        }
+    }
+}
+
+/// Active health checking: a probe request sent to every server each `interval`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthConfig {
+    /// Probe method. Default: GET.
+    pub method: http::Method,
+    /// Probe path, starting with `/`. Default: `/`.
+    pub path: String,
+    /// Time between two probes of a server. Default: 5 s.
+    pub interval: Duration,
+    /// Time allowed for the probe's response head. Default: 2 s.
+    pub timeout: Duration,
+    /// The status a healthy server answers. Default: 200.
+    pub expect_status: u16,
+    /// Consecutive successful probes that bring a down server back. Default: 2.
+    pub rise: u32,
+    /// Consecutive failed probes that take an up server down. Default: 3.
+    pub fall: u32,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            method: http::Method::GET,
+            path: "/".to_owned(),
+            interval: Duration::from_secs(5),
+            timeout: Duration::from_secs(2),
+            expect_status: 200,
+            rise: 2,
+            fall: 3,
+        }
+    }
+}
+
+/// Passive ejection: a server whose requests keep failing is set aside for a while.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EjectConfig {
+    /// Consecutive failed requests (connect errors, resets, timeouts) that
+    /// eject a server; 0 disables ejection. Default: 5.
+    pub consecutive_failures: u32,
+    /// How long an ejected server is skipped. Default: 10 s.
+    pub cooldown: Duration,
+}
+
+impl Default for EjectConfig {
+    fn default() -> Self {
+        Self {
+            consecutive_failures: 5,
+            cooldown: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Time limits of one upstream exchange.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Timeouts {
+    /// TCP (and TLS) connection establishment. Default: 5 s.
+    pub connect: Duration,
+    /// From starting one attempt (connection included) to its response head. Default: 30 s.
+    pub first_byte: Duration,
+    /// The whole exchange, all attempts included. The pool bounds the time to
+    /// the response head with it; the caller bounds the body with what is
+    /// left. Default: 120 s.
+    pub total: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Self {
+            connect: Duration::from_secs(5),
+            first_byte: Duration::from_secs(30),
+            total: Duration::from_secs(120),
+        }
+    }
+}
+
+/// TLS towards the servers of a backend.
+///
+/// No system trust store can be read here and no bundled web roots are
+/// compiled in, so `ca_file` is required: a pool with TLS and no CA file is
+/// refused by [`crate::upstream::Pool::new`].
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UpstreamTls {
+    /// PEM file of the certificate authorities trusted for the servers.
+    pub ca_file: Option<PathBuf>,
+    /// Name to verify (and send as SNI); default: the host part of each server's address.
+    pub server_name: Option<String>,
+}
+
+/// A directory served as a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticConfig {
+    /// The directory; nothing outside it is ever served.
+    pub root: PathBuf,
+    /// File served for a directory. Default: `index.html`.
+    pub index: String,
+}
+
+impl StaticConfig {
+    /// Serve `root` with the default index file name.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self {
+            root: root.into(),
+            index: "index.html".to_owned(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_match_documented_values() {
+        let t = Timeouts::default();
+        assert_eq!(t.connect, Duration::from_secs(5));
+        assert_eq!(t.first_byte, Duration::from_secs(30));
+        assert_eq!(t.total, Duration::from_secs(120));
+        let e = EjectConfig::default();
+        assert_eq!(e.consecutive_failures, 5);
+        assert_eq!(e.cooldown, Duration::from_secs(10));
+        assert_eq!(BackendConfig::default().balance, Balance::RoundRobin);
+        assert_eq!(ServerConfig::new("a:1").weight, 1);
+    }
+}

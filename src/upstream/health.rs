@@ -1,0 +1,329 @@
+//! Health of each server of a backend: the verdict of active probes and the
+//! passive ejection that follows failed requests.
+//!
+//! The request path only reads atomics ([`HealthState::is_usable`]); probes
+//! and request outcomes write them. A server starts up, goes down after
+//! `fall` consecutive failed probes and comes back after `rise` consecutive
+//! good ones. Independently, `consecutive_failures` failed requests eject it
+//! for `cooldown`, after which it is re-admitted with a clean slate.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::config::EjectConfig;
+
+/// Health of every server of one backend.
+#[derive(Debug)]
+pub struct HealthState {
+    base: Instant,
+    eject: EjectConfig,
+    rise: u32,
+    fall: u32,
+    servers: Box<[ServerHealth]>,
+}
+
+#[derive(Debug)]
+struct ServerHealth {
+    up: AtomicBool,
+    probe_ok_streak: AtomicU32,
+    probe_fail_streak: AtomicU32,
+    request_fail_streak: AtomicU32,
+    /// Milliseconds since `base` until which the server is ejected; 0: not ejected.
+    ejected_until_ms: AtomicU64,
+}
+
+impl HealthState {
+    /// State for `n` servers, all up. `rise` and `fall` (at least 1) govern
+    /// active checks; `eject` governs passive ejection.
+    pub fn new(n: usize, rise: u32, fall: u32, eject: EjectConfig) -> Arc<Self> {
+        Arc::new(Self {
+            base: Instant::now(),
+            eject,
+            rise: rise.max(1),
+            fall: fall.max(1),
+            servers: (0..n)
+                .map(|_| ServerHealth {
+                    up: AtomicBool::new(true),
+                    probe_ok_streak: AtomicU32::new(0),
+                    probe_fail_streak: AtomicU32::new(0),
+                    request_fail_streak: AtomicU32::new(0),
+                    ejected_until_ms: AtomicU64::new(0),
+                })
+                .collect(),
+        })
+    }
+
+    /// Number of servers.
+    pub fn len(&self) -> usize {
+        self.servers.len()
+    }
+
+    /// `true` when there are no servers.
+    pub fn is_empty(&self) -> bool {
+        self.servers.is_empty()
+    }
+
+    fn now_ms(&self) -> u64 {
+        // +1 keeps 0 free to mean "not ejected".
+        self.base.elapsed().as_millis() as u64 + 1
+    }
+
+    /// Whether server `i` may take traffic: up by active checks and not ejected.
+    pub fn is_usable(&self, i: usize) -> bool {
+        self.is_up(i) && !self.is_ejected(i)
+    }
+
+    /// Whether active checks consider server `i` up.
+    pub fn is_up(&self, i: usize) -> bool {
+        self.servers[i].up.load(Ordering::Acquire)
+    }
+
+    /// Whether server `i` is inside an ejection cooldown.
+    pub fn is_ejected(&self, i: usize) -> bool {
+        let until = self.servers[i].ejected_until_ms.load(Ordering::Acquire);
+        until != 0 && self.now_ms() < until
+    }
+
+    /// A request to server `i` got a response: its failure streak ends.
+    pub fn record_success(&self, i: usize) {
+        let s = &self.servers[i];
+        if s.request_fail_streak.load(Ordering::Relaxed) != 0 {
+            s.request_fail_streak.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// A request to server `i` failed (connect error, reset, timeout).
+    /// Returns `true` when this failure ejected the server.
+    pub fn record_failure(&self, i: usize) -> bool {
+        let limit = self.eject.consecutive_failures;
+        if limit == 0 {
+            return false;
+        }
+        let s = &self.servers[i];
+        let streak = s.request_fail_streak.fetch_add(1, Ordering::AcqRel) + 1;
+        if streak < limit {
+            return false;
+        }
+        s.request_fail_streak.store(0, Ordering::Release);
+        let until = self.now_ms() + self.eject.cooldown.as_millis() as u64;
+        s.ejected_until_ms.store(until, Ordering::Release);
+        tracing::warn!(server = i, cooldown = ?self.eject.cooldown, "upstream server ejected after {streak} failed requests");
+        true
+    }
+
+    /// Records one active probe of server `i`. Returns `Some(up)` when the
+    /// server changed state.
+    pub fn record_probe(&self, i: usize, ok: bool) -> Option<bool> {
+        let s = &self.servers[i];
+        if ok {
+            s.probe_fail_streak.store(0, Ordering::Relaxed);
+            let streak = s.probe_ok_streak.fetch_add(1, Ordering::Relaxed) + 1;
+            if streak >= self.rise && !s.up.swap(true, Ordering::AcqRel) {
+                tracing::info!(
+                    server = i,
+                    "upstream server back up after {streak} good probes"
+                );
+                return Some(true);
+            }
+        } else {
+            s.probe_ok_streak.store(0, Ordering::Relaxed);
+            let streak = s.probe_fail_streak.fetch_add(1, Ordering::Relaxed) + 1;
+            if streak >= self.fall && s.up.swap(false, Ordering::AcqRel) {
+                tracing::warn!(
+                    server = i,
+                    "upstream server down after {streak} failed probes"
+                );
+                return Some(false);
+            }
+        }
+        None
+    }
+}
+
+/// One probe of one server: resolves to `true` when the server is healthy.
+pub type ProbeFuture = Pin<Box<dyn Future<Output = bool> + Send>>;
+
+/// Runs active checks for one backend until dropped or shut down.
+#[derive(Debug)]
+pub struct HealthChecker {
+    shutdown: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+impl HealthChecker {
+    /// Spawns the checker: every `interval`, each server is probed at once
+    /// through `probe(i)`; a probe slower than `timeout` counts as failed.
+    /// Must be called inside a tokio runtime.
+    pub fn spawn<P>(
+        state: Arc<HealthState>,
+        interval: Duration,
+        timeout: Duration,
+        probe: P,
+    ) -> Self
+    where
+        P: Fn(usize) -> ProbeFuture + Send + Sync + 'static,
+    {
+        let (shutdown, mut stop) = watch::channel(false);
+        let task = tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(1)));
+            ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    _ = ticker.tick() => {}
+                }
+                let round = futures_util::future::join_all((0..state.len()).map(|i| {
+                    let fut = probe(i);
+                    async move { tokio::time::timeout(timeout, fut).await.unwrap_or(false) }
+                }));
+                tokio::select! {
+                    _ = stop.changed() => break,
+                    results = round => {
+                        for (i, ok) in results.into_iter().enumerate() {
+                            state.record_probe(i, ok);
+                        }
+                    }
+                }
+            }
+        });
+        Self { shutdown, task }
+    }
+
+    /// Asks the checker to stop; it does so before its next probe round.
+    pub fn shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    /// Whether the checker task has ended.
+    pub fn is_finished(&self) -> bool {
+        self.task.is_finished()
+    }
+}
+
+impl Drop for HealthChecker {
+    fn drop(&mut self) {
+        self.shutdown.send_replace(true);
+        self.task.abort();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    fn eject(n: u32, ms: u64) -> EjectConfig {
+        EjectConfig {
+            consecutive_failures: n,
+            cooldown: Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn rise_and_fall_need_consecutive_probes() {
+        let h = HealthState::new(1, 2, 3, eject(0, 0));
+        assert!(h.is_usable(0));
+        assert_eq!(h.record_probe(0, false), None);
+        assert_eq!(h.record_probe(0, false), None);
+        assert_eq!(h.record_probe(0, true), None); // streak broken
+        assert_eq!(h.record_probe(0, false), None);
+        assert_eq!(h.record_probe(0, false), None);
+        assert_eq!(h.record_probe(0, false), Some(false));
+        assert!(!h.is_usable(0));
+        assert_eq!(h.record_probe(0, true), None);
+        assert_eq!(h.record_probe(0, false), None);
+        assert_eq!(h.record_probe(0, true), None);
+        assert_eq!(h.record_probe(0, true), Some(true));
+        assert!(h.is_usable(0));
+    }
+
+    #[tokio::test]
+    async fn passive_ejection_lasts_the_cooldown() {
+        let h = HealthState::new(2, 1, 1, eject(3, 150));
+        assert!(!h.record_failure(0));
+        h.record_success(0); // resets the streak
+        assert!(!h.record_failure(0));
+        assert!(!h.record_failure(0));
+        assert!(h.record_failure(0));
+        let ejected_at = Instant::now();
+        assert!(!h.is_usable(0));
+        assert!(h.is_usable(1));
+        // The cooldown is the point of the test, so waiting for it is the signal.
+        tokio::time::sleep(Duration::from_millis(170)).await;
+        assert!(
+            h.is_usable(0),
+            "re-admitted after {:?}",
+            ejected_at.elapsed()
+        );
+        // Re-admitted with a clean slate: one failure does not eject again.
+        assert!(!h.record_failure(0));
+        assert!(h.is_usable(0));
+    }
+
+    #[test]
+    fn zero_consecutive_failures_disables_ejection() {
+        let h = HealthState::new(1, 1, 1, eject(0, 1_000));
+        for _ in 0..100 {
+            assert!(!h.record_failure(0));
+        }
+        assert!(h.is_usable(0));
+    }
+
+    async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+        tokio::time::timeout(Duration::from_secs(5), async {
+            while !cond() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+    }
+
+    #[tokio::test]
+    async fn checker_probes_and_stops_when_dropped() {
+        let h = HealthState::new(2, 1, 1, eject(0, 0));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let c = Arc::clone(&calls);
+        let checker = HealthChecker::spawn(
+            Arc::clone(&h),
+            Duration::from_millis(10),
+            Duration::from_millis(20),
+            move |i| {
+                c.fetch_add(1, Ordering::SeqCst);
+                // Server 1 never answers: the timeout fails it.
+                Box::pin(async move {
+                    if i == 1 {
+                        std::future::pending::<()>().await;
+                    }
+                    true
+                })
+            },
+        );
+        wait_until("server 1 down", || !h.is_up(1)).await;
+        assert!(h.is_up(0));
+        drop(checker);
+        tokio::task::yield_now().await;
+        let seen = calls.load(Ordering::SeqCst);
+        // Several intervals pass without a probe once the handle is gone.
+        tokio::time::sleep(Duration::from_millis(60)).await;
+        assert_eq!(calls.load(Ordering::SeqCst), seen);
+    }
+
+    #[tokio::test]
+    async fn checker_stops_on_shutdown() {
+        let h = HealthState::new(1, 1, 1, eject(0, 0));
+        let checker =
+            HealthChecker::spawn(h, Duration::from_millis(10), Duration::from_secs(1), |_| {
+                Box::pin(async { true })
+            });
+        checker.shutdown();
+        wait_until("checker end", || checker.is_finished()).await;
+    }
+}

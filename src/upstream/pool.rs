@@ -1,0 +1,872 @@
+//! A live backend: its servers, their health and load, the balancer, and a
+//! keep-alive HTTP/1.1 client (plain or TLS) that sends requests to them with
+//! time limits and failover.
+//!
+//! Retry rules (RFC 9110 §9.2.2): a request whose connection could not be
+//! made was never sent, so it goes to another server whatever its method,
+//! provided its body was not read. A request that was sent and lost to a
+//! reset or close before any response byte is retried only when its method is
+//! idempotent and its body is empty or was never read. Anything else is
+//! answered with the error: a non-idempotent request is never sent twice.
+
+use std::error::Error as StdError;
+use std::future::Future;
+use std::io;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{CertificateDer, ServerName};
+use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
+use tokio_rustls::TlsConnector;
+
+use super::balance::{self, InFlightGuard, Load, Selector};
+use super::config::{BackendConfig, HealthConfig, Timeouts, UpstreamTls};
+use super::health::{HealthChecker, HealthState, ProbeFuture};
+
+/// A boxed error of a body or connector.
+pub type BoxError = Box<dyn StdError + Send + Sync>;
+
+type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// Why a request to a backend got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// Every server is down or ejected (or the backend has none).
+    #[error("backend `{backend}` has no healthy server")]
+    NoHealthyServer {
+        /// The backend's name.
+        backend: String,
+    },
+    /// The connection to a server could not be made.
+    #[error("connecting to {server} failed: {source}")]
+    Connect {
+        /// The server's address.
+        server: String,
+        /// What the connector reported.
+        source: BoxError,
+    },
+    /// The connection to a server was not made in time.
+    #[error("connecting to {server} timed out")]
+    ConnectTimeout {
+        /// The server's address.
+        server: String,
+    },
+    /// The server did not send a response head in time.
+    #[error("{server} sent no response within {after:?}")]
+    FirstByteTimeout {
+        /// The server's address.
+        server: String,
+        /// The limit that ran out.
+        after: Duration,
+    },
+    /// The whole exchange, attempts included, ran past its limit.
+    #[error("backend `{backend}` gave no response within {after:?}")]
+    TotalTimeout {
+        /// The backend's name.
+        backend: String,
+        /// The limit that ran out.
+        after: Duration,
+    },
+    /// The connection was closed or reset before a response arrived.
+    #[error("{server} closed the connection before responding: {source}")]
+    Reset {
+        /// The server's address.
+        server: String,
+        /// What the client reported.
+        source: BoxError,
+    },
+    /// The server answered something that is not valid HTTP/1.1.
+    #[error("bad response from {server}: {source}")]
+    BadResponse {
+        /// The server's address.
+        server: String,
+        /// What the client reported.
+        source: BoxError,
+    },
+    /// The backend's configuration cannot be used.
+    #[error("backend `{backend}`: {reason}")]
+    Config {
+        /// The backend's name.
+        backend: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+impl UpstreamError {
+    /// The status the client is answered with: 503 when no server can take
+    /// the request, 504 when a time limit ran out, 502 when a server failed
+    /// (RFC 9110 §15.6.3-5), 500 for a backend that could not be configured.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            UpstreamError::NoHealthyServer { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            UpstreamError::ConnectTimeout { .. }
+            | UpstreamError::FirstByteTimeout { .. }
+            | UpstreamError::TotalTimeout { .. } => StatusCode::GATEWAY_TIMEOUT,
+            UpstreamError::Connect { .. }
+            | UpstreamError::Reset { .. }
+            | UpstreamError::BadResponse { .. } => StatusCode::BAD_GATEWAY,
+            UpstreamError::Config { .. } => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// A short stable name of the error kind, for logs and metrics.
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            UpstreamError::NoHealthyServer { .. } => "no_healthy_server",
+            UpstreamError::Connect { .. } => "connect",
+            UpstreamError::ConnectTimeout { .. } => "connect_timeout",
+            UpstreamError::FirstByteTimeout { .. } => "first_byte_timeout",
+            UpstreamError::TotalTimeout { .. } => "total_timeout",
+            UpstreamError::Reset { .. } => "reset",
+            UpstreamError::BadResponse { .. } => "bad_response",
+            UpstreamError::Config { .. } => "config",
+        }
+    }
+}
+
+/// Held in a response's extensions while it is in flight: dropping the
+/// response (its parts) ends the server's in-flight count used by
+/// least-connections and two-choices balancing.
+#[derive(Debug, Clone)]
+pub struct InFlight(Arc<InFlightGuard>);
+
+impl InFlight {
+    /// Index of the server that answered, in the backend's server list.
+    pub fn server(&self) -> usize {
+        self.0.server()
+    }
+}
+
+struct Server {
+    addr: String,
+    authority: Authority,
+}
+
+/// One backend's servers and the machinery to send requests to them.
+pub struct Pool {
+    name: String,
+    servers: Box<[Server]>,
+    weights: Box<[u32]>,
+    backup: Box<[bool]>,
+    selector: Box<dyn Selector>,
+    load: Arc<Load>,
+    health: Arc<HealthState>,
+    client: Client<Connector, UpstreamBody>,
+    scheme: Scheme,
+    timeouts: Timeouts,
+    checker: Option<HealthChecker>,
+}
+
+impl std::fmt::Debug for Pool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pool")
+            .field("name", &self.name)
+            .field(
+                "servers",
+                &self.servers.iter().map(|s| &s.addr).collect::<Vec<_>>(),
+            )
+            .field("selector", &self.selector)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pool {
+    /// Builds the pool for `cfg` and, when it has health checks, starts its
+    /// checker (so it must be called inside a tokio runtime). Fails on a
+    /// server address that is not `host:port`, and on TLS without a CA file.
+    pub fn new(cfg: &BackendConfig) -> Result<Pool, UpstreamError> {
+        let config_error = |reason: String| UpstreamError::Config {
+            backend: cfg.name.clone(),
+            reason,
+        };
+        let mut servers = Vec::with_capacity(cfg.servers.len());
+        for s in &cfg.servers {
+            let authority: Authority = s
+                .addr
+                .parse()
+                .map_err(|e| config_error(format!("server address `{}`: {e}", s.addr)))?;
+            if authority.port_u16().is_none() {
+                return Err(config_error(format!(
+                    "server address `{}` has no port",
+                    s.addr
+                )));
+            }
+            servers.push(Server {
+                addr: s.addr.clone(),
+                authority,
+            });
+        }
+        let weights: Box<[u32]> = cfg.servers.iter().map(|s| s.weight.max(1)).collect();
+        let backup: Box<[bool]> = cfg.servers.iter().map(|s| s.backup).collect();
+        let ids: Vec<&str> = cfg.servers.iter().map(|s| s.addr.as_str()).collect();
+        let selector = balance::selector_for(cfg.balance, &ids, &weights);
+
+        let mut http = HttpConnector::new();
+        http.enforce_http(false);
+        http.set_nodelay(true);
+        http.set_connect_timeout(Some(cfg.timeouts.connect));
+        let tls = match &cfg.tls {
+            Some(tls) => Some(tls_connector(tls).map_err(config_error)?),
+            None => None,
+        };
+        let connector = Connector {
+            http,
+            tls,
+            handshake_timeout: cfg.timeouts.connect,
+        };
+        let client = Client::builder(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .pool_idle_timeout(Duration::from_secs(60))
+            .build(connector);
+
+        let (rise, fall) = cfg.health.as_ref().map_or((1, 1), |h| (h.rise, h.fall));
+        let health = HealthState::new(servers.len(), rise, fall, cfg.eject);
+        let scheme = Scheme::HTTP;
+        let servers: Box<[Server]> = servers.into();
+        let checker = cfg.health.as_ref().map(|h| {
+            let probe = Prober::new(h, &servers, &scheme, client.clone(), &cfg.name);
+            HealthChecker::spawn(Arc::clone(&health), h.interval, h.timeout, move |i| {
+                probe.probe(i)
+            })
+        });
+        Ok(Pool {
+            name: cfg.name.clone(),
+            load: Load::new(servers.len()),
+            servers,
+            weights,
+            backup,
+            selector,
+            health,
+            client,
+            scheme,
+            timeouts: cfg.timeouts,
+            checker,
+        })
+    }
+
+    /// The backend's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The backend's time limits; the caller bounds body streaming with `total`.
+    pub fn timeouts(&self) -> Timeouts {
+        self.timeouts
+    }
+
+    /// Health of the servers, indexed like the configuration's server list.
+    pub fn health(&self) -> &HealthState {
+        &self.health
+    }
+
+    /// Requests in flight to server `i`.
+    pub fn in_flight(&self, i: usize) -> u32 {
+        self.load.get(i)
+    }
+
+    /// Stops active health checks (they also stop when the pool is dropped).
+    pub fn shutdown(&self) {
+        if let Some(c) = &self.checker {
+            c.shutdown();
+        }
+    }
+
+    /// Sends `req` to a server chosen by the balancer (`hash_key` feeds
+    /// consistent hashing) and returns the response head with its streaming
+    /// body. The request's path and query, method and headers are kept; the
+    /// scheme and authority become the server's; the version is HTTP/1.1.
+    /// The response's extensions hold an [`InFlight`] naming the server.
+    pub async fn send<B>(
+        &self,
+        req: Request<B>,
+        hash_key: Option<&[u8]>,
+    ) -> Result<Response<Incoming>, UpstreamError>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let total = self.timeouts.total;
+        match tokio::time::timeout(total, self.send_with_failover(req, hash_key)).await {
+            Ok(result) => result,
+            Err(_) => Err(UpstreamError::TotalTimeout {
+                backend: self.name.clone(),
+                after: total,
+            }),
+        }
+    }
+
+    async fn send_with_failover<B>(
+        &self,
+        req: Request<B>,
+        hash_key: Option<&[u8]>,
+    ) -> Result<Response<Incoming>, UpstreamError>
+    where
+        B: Body<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let (parts, body) = req.into_parts();
+        let idempotent = is_idempotent(&parts.method);
+        let empty_body = body.is_end_stream();
+        let path_and_query = parts
+            .uri
+            .path_and_query()
+            .cloned()
+            .unwrap_or_else(|| PathAndQuery::from_static("/"));
+        let slot: BodySlot<B> = Arc::new(Mutex::new(Some(body)));
+        // Servers already tried; allocated only once a try fails.
+        let mut tried: Vec<bool> = Vec::new();
+        let mut last_error: Option<UpstreamError> = None;
+        loop {
+            let usable =
+                |i: usize| self.health.is_usable(i) && !tried.get(i).copied().unwrap_or(false);
+            let picked = balance::select(
+                self.selector.as_ref(),
+                &self.weights,
+                &self.backup,
+                &self.load,
+                &usable,
+                hash_key,
+            );
+            let Some(i) = picked else {
+                return Err(
+                    last_error.unwrap_or_else(|| UpstreamError::NoHealthyServer {
+                        backend: self.name.clone(),
+                    }),
+                );
+            };
+            let body_unread = slot.lock().map(|s| s.is_some()).unwrap_or(false);
+            let body: UpstreamBody = if body_unread {
+                ReplayableBody {
+                    slot: Arc::clone(&slot),
+                    taken: None,
+                }
+                .boxed_unsync()
+            } else if empty_body {
+                Empty::new().map_err(|never| match never {}).boxed_unsync()
+            } else {
+                // The body was consumed by a failed try and cannot be sent again.
+                return Err(
+                    last_error.unwrap_or_else(|| UpstreamError::NoHealthyServer {
+                        backend: self.name.clone(),
+                    }),
+                );
+            };
+            let server = &self.servers[i];
+            let mut builder = Request::builder()
+                .method(parts.method.clone())
+                .version(Version::HTTP_11)
+                .uri(
+                    Uri::builder()
+                        .scheme(self.scheme.clone())
+                        .authority(server.authority.clone())
+                        .path_and_query(path_and_query.clone())
+                        .build()
+                        .map_err(|e| UpstreamError::Config {
+                            backend: self.name.clone(),
+                            reason: format!("request URI: {e}"),
+                        })?,
+                );
+            if let Some(h) = builder.headers_mut() {
+                h.clone_from(&parts.headers);
+            }
+            let upstream_req = builder.body(body).map_err(|e| UpstreamError::Config {
+                backend: self.name.clone(),
+                reason: format!("request: {e}"),
+            })?;
+
+            let guard = self.load.enter(i);
+            let first_byte = self.timeouts.first_byte;
+            let outcome = tokio::time::timeout(first_byte, self.client.request(upstream_req)).await;
+            let error = match outcome {
+                Ok(Ok(mut resp)) => {
+                    self.health.record_success(i);
+                    resp.extensions_mut().insert(InFlight(Arc::new(guard)));
+                    return Ok(resp);
+                }
+                Ok(Err(e)) => classify(e, &server.addr),
+                Err(_) => UpstreamError::FirstByteTimeout {
+                    server: server.addr.clone(),
+                    after: first_byte,
+                },
+            };
+            drop(guard);
+            self.health.record_failure(i);
+            let body_still_sendable =
+                empty_body || slot.lock().map(|s| s.is_some()).unwrap_or(false);
+            let retry = match &error {
+                UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => {
+                    body_still_sendable
+                }
+                UpstreamError::Reset { .. } => idempotent && body_still_sendable,
+                _ => false,
+            };
+            tracing::debug!(backend = %self.name, server = %server.addr, error = %error, retry, "upstream try failed");
+            if !retry {
+                return Err(error);
+            }
+            if tried.is_empty() {
+                tried.resize(self.servers.len(), false);
+            }
+            tried[i] = true;
+            last_error = Some(error);
+        }
+    }
+}
+
+/// Idempotent methods (RFC 9110 §9.2.2) that may be sent again after a reset.
+fn is_idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Sorts a client error into connect / timeout / reset / bad response.
+fn classify(e: hyper_util::client::legacy::Error, server: &str) -> UpstreamError {
+    let server = server.to_owned();
+    let timed_out = chain_has_io(&e, |k| k == io::ErrorKind::TimedOut);
+    if e.is_connect() {
+        if timed_out {
+            return UpstreamError::ConnectTimeout { server };
+        }
+        return UpstreamError::Connect {
+            server,
+            source: Box::new(e),
+        };
+    }
+    let mut hyper_reset = false;
+    let mut source: Option<&(dyn StdError + 'static)> = Some(&e);
+    while let Some(err) = source {
+        if let Some(h) = err.downcast_ref::<hyper::Error>() {
+            hyper_reset |= h.is_incomplete_message() || h.is_canceled() || h.is_closed();
+        }
+        source = err.source();
+    }
+    let io_reset = chain_has_io(&e, |k| {
+        matches!(
+            k,
+            io::ErrorKind::ConnectionReset
+                | io::ErrorKind::ConnectionAborted
+                | io::ErrorKind::BrokenPipe
+                | io::ErrorKind::UnexpectedEof
+        )
+    });
+    if hyper_reset || io_reset {
+        UpstreamError::Reset {
+            server,
+            source: Box::new(e),
+        }
+    } else {
+        UpstreamError::BadResponse {
+            server,
+            source: Box::new(e),
+        }
+    }
+}
+
+fn chain_has_io(e: &(dyn StdError + 'static), want: impl Fn(io::ErrorKind) -> bool) -> bool {
+    let mut source: Option<&(dyn StdError + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            if want(io.kind()) {
+                return true;
+            }
+        }
+        source = err.source();
+    }
+    false
+}
+
+type BodySlot<B> = Arc<Mutex<Option<B>>>;
+
+/// A request body that stays in its shared slot until the client first reads
+/// it, so a try that failed before reading can hand it to the next try.
+struct ReplayableBody<B> {
+    slot: BodySlot<B>,
+    taken: Option<B>,
+}
+
+impl<B> Body for ReplayableBody<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        if this.taken.is_none() {
+            this.taken = this.slot.lock().ok().and_then(|mut s| s.take());
+        }
+        match this.taken.as_mut() {
+            Some(b) => Pin::new(b).poll_frame(cx).map_err(Into::into),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match &self.taken {
+            Some(b) => b.is_end_stream(),
+            None => self
+                .slot
+                .lock()
+                .map(|s| s.as_ref().is_none_or(|b| b.is_end_stream()))
+                .unwrap_or(true),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match &self.taken {
+            Some(b) => b.size_hint(),
+            None => self
+                .slot
+                .lock()
+                .ok()
+                .and_then(|s| s.as_ref().map(|b| b.size_hint()))
+                .unwrap_or_else(|| SizeHint::with_exact(0)),
+        }
+    }
+}
+
+/// Loads the CA file and builds the TLS connector; no CA file is an error
+/// because no system or bundled roots are available to this build.
+fn tls_connector(tls: &UpstreamTls) -> Result<TlsSetup, String> {
+    let Some(ca_file) = &tls.ca_file else {
+        return Err("TLS to servers needs a CA file (no system roots are built in)".to_owned());
+    };
+    let roots = load_roots(ca_file)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS versions: {e}"))?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    let server_name = match &tls.server_name {
+        Some(n) => Some(
+            ServerName::try_from(n.clone()).map_err(|e| format!("TLS server name `{n}`: {e}"))?,
+        ),
+        None => None,
+    };
+    Ok(TlsSetup {
+        connector: TlsConnector::from(Arc::new(config)),
+        server_name,
+    })
+}
+
+fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
+    let mut roots = rustls::RootCertStore::empty();
+    let certs = CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+    for cert in certs {
+        let cert = cert.map_err(|e| format!("CA file {}: {e}", path.display()))?;
+        roots
+            .add(cert)
+            .map_err(|e| format!("CA file {}: {e}", path.display()))?;
+    }
+    if roots.is_empty() {
+        return Err(format!("CA file {} holds no certificate", path.display()));
+    }
+    Ok(roots)
+}
+
+#[derive(Clone)]
+struct TlsSetup {
+    connector: TlsConnector,
+    server_name: Option<ServerName<'static>>,
+}
+
+/// TCP connector with optional TLS on top.
+#[derive(Clone)]
+struct Connector {
+    http: HttpConnector,
+    tls: Option<TlsSetup>,
+    handshake_timeout: Duration,
+}
+
+impl tower_service::Service<Uri> for Connector {
+    type Response = UpstreamStream;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<UpstreamStream, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        tower_service::Service::<Uri>::poll_ready(&mut self.http, cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, uri: Uri) -> Self::Future {
+        let mut http = self.http.clone();
+        let tls = self.tls.clone();
+        let handshake_timeout = self.handshake_timeout;
+        Box::pin(async move {
+            let host = uri.host().unwrap_or_default().to_owned();
+            let tcp = tower_service::Service::call(&mut http, uri).await?;
+            let Some(tls) = tls else {
+                return Ok(UpstreamStream::Plain(tcp));
+            };
+            let name = match tls.server_name {
+                Some(n) => n,
+                None => ServerName::try_from(host.trim_matches(['[', ']']).to_owned())?,
+            };
+            let handshake = tls.connector.connect(name, tcp.into_inner());
+            let stream = tokio::time::timeout(handshake_timeout, handshake)
+                .await
+                .map_err(|_| {
+                    io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
+                })??;
+            Ok(UpstreamStream::Tls(Box::new(TokioIo::new(stream))))
+        })
+    }
+}
+
+/// A connection to a server, plain or TLS.
+enum UpstreamStream {
+    Plain(TokioIo<TcpStream>),
+    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
+}
+
+impl Connection for UpstreamStream {
+    fn connected(&self) -> Connected {
+        match self {
+            UpstreamStream::Plain(s) => s.connected(),
+            UpstreamStream::Tls(s) => s.inner().get_ref().0.connected(),
+        }
+    }
+}
+
+impl hyper::rt::Read for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl hyper::rt::Write for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Sends active health probes through the pool's client.
+struct Prober {
+    method: Method,
+    uris: Box<[Uri]>,
+    expect: u16,
+    client: Client<Connector, UpstreamBody>,
+    backend: String,
+}
+
+impl Prober {
+    fn new(
+        h: &HealthConfig,
+        servers: &[Server],
+        scheme: &Scheme,
+        client: Client<Connector, UpstreamBody>,
+        backend: &str,
+    ) -> Self {
+        let path: PathAndQuery = h
+            .path
+            .parse()
+            .unwrap_or_else(|_| PathAndQuery::from_static("/"));
+        let uris = servers
+            .iter()
+            .filter_map(|s| {
+                Uri::builder()
+                    .scheme(scheme.clone())
+                    .authority(s.authority.clone())
+                    .path_and_query(path.clone())
+                    .build()
+                    .ok()
+            })
+            .collect();
+        Self {
+            method: h.method.clone(),
+            uris,
+            expect: h.expect_status,
+            client,
+            backend: backend.to_owned(),
+        }
+    }
+
+    fn probe(&self, i: usize) -> ProbeFuture {
+        let Some(uri) = self.uris.get(i).cloned() else {
+            return Box::pin(async { false });
+        };
+        let req = Request::builder()
+            .method(self.method.clone())
+            .uri(uri)
+            .body(Empty::new().map_err(|never| match never {}).boxed_unsync());
+        let client = self.client.clone();
+        let expect = self.expect;
+        let backend = self.backend.clone();
+        Box::pin(async move {
+            let Ok(req) = req else { return false };
+            match client.request(req).await {
+                Ok(resp) => {
+                    let ok = resp.status().as_u16() == expect;
+                    if !ok {
+                        tracing::debug!(%backend, server = i, status = resp.status().as_u16(), "health probe failed");
+                    }
+                    ok
+                }
+                Err(e) => {
+                    tracing::debug!(%backend, server = i, error = %e, "health probe failed");
+                    false
+                }
+            }
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errors_map_to_gateway_statuses() {
+        let server = || "127.0.0.1:1".to_owned();
+        let cause = || -> BoxError { "x".into() };
+        let table = [
+            (
+                UpstreamError::NoHealthyServer {
+                    backend: "b".into(),
+                },
+                503,
+            ),
+            (UpstreamError::ConnectTimeout { server: server() }, 504),
+            (
+                UpstreamError::FirstByteTimeout {
+                    server: server(),
+                    after: Duration::from_secs(1),
+                },
+                504,
+            ),
+            (
+                UpstreamError::TotalTimeout {
+                    backend: "b".into(),
+                    after: Duration::from_secs(1),
+                },
+                504,
+            ),
+            (
+                UpstreamError::Connect {
+                    server: server(),
+                    source: cause(),
+                },
+                502,
+            ),
+            (
+                UpstreamError::Reset {
+                    server: server(),
+                    source: cause(),
+                },
+                502,
+            ),
+            (
+                UpstreamError::BadResponse {
+                    server: server(),
+                    source: cause(),
+                },
+                502,
+            ),
+            (
+                UpstreamError::Config {
+                    backend: "b".into(),
+                    reason: "r".into(),
+                },
+                500,
+            ),
+        ];
+        for (err, status) in table {
+            assert_eq!(err.status().as_u16(), status, "{}", err.as_str());
+        }
+    }
+
+    #[test]
+    fn idempotent_methods_follow_rfc_9110() {
+        for m in [
+            Method::GET,
+            Method::HEAD,
+            Method::OPTIONS,
+            Method::PUT,
+            Method::DELETE,
+        ] {
+            assert!(is_idempotent(&m), "{m}");
+        }
+        for m in [Method::POST, Method::PATCH, Method::CONNECT] {
+            assert!(!is_idempotent(&m), "{m}");
+        }
+    }
+
+    #[tokio::test]
+    async fn pool_rejects_bad_configuration() {
+        use crate::upstream::config::ServerConfig;
+        let mut cfg = BackendConfig {
+            name: "b".into(),
+            servers: vec![ServerConfig::new("no-port")],
+            ..Default::default()
+        };
+        assert!(matches!(Pool::new(&cfg), Err(UpstreamError::Config { .. })));
+        cfg.servers = vec![ServerConfig::new("127.0.0.1:80")];
+        cfg.tls = Some(UpstreamTls::default());
+        let err = Pool::new(&cfg).unwrap_err();
+        assert!(err.to_string().contains("CA file"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn empty_pool_fails_fast_with_no_healthy_server() {
+        let pool = Pool::new(&BackendConfig {
+            name: "empty".into(),
+            ..Default::default()
+        })
+        .unwrap();
+        let req = Request::get("/").body(Empty::<Bytes>::new()).unwrap();
+        let err = pool.send(req, None).await.unwrap_err();
+        assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+}

@@ -1,0 +1,681 @@
+//! A backend that serves files from a directory.
+//!
+//! Only GET and HEAD are allowed. Validators and conditional requests follow
+//! RFC 9110 §8.8 and §13 (strong ETag from size and modification time,
+//! Last-Modified, 304 for If-None-Match / If-Modified-Since), byte ranges
+//! follow §14 (one range gives 206, an unsatisfiable one 416, several are
+//! answered with the whole file). Nothing outside the root is ever read: the
+//! path is percent-decoded exactly once and refused when it holds `..`, NUL,
+//! a backslash or a still-encoded sequence, and the file's canonical path
+//! (symlinks resolved) must lie inside the canonical root. File access goes
+//! through `tokio::fs`, so the runtime's threads never block on the disk.
+
+use std::io::SeekFrom;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use super::config::StaticConfig;
+
+/// Answers `req` from the directory of `cfg`. The response body holds the
+/// whole selected range in memory.
+pub async fn serve<B>(cfg: &StaticConfig, req: &Request<B>) -> Response<Full<Bytes>> {
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut resp = plain(StatusCode::METHOD_NOT_ALLOWED);
+        resp.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return resp;
+    }
+    let segments = match decode_path(req.uri().path()) {
+        Ok(s) => s,
+        Err(reason) => {
+            tracing::debug!(path = req.uri().path(), reason, "static path refused");
+            return plain(StatusCode::BAD_REQUEST);
+        }
+    };
+    let Ok(root) = tokio::fs::canonicalize(&cfg.root).await else {
+        tracing::warn!(root = %cfg.root.display(), "static root cannot be resolved");
+        return plain(StatusCode::NOT_FOUND);
+    };
+    let mut target = root.clone();
+    target.extend(&segments);
+    let Some((mut file_path, mut meta)) = resolve_inside(&root, &target).await else {
+        return plain(StatusCode::NOT_FOUND);
+    };
+    if meta.is_dir() {
+        if !req.uri().path().ends_with('/') {
+            return redirect_to_directory(req);
+        }
+        match resolve_inside(&root, &file_path.join(&cfg.index)).await {
+            Some((p, m)) if m.is_file() => {
+                file_path = p;
+                meta = m;
+            }
+            _ => return plain(StatusCode::NOT_FOUND),
+        }
+    }
+    if !meta.is_file() {
+        return plain(StatusCode::NOT_FOUND);
+    }
+    serve_file(req, &file_path, &meta).await
+}
+
+/// Canonicalizes `path` and returns it with its metadata only when it lies
+/// inside `root` (itself canonical).
+async fn resolve_inside(root: &Path, path: &Path) -> Option<(PathBuf, std::fs::Metadata)> {
+    let canonical = tokio::fs::canonicalize(path).await.ok()?;
+    if !canonical.starts_with(root) {
+        tracing::warn!(path = %path.display(), "static path resolves outside the root");
+        return None;
+    }
+    let meta = tokio::fs::metadata(&canonical).await.ok()?;
+    Some((canonical, meta))
+}
+
+async fn serve_file<B>(
+    req: &Request<B>,
+    path: &Path,
+    meta: &std::fs::Metadata,
+) -> Response<Full<Bytes>> {
+    let len = meta.len();
+    let modified = meta.modified().unwrap_or(UNIX_EPOCH);
+    let since_epoch = modified
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or(Duration::ZERO);
+    let etag = format!("\"{:x}-{:x}\"", len, since_epoch.as_nanos());
+    let last_modified = http_date(since_epoch.as_secs());
+    let headers = req.headers();
+
+    let mut validators = Vec::with_capacity(4);
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        validators.push((header::ETAG, v));
+    }
+    if let Ok(v) = HeaderValue::from_str(&last_modified) {
+        validators.push((header::LAST_MODIFIED, v));
+    }
+    validators.push((header::ACCEPT_RANGES, HeaderValue::from_static("bytes")));
+
+    // RFC 9110 §13.2.2: If-None-Match is evaluated first; If-Modified-Since
+    // only when it is absent.
+    let not_modified = match headers.get(header::IF_NONE_MATCH) {
+        Some(inm) => inm.to_str().is_ok_and(|v| none_match_hits(v, &etag)),
+        None => headers
+            .get(header::IF_MODIFIED_SINCE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_http_date)
+            .is_some_and(|since| since_epoch.as_secs() <= since),
+    };
+    if not_modified {
+        return with_headers(plain(StatusCode::NOT_MODIFIED), validators);
+    }
+
+    let mut status = StatusCode::OK;
+    let mut start = 0;
+    let mut count = len;
+    let range_applies = req.method() == Method::GET
+        && headers.get(header::IF_RANGE).is_none_or(|v| {
+            v.to_str()
+                .is_ok_and(|v| v == etag || (!v.starts_with('"') && v == last_modified))
+        });
+    if range_applies {
+        if let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
+            match parse_range(range, len) {
+                RangeOutcome::Ignore => {}
+                RangeOutcome::Unsatisfiable => {
+                    let mut resp = plain(StatusCode::RANGE_NOT_SATISFIABLE);
+                    if let Ok(v) = HeaderValue::from_str(&format!("bytes */{len}")) {
+                        resp.headers_mut().insert(header::CONTENT_RANGE, v);
+                    }
+                    return with_headers(resp, validators);
+                }
+                RangeOutcome::Single(first, last) => {
+                    status = StatusCode::PARTIAL_CONTENT;
+                    start = first;
+                    count = last - first + 1;
+                    if let Ok(v) = HeaderValue::from_str(&format!("bytes {first}-{last}/{len}")) {
+                        validators.push((header::CONTENT_RANGE, v));
+                    }
+                }
+            }
+        }
+    }
+
+    let body = if req.method() == Method::HEAD {
+        Bytes::new()
+    } else {
+        match read_range(path, start, count).await {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(path = %path.display(), error = %e, "static file read failed");
+                return plain(StatusCode::INTERNAL_SERVER_ERROR);
+            }
+        }
+    };
+    let mut resp = Response::new(Full::new(body));
+    *resp.status_mut() = status;
+    let h = resp.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(content_type(path)),
+    );
+    h.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    with_headers(resp, validators)
+}
+
+async fn read_range(path: &Path, start: u64, count: u64) -> std::io::Result<Bytes> {
+    let mut file = tokio::fs::File::open(path).await?;
+    if start > 0 {
+        file.seek(SeekFrom::Start(start)).await?;
+    }
+    let mut buf = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+    file.take(count).read_to_end(&mut buf).await?;
+    if buf.len() as u64 != count {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::UnexpectedEof,
+            "file shrank while being read",
+        ));
+    }
+    Ok(Bytes::from(buf))
+}
+
+fn plain(status: StatusCode) -> Response<Full<Bytes>> {
+    let mut resp = Response::new(Full::new(Bytes::new()));
+    *resp.status_mut() = status;
+    resp
+}
+
+fn with_headers(
+    mut resp: Response<Full<Bytes>>,
+    headers: Vec<(HeaderName, HeaderValue)>,
+) -> Response<Full<Bytes>> {
+    for (k, v) in headers {
+        resp.headers_mut().insert(k, v);
+    }
+    resp
+}
+
+fn redirect_to_directory<B>(req: &Request<B>) -> Response<Full<Bytes>> {
+    let location = match req.uri().query() {
+        Some(q) => format!("{}/?{q}", req.uri().path()),
+        None => format!("{}/", req.uri().path()),
+    };
+    match HeaderValue::from_str(&location) {
+        Ok(v) => {
+            let mut resp = plain(StatusCode::MOVED_PERMANENTLY);
+            resp.headers_mut().insert(header::LOCATION, v);
+            resp
+        }
+        Err(_) => plain(StatusCode::NOT_FOUND),
+    }
+}
+
+/// Decodes a request path once into safe segments, or says why it is refused.
+fn decode_path(path: &str) -> Result<Vec<String>, &'static str> {
+    let raw = path.as_bytes();
+    let mut bytes = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'%' {
+            let hex = raw.get(i + 1..i + 3).ok_or("truncated percent-encoding")?;
+            let hi = hex_value(hex[0]).ok_or("bad percent-encoding")?;
+            let lo = hex_value(hex[1]).ok_or("bad percent-encoding")?;
+            bytes.push(hi << 4 | lo);
+            i += 3;
+        } else {
+            bytes.push(raw[i]);
+            i += 1;
+        }
+    }
+    let decoded = String::from_utf8(bytes).map_err(|_| "path is not UTF-8")?;
+    if decoded.contains('\0') {
+        return Err("NUL in path");
+    }
+    if decoded.contains('\\') {
+        return Err("backslash in path");
+    }
+    let d = decoded.as_bytes();
+    if d.windows(3)
+        .any(|w| w[0] == b'%' && hex_value(w[1]).is_some() && hex_value(w[2]).is_some())
+    {
+        return Err("encoded sequence left after decoding");
+    }
+    let mut segments = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => return Err("parent segment"),
+            s => segments.push(s.to_owned()),
+        }
+    }
+    Ok(segments)
+}
+
+fn hex_value(b: u8) -> Option<u8> {
+    match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    }
+}
+
+/// `true` when an If-None-Match value matches `etag` by weak comparison
+/// (RFC 9110 §13.1.2, §8.8.3.2).
+fn none_match_hits(value: &str, etag: &str) -> bool {
+    let strip = |t: &str| t.trim().trim_start_matches("W/").to_owned();
+    value.trim() == "*" || value.split(',').any(|t| strip(t) == strip(etag))
+}
+
+#[derive(Debug, PartialEq, Eq)]
+enum RangeOutcome {
+    /// Serve the whole file (no usable range, or several ranges).
+    Ignore,
+    /// No byte of the file is in the range: 416.
+    Unsatisfiable,
+    /// First and last byte, inclusive.
+    Single(u64, u64),
+}
+
+/// Parses a `Range` value (RFC 9110 §14.1.2) against a file of `len` bytes.
+fn parse_range(value: &str, len: u64) -> RangeOutcome {
+    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+        return RangeOutcome::Ignore;
+    };
+    if spec.contains(',') {
+        return RangeOutcome::Ignore;
+    }
+    let Some((first, last)) = spec.trim().split_once('-') else {
+        return RangeOutcome::Ignore;
+    };
+    let parse = |s: &str| -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            None
+        } else {
+            s.parse().ok()
+        }
+    };
+    match (first.is_empty(), last.is_empty()) {
+        // bytes=-N: the last N bytes.
+        (true, false) => match parse(last) {
+            Some(0) => RangeOutcome::Unsatisfiable,
+            Some(n) if len > 0 => RangeOutcome::Single(len.saturating_sub(n), len - 1),
+            Some(_) => RangeOutcome::Unsatisfiable,
+            None => RangeOutcome::Ignore,
+        },
+        // bytes=A-: from A to the end.
+        (false, true) => match parse(first) {
+            Some(a) if a < len => RangeOutcome::Single(a, len - 1),
+            Some(_) => RangeOutcome::Unsatisfiable,
+            None => RangeOutcome::Ignore,
+        },
+        (false, false) => match (parse(first), parse(last)) {
+            (Some(a), Some(b)) if a > b => RangeOutcome::Ignore,
+            (Some(a), Some(_)) if a >= len => RangeOutcome::Unsatisfiable,
+            (Some(a), Some(b)) => RangeOutcome::Single(a, b.min(len - 1)),
+            _ => RangeOutcome::Ignore,
+        },
+        (true, true) => RangeOutcome::Ignore,
+    }
+}
+
+/// Media type by file extension; unknown types are `application/octet-stream`.
+fn content_type(path: &Path) -> &'static str {
+    let ext = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .unwrap_or_default()
+        .to_ascii_lowercase();
+    match ext.as_str() {
+        "html" | "htm" => "text/html; charset=utf-8",
+        "css" => "text/css; charset=utf-8",
+        "js" | "mjs" => "text/javascript; charset=utf-8",
+        "json" | "map" => "application/json",
+        "txt" => "text/plain; charset=utf-8",
+        "xml" => "application/xml",
+        "svg" => "image/svg+xml",
+        "png" => "image/png",
+        "jpg" | "jpeg" => "image/jpeg",
+        "gif" => "image/gif",
+        "webp" => "image/webp",
+        "avif" => "image/avif",
+        "ico" => "image/x-icon",
+        "pdf" => "application/pdf",
+        "wasm" => "application/wasm",
+        "woff" => "font/woff",
+        "woff2" => "font/woff2",
+        "mp4" => "video/mp4",
+        "webm" => "video/webm",
+        _ => "application/octet-stream",
+    }
+}
+
+const DAYS: [&str; 7] = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"];
+const MONTHS: [&str; 12] = [
+    "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+];
+
+/// Formats seconds since the epoch as an IMF-fixdate (RFC 9110 §5.6.7).
+fn http_date(secs: u64) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{}, {:02} {} {} {:02}:{:02}:{:02} GMT",
+        DAYS[(days % 7) as usize],
+        d,
+        MONTHS[(m - 1) as usize],
+        y,
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Parses an IMF-fixdate into seconds since the epoch. The obsolete formats
+/// are not accepted; an unparsable date makes the condition ignored, as
+/// RFC 9110 §13.1.3 requires.
+fn parse_http_date(s: &str) -> Option<u64> {
+    let b = s.as_bytes();
+    if b.len() != 29 || &s[25..] != " GMT" || b[3] != b',' {
+        return None;
+    }
+    let num = |r: std::ops::Range<usize>| -> Option<u64> {
+        let t = s.get(r)?;
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    let day = num(5..7)?;
+    let month = MONTHS.iter().position(|m| Some(*m) == s.get(8..11))? as u64 + 1;
+    let year = num(12..16)?;
+    let (h, mi, se) = (num(17..19)?, num(20..22)?, num(23..25)?);
+    if !(1..=31).contains(&day) || h > 23 || mi > 59 || se > 60 || year < 1970 {
+        return None;
+    }
+    let days = days_from_civil(year as i64, month as i64, day as i64);
+    Some(days as u64 * 86_400 + h * 3600 + mi * 60 + se)
+}
+
+/// Days since 1970-01-01 of a proleptic Gregorian date.
+fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
+    let y = if m <= 2 { y - 1 } else { y };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (m + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
+}
+
+/// The date of a day count since 1970-01-01.
+fn civil_from_days(z: i64) -> (i64, i64, i64) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    (
+        if m <= 2 {
+            yoe + era * 400 + 1
+        } else {
+            yoe + era * 400
+        },
+        m,
+        d,
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::BodyExt;
+
+    struct Site {
+        dir: tempfile::TempDir,
+        cfg: StaticConfig,
+    }
+
+    fn site() -> Site {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("www");
+        std::fs::create_dir_all(root.join("docs")).unwrap();
+        std::fs::write(root.join("hello.txt"), b"hello, world").unwrap();
+        std::fs::write(root.join("index.html"), b"<h1>home</h1>").unwrap();
+        std::fs::write(root.join("docs/index.html"), b"docs").unwrap();
+        std::fs::write(root.join("app.js"), b"1").unwrap();
+        std::fs::write(dir.path().join("secret.txt"), b"top secret").unwrap();
+        std::fs::create_dir_all(dir.path().join("outside")).unwrap();
+        std::fs::write(dir.path().join("outside/index.html"), b"top secret").unwrap();
+        let cfg = StaticConfig::new(&root);
+        Site { dir, cfg }
+    }
+
+    async fn get(
+        site: &Site,
+        method: Method,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, http::HeaderMap, Bytes) {
+        let mut req = Request::builder().method(method).uri(uri);
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = serve(&site.cfg, &req.body(()).unwrap()).await;
+        let (parts, body) = resp.into_parts();
+        (
+            parts.status,
+            parts.headers,
+            body.collect().await.unwrap().to_bytes(),
+        )
+    }
+
+    #[tokio::test]
+    async fn serves_files_with_type_length_and_validators() {
+        let s = site();
+        let (st, h, body) = get(&s, Method::GET, "/hello.txt", &[]).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(&body[..], b"hello, world");
+        assert_eq!(h[header::CONTENT_TYPE], "text/plain; charset=utf-8");
+        assert_eq!(h[header::CONTENT_LENGTH], "12");
+        assert!(h.contains_key(header::ETAG));
+        assert!(h.contains_key(header::LAST_MODIFIED));
+        let (_, h, _) = get(&s, Method::GET, "/app.js", &[]).await;
+        assert_eq!(h[header::CONTENT_TYPE], "text/javascript; charset=utf-8");
+    }
+
+    #[tokio::test]
+    async fn head_has_headers_but_no_body() {
+        let s = site();
+        let (st, h, body) = get(&s, Method::HEAD, "/hello.txt", &[]).await;
+        assert_eq!(st, StatusCode::OK);
+        assert_eq!(h[header::CONTENT_LENGTH], "12");
+        assert!(body.is_empty());
+    }
+
+    #[tokio::test]
+    async fn other_methods_get_405_with_allow() {
+        let s = site();
+        for m in [Method::POST, Method::PUT, Method::DELETE] {
+            let (st, h, _) = get(&s, m, "/hello.txt", &[]).await;
+            assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED);
+            assert_eq!(h[header::ALLOW], "GET, HEAD");
+        }
+    }
+
+    #[tokio::test]
+    async fn missing_is_404_and_directories_use_index() {
+        let s = site();
+        assert_eq!(
+            get(&s, Method::GET, "/nope.txt", &[]).await.0,
+            StatusCode::NOT_FOUND
+        );
+        let (st, _, body) = get(&s, Method::GET, "/", &[]).await;
+        assert_eq!((st, &body[..]), (StatusCode::OK, &b"<h1>home</h1>"[..]));
+        let (st, h, _) = get(&s, Method::GET, "/docs?x=1", &[]).await;
+        assert_eq!(st, StatusCode::MOVED_PERMANENTLY);
+        assert_eq!(h[header::LOCATION], "/docs/?x=1");
+        let (st, _, body) = get(&s, Method::GET, "/docs/", &[]).await;
+        assert_eq!((st, &body[..]), (StatusCode::OK, &b"docs"[..]));
+        let (st, _, body) = get(&s, Method::GET, "/hello%2etxt", &[]).await;
+        assert_eq!((st, &body[..]), (StatusCode::OK, &b"hello, world"[..]));
+    }
+
+    #[tokio::test]
+    async fn conditional_requests_answer_304() {
+        let s = site();
+        let (_, h, _) = get(&s, Method::GET, "/hello.txt", &[]).await;
+        let etag = h[header::ETAG].to_str().unwrap().to_owned();
+        let lm = h[header::LAST_MODIFIED].to_str().unwrap().to_owned();
+        let weak = format!("W/{etag}");
+        let list = format!("\"other\", {etag}");
+        let table: &[(&[(&str, &str)], StatusCode)] = &[
+            (&[("if-none-match", &etag)], StatusCode::NOT_MODIFIED),
+            (&[("if-none-match", &weak)], StatusCode::NOT_MODIFIED),
+            (&[("if-none-match", &list)], StatusCode::NOT_MODIFIED),
+            (&[("if-none-match", "*")], StatusCode::NOT_MODIFIED),
+            (&[("if-none-match", "\"other\"")], StatusCode::OK),
+            (&[("if-modified-since", &lm)], StatusCode::NOT_MODIFIED),
+            (
+                &[("if-modified-since", "Thu, 01 Jan 1970 00:00:00 GMT")],
+                StatusCode::OK,
+            ),
+            (&[("if-modified-since", "garbage")], StatusCode::OK),
+            // If-None-Match wins over If-Modified-Since.
+            (
+                &[("if-none-match", "\"other\""), ("if-modified-since", &lm)],
+                StatusCode::OK,
+            ),
+        ];
+        for (headers, want) in table {
+            let (st, h, body) = get(&s, Method::GET, "/hello.txt", headers).await;
+            assert_eq!(st, *want, "{headers:?}");
+            if st == StatusCode::NOT_MODIFIED {
+                assert!(body.is_empty());
+                assert_eq!(h[header::ETAG], etag.as_str());
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn single_ranges_206_and_unsatisfiable_416() {
+        let s = site();
+        let table: &[(&str, StatusCode, &str, Option<&str>)] = &[
+            (
+                "bytes=0-4",
+                StatusCode::PARTIAL_CONTENT,
+                "hello",
+                Some("bytes 0-4/12"),
+            ),
+            (
+                "bytes=7-",
+                StatusCode::PARTIAL_CONTENT,
+                "world",
+                Some("bytes 7-11/12"),
+            ),
+            (
+                "bytes=-5",
+                StatusCode::PARTIAL_CONTENT,
+                "world",
+                Some("bytes 7-11/12"),
+            ),
+            (
+                "bytes=7-100",
+                StatusCode::PARTIAL_CONTENT,
+                "world",
+                Some("bytes 7-11/12"),
+            ),
+            (
+                "bytes=12-",
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "",
+                Some("bytes */12"),
+            ),
+            (
+                "bytes=-0",
+                StatusCode::RANGE_NOT_SATISFIABLE,
+                "",
+                Some("bytes */12"),
+            ),
+            ("bytes=0-1,3-4", StatusCode::OK, "hello, world", None),
+            ("bytes=5-2", StatusCode::OK, "hello, world", None),
+            ("items=0-1", StatusCode::OK, "hello, world", None),
+        ];
+        for (range, status, body_want, content_range) in table {
+            let (st, h, body) = get(&s, Method::GET, "/hello.txt", &[("range", range)]).await;
+            assert_eq!(st, *status, "{range}");
+            assert_eq!(&body[..], body_want.as_bytes(), "{range}");
+            assert_eq!(
+                h.get(header::CONTENT_RANGE).map(|v| v.to_str().unwrap()),
+                *content_range,
+                "{range}"
+            );
+        }
+        let (st, _, _) = get(
+            &s,
+            Method::GET,
+            "/hello.txt",
+            &[("range", "bytes=0-1"), ("if-range", "\"stale\"")],
+        )
+        .await;
+        assert_eq!(st, StatusCode::OK, "a stale If-Range gets the whole file");
+    }
+
+    #[tokio::test]
+    async fn no_path_escapes_the_root() {
+        let s = site();
+        let root = s.cfg.root.clone();
+        std::os::unix::fs::symlink(s.dir.path().join("secret.txt"), root.join("leak.txt")).unwrap();
+        std::os::unix::fs::symlink(s.dir.path().join("outside"), root.join("leakdir")).unwrap();
+        std::os::unix::fs::symlink(root.join("hello.txt"), root.join("inside.txt")).unwrap();
+        let escapes = [
+            "/../secret.txt",
+            "/docs/../../secret.txt",
+            "/%2e%2e/secret.txt",
+            "/%2E%2E/secret.txt",
+            "/%252e%252e/secret.txt",
+            "/..%2fsecret.txt",
+            "/..%5csecret.txt",
+            "/%5c..%5csecret.txt",
+            "/hello.txt%00.html",
+            "/%c0%ae%c0%ae/secret.txt",
+            "/leak.txt",
+            "/leakdir/",
+            "/leakdir/index.html",
+            "//etc/passwd",
+            "/%2fetc%2fpasswd",
+        ];
+        for path in escapes {
+            let (st, _, body) = get(&s, Method::GET, path, &[]).await;
+            assert!(
+                st == StatusCode::BAD_REQUEST || st == StatusCode::NOT_FOUND,
+                "{path}: {st}"
+            );
+            assert!(!body.windows(6).any(|w| w == b"secret"), "{path} leaked");
+        }
+        // A symlink that stays inside the root is fine.
+        let (st, _, body) = get(&s, Method::GET, "/inside.txt", &[]).await;
+        assert_eq!((st, &body[..]), (StatusCode::OK, &b"hello, world"[..]));
+    }
+
+    #[test]
+    fn http_dates_round_trip() {
+        assert_eq!(http_date(784_111_777), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(http_date(0), "Thu, 01 Jan 1970 00:00:00 GMT");
+        assert_eq!(
+            parse_http_date("Sun, 06 Nov 1994 08:49:37 GMT"),
+            Some(784_111_777)
+        );
+        for secs in [0u64, 951_782_400, 1_700_000_000, 4_102_444_800] {
+            assert_eq!(parse_http_date(&http_date(secs)), Some(secs));
+        }
+        assert_eq!(parse_http_date("Sunday, 06-Nov-94 08:49:37 GMT"), None);
+    }
+}

@@ -1,0 +1,564 @@
+//! Scenarios for the upstream layer against real origins on 127.0.0.1:
+//! balancing, failover, health checks, ejection, retry safety, time limits,
+//! keep-alive and TLS.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use portico::upstream::{
+    BackendConfig, EjectConfig, HealthConfig, Pool, ServerConfig, Timeouts, UpstreamError,
+    UpstreamTls,
+};
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::oneshot;
+use tokio::task::{JoinHandle, JoinSet};
+
+/// Every scenario is bounded by this.
+const LIMIT: Duration = Duration::from_secs(20);
+
+/// What an origin does; flags can be flipped while it runs.
+#[derive(Default)]
+struct Behaviour {
+    /// Close each new connection after reading the request head, without answering.
+    broken: AtomicBool,
+    /// `/healthz` answers 500 instead of 200.
+    unhealthy: AtomicBool,
+    /// Milliseconds to wait before answering.
+    delay_ms: AtomicUsize,
+}
+
+/// A small HTTP/1.1 origin that counts requests (not health probes) and
+/// accepted connections, and answers with its name.
+struct Origin {
+    addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    connections: Arc<AtomicUsize>,
+    behaviour: Arc<Behaviour>,
+    stop: Option<oneshot::Sender<()>>,
+    task: JoinHandle<()>,
+}
+
+impl Origin {
+    async fn start(name: &'static str) -> Origin {
+        Self::start_with(name, None).await
+    }
+
+    async fn start_with(name: &'static str, tls: Option<tokio_rustls::TlsAcceptor>) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = Arc::new(AtomicUsize::new(0));
+        let connections = Arc::new(AtomicUsize::new(0));
+        let behaviour = Arc::new(Behaviour::default());
+        let (stop, mut stopped) = oneshot::channel();
+        let (r, c, b) = (requests.clone(), connections.clone(), behaviour.clone());
+        let task = tokio::spawn(async move {
+            let mut conns = JoinSet::new();
+            loop {
+                let tcp = tokio::select! {
+                    _ = &mut stopped => break,
+                    accepted = listener.accept() => match accepted {
+                        Ok((tcp, _)) => tcp,
+                        Err(_) => continue,
+                    },
+                };
+                c.fetch_add(1, Ordering::SeqCst);
+                let (r, b, tls) = (r.clone(), b.clone(), tls.clone());
+                conns.spawn(async move {
+                    if b.broken.load(Ordering::SeqCst) {
+                        drop_after_head(tcp, &r).await;
+                        return;
+                    }
+                    let svc = service_fn(move |req| handle(name, req, r.clone(), b.clone()));
+                    let builder = hyper::server::conn::http1::Builder::new();
+                    match tls {
+                        Some(acceptor) => {
+                            if let Ok(s) = acceptor.accept(tcp).await {
+                                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
+                            }
+                        }
+                        None => {
+                            let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
+                        }
+                    }
+                });
+            }
+            // Dropping the set aborts every open connection: the origin is gone.
+            drop(conns);
+        });
+        Origin {
+            addr,
+            requests,
+            connections,
+            behaviour,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    fn requests(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    fn server(&self) -> ServerConfig {
+        ServerConfig::new(self.addr.to_string())
+    }
+
+    /// Stops listening and closes every open connection.
+    async fn kill(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.unwrap();
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+async fn drop_after_head(mut tcp: TcpStream, requests: &AtomicUsize) {
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+        match tcp.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        }
+    }
+    requests.fetch_add(1, Ordering::SeqCst);
+}
+
+async fn handle(
+    name: &'static str,
+    req: Request<Incoming>,
+    requests: Arc<AtomicUsize>,
+    b: Arc<Behaviour>,
+) -> Result<Response<Full<Bytes>>, Infallible> {
+    if req.uri().path() == "/healthz" {
+        let status = if b.unhealthy.load(Ordering::SeqCst) {
+            500
+        } else {
+            200
+        };
+        let mut resp = Response::new(Full::new(Bytes::new()));
+        *resp.status_mut() = StatusCode::from_u16(status).unwrap();
+        return Ok(resp);
+    }
+    requests.fetch_add(1, Ordering::SeqCst);
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let delay = b.delay_ms.load(Ordering::SeqCst);
+    if delay > 0 {
+        tokio::time::sleep(Duration::from_millis(delay as u64)).await;
+    }
+    let answer = if body.is_empty() {
+        Bytes::from_static(name.as_bytes())
+    } else {
+        Bytes::from(format!("{name}:{}", String::from_utf8_lossy(&body)))
+    };
+    Ok(Response::new(Full::new(answer)))
+}
+
+/// An address on which nothing listens.
+async fn closed_port() -> ServerConfig {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    ServerConfig::new(addr.to_string())
+}
+
+fn backend(servers: Vec<ServerConfig>) -> BackendConfig {
+    BackendConfig {
+        name: "app".into(),
+        servers,
+        timeouts: Timeouts {
+            connect: Duration::from_secs(2),
+            first_byte: Duration::from_secs(5),
+            total: Duration::from_secs(10),
+        },
+        ..Default::default()
+    }
+}
+
+async fn get(pool: &Pool, path: &str) -> Result<String, UpstreamError> {
+    send(pool, Method::GET, path, Bytes::new()).await
+}
+
+async fn send(
+    pool: &Pool,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> Result<String, UpstreamError> {
+    let req = Request::builder()
+        .method(method)
+        .uri(path)
+        .body(Full::new(body))
+        .unwrap();
+    let resp = pool.send(req, None).await?;
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    Ok(String::from_utf8(bytes.to_vec()).unwrap())
+}
+
+async fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    tokio::time::timeout(Duration::from_secs(5), async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .unwrap_or_else(|_| panic!("timed out waiting for {what}"));
+}
+
+fn bounded<F: std::future::Future>(f: F) -> tokio::time::Timeout<F> {
+    tokio::time::timeout(LIMIT, f)
+}
+
+#[tokio::test]
+async fn round_robin_spreads_requests_evenly() {
+    bounded(async {
+        let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+        let pool = Pool::new(&backend(vec![a.server(), b.server()])).unwrap();
+        let mut answers = Vec::new();
+        for _ in 0..10 {
+            answers.push(get(&pool, "/x").await.unwrap());
+        }
+        assert_eq!(a.requests(), 5);
+        assert_eq!(b.requests(), 5);
+        assert_eq!(&answers[..4], ["a", "b", "a", "b"]);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn refused_connection_fails_over_even_for_post() {
+    bounded(async {
+        let b = Origin::start("b").await;
+        let pool = Pool::new(&backend(vec![closed_port().await, b.server()])).unwrap();
+        for _ in 0..4 {
+            assert_eq!(get(&pool, "/x").await.unwrap(), "b");
+        }
+        // Never sent to the closed port, so a POST with a body may move too.
+        let answer = send(&pool, Method::POST, "/form", Bytes::from_static(b"v=1")).await;
+        assert_eq!(answer.unwrap(), "b:v=1");
+        assert_eq!(b.requests(), 5);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn killed_backend_traffic_moves_to_the_other() {
+    bounded(async {
+        let (mut a, b) = (Origin::start("a").await, Origin::start("b").await);
+        let pool = Pool::new(&backend(vec![a.server(), b.server()])).unwrap();
+        for _ in 0..4 {
+            get(&pool, "/x").await.unwrap();
+        }
+        assert_eq!((a.requests(), b.requests()), (2, 2));
+        a.kill().await;
+        for _ in 0..10 {
+            assert_eq!(get(&pool, "/x").await.unwrap(), "b");
+        }
+        assert_eq!((a.requests(), b.requests()), (2, 12));
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn health_check_takes_a_server_out_and_back_in() {
+    bounded(async {
+        let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+        let mut cfg = backend(vec![a.server(), b.server()]);
+        cfg.health = Some(HealthConfig {
+            path: "/healthz".into(),
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_millis(500),
+            rise: 2,
+            fall: 2,
+            ..Default::default()
+        });
+        let pool = Pool::new(&cfg).unwrap();
+        a.behaviour.unhealthy.store(true, Ordering::SeqCst);
+        wait_until("a marked down", || !pool.health().is_up(0)).await;
+        for _ in 0..6 {
+            assert_eq!(get(&pool, "/x").await.unwrap(), "b");
+        }
+        assert_eq!(a.requests(), 0);
+        a.behaviour.unhealthy.store(false, Ordering::SeqCst);
+        wait_until("a back up", || pool.health().is_up(0)).await;
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            answers.push(get(&pool, "/x").await.unwrap());
+        }
+        assert!(answers.iter().any(|s| s == "a"), "{answers:?}");
+        assert!(a.requests() >= 2);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn passive_ejection_and_readmission_after_cooldown() {
+    bounded(async {
+        let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+        a.behaviour.broken.store(true, Ordering::SeqCst);
+        let mut cfg = backend(vec![a.server(), b.server()]);
+        cfg.eject = EjectConfig {
+            consecutive_failures: 2,
+            cooldown: Duration::from_millis(300),
+        };
+        let pool = Pool::new(&cfg).unwrap();
+        // GETs that land on a fail there and are retried on b.
+        while !pool.health().is_ejected(0) {
+            assert_eq!(get(&pool, "/x").await.unwrap(), "b");
+        }
+        let ejected_at = Instant::now();
+        assert_eq!(a.requests(), 2);
+        a.behaviour.broken.store(false, Ordering::SeqCst);
+        for _ in 0..6 {
+            assert_eq!(get(&pool, "/x").await.unwrap(), "b");
+        }
+        assert_eq!(a.requests(), 2, "no traffic to an ejected server");
+        wait_until("cooldown over", || !pool.health().is_ejected(0)).await;
+        assert!(ejected_at.elapsed() >= Duration::from_millis(250));
+        let mut answers = Vec::new();
+        for _ in 0..4 {
+            answers.push(get(&pool, "/x").await.unwrap());
+        }
+        assert!(answers.iter().any(|s| s == "a"), "{answers:?}");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn all_servers_down_fails_fast_with_no_healthy_server() {
+    bounded(async {
+        let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+        a.behaviour.unhealthy.store(true, Ordering::SeqCst);
+        b.behaviour.unhealthy.store(true, Ordering::SeqCst);
+        let mut cfg = backend(vec![a.server(), b.server()]);
+        cfg.health = Some(HealthConfig {
+            path: "/healthz".into(),
+            interval: Duration::from_millis(20),
+            fall: 1,
+            ..Default::default()
+        });
+        let pool = Pool::new(&cfg).unwrap();
+        wait_until("both down", || {
+            !pool.health().is_up(0) && !pool.health().is_up(1)
+        })
+        .await;
+        let started = Instant::now();
+        let err = get(&pool, "/x").await.unwrap_err();
+        assert!(
+            matches!(err, UpstreamError::NoHealthyServer { .. }),
+            "{err}"
+        );
+        assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(started.elapsed() < Duration::from_millis(50));
+        assert_eq!(a.requests() + b.requests(), 0);
+
+        // Passive ejection gets there too: both ports refuse, one failure ejects.
+        let mut cfg = backend(vec![closed_port().await, closed_port().await]);
+        cfg.eject.consecutive_failures = 1;
+        let pool = Pool::new(&cfg).unwrap();
+        let err = get(&pool, "/x").await.unwrap_err();
+        assert!(matches!(err, UpstreamError::Connect { .. }), "{err}");
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+        let err = get(&pool, "/x").await.unwrap_err();
+        assert!(
+            matches!(err, UpstreamError::NoHealthyServer { .. }),
+            "{err}"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn non_idempotent_request_is_never_sent_twice() {
+    bounded(async {
+        let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+        a.behaviour.broken.store(true, Ordering::SeqCst);
+        let mut cfg = backend(vec![a.server(), b.server()]);
+        cfg.eject.consecutive_failures = 0;
+        let pool = Pool::new(&cfg).unwrap();
+        // Round robin sends the first request to a, which reads it and hangs up.
+        let err = send(&pool, Method::POST, "/order", Bytes::from_static(b"1"))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, UpstreamError::Reset { .. }), "{err}");
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+        assert_eq!((a.requests(), b.requests()), (1, 0));
+        // The next request goes to b first: drain it so a is picked again.
+        assert_eq!(get(&pool, "/x").await.unwrap(), "b");
+        // An idempotent request lost the same way is retried on b.
+        assert_eq!(get(&pool, "/x").await.unwrap(), "b");
+        assert_eq!((a.requests(), b.requests()), (2, 2));
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn time_limits_map_to_504() {
+    bounded(async {
+        let a = Origin::start("a").await;
+        a.behaviour.delay_ms.store(3_000, Ordering::SeqCst);
+        let mut cfg = backend(vec![a.server()]);
+        cfg.timeouts.first_byte = Duration::from_millis(100);
+        let pool = Pool::new(&cfg).unwrap();
+        let started = Instant::now();
+        let err = get(&pool, "/slow").await.unwrap_err();
+        assert!(
+            matches!(err, UpstreamError::FirstByteTimeout { .. }),
+            "{err}"
+        );
+        assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(started.elapsed() < Duration::from_secs(1));
+
+        cfg.timeouts.first_byte = Duration::from_secs(10);
+        cfg.timeouts.total = Duration::from_millis(150);
+        let pool = Pool::new(&cfg).unwrap();
+        let err = get(&pool, "/slow").await.unwrap_err();
+        assert!(matches!(err, UpstreamError::TotalTimeout { .. }), "{err}");
+        assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn keep_alive_connections_are_reused() {
+    bounded(async {
+        let a = Origin::start("a").await;
+        let pool = Pool::new(&backend(vec![a.server()])).unwrap();
+        for _ in 0..10 {
+            assert_eq!(get(&pool, "/x").await.unwrap(), "a");
+        }
+        assert_eq!(a.requests(), 10);
+        assert_eq!(a.connections.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            pool.in_flight(0),
+            0,
+            "finished responses release their count"
+        );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn in_flight_count_lasts_while_the_response_is_held() {
+    bounded(async {
+        let a = Origin::start("a").await;
+        let pool = Pool::new(&backend(vec![a.server()])).unwrap();
+        let req = Request::get("/x").body(Empty::<Bytes>::new()).unwrap();
+        let resp = pool.send(req, None).await.unwrap();
+        assert_eq!(pool.in_flight(0), 1);
+        assert_eq!(
+            resp.extensions()
+                .get::<portico::upstream::InFlight>()
+                .unwrap()
+                .server(),
+            0
+        );
+        drop(resp);
+        assert_eq!(pool.in_flight(0), 0);
+    })
+    .await
+    .unwrap();
+}
+
+fn tls_material(
+    dir: &std::path::Path,
+) -> (
+    tokio_rustls::TlsAcceptor,
+    std::path::PathBuf,
+    std::path::PathBuf,
+) {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let make_ca = || {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap()
+    };
+    let ca = make_ca();
+    let other_ca = make_ca();
+    let leaf_key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+        .unwrap()
+        .signed_by(&leaf_key, &ca)
+        .unwrap();
+    let ca_file = dir.join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let other_file = dir.join("other.pem");
+    std::fs::write(&other_file, other_ca.pem()).unwrap();
+    let key = rustls_pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(vec![leaf.der().clone()], key)
+        .unwrap();
+    (
+        tokio_rustls::TlsAcceptor::from(Arc::new(config)),
+        ca_file,
+        other_file,
+    )
+}
+
+#[tokio::test]
+async fn https_backend_verified_against_ca_file() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (acceptor, ca_file, other_ca) = tls_material(dir.path());
+        let a = Origin::start_with("secure", Some(acceptor)).await;
+        let mut cfg = backend(vec![a.server()]);
+        cfg.tls = Some(UpstreamTls {
+            ca_file: Some(ca_file),
+            server_name: Some("localhost".into()),
+        });
+        let pool = Pool::new(&cfg).unwrap();
+        for _ in 0..3 {
+            assert_eq!(get(&pool, "/x").await.unwrap(), "secure");
+        }
+        assert_eq!(
+            a.connections.load(Ordering::SeqCst),
+            1,
+            "TLS connections are kept alive"
+        );
+
+        cfg.tls = Some(UpstreamTls {
+            ca_file: Some(other_ca),
+            server_name: Some("localhost".into()),
+        });
+        let pool = Pool::new(&cfg).unwrap();
+        let err = get(&pool, "/x").await.unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY, "{err}");
+        assert_eq!(a.requests(), 3);
+    })
+    .await
+    .unwrap();
+}
