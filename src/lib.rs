@@ -16,4 +16,5 @@
 //! 7. **deliver**: header edits, compression and Cache-Status are applied.
 //! 8. **log**: one access log line and the metrics.
 
+pub mod cache;
 pub mod policy;
