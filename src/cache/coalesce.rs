@@ -17,8 +17,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use std::time::Instant;
+
 use tokio::sync::watch;
-use tokio::time::Instant;
 
 /// What a leader tells its followers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -55,7 +56,11 @@ struct Inner<T> {
     uncacheable: Mutex<HashMap<String, Instant>>,
     hit_for_miss: Duration,
     next_id: AtomicU64,
+    clock: Clock,
 }
+
+/// Source of the current time (replaceable in tests).
+type Clock = Box<dyn Fn() -> Instant + Send + Sync>;
 
 fn lock<V>(mutex: &Mutex<V>) -> MutexGuard<'_, V> {
     // Maps stay consistent across a panic elsewhere: every update is a
@@ -80,12 +85,17 @@ impl<T: Clone + Send + Sync + 'static> Coalescer<T> {
     /// A coalescer that remembers uncacheable keys for `hit_for_miss`
     /// (zero disables hit-for-miss).
     pub fn new(hit_for_miss: Duration) -> Self {
+        Self::with_clock(hit_for_miss, Box::new(Instant::now))
+    }
+
+    fn with_clock(hit_for_miss: Duration, clock: Clock) -> Self {
         Self {
             inner: Arc::new(Inner {
                 flights: Mutex::new(HashMap::new()),
                 uncacheable: Mutex::new(HashMap::new()),
                 hit_for_miss,
                 next_id: AtomicU64::new(0),
+                clock,
             }),
         }
     }
@@ -95,7 +105,7 @@ impl<T: Clone + Send + Sync + 'static> Coalescer<T> {
         {
             let mut uncacheable = lock(&self.inner.uncacheable);
             if let Some(until) = uncacheable.get(key) {
-                if Instant::now() < *until {
+                if (self.inner.clock)() < *until {
                     return Role::Bypass;
                 }
                 uncacheable.remove(key);
@@ -170,7 +180,7 @@ impl<T> Leader<T> {
         }
         if matches!(outcome, Outcome::NotStorable) && !self.inner.hit_for_miss.is_zero() {
             let mut uncacheable = lock(&self.inner.uncacheable);
-            let now = Instant::now();
+            let now = (self.inner.clock)();
             if uncacheable.len() >= 4096 {
                 uncacheable.retain(|_, until| *until > now);
             }
@@ -285,9 +295,16 @@ mod tests {
         assert!(matches!(coalescer.join("k"), Role::Leader(_)));
     }
 
-    #[tokio::test(start_paused = true)]
+    #[tokio::test]
     async fn not_storable_opens_a_hit_for_miss_window() {
-        let coalescer = Coalescer::<u32>::new(Duration::from_secs(30));
+        let base = Instant::now();
+        let elapsed = Arc::new(AtomicU64::new(0));
+        let clock = Arc::clone(&elapsed);
+        let advance = |secs: u64| elapsed.fetch_add(secs, Ordering::SeqCst);
+        let coalescer = Coalescer::<u32>::with_clock(
+            Duration::from_secs(30),
+            Box::new(move || base + Duration::from_secs(clock.load(Ordering::SeqCst))),
+        );
         let Role::Leader(leader) = coalescer.join("k") else {
             panic!("expected leader")
         };
@@ -298,9 +315,9 @@ mod tests {
         assert_eq!(timeout(LIMIT, follower.wait()).await.unwrap(), Outcome::NotStorable);
         assert!(matches!(coalescer.join("k"), Role::Bypass));
         assert!(matches!(coalescer.join("other"), Role::Leader(_)));
-        tokio::time::advance(Duration::from_secs(29)).await;
+        advance(29);
         assert!(matches!(coalescer.join("k"), Role::Bypass));
-        tokio::time::advance(Duration::from_secs(2)).await;
+        advance(2);
         let Role::Leader(leader) = coalescer.join("k") else {
             panic!("window should have closed")
         };
