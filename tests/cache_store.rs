@@ -15,7 +15,9 @@ use portico::cache::{Entry, Lookup, Store, StoreConfig};
 const LIMIT: Duration = Duration::from_secs(60);
 
 async fn bounded<F: Future>(f: F) -> F::Output {
-    tokio::time::timeout(LIMIT, f).await.expect("test took too long")
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .expect("test took too long")
 }
 
 fn config(dir: &Path, memory_bytes: usize) -> StoreConfig {
@@ -27,9 +29,17 @@ fn config(dir: &Path, memory_bytes: usize) -> StoreConfig {
     }
 }
 
-fn response(cache_control: &str, extra: &[(&str, &str)], body: Bytes, request: &HeaderMap) -> Entry {
+fn response(
+    cache_control: &str,
+    extra: &[(&str, &str)],
+    body: Bytes,
+    request: &HeaderMap,
+) -> Entry {
     let mut headers = HeaderMap::new();
-    headers.insert(header::CACHE_CONTROL, HeaderValue::from_str(cache_control).unwrap());
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_str(cache_control).unwrap(),
+    );
     for (name, value) in extra {
         headers.append(
             header::HeaderName::from_bytes(name.as_bytes()).unwrap(),
@@ -55,7 +65,12 @@ fn response(cache_control: &str, extra: &[(&str, &str)], body: Bytes, request: &
 }
 
 fn plain(body: &'static str) -> Entry {
-    response("max-age=3600", &[], Bytes::from_static(body.as_bytes()), &HeaderMap::new())
+    response(
+        "max-age=3600",
+        &[],
+        Bytes::from_static(body.as_bytes()),
+        &HeaderMap::new(),
+    )
 }
 
 fn hit(lookup: Lookup) -> Option<Entry> {
@@ -72,13 +87,22 @@ async fn insert_get_and_restart_keeps_the_entry() {
     bounded(async {
         let store = Store::open(config(dir.path(), 1 << 20)).await.unwrap();
         assert!(store.store_response("/a", original.clone()).await);
-        assert_eq!(hit(store.lookup("/a", &HeaderMap::new()).await), Some(original.clone()));
-        assert!(matches!(store.lookup("/b", &HeaderMap::new()).await, Lookup::Miss));
+        assert_eq!(
+            hit(store.lookup("/a", &HeaderMap::new()).await),
+            Some(original.clone())
+        );
+        assert!(matches!(
+            store.lookup("/b", &HeaderMap::new()).await,
+            Lookup::Miss
+        ));
         store.close().await.unwrap();
         drop(store);
 
         let store = Store::open(config(dir.path(), 1 << 20)).await.unwrap();
-        assert_eq!(hit(store.lookup("/a", &HeaderMap::new()).await), Some(original));
+        assert_eq!(
+            hit(store.lookup("/a", &HeaderMap::new()).await),
+            Some(original)
+        );
         store.close().await.unwrap();
     })
     .await;
@@ -117,7 +141,10 @@ async fn vary_variants_are_found_and_purged_together() {
         let mut gzip = HeaderMap::new();
         gzip.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("gzip"));
         let mut br = HeaderMap::new();
-        br.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("br, gzip"));
+        br.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("br, gzip"),
+        );
         let identity = HeaderMap::new();
         let vary = [("vary", "Accept-Encoding")];
         let gz = response("max-age=60", &vary, Bytes::from_static(b"gz"), &gzip);
@@ -129,7 +156,10 @@ async fn vary_variants_are_found_and_purged_together() {
         assert_eq!(found.body, gz.body);
         let found = hit(store.lookup("/v", &br).await).unwrap();
         assert_eq!(found.body, brotli.body);
-        assert!(matches!(store.lookup("/v", &identity).await, Lookup::VaryMiss));
+        assert!(matches!(
+            store.lookup("/v", &identity).await,
+            Lookup::VaryMiss
+        ));
 
         // Root marker plus two variants.
         assert_eq!(store.purge("/v"), 3);
@@ -140,7 +170,10 @@ async fn vary_variants_are_found_and_purged_together() {
         let again = response("max-age=60", &vary, Bytes::from_static(b"gz2"), &gzip);
         store.store_response("/v", again).await;
         assert!(matches!(store.lookup("/v", &br).await, Lookup::VaryMiss));
-        assert_eq!(hit(store.lookup("/v", &gzip).await).unwrap().body, Bytes::from_static(b"gz2"));
+        assert_eq!(
+            hit(store.lookup("/v", &gzip).await).unwrap().body,
+            Bytes::from_static(b"gz2")
+        );
         store.close().await.unwrap();
     })
     .await;
@@ -161,7 +194,10 @@ async fn purge_by_prefix_and_tag_and_soft_purge() {
         let tagged = |body: &'static str| {
             response(
                 "max-age=60, stale-while-revalidate=30",
-                &[("surrogate-key", "product-7 listing"), ("cache-tag", "shop")],
+                &[
+                    ("surrogate-key", "product-7 listing"),
+                    ("cache-tag", "shop"),
+                ],
                 Bytes::from_static(body.as_bytes()),
                 &none,
             )
@@ -196,11 +232,19 @@ async fn expired_entries_are_removed_on_read() {
     .unwrap();
     let none = HeaderMap::new();
     let expired = response("max-age=0", &[], Bytes::from_static(b"x"), &none);
-    let stale_ok = response("max-age=0, stale-if-error=600", &[], Bytes::from_static(b"y"), &none);
+    let stale_ok = response(
+        "max-age=0, stale-if-error=600",
+        &[],
+        Bytes::from_static(b"y"),
+        &none,
+    );
     bounded(async {
         store.store_response("/expired", expired).await;
         store.store_response("/sie", stale_ok).await;
-        assert!(matches!(store.lookup("/expired", &none).await, Lookup::Miss));
+        assert!(matches!(
+            store.lookup("/expired", &none).await,
+            Lookup::Miss
+        ));
         assert!(hit(store.lookup("/sie", &none).await).is_some());
     })
     .await;
@@ -216,16 +260,28 @@ async fn objects_above_max_object_bytes_are_refused() {
     }))
     .await
     .unwrap();
-    let big = response("max-age=60", &[], Bytes::from(vec![b'x'; 4096]), &HeaderMap::new());
+    let big = response(
+        "max-age=60",
+        &[],
+        Bytes::from(vec![b'x'; 4096]),
+        &HeaderMap::new(),
+    );
     assert!(!bounded(store.store_response("/big", big)).await);
-    assert!(matches!(bounded(store.lookup("/big", &HeaderMap::new())).await, Lookup::Miss));
+    assert!(matches!(
+        bounded(store.lookup("/big", &HeaderMap::new())).await,
+        Lookup::Miss
+    ));
 }
 
 #[tokio::test]
 async fn an_object_near_max_object_bytes_reaches_disk() {
     let dir = tempfile::tempdir().unwrap();
     // 2 MiB limit, a body just under it, a memory tier far smaller.
-    let body = Bytes::from((0..(2 << 20) - 8192).map(|i| (i % 251) as u8).collect::<Vec<u8>>());
+    let body = Bytes::from(
+        (0..(2 << 20) - 8192)
+            .map(|i| (i % 251) as u8)
+            .collect::<Vec<u8>>(),
+    );
     let entry = response("max-age=3600", &[], body, &HeaderMap::new());
     assert!(entry.encoded_len() <= 2 << 20);
     bounded(async {
@@ -289,12 +345,21 @@ async fn corrupt_disk_entries_are_dropped_not_served() {
     })
     .await;
 
-    assert!(corrupt_occurrences(dir.path(), marker) >= 1, "entry never reached disk");
+    assert!(
+        corrupt_occurrences(dir.path(), marker) >= 1,
+        "entry never reached disk"
+    );
 
     bounded(async {
         let store = Store::open(config(dir.path(), 1 << 20)).await.unwrap();
-        assert!(matches!(store.lookup("/corrupt", &HeaderMap::new()).await, Lookup::Miss));
-        assert_eq!(hit(store.lookup("/intact", &HeaderMap::new()).await), Some(intact));
+        assert!(matches!(
+            store.lookup("/corrupt", &HeaderMap::new()).await,
+            Lookup::Miss
+        ));
+        assert_eq!(
+            hit(store.lookup("/intact", &HeaderMap::new()).await),
+            Some(intact)
+        );
         store.close().await.unwrap();
     })
     .await;
@@ -328,7 +393,10 @@ async fn garbage_over_all_disk_files_opens_empty_without_panic() {
 
     bounded(async {
         let store = Store::open(config(dir.path(), 1 << 20)).await.unwrap();
-        assert!(matches!(store.lookup("/a", &HeaderMap::new()).await, Lookup::Miss));
+        assert!(matches!(
+            store.lookup("/a", &HeaderMap::new()).await,
+            Lookup::Miss
+        ));
         store.close().await.unwrap();
     })
     .await;

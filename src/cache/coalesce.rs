@@ -65,7 +65,9 @@ type Clock = Box<dyn Fn() -> Instant + Send + Sync>;
 fn lock<V>(mutex: &Mutex<V>) -> MutexGuard<'_, V> {
     // Maps stay consistent across a panic elsewhere: every update is a
     // single insert or remove.
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 /// Coalesces concurrent misses per key. Cheap to clone; clones share state.
@@ -312,7 +314,10 @@ mod tests {
             panic!("expected follower")
         };
         leader.publish(Outcome::NotStorable);
-        assert_eq!(timeout(LIMIT, follower.wait()).await.unwrap(), Outcome::NotStorable);
+        assert_eq!(
+            timeout(LIMIT, follower.wait()).await.unwrap(),
+            Outcome::NotStorable
+        );
         assert!(matches!(coalescer.join("k"), Role::Bypass));
         assert!(matches!(coalescer.join("other"), Role::Leader(_)));
         advance(29);
@@ -349,6 +354,9 @@ mod tests {
             panic!("expected follower")
         };
         leader.publish(Outcome::Ready(7));
-        assert_eq!(timeout(LIMIT, follower.wait()).await.unwrap(), Outcome::Ready(7));
+        assert_eq!(
+            timeout(LIMIT, follower.wait()).await.unwrap(),
+            Outcome::Ready(7)
+        );
     }
 }

@@ -78,9 +78,15 @@ impl ResponseDirectives {
     fn apply(&mut self, name: &str, arg: Option<&str>) {
         let is = |d: &str| name.eq_ignore_ascii_case(d);
         if is("max-age") {
-            keep_min(&mut self.max_age, delta_seconds(arg).unwrap_or(Duration::ZERO));
+            keep_min(
+                &mut self.max_age,
+                delta_seconds(arg).unwrap_or(Duration::ZERO),
+            );
         } else if is("s-maxage") {
-            keep_min(&mut self.s_maxage, delta_seconds(arg).unwrap_or(Duration::ZERO));
+            keep_min(
+                &mut self.s_maxage,
+                delta_seconds(arg).unwrap_or(Duration::ZERO),
+            );
         } else if is("no-store") {
             self.no_store = true;
         } else if is("no-cache") {
@@ -436,7 +442,10 @@ pub fn freshness_lifetime(
 /// The stale-while-revalidate and stale-if-error windows to store with a
 /// response: the policy's when given, else the origin's; none when the
 /// response requires revalidation of stale copies.
-pub fn stale_windows(directives: &ResponseDirectives, overrides: &Overrides) -> (Duration, Duration) {
+pub fn stale_windows(
+    directives: &ResponseDirectives,
+    overrides: &Overrides,
+) -> (Duration, Duration) {
     let swr = overrides
         .stale_while_revalidate
         .or(directives.stale_while_revalidate)
@@ -473,8 +482,13 @@ pub fn corrected_initial_age(
 }
 
 /// Current age of a stored response at `now` (RFC 9111 section 4.2.3).
-pub fn current_age(corrected_initial_age: Duration, response_time: SystemTime, now: SystemTime) -> Duration {
-    corrected_initial_age.saturating_add(now.duration_since(response_time).unwrap_or(Duration::ZERO))
+pub fn current_age(
+    corrected_initial_age: Duration,
+    response_time: SystemTime,
+    now: SystemTime,
+) -> Duration {
+    corrected_initial_age
+        .saturating_add(now.duration_since(response_time).unwrap_or(Duration::ZERO))
 }
 
 /// Where a stored response stands in time (RFC 9111 section 4.2, RFC 5861).
@@ -576,7 +590,10 @@ pub fn evaluate_reuse(request: &RequestDirectives, lifetime: &Lifetime, age: Dur
     }
     let remaining = lifetime.freshness.saturating_sub(age);
     // Section 5.2.1.3: it must stay fresh at least min-fresh longer.
-    if request.min_fresh.is_some_and(|min| staleness != Staleness::Fresh || remaining < min) {
+    if request
+        .min_fresh
+        .is_some_and(|min| staleness != Staleness::Fresh || remaining < min)
+    {
         return fallback(sie_ok);
     }
     if staleness == Staleness::Fresh {
@@ -618,7 +635,9 @@ pub fn answers_not_modified(method: &Method, request: &HeaderMap, stored: &Heade
             return false;
         };
         return request.get_all(header::IF_NONE_MATCH).iter().any(|value| {
-            let Ok(text) = value.to_str() else { return false };
+            let Ok(text) = value.to_str() else {
+                return false;
+            };
             if text.trim() == "*" {
                 return true;
             }
@@ -805,9 +824,9 @@ impl CacheStatus<'_> {
 /// (RFC 8941 sections 3.3.3 and 3.3.4); non-printable characters are dropped.
 fn push_sf_string_or_token(out: &mut String, text: &str) {
     let is_token = text.starts_with(|c: char| c.is_ascii_alphabetic() || c == '*')
-        && text.bytes().all(|b| {
-            b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b)
-        });
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~:/".contains(&b));
     if is_token {
         out.push_str(text);
         return;
@@ -893,7 +912,10 @@ pub fn preferred_encoding(request: &HeaderMap) -> &'static str {
             let mut q_positive = true;
             for param in parts {
                 let param = param.trim();
-                if let Some(q) = param.strip_prefix("q=").or_else(|| param.strip_prefix("Q=")) {
+                if let Some(q) = param
+                    .strip_prefix("q=")
+                    .or_else(|| param.strip_prefix("Q="))
+                {
                     q_positive = q.trim().parse::<f32>().is_ok_and(|q| q > 0.0);
                 }
             }
@@ -920,6 +942,9 @@ pub fn preferred_encoding(request: &HeaderMap) -> &'static str {
 mod tests {
     use super::*;
     use std::time::UNIX_EPOCH;
+
+    /// Field name and value pairs of a table row.
+    type Fields<'a> = &'a [(&'a str, &'a str)];
 
     fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
         let mut map = HeaderMap::new();
@@ -955,11 +980,42 @@ mod tests {
         assert!(!d.no_store && !d.private && !d.no_cache && !d.targeted);
 
         let table: &[(&str, ResponseDirectives)] = &[
-            ("no-store", ResponseDirectives { no_store: true, ..Default::default() }),
-            ("NO-CACHE=\"set-cookie, x-a\", private", ResponseDirectives { no_cache: true, private: true, ..Default::default() }),
-            ("max-age=abc", ResponseDirectives { max_age: Some(Duration::ZERO), ..Default::default() }),
-            ("max-age=99999999999999999999", ResponseDirectives { max_age: Some(secs(DELTA_SECONDS_MAX)), ..Default::default() }),
-            ("max-age=60, max-age=10", ResponseDirectives { max_age: Some(secs(10)), ..Default::default() }),
+            (
+                "no-store",
+                ResponseDirectives {
+                    no_store: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                "NO-CACHE=\"set-cookie, x-a\", private",
+                ResponseDirectives {
+                    no_cache: true,
+                    private: true,
+                    ..Default::default()
+                },
+            ),
+            (
+                "max-age=abc",
+                ResponseDirectives {
+                    max_age: Some(Duration::ZERO),
+                    ..Default::default()
+                },
+            ),
+            (
+                "max-age=99999999999999999999",
+                ResponseDirectives {
+                    max_age: Some(secs(DELTA_SECONDS_MAX)),
+                    ..Default::default()
+                },
+            ),
+            (
+                "max-age=60, max-age=10",
+                ResponseDirectives {
+                    max_age: Some(secs(10)),
+                    ..Default::default()
+                },
+            ),
             ("stale-while-revalidate=x", ResponseDirectives::default()),
             (" , ,unknown=1,", ResponseDirectives::default()),
         ];
@@ -971,14 +1027,45 @@ mod tests {
     #[test]
     fn parses_request_directives() {
         let table: &[(&str, RequestDirectives)] = &[
-            ("max-age=5, min-fresh=10", RequestDirectives { max_age: Some(secs(5)), min_fresh: Some(secs(10)), ..Default::default() }),
-            ("max-stale", RequestDirectives { max_stale: Some(Duration::MAX), ..Default::default() }),
-            ("max-stale=30", RequestDirectives { max_stale: Some(secs(30)), ..Default::default() }),
-            ("only-if-cached, no-cache, no-store", RequestDirectives { only_if_cached: true, no_cache: true, no_store: true, ..Default::default() }),
+            (
+                "max-age=5, min-fresh=10",
+                RequestDirectives {
+                    max_age: Some(secs(5)),
+                    min_fresh: Some(secs(10)),
+                    ..Default::default()
+                },
+            ),
+            (
+                "max-stale",
+                RequestDirectives {
+                    max_stale: Some(Duration::MAX),
+                    ..Default::default()
+                },
+            ),
+            (
+                "max-stale=30",
+                RequestDirectives {
+                    max_stale: Some(secs(30)),
+                    ..Default::default()
+                },
+            ),
+            (
+                "only-if-cached, no-cache, no-store",
+                RequestDirectives {
+                    only_if_cached: true,
+                    no_cache: true,
+                    no_store: true,
+                    ..Default::default()
+                },
+            ),
             ("max-age=oops", RequestDirectives::default()),
         ];
         for (text, expected) in table {
-            assert_eq!(&RequestDirectives::from_headers(&headers(&[("cache-control", text)])), expected, "{text}");
+            assert_eq!(
+                &RequestDirectives::from_headers(&headers(&[("cache-control", text)])),
+                expected,
+                "{text}"
+            );
         }
     }
 
@@ -996,10 +1083,19 @@ mod tests {
         assert_eq!(d.max_age, Some(secs(10)));
         assert!(d.targeted && !d.no_store);
 
-        let cdn_only = headers(&[("cache-control", "no-store"), ("cdn-cache-control", "max-age=20")]);
-        assert_eq!(response_directives(&cdn_only, &targets).max_age, Some(secs(20)));
+        let cdn_only = headers(&[
+            ("cache-control", "no-store"),
+            ("cdn-cache-control", "max-age=20"),
+        ]);
+        assert_eq!(
+            response_directives(&cdn_only, &targets).max_age,
+            Some(secs(20))
+        );
 
-        let empty_target = headers(&[("cache-control", "max-age=5"), ("portico-cache-control", "")]);
+        let empty_target = headers(&[
+            ("cache-control", "max-age=5"),
+            ("portico-cache-control", ""),
+        ]);
         let d = response_directives(&empty_target, &targets);
         assert_eq!(d.max_age, Some(secs(5)));
         assert!(!d.targeted);
@@ -1016,52 +1112,230 @@ mod tests {
             ("cdn-cache-control", "public"),
         ]);
         let d = response_directives(&h, &[HeaderName::from_static("cdn-cache-control")]);
-        let f = freshness_lifetime(StatusCode::OK, &d, &h, t(0), DEFAULT_HEURISTIC_MAX, &Overrides::default());
+        let f = freshness_lifetime(
+            StatusCode::OK,
+            &d,
+            &h,
+            t(0),
+            DEFAULT_HEURISTIC_MAX,
+            &Overrides::default(),
+        );
         assert_eq!(f, Duration::ZERO);
         let d = response_directives(&h, &[]);
-        let f = freshness_lifetime(StatusCode::OK, &d, &h, t(0), DEFAULT_HEURISTIC_MAX, &Overrides::default());
+        let f = freshness_lifetime(
+            StatusCode::OK,
+            &d,
+            &h,
+            t(0),
+            DEFAULT_HEURISTIC_MAX,
+            &Overrides::default(),
+        );
         assert_eq!(f, secs(3600));
     }
 
     #[test]
     fn storable_table() {
         let none: &[(&str, &str)] = &[];
-        let set_cookie_ok = Overrides { store_set_cookie: true, ..Default::default() };
-        let ignore = Overrides { ignore_origin: true, ttl: Some(secs(60)), ..Default::default() };
-        let ttl_only = Overrides { ttl: Some(secs(60)), ..Default::default() };
+        let set_cookie_ok = Overrides {
+            store_set_cookie: true,
+            ..Default::default()
+        };
+        let ignore = Overrides {
+            ignore_origin: true,
+            ttl: Some(secs(60)),
+            ..Default::default()
+        };
+        let ttl_only = Overrides {
+            ttl: Some(secs(60)),
+            ..Default::default()
+        };
         #[allow(clippy::type_complexity)]
-        let table: &[(Method, &[(&str, &str)], u16, &[(&str, &str)], &Overrides, Result<(), NotStorable>)] = &[
+        let table: &[(
+            Method,
+            &[(&str, &str)],
+            u16,
+            &[(&str, &str)],
+            &Overrides,
+            Result<(), NotStorable>,
+        )] = &[
             (Method::GET, none, 200, none, &Overrides::default(), Ok(())),
             (Method::HEAD, none, 200, none, &Overrides::default(), Ok(())),
-            (Method::POST, none, 200, &[("cache-control", "max-age=60")], &Overrides::default(), Err(NotStorable::Method)),
-            (Method::GET, none, 500, none, &Overrides::default(), Err(NotStorable::Status)),
-            (Method::GET, none, 500, &[("cache-control", "max-age=5")], &Overrides::default(), Ok(())),
-            (Method::GET, none, 302, &[("expires", "Sun, 06 Nov 1994 08:49:37 GMT")], &Overrides::default(), Ok(())),
-            (Method::GET, none, 302, &[("cache-control", "public")], &Overrides::default(), Ok(())),
+            (
+                Method::POST,
+                none,
+                200,
+                &[("cache-control", "max-age=60")],
+                &Overrides::default(),
+                Err(NotStorable::Method),
+            ),
+            (
+                Method::GET,
+                none,
+                500,
+                none,
+                &Overrides::default(),
+                Err(NotStorable::Status),
+            ),
+            (
+                Method::GET,
+                none,
+                500,
+                &[("cache-control", "max-age=5")],
+                &Overrides::default(),
+                Ok(()),
+            ),
+            (
+                Method::GET,
+                none,
+                302,
+                &[("expires", "Sun, 06 Nov 1994 08:49:37 GMT")],
+                &Overrides::default(),
+                Ok(()),
+            ),
+            (
+                Method::GET,
+                none,
+                302,
+                &[("cache-control", "public")],
+                &Overrides::default(),
+                Ok(()),
+            ),
             (Method::GET, none, 503, none, &ttl_only, Ok(())),
-            (Method::GET, none, 206, &[("cache-control", "max-age=60")], &Overrides::default(), Err(NotStorable::Status)),
-            (Method::GET, none, 304, &[("cache-control", "max-age=60")], &Overrides::default(), Err(NotStorable::Status)),
+            (
+                Method::GET,
+                none,
+                206,
+                &[("cache-control", "max-age=60")],
+                &Overrides::default(),
+                Err(NotStorable::Status),
+            ),
+            (
+                Method::GET,
+                none,
+                304,
+                &[("cache-control", "max-age=60")],
+                &Overrides::default(),
+                Err(NotStorable::Status),
+            ),
             (Method::GET, none, 404, none, &Overrides::default(), Ok(())),
             (Method::GET, none, 410, none, &Overrides::default(), Ok(())),
-            (Method::GET, &[("cache-control", "no-store")], 200, none, &Overrides::default(), Err(NotStorable::RequestNoStore)),
-            (Method::GET, none, 200, &[("cache-control", "no-store")], &Overrides::default(), Err(NotStorable::NoStore)),
-            (Method::GET, none, 200, &[("cache-control", "private, max-age=60")], &Overrides::default(), Err(NotStorable::Private)),
-            (Method::GET, none, 200, &[("cache-control", "private, no-store")], &ignore, Ok(())),
-            (Method::GET, &[("authorization", "Basic x")], 200, &[("cache-control", "max-age=60")], &Overrides::default(), Err(NotStorable::Authorization)),
-            (Method::GET, &[("authorization", "Basic x")], 200, &[("cache-control", "max-age=60")], &ignore, Err(NotStorable::Authorization)),
-            (Method::GET, &[("authorization", "Basic x")], 200, &[("cache-control", "public")], &Overrides::default(), Ok(())),
-            (Method::GET, &[("authorization", "Basic x")], 200, &[("cache-control", "s-maxage=5")], &Overrides::default(), Ok(())),
-            (Method::GET, &[("authorization", "Basic x")], 200, &[("cache-control", "must-revalidate")], &Overrides::default(), Ok(())),
-            (Method::GET, none, 200, &[("set-cookie", "a=b")], &Overrides::default(), Err(NotStorable::SetCookie)),
-            (Method::GET, none, 200, &[("set-cookie", "a=b")], &set_cookie_ok, Ok(())),
-            (Method::GET, none, 200, &[("vary", "accept, *")], &Overrides::default(), Err(NotStorable::VaryStar)),
-            (Method::GET, none, 200, &[("vary", "accept-encoding")], &Overrides::default(), Ok(())),
+            (
+                Method::GET,
+                &[("cache-control", "no-store")],
+                200,
+                none,
+                &Overrides::default(),
+                Err(NotStorable::RequestNoStore),
+            ),
+            (
+                Method::GET,
+                none,
+                200,
+                &[("cache-control", "no-store")],
+                &Overrides::default(),
+                Err(NotStorable::NoStore),
+            ),
+            (
+                Method::GET,
+                none,
+                200,
+                &[("cache-control", "private, max-age=60")],
+                &Overrides::default(),
+                Err(NotStorable::Private),
+            ),
+            (
+                Method::GET,
+                none,
+                200,
+                &[("cache-control", "private, no-store")],
+                &ignore,
+                Ok(()),
+            ),
+            (
+                Method::GET,
+                &[("authorization", "Basic x")],
+                200,
+                &[("cache-control", "max-age=60")],
+                &Overrides::default(),
+                Err(NotStorable::Authorization),
+            ),
+            (
+                Method::GET,
+                &[("authorization", "Basic x")],
+                200,
+                &[("cache-control", "max-age=60")],
+                &ignore,
+                Err(NotStorable::Authorization),
+            ),
+            (
+                Method::GET,
+                &[("authorization", "Basic x")],
+                200,
+                &[("cache-control", "public")],
+                &Overrides::default(),
+                Ok(()),
+            ),
+            (
+                Method::GET,
+                &[("authorization", "Basic x")],
+                200,
+                &[("cache-control", "s-maxage=5")],
+                &Overrides::default(),
+                Ok(()),
+            ),
+            (
+                Method::GET,
+                &[("authorization", "Basic x")],
+                200,
+                &[("cache-control", "must-revalidate")],
+                &Overrides::default(),
+                Ok(()),
+            ),
+            (
+                Method::GET,
+                none,
+                200,
+                &[("set-cookie", "a=b")],
+                &Overrides::default(),
+                Err(NotStorable::SetCookie),
+            ),
+            (
+                Method::GET,
+                none,
+                200,
+                &[("set-cookie", "a=b")],
+                &set_cookie_ok,
+                Ok(()),
+            ),
+            (
+                Method::GET,
+                none,
+                200,
+                &[("vary", "accept, *")],
+                &Overrides::default(),
+                Err(NotStorable::VaryStar),
+            ),
+            (
+                Method::GET,
+                none,
+                200,
+                &[("vary", "accept-encoding")],
+                &Overrides::default(),
+                Ok(()),
+            ),
         ];
         for (i, (method, req, status, resp, overrides, expected)) in table.iter().enumerate() {
             let req = headers(req);
             let resp = headers(resp);
             let d = response_directives(&resp, &[]);
-            let got = storable(method, &req, StatusCode::from_u16(*status).unwrap(), &resp, &d, overrides);
+            let got = storable(
+                method,
+                &req,
+                StatusCode::from_u16(*status).unwrap(),
+                &resp,
+                &d,
+                overrides,
+            );
             assert_eq!(got, *expected, "row {i}");
         }
         assert_eq!(NotStorable::VaryStar.as_str(), "vary-star");
@@ -1069,7 +1343,11 @@ mod tests {
 
     #[test]
     fn strip_for_storage_removes_set_cookie() {
-        let mut h = headers(&[("set-cookie", "a=b"), ("set-cookie", "c=d"), ("etag", "\"x\"")]);
+        let mut h = headers(&[
+            ("set-cookie", "a=b"),
+            ("set-cookie", "c=d"),
+            ("etag", "\"x\""),
+        ]);
         strip_for_storage(&mut h);
         assert!(!h.contains_key(header::SET_COOKIE));
         assert!(h.contains_key(header::ETAG));
@@ -1078,29 +1356,131 @@ mod tests {
     #[test]
     fn freshness_lifetime_table() {
         let date = "Sun, 06 Nov 1994 08:49:37 GMT";
-        let ignore = Overrides { ignore_origin: true, ttl: Some(secs(7)), ..Default::default() };
-        let default_ttl = Overrides { ttl: Some(secs(7)), ..Default::default() };
+        let ignore = Overrides {
+            ignore_origin: true,
+            ttl: Some(secs(7)),
+            ..Default::default()
+        };
+        let default_ttl = Overrides {
+            ttl: Some(secs(7)),
+            ..Default::default()
+        };
         let one_hour = Duration::from_secs(3600);
         #[allow(clippy::type_complexity)]
         let table: &[(u16, &[(&str, &str)], &Overrides, Duration, Duration)] = &[
-            (200, &[("cache-control", "max-age=60, s-maxage=30")], &Overrides::default(), one_hour, secs(30)),
-            (200, &[("cache-control", "max-age=60"), ("expires", "Sun, 06 Nov 1994 10:49:37 GMT"), ("date", date)], &Overrides::default(), one_hour, secs(60)),
-            (200, &[("expires", "Sun, 06 Nov 1994 10:49:37 GMT"), ("date", date)], &Overrides::default(), one_hour, secs(7200)),
-            (200, &[("expires", "0"), ("date", date)], &Overrides::default(), one_hour, Duration::ZERO),
-            (200, &[("expires", "Sun, 06 Nov 1994 07:49:37 GMT"), ("date", date)], &Overrides::default(), one_hour, Duration::ZERO),
+            (
+                200,
+                &[("cache-control", "max-age=60, s-maxage=30")],
+                &Overrides::default(),
+                one_hour,
+                secs(30),
+            ),
+            (
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("expires", "Sun, 06 Nov 1994 10:49:37 GMT"),
+                    ("date", date),
+                ],
+                &Overrides::default(),
+                one_hour,
+                secs(60),
+            ),
+            (
+                200,
+                &[("expires", "Sun, 06 Nov 1994 10:49:37 GMT"), ("date", date)],
+                &Overrides::default(),
+                one_hour,
+                secs(7200),
+            ),
+            (
+                200,
+                &[("expires", "0"), ("date", date)],
+                &Overrides::default(),
+                one_hour,
+                Duration::ZERO,
+            ),
+            (
+                200,
+                &[("expires", "Sun, 06 Nov 1994 07:49:37 GMT"), ("date", date)],
+                &Overrides::default(),
+                one_hour,
+                Duration::ZERO,
+            ),
             // Heuristic: 10% of 10 hours = 1 hour; capped at 30 minutes.
-            (200, &[("date", date), ("last-modified", "Sat, 05 Nov 1994 22:49:37 GMT")], &Overrides::default(), one_hour, secs(3600)),
-            (200, &[("date", date), ("last-modified", "Sat, 05 Nov 1994 22:49:37 GMT")], &Overrides::default(), secs(1800), secs(1800)),
-            (500, &[("date", date), ("last-modified", "Sat, 05 Nov 1994 22:49:37 GMT")], &Overrides::default(), one_hour, Duration::ZERO),
-            (200, &[("date", date)], &Overrides::default(), one_hour, Duration::ZERO),
-            (200, &[("date", date), ("last-modified", "Sat, 05 Nov 1994 22:49:37 GMT")], &default_ttl, one_hour, secs(7)),
-            (200, &[("cache-control", "max-age=60")], &default_ttl, one_hour, secs(60)),
-            (200, &[("cache-control", "max-age=60, no-store")], &ignore, one_hour, secs(7)),
+            (
+                200,
+                &[
+                    ("date", date),
+                    ("last-modified", "Sat, 05 Nov 1994 22:49:37 GMT"),
+                ],
+                &Overrides::default(),
+                one_hour,
+                secs(3600),
+            ),
+            (
+                200,
+                &[
+                    ("date", date),
+                    ("last-modified", "Sat, 05 Nov 1994 22:49:37 GMT"),
+                ],
+                &Overrides::default(),
+                secs(1800),
+                secs(1800),
+            ),
+            (
+                500,
+                &[
+                    ("date", date),
+                    ("last-modified", "Sat, 05 Nov 1994 22:49:37 GMT"),
+                ],
+                &Overrides::default(),
+                one_hour,
+                Duration::ZERO,
+            ),
+            (
+                200,
+                &[("date", date)],
+                &Overrides::default(),
+                one_hour,
+                Duration::ZERO,
+            ),
+            (
+                200,
+                &[
+                    ("date", date),
+                    ("last-modified", "Sat, 05 Nov 1994 22:49:37 GMT"),
+                ],
+                &default_ttl,
+                one_hour,
+                secs(7),
+            ),
+            (
+                200,
+                &[("cache-control", "max-age=60")],
+                &default_ttl,
+                one_hour,
+                secs(60),
+            ),
+            (
+                200,
+                &[("cache-control", "max-age=60, no-store")],
+                &ignore,
+                one_hour,
+                secs(7),
+            ),
         ];
         for (i, (status, resp, overrides, heuristic_max, expected)) in table.iter().enumerate() {
             let resp = headers(resp);
             let d = response_directives(&resp, &[]);
-            let got = freshness_lifetime(StatusCode::from_u16(*status).unwrap(), &d, &resp, t(0), *heuristic_max, overrides);
+            let got = freshness_lifetime(
+                StatusCode::from_u16(*status).unwrap(),
+                &d,
+                &resp,
+                t(0),
+                *heuristic_max,
+                overrides,
+            );
             assert_eq!(got, *expected, "row {i}");
         }
     }
@@ -1109,13 +1489,28 @@ mod tests {
     fn age_follows_rfc_9111_section_4_2_3() {
         // Date 784111777; request at +0, response at +2.
         let base = 784_111_777;
-        let table: &[(&[(&str, &str)], u64, u64, u64)] = &[
+        let table: &[(Fields, u64, u64, u64)] = &[
             // apparent age 10 (Date 10 s before response), no Age: 10.
-            (&[("date", "Sun, 06 Nov 1994 08:49:37 GMT")], base + 8, base + 10, 10),
+            (
+                &[("date", "Sun, 06 Nov 1994 08:49:37 GMT")],
+                base + 8,
+                base + 10,
+                10,
+            ),
             // Age 100 plus 2 s of delay beats apparent age 10.
-            (&[("date", "Sun, 06 Nov 1994 08:49:37 GMT"), ("age", "100")], base + 8, base + 10, 102),
+            (
+                &[("date", "Sun, 06 Nov 1994 08:49:37 GMT"), ("age", "100")],
+                base + 8,
+                base + 10,
+                102,
+            ),
             // Date in the future: apparent age 0, delay 2.
-            (&[("date", "Sun, 06 Nov 1994 08:49:37 GMT")], base - 12, base - 10, 2),
+            (
+                &[("date", "Sun, 06 Nov 1994 08:49:37 GMT")],
+                base - 12,
+                base - 10,
+                2,
+            ),
             // No Date: response_time stands in.
             (&[("age", "5")], base, base + 1, 6),
             (&[("age", "junk")], base, base, 0),
@@ -1142,47 +1537,149 @@ mod tests {
             (60, 100, 300, 10, Staleness::StaleWhileRevalidate),
         ];
         for (fresh, age, swr, sie, expected) in table {
-            assert_eq!(classify(secs(fresh), secs(age), secs(swr), secs(sie)), expected, "{fresh} {age} {swr} {sie}");
+            assert_eq!(
+                classify(secs(fresh), secs(age), secs(swr), secs(sie)),
+                expected,
+                "{fresh} {age} {swr} {sie}"
+            );
         }
     }
 
     #[test]
     fn stale_windows_table() {
-        let policy = Overrides { stale_while_revalidate: Some(secs(5)), ..Default::default() };
+        let policy = Overrides {
+            stale_while_revalidate: Some(secs(5)),
+            ..Default::default()
+        };
         let table: &[(&str, &Overrides, (u64, u64))] = &[
-            ("stale-while-revalidate=30, stale-if-error=60", &Overrides::default(), (30, 60)),
-            ("stale-while-revalidate=30, stale-if-error=60", &policy, (5, 60)),
-            ("stale-while-revalidate=30, must-revalidate", &Overrides::default(), (0, 0)),
-            ("stale-if-error=30, proxy-revalidate", &Overrides::default(), (0, 0)),
+            (
+                "stale-while-revalidate=30, stale-if-error=60",
+                &Overrides::default(),
+                (30, 60),
+            ),
+            (
+                "stale-while-revalidate=30, stale-if-error=60",
+                &policy,
+                (5, 60),
+            ),
+            (
+                "stale-while-revalidate=30, must-revalidate",
+                &Overrides::default(),
+                (0, 0),
+            ),
+            (
+                "stale-if-error=30, proxy-revalidate",
+                &Overrides::default(),
+                (0, 0),
+            ),
             ("no-cache", &policy, (0, 0)),
         ];
         for (text, overrides, (swr, sie)) in table {
-            assert_eq!(stale_windows(&cc(text), overrides), (secs(*swr), secs(*sie)), "{text}");
+            assert_eq!(
+                stale_windows(&cc(text), overrides),
+                (secs(*swr), secs(*sie)),
+                "{text}"
+            );
         }
     }
 
     #[test]
     fn evaluate_reuse_table() {
-        let lt = Lifetime { freshness: secs(60), swr: secs(30), sie: secs(300), revalidate_when_stale: false };
-        let strict = Lifetime { revalidate_when_stale: true, ..lt };
-        let plain = Lifetime { swr: Duration::ZERO, sie: Duration::ZERO, ..lt };
+        let lt = Lifetime {
+            freshness: secs(60),
+            swr: secs(30),
+            sie: secs(300),
+            revalidate_when_stale: false,
+        };
+        let strict = Lifetime {
+            revalidate_when_stale: true,
+            ..lt
+        };
+        let plain = Lifetime {
+            swr: Duration::ZERO,
+            sie: Duration::ZERO,
+            ..lt
+        };
         let table: &[(&str, &Lifetime, u64, Reuse)] = &[
             ("", &lt, 10, Reuse::Fresh),
             ("", &lt, 70, Reuse::StaleWhileRevalidate),
-            ("", &lt, 100, Reuse::Revalidate { stale_if_error: true }),
-            ("", &lt, 400, Reuse::Revalidate { stale_if_error: false }),
-            ("", &plain, 61, Reuse::Revalidate { stale_if_error: false }),
-            ("no-cache", &lt, 10, Reuse::Revalidate { stale_if_error: true }),
-            ("no-cache", &plain, 10, Reuse::Revalidate { stale_if_error: false }),
-            ("max-age=5", &lt, 10, Reuse::Revalidate { stale_if_error: true }),
+            (
+                "",
+                &lt,
+                100,
+                Reuse::Revalidate {
+                    stale_if_error: true,
+                },
+            ),
+            (
+                "",
+                &lt,
+                400,
+                Reuse::Revalidate {
+                    stale_if_error: false,
+                },
+            ),
+            (
+                "",
+                &plain,
+                61,
+                Reuse::Revalidate {
+                    stale_if_error: false,
+                },
+            ),
+            (
+                "no-cache",
+                &lt,
+                10,
+                Reuse::Revalidate {
+                    stale_if_error: true,
+                },
+            ),
+            (
+                "no-cache",
+                &plain,
+                10,
+                Reuse::Revalidate {
+                    stale_if_error: false,
+                },
+            ),
+            (
+                "max-age=5",
+                &lt,
+                10,
+                Reuse::Revalidate {
+                    stale_if_error: true,
+                },
+            ),
             ("max-age=10", &lt, 10, Reuse::Fresh),
             ("min-fresh=30", &lt, 20, Reuse::Fresh),
-            ("min-fresh=30", &lt, 40, Reuse::Revalidate { stale_if_error: true }),
+            (
+                "min-fresh=30",
+                &lt,
+                40,
+                Reuse::Revalidate {
+                    stale_if_error: true,
+                },
+            ),
             ("max-stale", &lt, 1000, Reuse::StaleAllowed),
             ("max-stale=20", &lt, 70, Reuse::StaleAllowed),
             ("max-stale=5", &lt, 70, Reuse::StaleWhileRevalidate),
-            ("max-stale", &strict, 70, Reuse::Revalidate { stale_if_error: false }),
-            ("", &strict, 70, Reuse::Revalidate { stale_if_error: false }),
+            (
+                "max-stale",
+                &strict,
+                70,
+                Reuse::Revalidate {
+                    stale_if_error: false,
+                },
+            ),
+            (
+                "",
+                &strict,
+                70,
+                Reuse::Revalidate {
+                    stale_if_error: false,
+                },
+            ),
             ("only-if-cached", &lt, 10, Reuse::Fresh),
             ("only-if-cached", &lt, 70, Reuse::StaleWhileRevalidate),
             ("only-if-cached", &lt, 400, Reuse::GatewayTimeout),
@@ -1191,7 +1688,11 @@ mod tests {
         ];
         for (text, lifetime, age, expected) in table {
             let req = RequestDirectives::from_headers(&headers(&[("cache-control", text)]));
-            assert_eq!(evaluate_reuse(&req, lifetime, secs(*age)), *expected, "{text} age {age}");
+            assert_eq!(
+                evaluate_reuse(&req, lifetime, secs(*age)),
+                *expected,
+                "{text} age {age}"
+            );
         }
     }
 
@@ -1202,36 +1703,89 @@ mod tests {
             ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
         ]);
         let no_etag = headers(&[("date", "Sun, 06 Nov 1994 08:49:37 GMT")]);
-        let table: &[(Method, &[(&str, &str)], &HeaderMap, bool)] = &[
+        let table: &[(Method, Fields, &HeaderMap, bool)] = &[
             (Method::GET, &[("if-none-match", "\"v1\"")], &stored, true),
-            (Method::HEAD, &[("if-none-match", "W/\"v1\"")], &stored, true),
-            (Method::GET, &[("if-none-match", "\"a\", \"b,c\", W/\"v1\"")], &stored, true),
+            (
+                Method::HEAD,
+                &[("if-none-match", "W/\"v1\"")],
+                &stored,
+                true,
+            ),
+            (
+                Method::GET,
+                &[("if-none-match", "\"a\", \"b,c\", W/\"v1\"")],
+                &stored,
+                true,
+            ),
             (Method::GET, &[("if-none-match", "\"v2\"")], &stored, false),
             (Method::GET, &[("if-none-match", "*")], &stored, true),
             (Method::GET, &[("if-none-match", "*")], &no_etag, true),
             (Method::GET, &[("if-none-match", "\"v1\"")], &no_etag, false),
             // If-None-Match takes precedence over If-Modified-Since.
-            (Method::GET, &[("if-none-match", "\"v2\""), ("if-modified-since", "Mon, 07 Nov 1994 08:49:37 GMT")], &stored, false),
-            (Method::GET, &[("if-modified-since", "Mon, 07 Nov 1994 08:49:37 GMT")], &stored, true),
-            (Method::GET, &[("if-modified-since", "Sun, 06 Nov 1994 08:49:37 GMT")], &stored, true),
-            (Method::GET, &[("if-modified-since", "Sat, 05 Nov 1994 08:49:37 GMT")], &stored, false),
-            (Method::GET, &[("if-modified-since", "garbage")], &stored, false),
-            (Method::GET, &[("if-modified-since", "Mon, 07 Nov 1994 08:49:37 GMT")], &no_etag, true),
+            (
+                Method::GET,
+                &[
+                    ("if-none-match", "\"v2\""),
+                    ("if-modified-since", "Mon, 07 Nov 1994 08:49:37 GMT"),
+                ],
+                &stored,
+                false,
+            ),
+            (
+                Method::GET,
+                &[("if-modified-since", "Mon, 07 Nov 1994 08:49:37 GMT")],
+                &stored,
+                true,
+            ),
+            (
+                Method::GET,
+                &[("if-modified-since", "Sun, 06 Nov 1994 08:49:37 GMT")],
+                &stored,
+                true,
+            ),
+            (
+                Method::GET,
+                &[("if-modified-since", "Sat, 05 Nov 1994 08:49:37 GMT")],
+                &stored,
+                false,
+            ),
+            (
+                Method::GET,
+                &[("if-modified-since", "garbage")],
+                &stored,
+                false,
+            ),
+            (
+                Method::GET,
+                &[("if-modified-since", "Mon, 07 Nov 1994 08:49:37 GMT")],
+                &no_etag,
+                true,
+            ),
             (Method::POST, &[("if-none-match", "\"v1\"")], &stored, false),
             (Method::GET, &[], &stored, false),
         ];
         for (i, (method, req, stored, expected)) in table.iter().enumerate() {
-            assert_eq!(answers_not_modified(method, &headers(req), stored), *expected, "row {i}");
+            assert_eq!(
+                answers_not_modified(method, &headers(req), stored),
+                *expected,
+                "row {i}"
+            );
         }
     }
 
     #[test]
     fn validators_and_304_merge() {
-        let stored = headers(&[("etag", "\"v1\""), ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT")]);
+        let stored = headers(&[
+            ("etag", "\"v1\""),
+            ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ]);
         let mut req = HeaderMap::new();
         assert!(add_validators(&stored, &mut req));
         assert_eq!(req.get(header::IF_NONE_MATCH).unwrap(), "\"v1\"");
-        assert_eq!(req.get(header::IF_MODIFIED_SINCE).unwrap(), "Sun, 06 Nov 1994 08:49:37 GMT");
+        assert_eq!(
+            req.get(header::IF_MODIFIED_SINCE).unwrap(),
+            "Sun, 06 Nov 1994 08:49:37 GMT"
+        );
         assert!(!add_validators(&HeaderMap::new(), &mut HeaderMap::new()));
 
         let mut stored = headers(&[
@@ -1260,23 +1814,80 @@ mod tests {
     #[test]
     fn cache_status_rendering() {
         let table: &[(CacheStatus, &str)] = &[
-            (CacheStatus::Hit { ttl: 42, detail: None }, "Portico; hit; ttl=42"),
-            (CacheStatus::Hit { ttl: -3, detail: Some("stale-while-revalidate") }, "Portico; hit; ttl=-3; detail=stale-while-revalidate"),
             (
-                CacheStatus::Forward { reason: Forward::UriMiss, status: Some(200), stored: true, collapsed: false, detail: None },
+                CacheStatus::Hit {
+                    ttl: 42,
+                    detail: None,
+                },
+                "Portico; hit; ttl=42",
+            ),
+            (
+                CacheStatus::Hit {
+                    ttl: -3,
+                    detail: Some("stale-while-revalidate"),
+                },
+                "Portico; hit; ttl=-3; detail=stale-while-revalidate",
+            ),
+            (
+                CacheStatus::Forward {
+                    reason: Forward::UriMiss,
+                    status: Some(200),
+                    stored: true,
+                    collapsed: false,
+                    detail: None,
+                },
                 "Portico; fwd=uri-miss; fwd-status=200; stored",
             ),
             (
-                CacheStatus::Forward { reason: Forward::VaryMiss, status: Some(200), stored: false, collapsed: true, detail: Some(NotStorable::SetCookie.as_str()) },
+                CacheStatus::Forward {
+                    reason: Forward::VaryMiss,
+                    status: Some(200),
+                    stored: false,
+                    collapsed: true,
+                    detail: Some(NotStorable::SetCookie.as_str()),
+                },
                 "Portico; fwd=vary-miss; fwd-status=200; collapsed; detail=set-cookie",
             ),
             (
-                CacheStatus::Forward { reason: Forward::Bypass, status: None, stored: false, collapsed: false, detail: Some("rule \"x\"") },
+                CacheStatus::Forward {
+                    reason: Forward::Bypass,
+                    status: None,
+                    stored: false,
+                    collapsed: false,
+                    detail: Some("rule \"x\""),
+                },
                 "Portico; fwd=bypass; detail=\"rule \\\"x\\\"\"",
             ),
-            (CacheStatus::Forward { reason: Forward::Stale, status: Some(304), stored: true, collapsed: false, detail: None }, "Portico; fwd=stale; fwd-status=304; stored"),
-            (CacheStatus::Forward { reason: Forward::Request, status: Some(200), stored: false, collapsed: false, detail: None }, "Portico; fwd=request; fwd-status=200"),
-            (CacheStatus::Forward { reason: Forward::Method, status: Some(201), stored: false, collapsed: false, detail: None }, "Portico; fwd=method; fwd-status=201"),
+            (
+                CacheStatus::Forward {
+                    reason: Forward::Stale,
+                    status: Some(304),
+                    stored: true,
+                    collapsed: false,
+                    detail: None,
+                },
+                "Portico; fwd=stale; fwd-status=304; stored",
+            ),
+            (
+                CacheStatus::Forward {
+                    reason: Forward::Request,
+                    status: Some(200),
+                    stored: false,
+                    collapsed: false,
+                    detail: None,
+                },
+                "Portico; fwd=request; fwd-status=200",
+            ),
+            (
+                CacheStatus::Forward {
+                    reason: Forward::Method,
+                    status: Some(201),
+                    stored: false,
+                    collapsed: false,
+                    detail: None,
+                },
+                "Portico; fwd=method; fwd-status=201",
+            ),
         ];
         for (status, expected) in table {
             let text = status.render("Portico");
@@ -1287,11 +1898,17 @@ mod tests {
 
     #[test]
     fn vary_names_and_secondary_key() {
-        let resp = headers(&[("vary", "Accept-Encoding, accept-language"), ("vary", "X-Theme,accept-encoding")]);
+        let resp = headers(&[
+            ("vary", "Accept-Encoding, accept-language"),
+            ("vary", "X-Theme,accept-encoding"),
+        ]);
         let names = vary_names(&resp).unwrap();
         let as_str: Vec<_> = names.iter().map(HeaderName::as_str).collect();
         assert_eq!(as_str, ["accept-encoding", "accept-language", "x-theme"]);
-        assert_eq!(vary_names(&headers(&[("vary", "*")])), Err(NotStorable::VaryStar));
+        assert_eq!(
+            vary_names(&headers(&[("vary", "*")])),
+            Err(NotStorable::VaryStar)
+        );
         assert!(vary_names(&HeaderMap::new()).unwrap().is_empty());
 
         let req = headers(&[
@@ -1300,9 +1917,15 @@ mod tests {
             ("x-theme", "dark"),
             ("x-theme", "wide"),
         ]);
-        assert_eq!(secondary_key(&names, &req), "accept-encoding:br\naccept-language:en-GB\nx-theme:dark,wide");
+        assert_eq!(
+            secondary_key(&names, &req),
+            "accept-encoding:br\naccept-language:en-GB\nx-theme:dark,wide"
+        );
         let bare = HeaderMap::new();
-        assert_eq!(secondary_key(&names, &bare), "accept-encoding:identity\naccept-language:\nx-theme:");
+        assert_eq!(
+            secondary_key(&names, &bare),
+            "accept-encoding:identity\naccept-language:\nx-theme:"
+        );
         assert_eq!(secondary_key(&[], &req), "");
     }
 
@@ -1322,7 +1945,11 @@ mod tests {
             ("GZIP;Q=0.8", "gzip"),
         ];
         for (accept, expected) in table {
-            let req = if accept.is_empty() { HeaderMap::new() } else { headers(&[("accept-encoding", accept)]) };
+            let req = if accept.is_empty() {
+                HeaderMap::new()
+            } else {
+                headers(&[("accept-encoding", accept)])
+            };
             assert_eq!(preferred_encoding(&req), expected, "{accept}");
         }
     }

@@ -17,7 +17,7 @@ pub fn parse_http_date(text: &str) -> Option<SystemTime> {
     let mut tokens = [""; 6];
     let mut count = 0;
     for token in text
-        .split(|c: char| c == ' ' || c == ',')
+        .split([' ', ','])
         .filter(|t| !t.is_empty())
     {
         if count == tokens.len() {
@@ -103,10 +103,7 @@ fn month_number(name: &str) -> Option<u32> {
     const MONTHS: [&str; 12] = [
         "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
     ];
-    MONTHS
-        .iter()
-        .position(|m| *m == name)
-        .map(|i| i as u32 + 1)
+    MONTHS.iter().position(|m| *m == name).map(|i| i as u32 + 1)
 }
 
 fn days_in_month(year: u32, month: u32) -> u32 {

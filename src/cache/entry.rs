@@ -19,9 +19,8 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::control::{
-    classify, corrected_initial_age, current_age, freshness_lifetime, secondary_key,
-    stale_windows, strip_for_storage, vary_names, Lifetime, NotStorable, Overrides,
-    ResponseDirectives, Staleness,
+    classify, corrected_initial_age, current_age, freshness_lifetime, secondary_key, stale_windows,
+    strip_for_storage, vary_names, Lifetime, NotStorable, Overrides, ResponseDirectives, Staleness,
 };
 
 /// Magic bytes at the start of every encoded entry.
@@ -231,7 +230,12 @@ impl Entry {
     /// Where the entry stands at `now`.
     pub fn staleness_at(&self, now: SystemTime) -> Staleness {
         let lifetime = self.lifetime();
-        classify(lifetime.freshness, self.age_at(now), lifetime.swr, lifetime.sie)
+        classify(
+            lifetime.freshness,
+            self.age_at(now),
+            lifetime.swr,
+            lifetime.sie,
+        )
     }
 
     /// Remaining freshness in whole seconds at `now`, negative when stale
@@ -349,7 +353,8 @@ impl Entry {
         if flags & !(FLAG_SOFT_PURGED | FLAG_REVALIDATE) != 0 {
             return Err(EntryError::Invalid("flags"));
         }
-        let status = StatusCode::from_u16(u16::from_le_bytes(r.array()?)).map_err(|_| EntryError::Invalid("status"))?;
+        let status = StatusCode::from_u16(u16::from_le_bytes(r.array()?))
+            .map_err(|_| EntryError::Invalid("status"))?;
         let request_time_ms = r.u64()?;
         let response_time_ms = r.u64()?;
         let initial_age = Duration::from_millis(r.u64()?);
@@ -435,7 +440,9 @@ impl foyer::Code for Entry {
 
     fn decode(reader: &mut impl Read) -> foyer::Result<Self> {
         let mut buf = Vec::new();
-        reader.read_to_end(&mut buf).map_err(foyer::Error::io_error)?;
+        reader
+            .read_to_end(&mut buf)
+            .map_err(foyer::Error::io_error)?;
         Entry::decode_bytes(Bytes::from(buf)).map_err(EntryError::into_foyer)
     }
 
@@ -564,7 +571,10 @@ mod tests {
             for bit in [0x01u8, 0x80] {
                 let mut bad = buf.clone();
                 bad[i] ^= bit;
-                assert!(Entry::decode_bytes(Bytes::from(bad)).is_err(), "byte {i} bit {bit:#x}");
+                assert!(
+                    Entry::decode_bytes(Bytes::from(bad)).is_err(),
+                    "byte {i} bit {bit:#x}"
+                );
             }
         }
     }

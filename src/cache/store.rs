@@ -119,6 +119,11 @@ struct Index {
 
 impl Index {
     fn add(&mut self, key: &str, entry: &Entry) {
+        let known_tags = self.key_tags.get(key).map_or(&[][..], Vec::as_slice);
+        if known_tags == entry.tags.as_slice() && self.keys.contains(key) {
+            // The common case on reads: nothing to record, nothing to allocate.
+            return;
+        }
         if !self.keys.contains(key) {
             self.keys.insert(key.to_owned());
         }
@@ -263,7 +268,9 @@ impl Store {
     fn index(&self) -> MutexGuard<'_, Index> {
         // The index holds no invariant a panicking holder could break
         // halfway that matters more than serving requests.
-        self.index.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.index
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// Reads an entry by full key. Entries beyond all their windows are
@@ -347,6 +354,7 @@ impl Store {
             return self.insert(root, entry);
         }
         if entry.encoded_len() > self.max_object_bytes {
+            // Refused (and counted) by `insert`, before any marker is written.
             return self.insert(root, entry);
         }
         let marker = match self.get(&root).await {
