@@ -16,10 +16,7 @@ use http::HeaderValue;
 pub fn parse_http_date(text: &str) -> Option<SystemTime> {
     let mut tokens = [""; 6];
     let mut count = 0;
-    for token in text
-        .split([' ', ','])
-        .filter(|t| !t.is_empty())
-    {
+    for token in text.split([' ', ',']).filter(|t| !t.is_empty()) {
         if count == tokens.len() {
             return None;
         }
