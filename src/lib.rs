@@ -16,6 +16,7 @@
 //! 7. **deliver**: header edits, compression and Cache-Status are applied.
 //! 8. **log**: one access log line and the metrics.
 
+pub mod cache;
 pub mod cli;
 pub mod compress;
 pub mod policy;

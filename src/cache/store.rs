@@ -1,0 +1,496 @@
+//! The cache store: a hybrid memory and disk cache (foyer) of [`Entry`]
+//! values, with purges and `Vary` variants.
+//!
+//! Keys. A response without `Vary` lives at `primary\0`. A response with
+//! `Vary` lives at `primary\0GEN\0secondary`, and `primary\0` then holds a
+//! small vary marker naming the `Vary` fields and the generation `GEN` of
+//! the variants. A lookup reads the root key first, then the variant the
+//! marker points to. Every key of a primary key starts with `primary\0`, so
+//! an exact purge removes the root and every known variant; even variants not
+//! known to the index become unreachable, because a new marker always gets a
+//! new generation. Primary keys must not contain NUL.
+//!
+//! Expiry. foyer has no TTL: the freshness and stale windows live in the
+//! entry, and [`Store::get`] removes an entry past all of them.
+//!
+//! Purge index. Purge by prefix and by tag needs to enumerate keys; the
+//! store keeps an in-memory index (key to tags, tag to keys, ordered keys)
+//! of every entry inserted or read since it was opened. It is not persisted:
+//! after a restart, prefix and tag purges reach only the entries read or
+//! written since. Exact-key purges are unaffected (see above).
+//!
+//! Durability. The disk tier writes on insertion, keeps a tombstone log so
+//! that removals survive a restart, and recovers quietly: a corrupt entry on
+//! disk (foyer's checksum or [`Entry`]'s own) is dropped and reads as a miss.
+//! Disk writes are best effort by design of foyer: under pressure an entry
+//! may never reach the disk.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use foyer::{
+    BlockEngineConfig, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
+    HybridCachePolicy, RecoverMode, S3FifoConfig,
+};
+use http::HeaderMap;
+
+use super::control::{secondary_key, Staleness};
+use super::entry::{Entry, EntryKind};
+
+/// Space reserved in a disk block besides the encoded entry: foyer's entry
+/// header and alignment, and the key.
+const BLOCK_OVERHEAD: usize = 64 * 1024;
+const PAGE: usize = 4096;
+
+/// How the store is sized.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoreConfig {
+    /// Memory tier capacity in bytes (keys plus encoded entries).
+    pub memory_bytes: usize,
+    /// Directory of the disk tier; `None` for memory only.
+    pub disk_dir: Option<PathBuf>,
+    /// Disk tier capacity in bytes.
+    pub disk_bytes: usize,
+    /// Largest encoded entry the store accepts; the disk tier's block and
+    /// buffer sizes are derived from it so that such an entry reaches disk.
+    pub max_object_bytes: usize,
+}
+
+impl StoreConfig {
+    /// Disk block size: room for the largest object, 4 KiB aligned, at least
+    /// 1 MiB.
+    pub fn block_size(&self) -> usize {
+        let want = self.max_object_bytes.saturating_add(BLOCK_OVERHEAD);
+        want.div_ceil(PAGE).saturating_mul(PAGE).max(1 << 20)
+    }
+}
+
+/// Why the store could not be opened or closed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The sizes cannot work together.
+    #[error("cache store configuration: {0}")]
+    Config(String),
+    /// foyer failed to build, recover or close.
+    #[error("cache store: {0}")]
+    Foyer(#[from] foyer::Error),
+}
+
+/// The value type held by foyer: an entry shared without copying.
+#[derive(Debug, Clone)]
+struct Stored(Arc<Entry>);
+
+impl foyer::Code for Stored {
+    fn encode(&self, writer: &mut impl std::io::Write) -> foyer::Result<()> {
+        self.0.encode(writer)
+    }
+
+    fn decode(reader: &mut impl std::io::Read) -> foyer::Result<Self> {
+        Entry::decode(reader).map(|e| Stored(Arc::new(e)))
+    }
+
+    fn estimated_size(&self) -> usize {
+        self.0.estimated_size()
+    }
+}
+
+/// The result of [`Store::lookup`].
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    /// A stored response for this request (possibly stale: judge it with
+    /// [`super::control::evaluate_reuse`]).
+    Hit(Arc<Entry>),
+    /// Responses are stored for the primary key, but none for this request's
+    /// `Vary` fields.
+    VaryMiss,
+    /// Nothing stored under the primary key.
+    Miss,
+}
+
+#[derive(Default)]
+struct Index {
+    keys: BTreeSet<String>,
+    key_tags: HashMap<String, Vec<String>>,
+    tag_keys: HashMap<String, HashSet<String>>,
+}
+
+impl Index {
+    fn add(&mut self, key: &str, entry: &Entry) {
+        let known_tags = self.key_tags.get(key).map_or(&[][..], Vec::as_slice);
+        if known_tags == entry.tags.as_slice() && self.keys.contains(key) {
+            // The common case on reads: nothing to record, nothing to allocate.
+            return;
+        }
+        if !self.keys.contains(key) {
+            self.keys.insert(key.to_owned());
+        }
+        let old = self.key_tags.remove(key).unwrap_or_default();
+        for tag in &old {
+            if !entry.tags.contains(tag) {
+                self.unlink_tag(tag, key);
+            }
+        }
+        for tag in &entry.tags {
+            self.tag_keys
+                .entry(tag.clone())
+                .or_default()
+                .insert(key.to_owned());
+        }
+        if !entry.tags.is_empty() {
+            self.key_tags.insert(key.to_owned(), entry.tags.clone());
+        }
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.keys.remove(key);
+        for tag in self.key_tags.remove(key).unwrap_or_default() {
+            self.unlink_tag(&tag, key);
+        }
+    }
+
+    fn unlink_tag(&mut self, tag: &str, key: &str) {
+        if let Some(keys) = self.tag_keys.get_mut(tag) {
+            keys.remove(key);
+            if keys.is_empty() {
+                self.tag_keys.remove(tag);
+            }
+        }
+    }
+
+    fn with_prefix(&self, prefix: &str) -> Vec<String> {
+        self.keys
+            .range(prefix.to_owned()..)
+            .take_while(|k| k.starts_with(prefix))
+            .cloned()
+            .collect()
+    }
+
+    fn with_tag(&self, tag: &str) -> Vec<String> {
+        self.tag_keys
+            .get(tag)
+            .map(|keys| keys.iter().cloned().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The hybrid cache store. Cheap to share behind an `Arc`.
+pub struct Store {
+    cache: HybridCache<String, Stored>,
+    index: Mutex<Index>,
+    max_object_bytes: usize,
+    last_generation: AtomicU64,
+}
+
+/// The key of the root entry (plain response or vary marker) of `primary`.
+pub fn root_key(primary: &str) -> String {
+    let mut key = String::with_capacity(primary.len() + 1);
+    key.push_str(primary);
+    key.push('\0');
+    key
+}
+
+/// The key of a variant of `primary`.
+pub fn variant_key(primary: &str, generation: u64, secondary: &str) -> String {
+    format!("{primary}\0{generation:016x}\0{secondary}")
+}
+
+fn now() -> SystemTime {
+    SystemTime::now()
+}
+
+/// When an entry stops being of any use, Unix milliseconds.
+fn useless_after_ms(entry: &Entry) -> u64 {
+    let window = entry.swr.max(entry.sie);
+    let life = entry
+        .freshness
+        .saturating_add(window)
+        .saturating_sub(entry.initial_age);
+    entry
+        .response_time_ms
+        .saturating_add(u64::try_from(life.as_millis()).unwrap_or(u64::MAX))
+}
+
+impl Store {
+    /// Opens (and on disk, recovers) the store.
+    pub async fn open(config: StoreConfig) -> Result<Store, StoreError> {
+        if config.memory_bytes == 0 {
+            return Err(StoreError::Config("memory_bytes must be above zero".into()));
+        }
+        let builder = HybridCacheBuilder::new()
+            .with_name("portico")
+            .with_policy(HybridCachePolicy::WriteOnInsertion)
+            .with_flush_on_close(true)
+            .memory(config.memory_bytes)
+            .with_shards(4)
+            .with_eviction_config(S3FifoConfig::default())
+            .with_weighter(|key: &String, value: &Stored| key.len() + value.0.encoded_len())
+            .storage();
+        let cache = match &config.disk_dir {
+            None => builder.build().await?,
+            Some(dir) => {
+                let block_size = config.block_size();
+                if config.disk_bytes < 4 * block_size {
+                    return Err(StoreError::Config(format!(
+                        "disk_bytes {} must hold at least 4 blocks of {block_size} bytes \
+                         (the block size follows max_object_bytes)",
+                        config.disk_bytes
+                    )));
+                }
+                let device = FsDeviceBuilder::new(dir)
+                    .with_capacity(config.disk_bytes)
+                    .build()?;
+                // One flusher gets the whole buffer pool, so one full block
+                // (the largest object) always fits in a flush buffer.
+                let engine = BlockEngineConfig::new(device)
+                    .with_block_size(block_size)
+                    .with_flushers(1)
+                    .with_buffer_pool_size(2 * block_size)
+                    .with_submit_queue_size_threshold(4 * block_size)
+                    .with_tombstone_log(true);
+                builder
+                    .with_engine_config(engine)
+                    .with_recover_mode(RecoverMode::Quiet)
+                    .build()
+                    .await?
+            }
+        };
+        Ok(Store {
+            cache,
+            index: Mutex::new(Index::default()),
+            max_object_bytes: config.max_object_bytes,
+            last_generation: AtomicU64::new(0),
+        })
+    }
+
+    fn index(&self) -> MutexGuard<'_, Index> {
+        // The index holds no invariant a panicking holder could break
+        // halfway that matters more than serving requests.
+        self.index
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Reads an entry by full key. Entries beyond all their windows are
+    /// removed and not returned; unreadable ones are dropped.
+    pub async fn get(&self, key: &str) -> Option<Arc<Entry>> {
+        let found = match self.cache.get(key).await {
+            Ok(found) => found,
+            Err(error) => {
+                tracing::warn!(%error, key, "cache entry unreadable; dropped");
+                self.remove(key);
+                return None;
+            }
+        };
+        let Some(found) = found else {
+            metrics::counter!("portico_cache_reads_total", "result" => "miss").increment(1);
+            return None;
+        };
+        let entry = found.value().0.clone();
+        drop(found);
+        if entry.staleness_at(now()) == Staleness::Expired {
+            metrics::counter!("portico_cache_reads_total", "result" => "expired").increment(1);
+            self.remove(key);
+            return None;
+        }
+        metrics::counter!("portico_cache_reads_total", "result" => "hit").increment(1);
+        self.index().add(key, &entry);
+        Some(entry)
+    }
+
+    /// Stores an entry under a full key. Returns false (and stores nothing)
+    /// when its encoding exceeds `max_object_bytes`.
+    pub fn insert(&self, key: String, entry: Entry) -> bool {
+        if entry.encoded_len() > self.max_object_bytes {
+            metrics::counter!("portico_cache_stores_total", "result" => "too-large").increment(1);
+            return false;
+        }
+        self.index().add(&key, &entry);
+        self.cache.insert(key, Stored(Arc::new(entry)));
+        metrics::counter!("portico_cache_stores_total", "result" => "stored").increment(1);
+        true
+    }
+
+    /// Removes one full key, from memory and disk (a tombstone on disk).
+    pub fn remove(&self, key: &str) {
+        self.index().remove(key);
+        self.cache.remove(key);
+    }
+
+    /// Finds the stored response for a request: the plain response under
+    /// `primary`, or the variant matching the request's `Vary` fields.
+    pub async fn lookup(&self, primary: &str, request: &HeaderMap) -> Lookup {
+        let Some(root) = self.get(&root_key(primary)).await else {
+            return Lookup::Miss;
+        };
+        if root.kind == EntryKind::Response {
+            return Lookup::Hit(root);
+        }
+        let secondary = secondary_key(&root.vary, request);
+        match self
+            .get(&variant_key(primary, root.generation, &secondary))
+            .await
+        {
+            Some(entry)
+                if entry.kind == EntryKind::Response
+                    && entry.generation == root.generation
+                    && entry.vary == root.vary =>
+            {
+                Lookup::Hit(entry)
+            }
+            _ => Lookup::VaryMiss,
+        }
+    }
+
+    /// Stores a response under `primary`, as the plain response when it
+    /// does not vary, else as a variant (writing or extending the vary
+    /// marker). Returns false when it was too large to store.
+    pub async fn store_response(&self, primary: &str, mut entry: Entry) -> bool {
+        let root = root_key(primary);
+        if entry.vary.is_empty() {
+            entry.generation = 0;
+            return self.insert(root, entry);
+        }
+        if entry.encoded_len() > self.max_object_bytes {
+            // Refused (and counted) by `insert`, before any marker is written.
+            return self.insert(root, entry);
+        }
+        let marker = match self.get(&root).await {
+            Some(m) if m.kind == EntryKind::VaryMarker && m.vary == entry.vary => Some(m),
+            _ => None,
+        };
+        let generation = marker
+            .as_ref()
+            .map_or_else(|| self.new_generation(), |m| m.generation);
+        entry.generation = generation;
+        let needs_marker = marker
+            .as_ref()
+            .is_none_or(|m| useless_after_ms(m) < useless_after_ms(&entry));
+        let key = variant_key(primary, generation, &entry.secondary_key);
+        if needs_marker {
+            let marker = Entry {
+                kind: EntryKind::VaryMarker,
+                status: entry.status,
+                headers: HeaderMap::new(),
+                body: bytes::Bytes::new(),
+                request_time_ms: entry.request_time_ms,
+                response_time_ms: entry.response_time_ms,
+                initial_age: entry.initial_age,
+                freshness: entry.freshness,
+                swr: entry.swr,
+                sie: entry.sie,
+                revalidate_when_stale: false,
+                tags: Vec::new(),
+                soft_purged: false,
+                vary: entry.vary.clone(),
+                secondary_key: String::new(),
+                generation,
+            };
+            self.insert(root, marker);
+        }
+        self.insert(key, entry)
+    }
+
+    fn new_generation(&self) -> u64 {
+        let clock = u64::try_from(
+            SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_nanos(),
+        )
+        .unwrap_or(u64::MAX);
+        let mut last = self.last_generation.load(Ordering::Relaxed);
+        loop {
+            let next = clock.max(last + 1);
+            match self.last_generation.compare_exchange(
+                last,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return next,
+                Err(seen) => last = seen,
+            }
+        }
+    }
+
+    /// Removes everything stored under `primary`: the plain response or
+    /// marker, and every variant. Returns how many keys were removed.
+    pub fn purge(&self, primary: &str) -> usize {
+        let root = root_key(primary);
+        let mut keys = self.index().with_prefix(&root);
+        if !keys.contains(&root) {
+            keys.push(root);
+        }
+        self.remove_all(keys, "key")
+    }
+
+    /// Removes every known key that starts with `prefix` (see the module
+    /// doc for what "known" means after a restart).
+    pub fn purge_prefix(&self, prefix: &str) -> usize {
+        let keys = self.index().with_prefix(prefix);
+        self.remove_all(keys, "prefix")
+    }
+
+    /// Removes every known entry tagged `tag`.
+    pub fn purge_tag(&self, tag: &str) -> usize {
+        let keys = self.index().with_tag(tag);
+        self.remove_all(keys, "tag")
+    }
+
+    fn remove_all(&self, keys: Vec<String>, kind: &'static str) -> usize {
+        let count = keys.len();
+        for key in &keys {
+            self.remove(key);
+        }
+        metrics::counter!("portico_cache_purges_total", "kind" => kind).increment(count as u64);
+        count
+    }
+
+    /// Marks every response under `primary` stale (keeping its stale
+    /// windows). Returns how many entries were marked.
+    pub async fn soft_purge(&self, primary: &str) -> usize {
+        let root = root_key(primary);
+        let mut keys = self.index().with_prefix(&root);
+        if !keys.contains(&root) {
+            keys.push(root);
+        }
+        self.soft_purge_all(keys).await
+    }
+
+    /// Marks every known entry tagged `tag` stale.
+    pub async fn soft_purge_tag(&self, tag: &str) -> usize {
+        let keys = self.index().with_tag(tag);
+        self.soft_purge_all(keys).await
+    }
+
+    async fn soft_purge_all(&self, keys: Vec<String>) -> usize {
+        let mut count = 0;
+        for key in keys {
+            let Some(entry) = self.get(&key).await else {
+                continue;
+            };
+            if entry.kind != EntryKind::Response || entry.soft_purged {
+                continue;
+            }
+            let mut marked = Entry::clone(&entry);
+            marked.soft_purged = true;
+            if marked.staleness_at(now()) == Staleness::Expired {
+                self.remove(&key);
+            } else {
+                self.insert(key, marked);
+            }
+            count += 1;
+        }
+        metrics::counter!("portico_cache_purges_total", "kind" => "soft").increment(count as u64);
+        count
+    }
+
+    /// Flushes the memory tier to disk and closes the store.
+    pub async fn close(&self) -> Result<(), StoreError> {
+        self.cache.close().await?;
+        Ok(())
+    }
+}
