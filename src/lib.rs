@@ -17,3 +17,4 @@
 //! 8. **log**: one access log line and the metrics.
 
 pub mod policy;
+pub mod proxy;
