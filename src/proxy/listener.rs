@@ -31,8 +31,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::header::CONTENT_LENGTH;
-use http::{Request, Response};
+use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH};
+use http::{Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -453,13 +453,24 @@ async fn respond<H: Handler>(
     info: Arc<ConnInfo>,
 ) -> Response<ResponseBody> {
     let limit = shared.limits.max_body_bytes;
-    if declared_length(req.headers()).is_some_and(|len| len > limit) {
-        return shared
+    let version = req.version();
+    let mut response = if declared_length(req.headers()).is_some_and(|len| len > limit) {
+        shared
             .errors
-            .respond(&ProxyError::PayloadTooLarge { limit }, Some(req.headers()));
+            .respond(&ProxyError::PayloadTooLarge { limit }, Some(req.headers()))
+    } else {
+        let req = req.map(|body| RequestBody::new(body, limit));
+        shared.handler.handle(req, info).await
+    };
+    // After 413 the rest of the body is unread, so the HTTP/1 connection
+    // cannot carry another request: say so and close (RFC 9110 §15.5.14).
+    // HTTP/2 resets just the stream; Connection is not allowed there.
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && version < Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
     }
-    let req = req.map(|body| RequestBody::new(body, limit));
-    shared.handler.handle(req, info).await
+    response
 }
 
 fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
