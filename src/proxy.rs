@@ -34,5 +34,5 @@ pub use errors::{ErrorHook, ErrorPages, ProxyError};
 pub use listener::{
     ConnInfo, Handler, ListenError, Listener, ListenerHandle, ServerLimits, Shutdown,
 };
-pub use tls::{CertMap, CertSource, SniResolver, TlsError};
+pub use tls::{CertMap, CertSource, PemCert, SniResolver, TlsError};
 pub use upgrade::{PendingUpgrade, UpgradeError};

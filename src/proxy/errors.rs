@@ -8,7 +8,9 @@
 
 use std::sync::Arc;
 
-use http::header::{HeaderMap, HeaderValue, ACCEPT, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER};
+use http::header::{
+    HeaderMap, HeaderValue, ACCEPT, ALLOW, CACHE_CONTROL, CONTENT_TYPE, RETRY_AFTER,
+};
 use http::{Response, StatusCode};
 
 use super::body::{self, BodyError, ResponseBody};
@@ -271,7 +273,10 @@ mod tests {
     async fn html_when_the_client_accepts_it() {
         let pages = ErrorPages::new();
         let mut headers = HeaderMap::new();
-        headers.insert(ACCEPT, HeaderValue::from_static("text/html,application/xhtml+xml;q=0.9"));
+        headers.insert(
+            ACCEPT,
+            HeaderValue::from_static("text/html,application/xhtml+xml;q=0.9"),
+        );
         let resp = pages.respond(&ProxyError::NotFound, Some(&headers));
         assert_eq!(resp.headers()[CONTENT_TYPE], "text/html; charset=utf-8");
         assert!(body_text(resp).await.contains("<h1>404 Not Found</h1>"));
@@ -316,7 +321,10 @@ mod tests {
     #[test]
     fn hook_adds_headers_to_every_error() {
         let pages = ErrorPages::with_hook(Arc::new(|_, headers: &mut HeaderMap| {
-            headers.insert("cache-status", HeaderValue::from_static("portico; fwd=uri-miss"));
+            headers.insert(
+                "cache-status",
+                HeaderValue::from_static("portico; fwd=uri-miss"),
+            );
         }));
         for (error, _) in all_errors() {
             let resp = pages.respond(&error, None);

@@ -14,8 +14,8 @@
 use std::net::IpAddr;
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, SERVER, TE, TRAILER,
-    TRANSFER_ENCODING, UPGRADE, VIA,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, SERVER, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE, VIA,
 };
 use http::{Request, Response, Version};
 
@@ -146,15 +146,11 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
 /// forwarding fields and `Via` added. The request's `Host` (or the URI's
 /// authority, as HTTP/2 carries it) becomes `X-Forwarded-Host`.
 pub fn prepare_upstream_request<B>(req: &mut Request<B>, ctx: &ForwardContext<'_>) {
-    let host = req
-        .headers()
-        .get(HOST)
-        .cloned()
-        .or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+    let host = req.headers().get(HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     let headers = req.headers_mut();
     strip_hop_by_hop(headers, true);
 
@@ -216,7 +212,11 @@ mod tests {
     use super::*;
     use http::StatusCode;
 
-    fn headers(pairs: &[(&str, &str)]) -> HeaderMap {
+    type Fields<'a> = &'a [(&'a str, &'a str)];
+    /// (input, trust, tls, X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host)
+    type ForwardCase<'a> = (Fields<'a>, bool, bool, &'a str, &'a str, Option<&'a str>);
+
+    fn headers(pairs: Fields<'_>) -> HeaderMap {
         let mut map = HeaderMap::new();
         for (k, v) in pairs {
             map.append(
@@ -236,7 +236,7 @@ mod tests {
     #[test]
     fn hop_by_hop_table() {
         // (input fields, keep_upgrade, fields left)
-        let cases: &[(&[(&str, &str)], bool, &[&str])] = &[
+        let cases: &[(Fields<'_>, bool, &[&str])] = &[
             (&[("accept", "*/*")], false, &["accept"]),
             (
                 &[
@@ -303,7 +303,10 @@ mod tests {
 
     #[test]
     fn kept_upgrade_rewrites_connection() {
-        let mut map = headers(&[("connection", "keep-alive, Upgrade"), ("upgrade", "websocket")]);
+        let mut map = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
         strip_hop_by_hop(&mut map, true);
         assert_eq!(map[CONNECTION], "upgrade");
         assert_eq!(map[UPGRADE], "websocket");
@@ -318,7 +321,7 @@ mod tests {
         }
     }
 
-    fn request(pairs: &[(&str, &str)]) -> Request<()> {
+    fn request(pairs: Fields<'_>) -> Request<()> {
         let mut req = Request::builder().uri("/p").body(()).unwrap();
         *req.headers_mut() = headers(pairs);
         req
@@ -326,10 +329,23 @@ mod tests {
 
     #[test]
     fn forwarding_fields_table() {
-        // (input, trust, tls, xff, proto, host)
-        let cases: &[(&[(&str, &str)], bool, bool, &str, &str, Option<&str>)] = &[
-            (&[("host", "example.com")], false, false, "192.0.2.7", "http", Some("example.com")),
-            (&[("host", "example.com")], false, true, "192.0.2.7", "https", Some("example.com")),
+        let cases: &[ForwardCase<'_>] = &[
+            (
+                &[("host", "example.com")],
+                false,
+                false,
+                "192.0.2.7",
+                "http",
+                Some("example.com"),
+            ),
+            (
+                &[("host", "example.com")],
+                false,
+                true,
+                "192.0.2.7",
+                "https",
+                Some("example.com"),
+            ),
             // Untrusted: client-sent values are replaced.
             (
                 &[
@@ -373,7 +389,7 @@ mod tests {
                 *host,
                 "{input:?}"
             );
-            assert_eq!(h.get_all(VIA).iter().last().unwrap(), "1.1 portico");
+            assert_eq!(h.get_all(VIA).iter().next_back().unwrap(), "1.1 portico");
         }
     }
 
@@ -411,7 +427,7 @@ mod tests {
     #[test]
     fn downstream_response_table() {
         // (status, input, strip_server, fields left)
-        let cases: &[(u16, &[(&str, &str)], bool, &[&str])] = &[
+        let cases: &[(u16, Fields<'_>, bool, &[&str])] = &[
             (
                 200,
                 &[

@@ -281,9 +281,7 @@ impl Listener {
         }
         drop(self.tcp);
         info!(addr = %self.local_addr, connections = conns.len(), "stopped accepting; draining");
-        let drain = async {
-            while conns.join_next().await.is_some() {}
-        };
+        let drain = async { while conns.join_next().await.is_some() {} };
         if tokio::time::timeout(shared.limits.shutdown_grace, drain)
             .await
             .is_err()

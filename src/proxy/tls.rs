@@ -83,6 +83,19 @@ pub struct CertSource {
     pub default: bool,
 }
 
+/// One certificate given as PEM text, for [`CertMap::from_pem`].
+#[derive(Debug, Clone, Copy)]
+pub struct PemCert<'a> {
+    /// Host names, as in [`CertSource::names`].
+    pub names: &'a [&'a str],
+    /// The certificate chain, leaf first.
+    pub cert_pem: &'a [u8],
+    /// The private key.
+    pub key_pem: &'a [u8],
+    /// Serve it when nothing else matches.
+    pub default: bool,
+}
+
 /// The certificates in force: an immutable map built once per (re)load.
 #[derive(Default)]
 pub struct CertMap {
@@ -117,32 +130,29 @@ impl CertMap {
         Ok(map)
     }
 
-    /// Builds a map from PEM text already in memory (`names`, `cert_pem`,
-    /// `key_pem`, `default` per certificate); `label` names the source in
-    /// errors.
-    pub fn from_pem(
-        entries: &[(&[&str], &[u8], &[u8], bool)],
-        label: &str,
-    ) -> Result<Self, TlsError> {
+    /// Builds a map from PEM text already in memory; `label` names the
+    /// source in errors.
+    pub fn from_pem(entries: &[PemCert<'_>], label: &str) -> Result<Self, TlsError> {
         let mut map = CertMap::default();
-        for (names, cert_pem, key_pem, default) in entries {
+        for entry in entries {
             let path = PathBuf::from(label);
-            let chain = CertificateDer::pem_slice_iter(cert_pem)
+            let chain = CertificateDer::pem_slice_iter(entry.cert_pem)
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(|source| TlsError::Certificates {
                     path: path.clone(),
                     source,
                 })?;
-            let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|source| TlsError::Key {
-                path: path.clone(),
-                source,
-            })?;
+            let key =
+                PrivateKeyDer::from_pem_slice(entry.key_pem).map_err(|source| TlsError::Key {
+                    path: path.clone(),
+                    source,
+                })?;
             let certified = Arc::new(certified_key(chain, &key, &path, &path)?);
             let source = CertSource {
-                names: names.iter().map(|n| (*n).to_owned()).collect(),
+                names: entry.names.iter().map(|n| (*n).to_owned()).collect(),
                 cert_path: path.clone(),
                 key_path: path,
-                default: *default,
+                default: entry.default,
             };
             map.insert(&source, certified)?;
         }
@@ -156,8 +166,7 @@ impl CertMap {
                 Some(parent) => (&mut self.wildcard, parent.to_owned()),
                 None => (&mut self.exact, lower),
             };
-            if rustls_pki_types::DnsName::try_from(host.as_str()).is_err() || host.contains('*')
-            {
+            if rustls_pki_types::DnsName::try_from(host.as_str()).is_err() || host.contains('*') {
                 return Err(TlsError::InvalidName {
                     name: name.clone(),
                     cert_path: source.cert_path.clone(),
@@ -302,6 +311,15 @@ mod tests {
         }
     }
 
+    fn pem<'a>(names: &'a [&'a str], cert: &'a Cert, default: bool) -> PemCert<'a> {
+        PemCert {
+            names,
+            cert_pem: cert.cert.as_bytes(),
+            key_pem: cert.key.as_bytes(),
+            default,
+        }
+    }
+
     fn leaf_der(key: &CertifiedKey) -> &[u8] {
         key.cert[0].as_ref()
     }
@@ -313,9 +331,9 @@ mod tests {
         let d = self_signed("default.test");
         let map = CertMap::from_pem(
             &[
-                (&["a.example.com"], a.cert.as_bytes(), a.key.as_bytes(), false),
-                (&["*.Example.com"], w.cert.as_bytes(), w.key.as_bytes(), false),
-                (&["default.test"], d.cert.as_bytes(), d.key.as_bytes(), true),
+                pem(&["a.example.com"], &a, false),
+                pem(&["*.Example.com"], &w, false),
+                pem(&["default.test"], &d, true),
             ],
             "memory",
         )
@@ -345,11 +363,7 @@ mod tests {
     #[test]
     fn no_default_means_no_certificate() {
         let a = self_signed("a.test");
-        let map = CertMap::from_pem(
-            &[(&["a.test"], a.cert.as_bytes(), a.key.as_bytes(), false)],
-            "memory",
-        )
-        .unwrap();
+        let map = CertMap::from_pem(&[pem(&["a.test"], &a, false)], "memory").unwrap();
         assert!(map.select(Some("a.test")).is_some());
         assert!(map.select(Some("b.test")).is_none());
         assert!(map.select(None).is_none());
@@ -403,15 +417,10 @@ mod tests {
     fn reload_swaps_the_map() {
         let a = self_signed("a.test");
         let b = self_signed("a.test");
-        let resolver = SniResolver::new(
-            CertMap::from_pem(&[(&["a.test"], a.cert.as_bytes(), a.key.as_bytes(), true)], "m")
-                .unwrap(),
-        );
+        let resolver =
+            SniResolver::new(CertMap::from_pem(&[pem(&["a.test"], &a, true)], "m").unwrap());
         let before = leaf_der(resolver.current().select(Some("a.test")).unwrap()).to_vec();
-        resolver.reload(
-            CertMap::from_pem(&[(&["a.test"], b.cert.as_bytes(), b.key.as_bytes(), true)], "m")
-                .unwrap(),
-        );
+        resolver.reload(CertMap::from_pem(&[pem(&["a.test"], &b, true)], "m").unwrap());
         let after = leaf_der(resolver.current().select(Some("a.test")).unwrap()).to_vec();
         assert_ne!(before, after);
     }
@@ -419,6 +428,9 @@ mod tests {
     #[test]
     fn config_offers_h2_and_http11() {
         let config = server_config(Arc::new(SniResolver::new(CertMap::default()))).unwrap();
-        assert_eq!(config.alpn_protocols, [b"h2".to_vec(), b"http/1.1".to_vec()]);
+        assert_eq!(
+            config.alpn_protocols,
+            [b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
     }
 }
