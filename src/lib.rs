@@ -20,5 +20,6 @@ pub mod cache;
 pub mod cli;
 pub mod compress;
 pub mod policy;
+pub mod proxy;
 pub mod throttle;
 pub mod upstream;

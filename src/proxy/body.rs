@@ -1,0 +1,120 @@
+//! Body types at the client edge: the boxed response body every handler
+//! returns, and the size-capped request body every handler receives.
+//!
+//! The request body cap is enforced while streaming, so a chunked body that
+//! grows past the limit fails with [`BodyError::TooLarge`] however it is
+//! framed; a declared `Content-Length` over the limit is refused earlier by the
+//! listener with 413 (RFC 9110 §15.5.14) without calling the handler.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+
+/// The error type carried by response bodies: anything that can go wrong while
+/// streaming from an origin, a cache file or a compressor.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body of every response the edge sends. Unsync so that streaming
+/// compressors and cache readers that are only `Send` fit.
+pub type ResponseBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A response body holding `bytes` in one frame.
+pub fn full(bytes: impl Into<Bytes>) -> ResponseBody {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// An empty response body (for 101, 204, 304 and HEAD).
+pub fn empty() -> ResponseBody {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Why reading a request body failed.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The body grew past the configured maximum; answer 413.
+    #[error("request body exceeds the limit of {limit} bytes")]
+    TooLarge {
+        /// The configured maximum in bytes.
+        limit: u64,
+    },
+    /// The client connection failed or sent a malformed body.
+    #[error("reading the request body failed: {0}")]
+    Transport(#[from] hyper::Error),
+}
+
+/// A request body that fails with [`BodyError::TooLarge`] once more than
+/// `limit` bytes of data have been read.
+#[derive(Debug)]
+pub struct RequestBody {
+    inner: Incoming,
+    remaining: u64,
+    limit: u64,
+}
+
+impl RequestBody {
+    /// Wraps `inner`, allowing at most `limit` bytes of data.
+    pub fn new(inner: Incoming, limit: u64) -> Self {
+        Self {
+            inner,
+            remaining: limit,
+            limit,
+        }
+    }
+
+    /// The configured maximum in bytes.
+    pub fn limit(&self) -> u64 {
+        self.limit
+    }
+
+    /// The wrapped body, without the cap (for streaming to an origin that
+    /// enforces its own).
+    pub fn into_inner(self) -> Incoming {
+        self.inner
+    }
+}
+
+impl Body for RequestBody {
+    type Data = Bytes;
+    type Error = BodyError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > this.remaining {
+                        this.remaining = 0;
+                        return Poll::Ready(Some(Err(BodyError::TooLarge { limit: this.limit })));
+                    }
+                    this.remaining -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(e))) => Poll::Ready(Some(Err(BodyError::Transport(e)))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        // The inner hint stays truthful: a body over the limit errors
+        // rather than being cut short.
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,481 @@
+//! Header hygiene between client and origin, in one place.
+//!
+//! - Hop-by-hop fields (RFC 9110 §7.6.1) are removed in both directions:
+//!   `Connection` and every field it names, plus `Keep-Alive`,
+//!   `Proxy-Connection`, `TE`, `Trailer`, `Transfer-Encoding` and `Upgrade`
+//!   (kept, with `Connection: upgrade`, only when the request asks to switch
+//!   protocols, RFC 9110 §7.8).
+//! - Requests to the origin get `X-Forwarded-For`, `X-Forwarded-Proto`,
+//!   `X-Forwarded-Host` (the de facto forms of RFC 7239's `Forwarded`) and
+//!   `Via` (RFC 9110 §7.6.3).
+//! - Responses to the client get `Via`, and optionally lose the origin's
+//!   `Server` field.
+
+use std::net::IpAddr;
+
+use http::header::{
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, SERVER, TE, TRAILER, TRANSFER_ENCODING,
+    UPGRADE, VIA,
+};
+use http::{Request, Response, Version};
+
+/// `X-Forwarded-For`: the chain of client addresses.
+pub const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+/// `X-Forwarded-Proto`: the scheme the client used (`http` or `https`).
+pub const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+/// `X-Forwarded-Host`: the host the client asked for.
+pub const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+const KEEP_ALIVE: HeaderName = HeaderName::from_static("keep-alive");
+const PROXY_CONNECTION: HeaderName = HeaderName::from_static("proxy-connection");
+
+/// The fixed hop-by-hop fields, besides those named by `Connection`.
+const HOP_BY_HOP: [HeaderName; 6] = [
+    KEEP_ALIVE,
+    PROXY_CONNECTION,
+    TE,
+    TRAILER,
+    TRANSFER_ENCODING,
+    UPGRADE,
+];
+
+/// How the client reached the proxy, for the forwarding fields.
+#[derive(Debug, Clone)]
+pub struct ForwardContext<'a> {
+    /// The client's IP address, appended to `X-Forwarded-For`.
+    pub client_ip: IpAddr,
+    /// Whether the client connection was TLS (`X-Forwarded-Proto: https`).
+    pub tls: bool,
+    /// Keep `X-Forwarded-*` fields sent by the client (appending to
+    /// `X-Forwarded-For`) instead of replacing them. Only for listeners behind
+    /// a trusted load balancer: a client can write anything there.
+    pub trust_forwarded: bool,
+    /// The pseudonym used in `Via`.
+    pub via: &'a HeaderValue,
+}
+
+/// Options for the response sent back to the client.
+#[derive(Debug, Clone)]
+pub struct ResponseHygiene<'a> {
+    /// The pseudonym used in `Via`.
+    pub via: &'a HeaderValue,
+    /// Remove the origin's `Server` field.
+    pub strip_server: bool,
+}
+
+/// The `Via` value for a message received with `version` by a proxy named
+/// `pseudonym`, e.g. `1.1 portico` (RFC 9110 §7.6.3: protocol name omitted for
+/// HTTP).
+pub fn via_value(version: Version, pseudonym: &str) -> Option<HeaderValue> {
+    let proto = match version {
+        Version::HTTP_09 => "0.9",
+        Version::HTTP_10 => "1.0",
+        Version::HTTP_11 => "1.1",
+        Version::HTTP_2 => "2",
+        Version::HTTP_3 => "3",
+        _ => "1.1",
+    };
+    HeaderValue::try_from(format!("{proto} {pseudonym}")).ok()
+}
+
+/// The default pseudonym with its received protocol, as cached values.
+pub fn default_via(version: Version) -> &'static HeaderValue {
+    static V10: HeaderValue = HeaderValue::from_static("1.0 portico");
+    static V11: HeaderValue = HeaderValue::from_static("1.1 portico");
+    static V2: HeaderValue = HeaderValue::from_static("2 portico");
+    static V3: HeaderValue = HeaderValue::from_static("3 portico");
+    match version {
+        Version::HTTP_09 | Version::HTTP_10 => &V10,
+        Version::HTTP_2 => &V2,
+        Version::HTTP_3 => &V3,
+        _ => &V11,
+    }
+}
+
+/// True when `headers` ask to switch protocols: an `Upgrade` field and a
+/// `Connection` field naming `upgrade` (RFC 9110 §7.8).
+pub fn is_upgrade(headers: &HeaderMap) -> bool {
+    headers.contains_key(UPGRADE) && connection_has_token(headers, "upgrade")
+}
+
+fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
+    connection_tokens(headers).any(|t| t.eq_ignore_ascii_case(token))
+}
+
+fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
+    headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+}
+
+/// Removes every hop-by-hop field from `headers`. When `keep_upgrade` is set
+/// and the message is an upgrade, `Upgrade` survives and `Connection` is
+/// rewritten to just `upgrade`.
+pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    let upgrading = keep_upgrade && is_upgrade(headers);
+    if headers.contains_key(CONNECTION) {
+        // Collect first: the names borrow from `headers`. Connection rarely
+        // names more than a few fields, so this small Vec is the only
+        // allocation here.
+        let named: Vec<HeaderName> = connection_tokens(headers)
+            .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
+            .collect();
+        for name in named {
+            if upgrading && name == UPGRADE {
+                continue;
+            }
+            headers.remove(name);
+        }
+        headers.remove(CONNECTION);
+    }
+    for name in HOP_BY_HOP {
+        if upgrading && name == UPGRADE {
+            continue;
+        }
+        headers.remove(name);
+    }
+    if upgrading {
+        headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Prepares a client request for the origin: hop-by-hop fields removed,
+/// forwarding fields and `Via` added. The request's `Host` (or the URI's
+/// authority, as HTTP/2 carries it) becomes `X-Forwarded-Host`.
+pub fn prepare_upstream_request<B>(req: &mut Request<B>, ctx: &ForwardContext<'_>) {
+    let host = req.headers().get(HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let headers = req.headers_mut();
+    strip_hop_by_hop(headers, true);
+
+    let client = ctx.client_ip.to_string();
+    let xff = if ctx.trust_forwarded {
+        let mut chain = String::new();
+        for value in headers.get_all(X_FORWARDED_FOR).iter() {
+            if let Ok(v) = value.to_str() {
+                let v = v.trim();
+                if !v.is_empty() {
+                    chain.push_str(v);
+                    chain.push_str(", ");
+                }
+            }
+        }
+        chain.push_str(&client);
+        chain
+    } else {
+        client
+    };
+    // An IP address and ", " are always valid field-value characters, and the
+    // kept prefix came from valid values.
+    if let Ok(value) = HeaderValue::try_from(xff) {
+        headers.insert(X_FORWARDED_FOR, value);
+    }
+
+    if !(ctx.trust_forwarded && headers.contains_key(X_FORWARDED_PROTO)) {
+        let proto = if ctx.tls { "https" } else { "http" };
+        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+    }
+    if !(ctx.trust_forwarded && headers.contains_key(X_FORWARDED_HOST)) {
+        match host {
+            Some(host) => {
+                headers.insert(X_FORWARDED_HOST, host);
+            }
+            None => {
+                headers.remove(X_FORWARDED_HOST);
+            }
+        }
+    }
+    headers.append(VIA, ctx.via.clone());
+}
+
+/// Prepares an origin response for the client: hop-by-hop fields removed
+/// (except on 101, whose `Upgrade` and `Connection` complete the switch),
+/// `Via` added, and `Server` removed when asked.
+pub fn prepare_downstream_response<B>(resp: &mut Response<B>, opts: &ResponseHygiene<'_>) {
+    let switching = resp.status() == http::StatusCode::SWITCHING_PROTOCOLS;
+    let headers = resp.headers_mut();
+    strip_hop_by_hop(headers, switching);
+    headers.append(VIA, opts.via.clone());
+    if opts.strip_server {
+        headers.remove(SERVER);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::StatusCode;
+
+    type Fields<'a> = &'a [(&'a str, &'a str)];
+    /// (input, trust, tls, X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host)
+    type ForwardCase<'a> = (Fields<'a>, bool, bool, &'a str, &'a str, Option<&'a str>);
+
+    fn headers(pairs: Fields<'_>) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (k, v) in pairs {
+            map.append(
+                HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                HeaderValue::from_str(v).unwrap(),
+            );
+        }
+        map
+    }
+
+    fn names(map: &HeaderMap) -> Vec<String> {
+        let mut names: Vec<String> = map.keys().map(|k| k.as_str().to_owned()).collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn hop_by_hop_table() {
+        // (input fields, keep_upgrade, fields left)
+        let cases: &[(Fields<'_>, bool, &[&str])] = &[
+            (&[("accept", "*/*")], false, &["accept"]),
+            (
+                &[
+                    ("connection", "keep-alive, x-secret"),
+                    ("keep-alive", "timeout=5"),
+                    ("x-secret", "1"),
+                    ("accept", "*/*"),
+                ],
+                false,
+                &["accept"],
+            ),
+            (
+                &[
+                    ("te", "trailers"),
+                    ("trailer", "x-checksum"),
+                    ("transfer-encoding", "chunked"),
+                    ("proxy-connection", "keep-alive"),
+                    ("upgrade", "websocket"),
+                    ("host", "a"),
+                ],
+                false,
+                &["host"],
+            ),
+            // Several Connection lines, odd spacing and case.
+            (
+                &[
+                    ("connection", " X-One ,"),
+                    ("connection", "x-two"),
+                    ("x-one", "1"),
+                    ("x-two", "2"),
+                    ("x-three", "3"),
+                ],
+                false,
+                &["x-three"],
+            ),
+            // Upgrade requested but not allowed: stripped.
+            (
+                &[("connection", "upgrade"), ("upgrade", "websocket")],
+                false,
+                &[],
+            ),
+            // Upgrade allowed: kept, other Connection-named fields still go.
+            (
+                &[
+                    ("connection", "Upgrade, x-hop"),
+                    ("upgrade", "websocket"),
+                    ("x-hop", "1"),
+                    ("sec-websocket-key", "k"),
+                ],
+                true,
+                &["connection", "sec-websocket-key", "upgrade"],
+            ),
+            // Upgrade field without Connection: upgrade is not an upgrade.
+            (&[("upgrade", "websocket")], true, &[]),
+            // Invalid names in Connection are ignored, not fatal.
+            (&[("connection", "bad name, x-a"), ("x-a", "1")], false, &[]),
+        ];
+        for (input, keep_upgrade, want) in cases {
+            let mut map = headers(input);
+            strip_hop_by_hop(&mut map, *keep_upgrade);
+            assert_eq!(names(&map), *want, "input {input:?}");
+        }
+    }
+
+    #[test]
+    fn kept_upgrade_rewrites_connection() {
+        let mut map = headers(&[
+            ("connection", "keep-alive, Upgrade"),
+            ("upgrade", "websocket"),
+        ]);
+        strip_hop_by_hop(&mut map, true);
+        assert_eq!(map[CONNECTION], "upgrade");
+        assert_eq!(map[UPGRADE], "websocket");
+    }
+
+    fn ctx(trust: bool, tls: bool) -> ForwardContext<'static> {
+        ForwardContext {
+            client_ip: "192.0.2.7".parse().unwrap(),
+            tls,
+            trust_forwarded: trust,
+            via: default_via(Version::HTTP_11),
+        }
+    }
+
+    fn request(pairs: Fields<'_>) -> Request<()> {
+        let mut req = Request::builder().uri("/p").body(()).unwrap();
+        *req.headers_mut() = headers(pairs);
+        req
+    }
+
+    #[test]
+    fn forwarding_fields_table() {
+        let cases: &[ForwardCase<'_>] = &[
+            (
+                &[("host", "example.com")],
+                false,
+                false,
+                "192.0.2.7",
+                "http",
+                Some("example.com"),
+            ),
+            (
+                &[("host", "example.com")],
+                false,
+                true,
+                "192.0.2.7",
+                "https",
+                Some("example.com"),
+            ),
+            // Untrusted: client-sent values are replaced.
+            (
+                &[
+                    ("host", "example.com"),
+                    ("x-forwarded-for", "10.0.0.1"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-forwarded-host", "evil"),
+                ],
+                false,
+                false,
+                "192.0.2.7",
+                "http",
+                Some("example.com"),
+            ),
+            // Trusted: the chain is extended, proto and host kept.
+            (
+                &[
+                    ("host", "example.com"),
+                    ("x-forwarded-for", "10.0.0.1, 10.0.0.2"),
+                    ("x-forwarded-for", "10.0.0.3"),
+                    ("x-forwarded-proto", "https"),
+                    ("x-forwarded-host", "front.example"),
+                ],
+                true,
+                false,
+                "10.0.0.1, 10.0.0.2, 10.0.0.3, 192.0.2.7",
+                "https",
+                Some("front.example"),
+            ),
+            (&[], false, false, "192.0.2.7", "http", None),
+        ];
+        for (input, trust, tls, xff, proto, host) in cases {
+            let mut req = request(input);
+            prepare_upstream_request(&mut req, &ctx(*trust, *tls));
+            let h = req.headers();
+            assert_eq!(h[X_FORWARDED_FOR], *xff, "{input:?}");
+            assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);
+            assert_eq!(h[X_FORWARDED_PROTO], *proto, "{input:?}");
+            assert_eq!(
+                h.get(X_FORWARDED_HOST).map(|v| v.to_str().unwrap()),
+                *host,
+                "{input:?}"
+            );
+            assert_eq!(h.get_all(VIA).iter().next_back().unwrap(), "1.1 portico");
+        }
+    }
+
+    #[test]
+    fn forwarded_host_from_h2_authority() {
+        let mut req = Request::builder()
+            .version(Version::HTTP_2)
+            .uri("https://h2.example:8443/x")
+            .body(())
+            .unwrap();
+        prepare_upstream_request(&mut req, &ctx(false, true));
+        assert_eq!(req.headers()[X_FORWARDED_HOST], "h2.example:8443");
+    }
+
+    #[test]
+    fn upstream_request_keeps_upgrade_and_strips_the_rest() {
+        let mut req = request(&[
+            ("host", "a"),
+            ("connection", "upgrade, keep-alive"),
+            ("upgrade", "websocket"),
+            ("keep-alive", "5"),
+            ("te", "trailers"),
+            ("via", "1.0 fred"),
+        ]);
+        prepare_upstream_request(&mut req, &ctx(false, false));
+        let h = req.headers();
+        assert_eq!(h[CONNECTION], "upgrade");
+        assert_eq!(h[UPGRADE], "websocket");
+        assert!(!h.contains_key(KEEP_ALIVE));
+        assert!(!h.contains_key(TE));
+        let via: Vec<_> = h.get_all(VIA).iter().collect();
+        assert_eq!(via, ["1.0 fred", "1.1 portico"]);
+    }
+
+    #[test]
+    fn downstream_response_table() {
+        // (status, input, strip_server, fields left)
+        let cases: &[(u16, Fields<'_>, bool, &[&str])] = &[
+            (
+                200,
+                &[
+                    ("server", "apache"),
+                    ("connection", "close, x-internal"),
+                    ("x-internal", "1"),
+                    ("transfer-encoding", "chunked"),
+                    ("content-type", "text/plain"),
+                ],
+                true,
+                &["content-type", "via"],
+            ),
+            (200, &[("server", "apache")], false, &["server", "via"]),
+            (
+                101,
+                &[("connection", "upgrade"), ("upgrade", "websocket")],
+                false,
+                &["connection", "upgrade", "via"],
+            ),
+            // An Upgrade on a non-101 response is just hop-by-hop noise.
+            (
+                200,
+                &[("connection", "upgrade"), ("upgrade", "h2c")],
+                false,
+                &["via"],
+            ),
+        ];
+        for (status, input, strip_server, want) in cases {
+            let mut resp = Response::new(());
+            *resp.status_mut() = StatusCode::from_u16(*status).unwrap();
+            *resp.headers_mut() = headers(input);
+            prepare_downstream_response(
+                &mut resp,
+                &ResponseHygiene {
+                    via: default_via(Version::HTTP_2),
+                    strip_server: *strip_server,
+                },
+            );
+            assert_eq!(names(resp.headers()), *want, "{input:?}");
+            assert_eq!(resp.headers()[VIA], "2 portico");
+        }
+    }
+
+    #[test]
+    fn via_values() {
+        assert_eq!(via_value(Version::HTTP_11, "edge-1").unwrap(), "1.1 edge-1");
+        assert_eq!(via_value(Version::HTTP_2, "edge-1").unwrap(), "2 edge-1");
+        assert!(via_value(Version::HTTP_11, "bad\nname").is_none());
+        assert_eq!(default_via(Version::HTTP_10), "1.0 portico");
+    }
+}

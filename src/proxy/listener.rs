@@ -1,0 +1,554 @@
+//! Listeners: accept TCP (optionally TLS) connections, speak HTTP/1.1 and
+//! HTTP/2 on them, enforce the client-side limits, and drain on shutdown.
+//!
+//! Each listener is one task with its own [`Shutdown`]; adding or removing a
+//! listener at run time (a reload that changes the listen set) is spawning a
+//! new [`Listener`] or stopping one [`ListenerHandle`], without touching the
+//! others.
+//!
+//! Limits ([`ServerLimits`]) are enforced here, before any handler runs:
+//!
+//! - the request header section must arrive within `header_read_timeout`
+//!   (slowloris); for a new connection the same bound covers the TLS handshake
+//!   and the first request, whatever its protocol;
+//! - a connection with no request in flight is closed after `idle_timeout`;
+//! - a header section over `max_header_bytes` is refused with 431 (RFC 6585
+//!   §5) on HTTP/1.1, or with 431 or a stream reset on HTTP/2;
+//! - a body declared larger than `max_body_bytes` is refused with 413 (RFC
+//!   9110 §15.5.14) without calling the handler, and a body that grows past it
+//!   fails while streaming ([`BodyError::TooLarge`]).
+//!
+//! [`BodyError::TooLarge`]: super::body::BodyError::TooLarge
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH};
+use http::{Request, Response, StatusCode, Version};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Notify};
+use tokio::task::{JoinHandle, JoinSet};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::body::{BoxError, RequestBody, ResponseBody};
+use super::errors::{ErrorPages, ProxyError};
+
+/// Client-side limits of one listener. Every field has a production default.
+#[derive(Debug, Clone)]
+pub struct ServerLimits {
+    /// Time allowed for a request header section to arrive, and for a new
+    /// connection to complete its TLS handshake and send its first request.
+    /// HTTP/1.1 also applies it to the wait for the next request on a
+    /// kept-alive connection. Default 10 s.
+    pub header_read_timeout: Duration,
+    /// A connection with no request in flight for this long is closed.
+    /// Default 60 s.
+    pub idle_timeout: Duration,
+    /// Largest request header section in bytes (at least 8192, which HTTP/1.1
+    /// needs for its read buffer). Default 64 KiB.
+    pub max_header_bytes: usize,
+    /// Most header fields in one HTTP/1.1 request. Default 100.
+    pub max_headers: usize,
+    /// Largest request body in bytes. Default 10 MiB.
+    pub max_body_bytes: u64,
+    /// Most concurrent HTTP/2 streams per connection. Default 128.
+    pub max_concurrent_streams: u32,
+    /// How long in-flight requests may run after shutdown begins before
+    /// their connections are dropped. Default 30 s.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServerLimits {
+    fn default() -> Self {
+        Self {
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            max_header_bytes: 64 * 1024,
+            max_headers: 100,
+            max_body_bytes: 10 * 1024 * 1024,
+            max_concurrent_streams: 128,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// The smallest read buffer hyper's HTTP/1 accepts.
+const MIN_H1_BUF: usize = 8192;
+
+/// What the handler knows about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The client's address.
+    pub client_addr: SocketAddr,
+    /// The address the client connected to.
+    pub local_addr: SocketAddr,
+    /// Whether the connection is TLS.
+    pub tls: bool,
+    /// The server name the client sent in its TLS ClientHello.
+    pub sni: Option<String>,
+}
+
+/// Answers requests. The integrator's request pipeline implements this;
+/// closures `Fn(Request<RequestBody>, Arc<ConnInfo>) -> impl Future` do too.
+///
+/// The handler never fails: every error becomes a response, normally through
+/// [`ErrorPages`].
+pub trait Handler: Send + Sync + 'static {
+    /// Produces the response to `req`, received on `conn`.
+    fn handle(
+        &self,
+        req: Request<RequestBody>,
+        conn: Arc<ConnInfo>,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(Request<RequestBody>, Arc<ConnInfo>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Response<ResponseBody>> + Send,
+{
+    fn handle(
+        &self,
+        req: Request<RequestBody>,
+        conn: Arc<ConnInfo>,
+    ) -> impl Future<Output = Response<ResponseBody>> + Send {
+        self(req, conn)
+    }
+}
+
+/// A shutdown signal: once triggered it stays triggered. Clones share the
+/// signal, so one `Shutdown` can stop many listeners.
+#[derive(Debug, Clone)]
+pub struct Shutdown {
+    tx: Arc<watch::Sender<bool>>,
+}
+
+impl Default for Shutdown {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Shutdown {
+    /// A signal not yet triggered.
+    pub fn new() -> Self {
+        Self {
+            tx: Arc::new(watch::Sender::new(false)),
+        }
+    }
+
+    /// Triggers the signal; every listener sharing it stops accepting and
+    /// drains.
+    pub fn trigger(&self) {
+        self.tx.send_replace(true);
+    }
+
+    /// Whether the signal has been triggered.
+    pub fn is_triggered(&self) -> bool {
+        *self.tx.borrow()
+    }
+
+    /// Completes once the signal is triggered.
+    pub async fn triggered(&self) {
+        let mut rx = self.tx.subscribe();
+        // The sender lives in `self`, so the channel cannot close here.
+        let _ = rx.wait_for(|triggered| *triggered).await;
+    }
+}
+
+/// Why a listener could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ListenError {
+    /// Binding the address failed.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address asked for.
+        addr: SocketAddr,
+        /// The operating system's error.
+        source: io::Error,
+    },
+}
+
+/// A bound, not yet serving, listener.
+pub struct Listener {
+    tcp: TcpListener,
+    local_addr: SocketAddr,
+    tls: Option<TlsAcceptor>,
+}
+
+impl std::fmt::Debug for Listener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Listener")
+            .field("local_addr", &self.local_addr)
+            .field("tls", &self.tls.is_some())
+            .finish()
+    }
+}
+
+impl Listener {
+    /// Binds `addr` (port 0 picks a free port; see [`Listener::local_addr`]).
+    /// With `tls`, connections are TLS (see [`super::tls::server_config`]).
+    pub async fn bind(
+        addr: SocketAddr,
+        tls: Option<Arc<rustls::ServerConfig>>,
+    ) -> Result<Self, ListenError> {
+        let bind_err = |source| ListenError::Bind { addr, source };
+        let tcp = TcpListener::bind(addr).await.map_err(bind_err)?;
+        let local_addr = tcp.local_addr().map_err(bind_err)?;
+        Ok(Self {
+            tcp,
+            local_addr,
+            tls: tls.map(TlsAcceptor::from),
+        })
+    }
+
+    /// The address actually bound.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Serves on a new task until `shutdown` is triggered; see
+    /// [`Listener::serve`].
+    pub fn spawn<H: Handler>(
+        self,
+        handler: Arc<H>,
+        limits: ServerLimits,
+        errors: ErrorPages,
+        shutdown: Shutdown,
+    ) -> ListenerHandle {
+        let local_addr = self.local_addr;
+        let task = tokio::spawn(self.serve(handler, limits, errors, shutdown.clone()));
+        ListenerHandle {
+            local_addr,
+            shutdown,
+            task,
+        }
+    }
+
+    /// Accepts connections and serves them with `handler` until `shutdown`
+    /// is triggered; then stops accepting, lets in-flight requests finish
+    /// within `limits.shutdown_grace`, drops what is left, and returns.
+    /// Connections already handed to an upgrade (WebSocket) are not waited
+    /// for.
+    pub async fn serve<H: Handler>(
+        self,
+        handler: Arc<H>,
+        limits: ServerLimits,
+        errors: ErrorPages,
+        shutdown: Shutdown,
+    ) {
+        let shared = Arc::new(Shared {
+            builder: builder(&limits),
+            handler,
+            errors,
+            limits,
+            local_addr: self.local_addr,
+            shutdown: shutdown.clone(),
+        });
+        info!(addr = %self.local_addr, tls = self.tls.is_some(), "listening");
+        let mut conns = JoinSet::new();
+        let mut stop = pin!(shutdown.triggered());
+        loop {
+            tokio::select! {
+                biased;
+                () = &mut stop => break,
+                accepted = self.tcp.accept() => match accepted {
+                    Ok((stream, client_addr)) => {
+                        conns.spawn(accept(stream, client_addr, self.tls.clone(), Arc::clone(&shared)));
+                    }
+                    Err(e) => {
+                        // Out of file descriptors and the like: back off
+                        // rather than spin; accepting resumes by itself.
+                        warn!(addr = %self.local_addr, error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                    }
+                },
+                Some(_) = conns.join_next(), if !conns.is_empty() => {}
+            }
+        }
+        drop(self.tcp);
+        info!(addr = %self.local_addr, connections = conns.len(), "stopped accepting; draining");
+        let drain = async { while conns.join_next().await.is_some() {} };
+        if tokio::time::timeout(shared.limits.shutdown_grace, drain)
+            .await
+            .is_err()
+        {
+            warn!(
+                addr = %self.local_addr,
+                connections = conns.len(),
+                "shutdown grace period over; dropping connections"
+            );
+            conns.shutdown().await;
+        }
+        info!(addr = %self.local_addr, "listener stopped");
+    }
+}
+
+/// A running listener.
+#[derive(Debug)]
+pub struct ListenerHandle {
+    local_addr: SocketAddr,
+    shutdown: Shutdown,
+    task: JoinHandle<()>,
+}
+
+impl ListenerHandle {
+    /// The address the listener is bound to.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    /// Triggers this listener's shutdown signal (shared with whoever else
+    /// holds it).
+    pub fn shutdown(&self) {
+        self.shutdown.trigger();
+    }
+
+    /// Waits for the listener task to finish draining.
+    pub async fn join(self) {
+        if let Err(e) = self.task.await {
+            warn!(addr = %self.local_addr, error = %e, "listener task failed");
+        }
+    }
+
+    /// Triggers shutdown and waits until the listener has drained.
+    pub async fn stop(self) {
+        self.shutdown();
+        self.join().await;
+    }
+}
+
+struct Shared<H> {
+    builder: auto::Builder<TokioExecutor>,
+    handler: Arc<H>,
+    errors: ErrorPages,
+    limits: ServerLimits,
+    local_addr: SocketAddr,
+    shutdown: Shutdown,
+}
+
+fn builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(MIN_H1_BUF))
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
+        .max_concurrent_streams(limits.max_concurrent_streams);
+    builder
+}
+
+async fn accept<H: Handler>(
+    stream: TcpStream,
+    client_addr: SocketAddr,
+    tls: Option<TlsAcceptor>,
+    shared: Arc<Shared<H>>,
+) {
+    // Small writes (headers, h2 frames) should not wait for Nagle.
+    if let Err(e) = stream.set_nodelay(true) {
+        debug!(%client_addr, error = %e, "set_nodelay failed");
+    }
+    let mut info = ConnInfo {
+        client_addr,
+        local_addr: shared.local_addr,
+        tls: tls.is_some(),
+        sni: None,
+    };
+    match tls {
+        None => serve_connection(stream, info, shared).await,
+        Some(acceptor) => {
+            let handshake = acceptor.accept(stream);
+            match tokio::time::timeout(shared.limits.header_read_timeout, handshake).await {
+                Ok(Ok(stream)) => {
+                    info.sni = stream.get_ref().1.server_name().map(str::to_owned);
+                    serve_connection(stream, info, shared).await;
+                }
+                Ok(Err(e)) => debug!(%client_addr, error = %e, "TLS handshake failed"),
+                Err(_) => debug!(%client_addr, "TLS handshake timed out"),
+            }
+        }
+    }
+}
+
+async fn serve_connection<IO, H>(io: IO, info: ConnInfo, shared: Arc<Shared<H>>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
+    let client_addr = info.client_addr;
+    let info = Arc::new(info);
+    let activity = Arc::new(Activity::default());
+    let service = {
+        let shared = Arc::clone(&shared);
+        let activity = Arc::clone(&activity);
+        hyper::service::service_fn(move |req: Request<Incoming>| {
+            let guard = InFlight::start(&activity);
+            let shared = Arc::clone(&shared);
+            let info = Arc::clone(&info);
+            async move {
+                let response = respond(&shared, req, info).await;
+                Ok::<_, Infallible>(response.map(|inner| GuardedBody {
+                    inner,
+                    _guard: guard,
+                }))
+            }
+        })
+    };
+    let conn = shared
+        .builder
+        .serve_connection_with_upgrades(TokioIo::new(io), service);
+    let mut conn = pin!(conn);
+    let mut idle = pin!(activity.idle(
+        shared.limits.header_read_timeout,
+        shared.limits.idle_timeout
+    ));
+    let mut stop = pin!(shared.shutdown.triggered());
+    let mut closing = false;
+    loop {
+        tokio::select! {
+            result = conn.as_mut() => {
+                if let Err(e) = result {
+                    debug!(%client_addr, error = %e, "connection ended with an error");
+                }
+                return;
+            }
+            () = &mut idle, if !closing => {
+                debug!(%client_addr, "closing idle connection");
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+            () = &mut stop, if !closing => {
+                conn.as_mut().graceful_shutdown();
+                closing = true;
+            }
+        }
+    }
+}
+
+/// Applies the listener's own checks, then calls the handler.
+async fn respond<H: Handler>(
+    shared: &Shared<H>,
+    req: Request<Incoming>,
+    info: Arc<ConnInfo>,
+) -> Response<ResponseBody> {
+    let limit = shared.limits.max_body_bytes;
+    let version = req.version();
+    let mut response = if declared_length(req.headers()).is_some_and(|len| len > limit) {
+        shared
+            .errors
+            .respond(&ProxyError::PayloadTooLarge { limit }, Some(req.headers()))
+    } else {
+        let req = req.map(|body| RequestBody::new(body, limit));
+        shared.handler.handle(req, info).await
+    };
+    // After 413 the rest of the body is unread, so the HTTP/1 connection
+    // cannot carry another request: say so and close (RFC 9110 §15.5.14).
+    // HTTP/2 resets just the stream; Connection is not allowed there.
+    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && version < Version::HTTP_2 {
+        response
+            .headers_mut()
+            .insert(CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
+fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Requests in flight on one connection, for the idle timer.
+#[derive(Default)]
+struct Activity {
+    in_flight: AtomicUsize,
+    changed: Notify,
+}
+
+impl Activity {
+    /// Completes when the connection has had no request in flight for
+    /// `first` (before any request) or `idle` (afterwards).
+    async fn idle(&self, first: Duration, idle: Duration) {
+        let mut wait = first;
+        loop {
+            let mut changed = pin!(self.changed.notified());
+            // Register before reading the count, so a change in between
+            // still wakes this waiter.
+            changed.as_mut().enable();
+            if self.in_flight.load(Ordering::Acquire) == 0 {
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => return,
+                    () = changed => {}
+                }
+            } else {
+                changed.await;
+            }
+            wait = idle;
+        }
+    }
+}
+
+/// Counts one request as in flight until dropped, which happens when its
+/// response body has been sent or the request was abandoned.
+struct InFlight(Arc<Activity>);
+
+impl InFlight {
+    fn start(activity: &Arc<Activity>) -> Self {
+        activity.in_flight.fetch_add(1, Ordering::AcqRel);
+        activity.changed.notify_waiters();
+        Self(Arc::clone(activity))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
+        self.0.changed.notify_waiters();
+    }
+}
+
+/// A response body that keeps its request counted as in flight.
+struct GuardedBody {
+    inner: ResponseBody,
+    _guard: InFlight,
+}
+
+impl Body for GuardedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        Pin::new(&mut self.inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}

@@ -1,0 +1,792 @@
+//! The client edge end to end: real listeners on 127.0.0.1 port 0, real
+//! HTTP/1.1, HTTP/2 and TLS clients, rcgen certificates written to files.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, Version};
+use http_body_util::{BodyExt, Empty, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portico::proxy::{
+    body, hygiene, CertMap, CertSource, ConnInfo, ErrorPages, Handler, Listener, ListenerHandle,
+    PendingUpgrade, ProxyError, RequestBody, ResponseBody, ServerLimits, Shutdown, SniResolver,
+};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, Notify};
+use tokio::time::timeout;
+
+/// Every test finishes well within this, or fails.
+const BOUND: Duration = Duration::from_secs(10);
+
+/// Echoes what it saw; `/body` reads the body and answers its length; `/hold`
+/// reports that it started and waits for `release`; an upgrade request is
+/// relayed to `origin`.
+struct TestHandler {
+    errors: ErrorPages,
+    started: mpsc::UnboundedSender<()>,
+    release: Arc<Notify>,
+    origin: Option<SocketAddr>,
+}
+
+impl Handler for TestHandler {
+    async fn handle(
+        &self,
+        req: Request<RequestBody>,
+        conn: Arc<ConnInfo>,
+    ) -> Response<ResponseBody> {
+        if hygiene::is_upgrade(req.headers()) {
+            return match self.origin {
+                Some(origin) => relay_upgrade(req, &conn, origin, &self.errors).await,
+                None => self
+                    .errors
+                    .respond(&ProxyError::NotFound, Some(req.headers())),
+            };
+        }
+        match req.uri().path() {
+            "/body" => {
+                let headers = req.headers().clone();
+                match req.into_body().collect().await {
+                    Ok(collected) => {
+                        Response::new(body::full(collected.to_bytes().len().to_string()))
+                    }
+                    Err(e) => self.errors.respond(&ProxyError::from(e), Some(&headers)),
+                }
+            }
+            "/hold" => {
+                let _ = self.started.send(());
+                self.release.notified().await;
+                Response::new(body::full("released"))
+            }
+            path => Response::new(body::full(format!(
+                "{} {} {:?} sni={}",
+                req.method(),
+                path,
+                req.version(),
+                conn.sni.as_deref().unwrap_or("-")
+            ))),
+        }
+    }
+}
+
+/// Forwards an upgrade request to `origin` over HTTP/1.1 and splices the two
+/// upgraded streams once the origin switches.
+async fn relay_upgrade(
+    mut req: Request<RequestBody>,
+    conn: &ConnInfo,
+    origin: SocketAddr,
+    errors: &ErrorPages,
+) -> Response<ResponseBody> {
+    let bad_gateway =
+        |e: &dyn std::fmt::Display| errors.respond(&ProxyError::BadGateway(e.to_string()), None);
+    let stream = match TcpStream::connect(origin).await {
+        Ok(s) => s,
+        Err(e) => return bad_gateway(&e),
+    };
+    let (mut sender, connection) =
+        match hyper::client::conn::http1::handshake(TokioIo::new(stream)).await {
+            Ok(pair) => pair,
+            Err(e) => return bad_gateway(&e),
+        };
+    tokio::spawn(connection.with_upgrades());
+    let mut upstream = Request::builder()
+        .method(req.method())
+        .uri(req.uri().path())
+        .body(Empty::<Bytes>::new())
+        .expect("static request parts are valid");
+    *upstream.headers_mut() = req.headers().clone();
+    hygiene::prepare_upstream_request(
+        &mut upstream,
+        &hygiene::ForwardContext {
+            client_ip: conn.client_addr.ip(),
+            tls: conn.tls,
+            trust_forwarded: false,
+            via: hygiene::default_via(req.version()),
+        },
+    );
+    let mut origin_response = match sender.send_request(upstream).await {
+        Ok(r) => r,
+        Err(e) => return bad_gateway(&e),
+    };
+    if origin_response.status() != StatusCode::SWITCHING_PROTOCOLS {
+        return bad_gateway(&"origin refused the upgrade");
+    }
+    match PendingUpgrade::take(&mut req, &mut origin_response) {
+        Ok(pending) => pending.spawn(),
+        Err(e) => return bad_gateway(&e),
+    }
+    hygiene::prepare_downstream_response(
+        &mut origin_response,
+        &hygiene::ResponseHygiene {
+            via: hygiene::default_via(Version::HTTP_11),
+            strip_server: true,
+        },
+    );
+    origin_response.map(|_| body::empty())
+}
+
+struct Edge {
+    handle: ListenerHandle,
+    addr: SocketAddr,
+    started: mpsc::UnboundedReceiver<()>,
+    release: Arc<Notify>,
+}
+
+async fn start_with(
+    limits: ServerLimits,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    origin: Option<SocketAddr>,
+) -> Edge {
+    let (started_tx, started) = mpsc::unbounded_channel();
+    let release = Arc::new(Notify::new());
+    let handler = Arc::new(TestHandler {
+        errors: ErrorPages::new(),
+        started: started_tx,
+        release: Arc::clone(&release),
+        origin,
+    });
+    let listener = Listener::bind("127.0.0.1:0".parse().unwrap(), tls)
+        .await
+        .unwrap();
+    let handle = listener.spawn(handler, limits, ErrorPages::new(), Shutdown::new());
+    Edge {
+        addr: handle.local_addr(),
+        handle,
+        started,
+        release,
+    }
+}
+
+async fn start(limits: ServerLimits) -> Edge {
+    start_with(limits, None, None).await
+}
+
+async fn text(resp: Response<hyper::body::Incoming>) -> String {
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    String::from_utf8(bytes.to_vec()).unwrap()
+}
+
+async fn h1_get(addr: SocketAddr, path: &str) -> Response<hyper::body::Incoming> {
+    let stream = TcpStream::connect(addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", "edge.test")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    sender.send_request(req).await.unwrap()
+}
+
+/// Sends raw bytes and reads until the server closes or `BOUND` passes.
+async fn raw_exchange(addr: SocketAddr, request: &[u8]) -> String {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    // A reset after the response is fine: what was read is kept.
+    let _ = timeout(BOUND, stream.read_to_end(&mut out)).await.unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn port_zero_reports_bound_address() {
+    let edge = start(ServerLimits::default()).await;
+    assert_eq!(edge.addr.ip().to_string(), "127.0.0.1");
+    assert_ne!(edge.addr.port(), 0);
+    timeout(BOUND, async {
+        let resp = h1_get(edge.addr, "/x").await;
+        assert_eq!(resp.status(), StatusCode::OK);
+    })
+    .await
+    .unwrap();
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn http1_request_is_served() {
+    let edge = start(ServerLimits::default()).await;
+    let body = timeout(BOUND, async {
+        text(h1_get(edge.addr, "/hello").await).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(body, "GET /hello HTTP/1.1 sni=-");
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_is_served() {
+    let edge = start(ServerLimits::default()).await;
+    timeout(BOUND, async {
+        let stream = TcpStream::connect(edge.addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("http://edge.test/two")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.version(), Version::HTTP_2);
+        assert_eq!(text(resp).await, "GET /two HTTP/2.0 sni=-");
+    })
+    .await
+    .unwrap();
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+/// A test CA and leaf certificates it signs, written as PEM files.
+struct Pki {
+    dir: tempfile::TempDir,
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Pki {
+    fn new() -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+            issuer,
+        }
+    }
+
+    /// Issues a leaf for `san`, writes it as `file`.crt/.key, and returns the
+    /// source for `names` plus the leaf's DER.
+    fn leaf(&self, file: &str, san: &str, names: &[&str], default: bool) -> (CertSource, Vec<u8>) {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(vec![san.to_owned()])
+            .unwrap()
+            .signed_by(&key, &self.issuer)
+            .unwrap();
+        let cert_path = self.dir.path().join(format!("{file}.crt"));
+        let key_path = self.dir.path().join(format!("{file}.key"));
+        std::fs::write(&cert_path, cert.pem()).unwrap();
+        std::fs::write(&key_path, key.serialize_pem()).unwrap();
+        let source = CertSource {
+            names: names.iter().map(|n| (*n).to_owned()).collect(),
+            cert_path,
+            key_path,
+            default,
+        };
+        (source, cert.der().to_vec())
+    }
+
+    fn client(
+        &self,
+        alpn: &[&[u8]],
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> tokio_rustls::TlsConnector {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(self.issuer.der().clone()).unwrap();
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_protocol_versions(versions)
+            .unwrap()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+        tokio_rustls::TlsConnector::from(Arc::new(config))
+    }
+}
+
+type TlsClientStream = tokio_rustls::client::TlsStream<TcpStream>;
+
+async fn tls_connect(
+    connector: &tokio_rustls::TlsConnector,
+    addr: SocketAddr,
+    sni: &str,
+) -> TlsClientStream {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    connector
+        .connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp)
+        .await
+        .unwrap()
+}
+
+fn served_leaf(stream: &TlsClientStream) -> Vec<u8> {
+    let certs: &[CertificateDer<'_>] = stream.get_ref().1.peer_certificates().unwrap();
+    certs[0].to_vec()
+}
+
+async fn h1_over(stream: TlsClientStream, path: &str) -> String {
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let req = Request::get(path)
+        .header("host", "edge.test")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    text(sender.send_request(req).await.unwrap()).await
+}
+
+#[tokio::test]
+async fn https_picks_the_certificate_by_sni() {
+    let pki = Pki::new();
+    let (a, a_der) = pki.leaf("a", "a.test", &["a.test"], false);
+    let (w, w_der) = pki.leaf("wild", "*.wild.test", &["*.wild.test"], false);
+    let (d, d_der) = pki.leaf("default", "fallback.test", &["fallback.test"], true);
+    let resolver = Arc::new(SniResolver::new(CertMap::load(&[a, w, d]).unwrap()));
+    let config = portico::proxy::tls::server_config(resolver).unwrap();
+    let edge = start_with(ServerLimits::default(), Some(config), None).await;
+    let client = pki.client(&[b"http/1.1"], &[&rustls::version::TLS13]);
+    timeout(BOUND, async {
+        // (sni, expected leaf, what the handler saw)
+        let cases = [
+            ("a.test", &a_der, "GET /s HTTP/1.1 sni=a.test"),
+            ("x.wild.test", &w_der, "GET /s HTTP/1.1 sni=x.wild.test"),
+            ("fallback.test", &d_der, "GET /s HTTP/1.1 sni=fallback.test"),
+        ];
+        for (sni, leaf, echo) in cases {
+            let stream = tls_connect(&client, edge.addr, sni).await;
+            assert_eq!(&served_leaf(&stream), leaf, "{sni}");
+            assert_eq!(h1_over(stream, "/s").await, echo);
+        }
+        // A client without SNI (an IP address) gets the default certificate;
+        // it does not verify for the IP, so only the handshake is observed.
+        let tcp = TcpStream::connect(edge.addr).await.unwrap();
+        let ip = ServerName::IpAddress(edge.addr.ip().into());
+        let err = client.connect(ip, tcp).await.unwrap_err();
+        assert!(err.to_string().contains("certificate"), "{err}");
+    })
+    .await
+    .unwrap();
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn alpn_h2_over_tls_and_tls12_accepted() {
+    let pki = Pki::new();
+    let (a, _) = pki.leaf("a", "a.test", &["a.test"], true);
+    let resolver = Arc::new(SniResolver::new(CertMap::load(&[a]).unwrap()));
+    let config = portico::proxy::tls::server_config(resolver).unwrap();
+    let edge = start_with(ServerLimits::default(), Some(config), None).await;
+    timeout(BOUND, async {
+        let client = pki.client(&[b"h2", b"http/1.1"], &[&rustls::version::TLS13]);
+        let stream = tls_connect(&client, edge.addr, "a.test").await;
+        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("https://a.test/h2")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(text(resp).await, "GET /h2 HTTP/2.0 sni=a.test");
+
+        let client12 = pki.client(&[b"http/1.1"], &[&rustls::version::TLS12]);
+        let stream = tls_connect(&client12, edge.addr, "a.test").await;
+        assert_eq!(
+            stream.get_ref().1.protocol_version(),
+            Some(rustls::ProtocolVersion::TLSv1_2)
+        );
+        assert_eq!(h1_over(stream, "/12").await, "GET /12 HTTP/1.1 sni=a.test");
+    })
+    .await
+    .unwrap();
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+/// A ClientHello without the supported_versions extension, so its
+/// `legacy_version` is the version offered: `[3, 2]` is TLS 1.1, `[3, 3]` TLS
+/// 1.2. Written by hand since no TLS library at hand still speaks 1.1. It
+/// offers suites, groups and signature schemes the server supports, so only
+/// the version can make it fail.
+fn client_hello(version: [u8; 2]) -> Vec<u8> {
+    let mut hello = version.to_vec();
+    hello.extend_from_slice(&[7u8; 32]); // random
+    hello.push(0); // session id
+                   // ECDHE-ECDSA-AES128-GCM-SHA256, ECDHE-RSA-AES128-GCM-SHA256
+    hello.extend_from_slice(&[0x00, 0x04, 0xc0, 0x2b, 0xc0, 0x2f]);
+    hello.extend_from_slice(&[0x01, 0x00]); // compression: null
+    let extensions: &[u8] = &[
+        0x00, 0x0d, 0x00, 0x06, 0x00, 0x04, 0x04, 0x03, 0x08, 0x04, // signature_algorithms
+        0x00, 0x0a, 0x00, 0x06, 0x00, 0x04, 0x00, 0x1d, 0x00, 0x17, // supported_groups
+        0x00, 0x0b, 0x00, 0x02, 0x01, 0x00, // ec_point_formats
+    ];
+    hello.extend_from_slice(&(extensions.len() as u16).to_be_bytes());
+    hello.extend_from_slice(extensions);
+    let mut handshake = vec![0x01, 0x00];
+    handshake.extend_from_slice(&(hello.len() as u16).to_be_bytes());
+    handshake.extend_from_slice(&hello);
+    let mut record = vec![0x16, 0x03, 0x01];
+    record.extend_from_slice(&(handshake.len() as u16).to_be_bytes());
+    record.extend_from_slice(&handshake);
+    record
+}
+
+/// The first TLS record the server answers `hello` with.
+async fn first_record(addr: SocketAddr, hello: &[u8]) -> Vec<u8> {
+    let mut stream = TcpStream::connect(addr).await.unwrap();
+    stream.write_all(hello).await.unwrap();
+    let mut header = [0u8; 5];
+    stream.read_exact(&mut header).await.unwrap();
+    let len = u16::from_be_bytes([header[3], header[4]]) as usize;
+    let mut record = header.to_vec();
+    record.resize(5 + len, 0);
+    stream.read_exact(&mut record[5..]).await.unwrap();
+    record
+}
+
+#[tokio::test]
+async fn tls11_is_refused() {
+    let pki = Pki::new();
+    let (a, _) = pki.leaf("a", "a.test", &["a.test"], true);
+    let resolver = Arc::new(SniResolver::new(CertMap::load(&[a]).unwrap()));
+    let config = portico::proxy::tls::server_config(resolver).unwrap();
+    let edge = start_with(ServerLimits::default(), Some(config), None).await;
+    timeout(BOUND, async {
+        // TLS 1.1: an alert record (21) carrying protocol_version (70).
+        let reply = first_record(edge.addr, &client_hello([3, 2])).await;
+        assert_eq!((reply[0], reply[6]), (0x15, 70), "{reply:?}");
+        // The same hello as TLS 1.2 gets a ServerHello: the version alone
+        // made the difference.
+        let reply = first_record(edge.addr, &client_hello([3, 3])).await;
+        assert_eq!((reply[0], reply[5]), (0x16, 0x02), "{reply:?}");
+    })
+    .await
+    .unwrap();
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn certificate_reload_applies_to_new_connections() {
+    let pki = Pki::new();
+    let (first, first_der) = pki.leaf("first", "a.test", &["a.test"], true);
+    let (second, second_der) = pki.leaf("second", "a.test", &["a.test"], true);
+    let resolver = Arc::new(SniResolver::new(CertMap::load(&[first]).unwrap()));
+    let config = portico::proxy::tls::server_config(Arc::clone(&resolver)).unwrap();
+    let edge = start_with(ServerLimits::default(), Some(config), None).await;
+    let client = pki.client(&[b"http/1.1"], &[&rustls::version::TLS13]);
+    timeout(BOUND, async {
+        let before = tls_connect(&client, edge.addr, "a.test").await;
+        assert_eq!(served_leaf(&before), first_der);
+        resolver.reload(CertMap::load(&[second]).unwrap());
+        let after = tls_connect(&client, edge.addr, "a.test").await;
+        assert_eq!(served_leaf(&after), second_der);
+        // The connection made before the reload still works.
+        assert_eq!(
+            h1_over(before, "/old").await,
+            "GET /old HTTP/1.1 sni=a.test"
+        );
+    })
+    .await
+    .unwrap();
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+fn small_limits() -> ServerLimits {
+    ServerLimits {
+        max_header_bytes: 8192,
+        max_body_bytes: 1000,
+        ..ServerLimits::default()
+    }
+}
+
+#[tokio::test]
+async fn oversized_header_gets_431() {
+    let edge = start(small_limits()).await;
+    let big = "a".repeat(16 * 1024);
+    let request = format!("GET / HTTP/1.1\r\nHost: a\r\nX-Big: {big}\r\n\r\n");
+    let reply = raw_exchange(edge.addr, request.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+    // A header just under the limit still passes.
+    let ok = format!(
+        "GET / HTTP/1.1\r\nHost: a\r\nConnection: close\r\nX-Big: {}\r\n\r\n",
+        "a".repeat(4000)
+    );
+    let reply = raw_exchange(edge.addr, ok.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_h2_header_is_refused() {
+    let edge = start(small_limits()).await;
+    timeout(BOUND, async {
+        let stream = TcpStream::connect(edge.addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("http://edge.test/big")
+            .header("x-big", "a".repeat(16 * 1024))
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE);
+        // Only the stream was refused: the connection still serves.
+        let req = Request::get("http://edge.test/after")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(text(resp).await, "GET /after HTTP/2.0 sni=-");
+    })
+    .await
+    .unwrap();
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn declared_oversized_body_gets_413() {
+    let edge = start(small_limits()).await;
+    // The handler would answer 200 on this path without reading the body:
+    // the listener refuses it first.
+    let request = format!(
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5000\r\n\r\n{}",
+        "b".repeat(5000)
+    );
+    let reply = raw_exchange(edge.addr, request.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn streamed_oversized_body_gets_413() {
+    let edge = start(small_limits()).await;
+    let chunk = "c".repeat(600);
+    let request = format!(
+        "POST /body HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n258\r\n{chunk}\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    let reply = raw_exchange(edge.addr, request.as_bytes()).await;
+    assert!(reply.starts_with("HTTP/1.1 413"), "{reply}");
+    // Within the limit, the body reaches the handler whole.
+    let request = format!(
+        "POST /body HTTP/1.1\r\nHost: a\r\nConnection: close\r\nTransfer-Encoding: chunked\r\n\r\n258\r\n{chunk}\r\n0\r\n\r\n"
+    );
+    let reply = raw_exchange(edge.addr, request.as_bytes()).await;
+    assert!(
+        reply.starts_with("HTTP/1.1 200") && reply.ends_with("600"),
+        "{reply}"
+    );
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+fn short_header_timeout() -> ServerLimits {
+    ServerLimits {
+        header_read_timeout: Duration::from_millis(300),
+        ..ServerLimits::default()
+    }
+}
+
+#[tokio::test]
+async fn slowloris_is_closed_after_the_header_timeout() {
+    let edge = start(short_header_timeout()).await;
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(edge.addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    let _ = timeout(BOUND, stream.read_to_end(&mut out)).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(!String::from_utf8_lossy(&out).contains("200"), "{out:?}");
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn silent_connection_is_closed_after_the_header_timeout() {
+    let edge = start(short_header_timeout()).await;
+    let started = Instant::now();
+    let mut stream = TcpStream::connect(edge.addr).await.unwrap();
+    let mut out = Vec::new();
+    let _ = timeout(BOUND, stream.read_to_end(&mut out)).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    assert!(out.is_empty());
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn idle_h2_connection_is_closed() {
+    let edge = start(ServerLimits {
+        idle_timeout: Duration::from_millis(300),
+        ..ServerLimits::default()
+    })
+    .await;
+    timeout(BOUND, async {
+        let stream = TcpStream::connect(edge.addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = Request::get("http://edge.test/once")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(text(resp).await, "GET /once HTTP/2.0 sni=-");
+        let idle_since = Instant::now();
+        // The server's GOAWAY and close end the client connection.
+        conn.await.unwrap().unwrap();
+        assert!(idle_since.elapsed() >= Duration::from_millis(250));
+    })
+    .await
+    .unwrap();
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn graceful_shutdown_lets_the_request_in_flight_finish() {
+    let mut edge = start(ServerLimits::default()).await;
+    let addr = edge.addr;
+    let in_flight = tokio::spawn(async move { text(h1_get(addr, "/hold").await).await });
+    timeout(BOUND, edge.started.recv()).await.unwrap().unwrap();
+
+    edge.handle.shutdown();
+    // The listener stops accepting before the request completes.
+    timeout(BOUND, async {
+        while TcpStream::connect(addr).await.is_ok() {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!in_flight.is_finished());
+
+    edge.release.notify_one();
+    assert_eq!(
+        timeout(BOUND, in_flight).await.unwrap().unwrap(),
+        "released"
+    );
+    timeout(BOUND, edge.handle.join()).await.unwrap();
+}
+
+#[tokio::test]
+async fn shutdown_grace_bounds_a_stuck_request() {
+    let mut edge = start(ServerLimits {
+        shutdown_grace: Duration::from_millis(300),
+        ..ServerLimits::default()
+    })
+    .await;
+    let addr = edge.addr;
+    let stuck = tokio::spawn(async move {
+        let stream = TcpStream::connect(addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get("/hold").body(Empty::<Bytes>::new()).unwrap();
+        sender.send_request(req).await.map(|_| ())
+    });
+    timeout(BOUND, edge.started.recv()).await.unwrap().unwrap();
+    let started = Instant::now();
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+    assert!(started.elapsed() >= Duration::from_millis(300));
+    // The never-released request was cut off, not answered.
+    assert!(timeout(BOUND, stuck).await.unwrap().unwrap().is_err());
+}
+
+#[tokio::test]
+async fn one_listener_stops_while_another_keeps_serving() {
+    let first = start(ServerLimits::default()).await;
+    let second = start(ServerLimits::default()).await;
+    timeout(BOUND, first.handle.stop()).await.unwrap();
+    assert!(TcpStream::connect(first.addr).await.is_err());
+    let body = timeout(BOUND, async {
+        text(h1_get(second.addr, "/still").await).await
+    })
+    .await
+    .unwrap();
+    assert_eq!(body, "GET /still HTTP/1.1 sni=-");
+    timeout(BOUND, second.handle.stop()).await.unwrap();
+}
+
+/// A raw origin that accepts one upgrade request, switches to an echo
+/// protocol, and echoes bytes back until the client closes.
+async fn echo_origin() -> (SocketAddr, tokio::task::JoinHandle<String>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let (mut stream, _) = listener.accept().await.unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        stream
+            .write_all(b"HTTP/1.1 101 Switching Protocols\r\nConnection: upgrade\r\nUpgrade: echo\r\nServer: origin\r\n\r\n")
+            .await
+            .unwrap();
+        let (mut read, mut write) = stream.split();
+        tokio::io::copy(&mut read, &mut write).await.unwrap();
+        String::from_utf8(head).unwrap()
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn upgrade_is_spliced_to_the_origin() {
+    let (origin, origin_task) = echo_origin().await;
+    let edge = start_with(ServerLimits::default(), None, Some(origin)).await;
+    timeout(BOUND, async {
+        let mut stream = TcpStream::connect(edge.addr).await.unwrap();
+        stream
+            .write_all(b"GET /ws HTTP/1.1\r\nHost: edge.test\r\nConnection: Upgrade, X-Hop\r\nUpgrade: echo\r\nX-Hop: 1\r\n\r\n")
+            .await
+            .unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            stream.read_exact(&mut byte).await.unwrap();
+            head.push(byte[0]);
+        }
+        let head = String::from_utf8(head).unwrap().to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 101"), "{head}");
+        assert!(head.contains("upgrade: echo"), "{head}");
+        assert!(head.contains("via: 1.1 portico"), "{head}");
+        assert!(!head.contains("server: origin"), "{head}");
+
+        stream.write_all(b"ping over the splice").await.unwrap();
+        let mut echoed = [0u8; 20];
+        stream.read_exact(&mut echoed).await.unwrap();
+        assert_eq!(&echoed, b"ping over the splice");
+        stream.shutdown().await.unwrap();
+
+        let origin_saw = origin_task.await.unwrap().to_ascii_lowercase();
+        assert!(origin_saw.contains("upgrade: echo"), "{origin_saw}");
+        assert!(origin_saw.contains("connection: upgrade"), "{origin_saw}");
+        assert!(origin_saw.contains("x-forwarded-for: 127.0.0.1"), "{origin_saw}");
+        assert!(!origin_saw.contains("x-hop"), "{origin_saw}");
+    })
+    .await
+    .unwrap();
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn request_body_reaches_the_handler_over_h2() {
+    let edge = start(small_limits()).await;
+    timeout(BOUND, async {
+        let stream = TcpStream::connect(edge.addr).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let small = Request::post("http://edge.test/body")
+            .body(Full::new(Bytes::from(vec![1u8; 500])))
+            .unwrap();
+        assert_eq!(text(sender.send_request(small).await.unwrap()).await, "500");
+        let big = Request::post("http://edge.test/body")
+            .body(Full::new(Bytes::from(vec![1u8; 5000])))
+            .unwrap();
+        let resp = sender.send_request(big).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    })
+    .await
+    .unwrap();
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
