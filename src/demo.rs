@@ -132,8 +132,7 @@ pub async fn run_demo(pages: usize, rounds: usize, delay: Duration) -> Result<De
         .first()
         .ok_or("the proxy has no listener")?;
     let client: hyper_util::client::legacy::Client<_, Empty<Bytes>> =
-        hyper_util::client::legacy::Client::builder(TokioExecutor::new())
-            .build_http();
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
     let mut report = DemoReport {
         cold: vec![],
         warm: vec![],
@@ -175,7 +174,10 @@ pub async fn run_demo(pages: usize, rounds: usize, delay: Duration) -> Result<De
 
 /// `portico demo`.
 pub fn main() -> i32 {
-    let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("portico demo: {e}");

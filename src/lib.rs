@@ -16,10 +16,13 @@
 //! 7. **deliver**: header edits, compression and Cache-Status are applied.
 //! 8. **log**: one access log line and the metrics.
 
+pub mod admin;
 pub mod cache;
 pub mod cli;
 pub mod compress;
+pub mod demo;
 pub mod policy;
 pub mod proxy;
+pub mod run;
 pub mod throttle;
 pub mod upstream;

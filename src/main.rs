@@ -18,10 +18,8 @@ fn main() {
             client_ip,
         } => cli::explain(&file, &request, &headers, client_ip.as_deref()),
         Command::Test { files } => cli::test(&files),
-        Command::Run(_) | Command::Demo => {
-            eprintln!("portico: the proxy is not part of this build yet");
-            2
-        }
+        Command::Run(args) => portico::run::main(args),
+        Command::Demo => portico::demo::main(),
     };
     std::process::exit(code);
 }

@@ -53,15 +53,16 @@ impl std::fmt::Display for LoadError {
 
 impl std::error::Error for LoadError {}
 
-/// Parses and checks a policy text, returning the model and every diagnostic.
-pub fn check_text(
-    text: &str,
-    name: &str,
-) -> (
+/// What [`check_text`] found: the source, the model and tests when it
+/// parsed, and every diagnostic.
+pub type Checked = (
     Source,
     Option<(Model, Vec<ast::TestBlock>)>,
     Vec<Diagnostic>,
-) {
+);
+
+/// Parses and checks a policy text, returning the model and every diagnostic.
+pub fn check_text(text: &str, name: &str) -> Checked {
     let source = Source::new(name, text);
     let file = match parse::parse(text) {
         Ok(f) => f,

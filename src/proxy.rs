@@ -26,6 +26,7 @@ pub mod body;
 pub mod errors;
 pub mod hygiene;
 pub mod listener;
+pub mod phases;
 pub mod tls;
 pub mod upgrade;
 

@@ -466,6 +466,12 @@ impl Store {
         self.soft_purge_all(keys).await
     }
 
+    /// Marks every entry whose key starts with `prefix` stale.
+    pub async fn soft_purge_prefix(&self, prefix: &str) -> usize {
+        let keys = self.index().with_prefix(prefix);
+        self.soft_purge_all(keys).await
+    }
+
     async fn soft_purge_all(&self, keys: Vec<String>) -> usize {
         let mut count = 0;
         for key in keys {

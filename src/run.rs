@@ -1,0 +1,532 @@
+//! Running Portico: build a generation (pools, limiters, listeners) from a
+//! policy, serve, reload on SIGHUP or when the policy file changes, and shut
+//! down gracefully on SIGTERM and SIGINT.
+//!
+//! A reload checks and compiles the new policy first; a policy with errors is
+//! logged with its diagnostics and the running one stays. Listeners the new
+//! policy adds are bound, those it drops are drained and closed, and TLS
+//! certificates are reloaded in place.
+
+use crate::admin::Admin;
+use crate::cache::{Store, StoreConfig};
+use crate::cli::{LogFormat, RunArgs};
+use crate::policy::model::{BackendSpec, BalanceKind, ListenerConfig};
+use crate::policy::{self, Policy};
+use crate::proxy::phases::{BackendRuntime, Gateway, Generation};
+use crate::proxy::tls::{self, CertMap, CertSource, SniResolver};
+use crate::proxy::{ErrorPages, Listener, ListenerHandle, ServerLimits, Shutdown};
+use crate::throttle::Limiters;
+use crate::upstream::{self, BackendConfig, Pool};
+use http::HeaderName;
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// Command-line settings that override the policy's.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// Replace the policy's plain (non-TLS) listeners.
+    pub listen: Vec<String>,
+    pub admin: Option<String>,
+    pub admin_token: Option<String>,
+    pub cache_dir: Option<PathBuf>,
+}
+
+/// Why Portico could not start or reload.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("{0}")]
+    Policy(#[from] policy::LoadError),
+    #[error("`{addr}` is not a listening address")]
+    Address { addr: String },
+    #[error("listener {addr}: {reason}")]
+    Listen { addr: String, reason: String },
+    #[error("TLS: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error("backend: {0}")]
+    Upstream(#[from] upstream::UpstreamError),
+    #[error("cache: {0}")]
+    Store(#[from] crate::cache::StoreError),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// Turns `:8080`, `127.0.0.1:8080`, `[::1]:8080` or `localhost:8080` into an address.
+pub fn listen_addr(text: &str) -> Result<SocketAddr, RunError> {
+    let err = || RunError::Address { addr: text.into() };
+    let full = if text.starts_with(':') {
+        format!("0.0.0.0{text}")
+    } else if let Some(port) = text.strip_prefix("localhost:") {
+        format!("127.0.0.1:{port}")
+    } else {
+        text.to_string()
+    };
+    full.parse().map_err(|_| err())
+}
+
+/// The upstream configuration of a backend of the policy.
+pub fn backend_config(spec: &BackendSpec) -> BackendConfig {
+    BackendConfig {
+        name: spec.name.clone(),
+        servers: spec
+            .servers
+            .iter()
+            .map(|s| upstream::ServerConfig {
+                addr: s.addr.clone(),
+                weight: s.weight,
+                backup: s.backup,
+            })
+            .collect(),
+        balance: match spec.balance {
+            BalanceKind::RoundRobin => upstream::Balance::RoundRobin,
+            BalanceKind::LeastConn => upstream::Balance::LeastConn,
+            BalanceKind::Random => upstream::Balance::Random,
+            BalanceKind::Hash => upstream::Balance::Hash,
+        },
+        health: spec.health.as_ref().map(|h| upstream::HealthConfig {
+            method: h.method.clone(),
+            path: h.path.clone(),
+            interval: h.interval,
+            timeout: h.timeout,
+            expect_status: h.expect_status,
+            rise: h.rise,
+            fall: h.fall,
+        }),
+        eject: upstream::EjectConfig {
+            consecutive_failures: spec.eject_after,
+            cooldown: spec.eject_for,
+        },
+        timeouts: upstream::Timeouts {
+            connect: spec.connect_timeout,
+            first_byte: spec.first_byte_timeout,
+            total: spec.total_timeout,
+        },
+        tls: spec.tls.then(|| upstream::UpstreamTls {
+            ca_file: spec.ca_file.clone(),
+            server_name: spec.tls_server_name.clone(),
+        }),
+        static_dir: spec
+            .static_dir
+            .as_ref()
+            .map(|(root, index)| upstream::StaticConfig {
+                root: root.clone(),
+                index: index.clone(),
+            }),
+    }
+}
+
+/// Builds the runtime objects of a policy, reusing the pools and limiter
+/// state of `previous` where nothing changed.
+pub fn build_generation(
+    policy: Policy,
+    previous: Option<&Generation>,
+) -> Result<Generation, RunError> {
+    let mut backends = Vec::with_capacity(policy.model.backends.len());
+    for spec in &policy.model.backends {
+        let cfg = backend_config(spec);
+        if let Some(static_cfg) = cfg.static_dir.clone() {
+            backends.push(BackendRuntime::Static(static_cfg));
+            continue;
+        }
+        let reused = previous.and_then(|p| {
+            p.policy
+                .model
+                .backends
+                .iter()
+                .position(|old| backend_config(old) == cfg)
+                .and_then(|i| match &p.backends[i] {
+                    BackendRuntime::Pool(pool) => Some(pool.clone()),
+                    BackendRuntime::Static(_) => None,
+                })
+        });
+        let pool = match reused {
+            Some(pool) => pool,
+            None => Arc::new(Pool::new(&cfg)?),
+        };
+        backends.push(BackendRuntime::Pool(pool));
+    }
+    let limiters = Limiters::new(&policy.model.limiters, previous.map(|p| &p.limiters));
+    let targeted = policy
+        .model
+        .storage
+        .targeted_headers
+        .iter()
+        .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+        .collect();
+    Ok(Generation {
+        policy: Arc::new(policy),
+        backends,
+        limiters,
+        targeted,
+    })
+}
+
+fn server_limits(policy: &Policy) -> ServerLimits {
+    let h = &policy.model.http;
+    ServerLimits {
+        header_read_timeout: h.header_timeout,
+        idle_timeout: h.idle_timeout,
+        max_header_bytes: h.max_header as usize,
+        max_body_bytes: h.max_body,
+        shutdown_grace: h.shutdown_grace,
+        ..ServerLimits::default()
+    }
+}
+
+/// The listeners a policy asks for, after the command line's overrides.
+fn wanted_listeners(policy: &Policy, overrides: &Overrides) -> Vec<ListenerConfig> {
+    let mut out: Vec<ListenerConfig> = policy
+        .model
+        .listeners
+        .iter()
+        .filter(|l| overrides.listen.is_empty() || !l.tls.is_empty())
+        .cloned()
+        .collect();
+    out.extend(overrides.listen.iter().map(|addr| ListenerConfig {
+        addr: addr.clone(),
+        tls: vec![],
+    }));
+    out
+}
+
+fn cert_map(cfg: &ListenerConfig) -> Result<CertMap, RunError> {
+    let sources: Vec<CertSource> = cfg
+        .tls
+        .iter()
+        .map(|c| CertSource {
+            names: c.names.clone(),
+            cert_path: c.cert.clone(),
+            key_path: c.key.clone(),
+            default: c.names.is_empty(),
+        })
+        .collect();
+    Ok(CertMap::load(&sources)?)
+}
+
+struct Serving {
+    cfg: ListenerConfig,
+    handle: ListenerHandle,
+    resolver: Option<Arc<SniResolver>>,
+}
+
+/// A running Portico.
+pub struct Running {
+    gateway: Gateway,
+    listeners: Mutex<Vec<Serving>>,
+    admin: Option<ListenerHandle>,
+    overrides: Overrides,
+    path: Option<PathBuf>,
+}
+
+/// Opens the cache, builds the first generation and binds every listener.
+pub async fn start(
+    policy: Policy,
+    path: Option<PathBuf>,
+    overrides: Overrides,
+) -> Result<Running, RunError> {
+    tls::install_default_provider();
+    let storage = &policy.model.storage;
+    let disk = match (&overrides.cache_dir, &storage.disk) {
+        (Some(dir), Some((_, size))) => Some((dir.clone(), *size)),
+        (Some(dir), None) => Some((dir.clone(), 1 << 30)),
+        (None, disk) => disk.clone(),
+    };
+    let store = Store::open(StoreConfig {
+        memory_bytes: storage.memory as usize,
+        disk_bytes: disk.as_ref().map(|(_, n)| *n as usize).unwrap_or(0),
+        disk_dir: disk.map(|(d, _)| d),
+        max_object_bytes: storage.max_object as usize,
+    })
+    .await?;
+    let admin_cfg = policy.model.admin.clone();
+    let limits = server_limits(&policy);
+    let wanted = wanted_listeners(&policy, &overrides);
+    let generation = build_generation(policy, None)?;
+    let gateway = Gateway::new(generation, Arc::new(store));
+    let handler = Arc::new(gateway.clone());
+    let mut serving = vec![];
+    for cfg in wanted {
+        serving.push(bind(&cfg, handler.clone(), &limits).await?);
+    }
+    let admin_addr = overrides
+        .admin
+        .clone()
+        .or_else(|| admin_cfg.as_ref().map(|a| a.addr.clone()));
+    let admin = match admin_addr {
+        None => None,
+        Some(addr) => {
+            let token = overrides
+                .admin_token
+                .clone()
+                .or_else(|| admin_cfg.as_ref().and_then(|a| a.token.as_ref()?.resolve()));
+            if token.is_none() {
+                tracing::warn!("the admin listener has no token: purge and metrics answer 401");
+            }
+            let sock = listen_addr(&addr)?;
+            let listener = Listener::bind(sock, None)
+                .await
+                .map_err(|e| RunError::Listen {
+                    addr: addr.clone(),
+                    reason: e.to_string(),
+                })?;
+            tracing::info!(addr = %listener.local_addr(), "admin listening");
+            let admin = Arc::new(Admin::new(gateway.clone(), token));
+            Some(listener.spawn(
+                admin,
+                ServerLimits::default(),
+                ErrorPages::new(),
+                Shutdown::new(),
+            ))
+        }
+    };
+    Ok(Running {
+        gateway,
+        listeners: Mutex::new(serving),
+        admin,
+        overrides,
+        path,
+    })
+}
+
+async fn bind(
+    cfg: &ListenerConfig,
+    handler: Arc<Gateway>,
+    limits: &ServerLimits,
+) -> Result<Serving, RunError> {
+    let addr = listen_addr(&cfg.addr)?;
+    let (tls, resolver) = if cfg.tls.is_empty() {
+        (None, None)
+    } else {
+        let resolver = Arc::new(SniResolver::new(cert_map(cfg)?));
+        (Some(tls::server_config(resolver.clone())?), Some(resolver))
+    };
+    let listener = Listener::bind(addr, tls)
+        .await
+        .map_err(|e| RunError::Listen {
+            addr: cfg.addr.clone(),
+            reason: e.to_string(),
+        })?;
+    tracing::info!(addr = %listener.local_addr(), tls = resolver.is_some(), "listening");
+    let handle = listener.spawn(handler, limits.clone(), ErrorPages::new(), Shutdown::new());
+    Ok(Serving {
+        cfg: cfg.clone(),
+        handle,
+        resolver,
+    })
+}
+
+impl Running {
+    /// The bound addresses of the proxy's listeners, in policy order.
+    pub fn listen_addrs(&self) -> Vec<SocketAddr> {
+        self.listeners
+            .try_lock()
+            .map(|l| l.iter().map(|s| s.handle.local_addr()).collect())
+            .unwrap_or_default()
+    }
+
+    /// The admin listener's bound address.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|a| a.local_addr())
+    }
+
+    pub fn gateway(&self) -> &Gateway {
+        &self.gateway
+    }
+
+    /// Checks and swaps in a new policy. On error the running policy stays.
+    pub async fn reload(&self, policy: Policy) -> Result<(), RunError> {
+        let mut listeners = self.listeners.lock().await;
+        let current = self.gateway.current();
+        if current.policy.model.storage != policy.model.storage {
+            tracing::warn!("storage settings changed; they take effect at the next restart");
+        }
+        let limits = server_limits(&policy);
+        let wanted = wanted_listeners(&policy, &self.overrides);
+        // Certificates first: a bad certificate refuses the whole reload.
+        let mut maps = HashMap::new();
+        for cfg in wanted.iter().filter(|c| !c.tls.is_empty()) {
+            maps.insert(cfg.addr.clone(), cert_map(cfg)?);
+        }
+        let generation = build_generation(policy, Some(&current))?;
+        let handler = Arc::new(self.gateway.clone());
+        let mut kept = vec![];
+        let mut old = std::mem::take(&mut *listeners);
+        for cfg in &wanted {
+            let same = old
+                .iter()
+                .position(|s| s.cfg.addr == cfg.addr && s.cfg.tls.is_empty() == cfg.tls.is_empty());
+            match same {
+                Some(i) => {
+                    let mut s = old.remove(i);
+                    if let (Some(resolver), Some(map)) = (&s.resolver, maps.remove(&cfg.addr)) {
+                        resolver.reload(map);
+                    }
+                    s.cfg = cfg.clone();
+                    kept.push(s);
+                }
+                None => kept.push(bind(cfg, handler.clone(), &limits).await?),
+            }
+        }
+        self.gateway.swap(generation);
+        for s in old {
+            tracing::info!(addr = %s.handle.local_addr(), "listener removed by the new policy");
+            s.handle.stop().await;
+        }
+        *listeners = kept;
+        tracing::info!("policy reloaded");
+        Ok(())
+    }
+
+    /// Reloads the policy file this Portico was started with.
+    pub async fn reload_file(&self) -> Result<(), RunError> {
+        let Some(path) = &self.path else {
+            return Err(RunError::Other("no policy file to reload".into()));
+        };
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| RunError::Other(format!("{}: {e}", path.display())))?;
+        let policy = policy::load(&text, &path.display().to_string())?;
+        self.reload(policy).await
+    }
+
+    /// Stops accepting, drains in-flight requests, closes the cache.
+    pub async fn shutdown(self) {
+        let listeners = std::mem::take(&mut *self.listeners.lock().await);
+        let stops = listeners.into_iter().map(|s| s.handle.stop());
+        futures_util::future::join_all(stops).await;
+        if let Some(admin) = self.admin {
+            admin.stop().await;
+        }
+        if let Err(e) = self.gateway.store().close().await {
+            tracing::warn!(error = %e, "closing the cache failed");
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match format {
+        LogFormat::Plain => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// `portico run`.
+pub fn main(args: RunArgs) -> i32 {
+    init_logging(args.log_format);
+    let mut rt = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = args.threads {
+        rt.worker_threads(n.max(1));
+    }
+    let rt = match rt.enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("portico: cannot start the runtime: {e}");
+            return 1;
+        }
+    };
+    let loaded = match (&args.policy, &args.backend) {
+        (Some(path), _) => std::fs::read_to_string(path)
+            .map_err(|e| format!("{}: {e}", path.display()))
+            .and_then(|text| {
+                policy::load(&text, &path.display().to_string()).map_err(|e| e.to_string())
+            }),
+        (None, Some(server)) => policy::builtin(server).map_err(|e| e.to_string()),
+        (None, None) => Err("give a policy file or -b HOST:PORT".to_string()),
+    };
+    let policy = match loaded {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return 1;
+        }
+    };
+    for w in &policy.warnings {
+        tracing::warn!("{}", policy.source.render(w));
+    }
+    let overrides = Overrides {
+        listen: args.listen.clone(),
+        admin: args.admin.clone(),
+        admin_token: args.admin_token.clone(),
+        cache_dir: args.cache_dir.clone(),
+    };
+    rt.block_on(async move {
+        crate::admin::install_metrics();
+        let running = match start(policy, args.policy.clone(), overrides).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!("cannot start: {e}");
+                return 1;
+            }
+        };
+        serve_until_signalled(running).await
+    })
+}
+
+fn mtime(path: &PathBuf) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+}
+
+async fn serve_until_signalled(running: Running) -> i32 {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::hangup()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        tracing::error!("cannot install signal handlers");
+        return 1;
+    };
+    let mut seen = running.path.as_ref().and_then(mtime);
+    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: reloading the policy");
+                if let Err(e) = running.reload_file().await {
+                    tracing::error!("reload refused, the running policy stays:\n{e}");
+                }
+            }
+            _ = poll.tick() => {
+                let now = running.path.as_ref().and_then(mtime);
+                if now.is_some() && now != seen {
+                    seen = now;
+                    tracing::info!("the policy file changed: reloading");
+                    if let Err(e) = running.reload_file().await {
+                        tracing::error!("reload refused, the running policy stays:\n{e}");
+                    }
+                }
+            }
+            _ = housekeeping.tick() => {
+                running.gateway().current().limiters.retain_recent();
+            }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
+        }
+    }
+    tracing::info!("shutting down: draining in-flight requests");
+    running.shutdown().await;
+    tracing::info!("stopped");
+    0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn listen_addresses() {
+        assert_eq!(listen_addr(":8080").unwrap().to_string(), "0.0.0.0:8080");
+        assert_eq!(
+            listen_addr("localhost:1").unwrap().to_string(),
+            "127.0.0.1:1"
+        );
+        assert_eq!(listen_addr("[::1]:8443").unwrap().to_string(), "[::1]:8443");
+        assert!(listen_addr("nope").is_err());
+    }
+}
