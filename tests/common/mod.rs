@@ -1,0 +1,250 @@
+//! Shared pieces of the end-to-end tests: an origin on 127.0.0.1 whose
+//! answers a test scripts and whose requests it counts, Portico started
+//! in-process from policy text, and a plain HTTP/1.1 client.
+#![allow(dead_code)]
+
+use bytes::Bytes;
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt as _, Full};
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use portico::run::{self, Overrides, Running};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::net::TcpListener;
+
+/// What the origin saw of one request.
+#[derive(Debug, Clone)]
+pub struct Seen {
+    pub method: http::Method,
+    pub uri: http::Uri,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+pub type Reply = Response<Full<Bytes>>;
+type Script = dyn Fn(&Seen) -> Reply + Send + Sync;
+
+/// An origin server on a free loopback port. Every request is recorded; the
+/// script decides the answer. Dropping it stops it.
+pub struct Origin {
+    pub addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Seen>>>,
+    connections: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Origin {
+    /// Starts an origin answering with `script`.
+    pub async fn start(script: impl Fn(&Seen) -> Reply + Send + Sync + 'static) -> Origin {
+        Self::start_with_delay(Duration::ZERO, script).await
+    }
+
+    /// Like [`Origin::start`], each answer delayed by `delay`.
+    pub async fn start_with_delay(
+        delay: Duration,
+        script: impl Fn(&Seen) -> Reply + Send + Sync + 'static,
+    ) -> Origin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("origin address");
+        let seen: Arc<Mutex<Vec<Seen>>> = Arc::default();
+        let connections = Arc::new(AtomicUsize::new(0));
+        let script: Arc<Script> = Arc::new(script);
+        let (seen2, conns2) = (seen.clone(), connections.clone());
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                conns2.fetch_add(1, Ordering::SeqCst);
+                let (seen, script) = (seen2.clone(), script.clone());
+                tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                        let (seen, script) = (seen.clone(), script.clone());
+                        async move {
+                            let (parts, body) = req.into_parts();
+                            let body = body
+                                .collect()
+                                .await
+                                .map(|b| b.to_bytes())
+                                .unwrap_or_default();
+                            let s = Seen {
+                                method: parts.method,
+                                uri: parts.uri,
+                                headers: parts.headers,
+                                body,
+                            };
+                            seen.lock().unwrap().push(s.clone());
+                            if !delay.is_zero() {
+                                tokio::time::sleep(delay).await;
+                            }
+                            Ok::<_, std::convert::Infallible>(script(&s))
+                        }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .with_upgrades()
+                        .await;
+                });
+            }
+        });
+        Origin {
+            addr,
+            seen,
+            connections,
+            task,
+        }
+    }
+
+    /// How many requests reached the origin.
+    pub fn count(&self) -> usize {
+        self.seen.lock().unwrap().len()
+    }
+
+    /// How many requests for this path reached the origin.
+    pub fn count_path(&self, path: &str) -> usize {
+        self.seen
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.uri.path() == path)
+            .count()
+    }
+
+    pub fn seen(&self) -> Vec<Seen> {
+        self.seen.lock().unwrap().clone()
+    }
+
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::SeqCst)
+    }
+
+    /// Stops accepting and closes the listener.
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}
+
+impl Drop for Origin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A response with a status, headers and body.
+pub fn reply(status: u16, headers: &[(&str, &str)], body: impl Into<Bytes>) -> Reply {
+    let mut b = Response::builder().status(StatusCode::from_u16(status).unwrap());
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    b.body(Full::new(body.into())).unwrap()
+}
+
+/// Starts Portico in-process with the policy text, listening on a free port
+/// (and an admin listener with token `secret` on another).
+pub async fn proxy(policy_text: &str) -> Running {
+    proxy_with(policy_text, None).await
+}
+
+/// Like [`proxy`], with the disk cache in `cache_dir`.
+pub async fn proxy_with(policy_text: &str, cache_dir: Option<&std::path::Path>) -> Running {
+    let policy = portico::policy::load(policy_text, "test.policy")
+        .unwrap_or_else(|e| panic!("test policy refused:\n{e}"));
+    run::start(
+        policy,
+        None,
+        Overrides {
+            listen: vec!["127.0.0.1:0".into()],
+            admin: Some("127.0.0.1:0".into()),
+            admin_token: Some("secret".into()),
+            cache_dir: cache_dir.map(|d| d.to_path_buf()),
+        },
+    )
+    .await
+    .expect("portico starts")
+}
+
+/// A policy with one backend `app` on the origin, and the given rules.
+pub fn policy_for(origin: &Origin, rules: &str) -> String {
+    format!(
+        "backend app {{\n  server \"{}\"\n}}\n{rules}\n",
+        origin.addr
+    )
+}
+
+/// A finished response: status, headers and body.
+#[derive(Debug)]
+pub struct Got {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Got {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    /// The Cache-Status value.
+    pub fn cache_status(&self) -> &str {
+        self.header("cache-status").unwrap_or("")
+    }
+
+    pub fn is_hit(&self) -> bool {
+        self.cache_status().contains("; hit")
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+/// Sends one request over a fresh HTTP/1.1 connection, bounded in time.
+pub async fn send(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: impl Into<Bytes>,
+) -> Got {
+    let client: hyper_util::client::legacy::Client<_, Full<Bytes>> =
+        hyper_util::client::legacy::Client::builder(TokioExecutor::new()).build_http();
+    let mut b = Request::builder()
+        .method(method)
+        .uri(format!("http://{addr}{path}"));
+    let has_host = headers.iter().any(|(k, _)| k.eq_ignore_ascii_case("host"));
+    if !has_host {
+        b = b.header("host", "test.example");
+    }
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(body.into())).unwrap();
+    let resp = tokio::time::timeout(Duration::from_secs(10), client.request(req))
+        .await
+        .expect("request timed out")
+        .expect("request failed");
+    let (parts, body) = resp.into_parts();
+    let body = tokio::time::timeout(Duration::from_secs(10), body.collect())
+        .await
+        .expect("body timed out")
+        .expect("body failed")
+        .to_bytes();
+    Got {
+        status: parts.status,
+        headers: parts.headers,
+        body,
+    }
+}
+
+/// `GET path` with headers.
+pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Got {
+    send(addr, "GET", path, headers, Bytes::new()).await
+}
+
+/// The proxy's first listener.
+pub fn addr(p: &Running) -> SocketAddr {
+    p.listen_addrs()[0]
+}
