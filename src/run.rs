@@ -405,10 +405,57 @@ impl Running {
     }
 }
 
+/// Log output buffered in memory and written to stderr in batches: an access
+/// log line per request must not cost a system call per request. A task
+/// flushes it every 100 ms, and a full buffer flushes itself.
+struct BufferedStderr {
+    buf: std::sync::Mutex<std::io::BufWriter<std::io::Stderr>>,
+}
+
+static LOG_OUTPUT: std::sync::LazyLock<BufferedStderr> =
+    std::sync::LazyLock::new(|| BufferedStderr {
+        buf: std::sync::Mutex::new(std::io::BufWriter::with_capacity(
+            64 * 1024,
+            std::io::stderr(),
+        )),
+    });
+
+struct LogGuard(&'static BufferedStderr);
+
+impl std::io::Write for LogGuard {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let mut b = self.0.buf.lock().unwrap_or_else(|p| p.into_inner());
+        b.write_all(data)?;
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for &'static BufferedStderr {
+    type Writer = LogGuard;
+
+    fn make_writer(&'a self) -> LogGuard {
+        LogGuard(self)
+    }
+}
+
+/// Writes out buffered log lines.
+pub fn flush_logs() {
+    use std::io::Write as _;
+    let mut b = LOG_OUTPUT.buf.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = b.flush();
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(&*LOG_OUTPUT)
+        .with_ansi(false);
     let _ = match format {
         LogFormat::Plain => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),
@@ -460,9 +507,11 @@ pub fn main(args: RunArgs) -> i32 {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("cannot start: {e}");
+                flush_logs();
                 return 1;
             }
         };
+        flush_logs();
         serve_until_signalled(running).await
     })
 }
@@ -484,8 +533,10 @@ async fn serve_until_signalled(running: Running) -> i32 {
     let mut seen = running.path.as_ref().and_then(mtime);
     let mut poll = tokio::time::interval(Duration::from_secs(1));
     let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
+    let mut flush = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
+            _ = flush.tick() => flush_logs(),
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the policy");
                 if let Err(e) = running.reload_file().await {
@@ -512,6 +563,7 @@ async fn serve_until_signalled(running: Running) -> i32 {
     tracing::info!("shutting down: draining in-flight requests");
     running.shutdown().await;
     tracing::info!("stopped");
+    flush_logs();
     0
 }
 
