@@ -85,7 +85,7 @@ fn check_nesting(text: &str) -> Result<(), Diagnostic> {
 fn rule_label(rule: &Rule) -> String {
     match rule {
         Rule::EOI => "end of file".into(),
-        Rule::ident | Rule::word => "a name".into(),
+        Rule::ident | Rule::word | Rule::any_word | Rule::expect_word => "a name".into(),
         Rule::name | Rule::subject => {
             "a request field (method, host, path, header(\"...\"), ...)".into()
         }
@@ -246,7 +246,9 @@ fn value(p: Pair<Rule>) -> Value {
             ValueKind::Rate(n, per)
         }
         Rule::number => ValueKind::Number(split_number(p.as_str()).0),
-        Rule::word => ValueKind::Word(p.as_str().to_string()),
+        Rule::word | Rule::any_word | Rule::expect_word => {
+            ValueKind::Word(p.as_str().to_string())
+        }
         Rule::addr => ValueKind::Addr(p.as_str().to_string()),
         Rule::env_call => ValueKind::Env(string(p.into_inner().next().expect("env has a string"))),
         Rule::call => {
