@@ -62,7 +62,12 @@ const REGEXES: &[&str] = &[
     r"img",
     r"^(/a|/b)",
     r"(^/x)|css",
+    r"users$",
+    r"(?i)\.PNG$",
+    r"(a|b)\.css$",
+    r"/v[0-9]/[a-z]+$",
 ];
+const PATH_SUFFIXES: &[&str] = &[".css", ".png", "users", "/", "c.css", "42"];
 const GLOBS: &[&str] = &[
     "/static/*.css",
     "/img/**",
@@ -84,6 +89,7 @@ enum C {
     HostSuffix(usize),
     PathEq(usize),
     PathPrefix(usize),
+    PathSuffix(usize),
     PathRegex(usize),
     PathGlob(usize),
     MethodEq(usize),
@@ -142,6 +148,7 @@ impl C {
             C::HostSuffix(i) => write!(out, "host $= {}", quote(SUFFIXES[*i])),
             C::PathEq(i) => write!(out, "path == {}", quote(PATHS[*i])),
             C::PathPrefix(i) => write!(out, "path ^= {}", quote(PREFIXES[*i])),
+            C::PathSuffix(i) => write!(out, "path $= {}", quote(PATH_SUFFIXES[*i])),
             C::PathRegex(i) => write!(out, "path ~ {}", quote(REGEXES[*i])),
             C::PathGlob(i) => write!(out, "path glob {}", quote(GLOBS[*i])),
             C::MethodEq(i) => write!(out, "method == {}", METHODS[*i]),
@@ -190,6 +197,7 @@ fn atom() -> impl Strategy<Value = C> {
         2 => (0..SUFFIXES.len()).prop_map(C::HostSuffix),
         2 => (0..PATHS.len()).prop_map(C::PathEq),
         3 => (0..PREFIXES.len()).prop_map(C::PathPrefix),
+        2 => (0..PATH_SUFFIXES.len()).prop_map(C::PathSuffix),
         4 => (0..REGEXES.len()).prop_map(C::PathRegex),
         2 => (0..GLOBS.len()).prop_map(C::PathGlob),
         1 => (0..METHODS.len()).prop_map(C::MethodEq),

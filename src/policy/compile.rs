@@ -2,13 +2,14 @@
 //!
 //! From each rule's top-level conjunction the compiler takes one host
 //! constraint (exact names or a `.suffix`) and one path constraint (an exact
-//! path, a prefix, or the literal prefix of an anchored regex or glob) and
-//! uses them to place the rule in the tree; everything else stays as the
+//! path, a prefix, a suffix, the literal prefix of a regex or glob anchored
+//! at the start, or else the literal suffix of a regex anchored at the end)
+//! and uses them to place the rule in the tree; everything else stays as the
 //! rule's residual test. Path regexes that share a leaf are combined into one
 //! [`regex::RegexSet`] so that their number hardly matters.
 
 use super::model::{Atom, Cond, Field, RuleSpec, Test};
-use super::tree::{Entry, PathIndex, Residual, RuleIdx, RuleList, Tree};
+use super::tree::{Entry, PathIndex, Residual, RuleIdx, RuleList, Tree, TrieNode};
 use regex::Regex;
 use regex_syntax::hir::literal::{ExtractKind, Extractor};
 use regex_syntax::hir::Look;
@@ -37,13 +38,13 @@ enum PathKey {
     Any,
     Exact(String),
     Prefix(String),
+    Suffix(String),
 }
 
 /// Builds the tree for the rules, in policy order.
 pub fn compile(rules: &[RuleSpec]) -> Tree {
     let mut tree = Tree::default();
-    for (i, rule) in rules.iter().enumerate() {
-        let (placement, residual) = place(&rule.when);
+    for (i, (rule, (placement, residual))) in rules.iter().zip(place_all(rules)).enumerate() {
         tree.residuals.push(residual);
         tree.names.push(rule.name.clone());
         let idx = i as RuleIdx;
@@ -67,6 +68,34 @@ pub fn compile(rules: &[RuleSpec]) -> Tree {
     tree
 }
 
+/// Below this many rules, placing them on one thread is quicker than starting others.
+const PARALLEL_MIN: usize = 512;
+
+/// Places every rule. Finding the literal prefix or suffix of a regex parses
+/// it again, so large policies spread the rules over the available cores.
+fn place_all(rules: &[RuleSpec]) -> Vec<(Placement, Residual)> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if threads < 2 || rules.len() < PARALLEL_MIN {
+        return rules.iter().map(|r| place(&r.when)).collect();
+    }
+    let chunk = rules.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = rules
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || part.iter().map(|r| place(&r.when)).collect::<Vec<_>>())
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| match h.join() {
+                Ok(placed) => placed,
+                Err(panic) => std::panic::resume_unwind(panic),
+            })
+            .collect()
+    })
+}
+
 fn for_each_list(tree: &mut Tree, mut f: impl FnMut(&mut RuleList)) {
     let indexes = tree
         .exact_hosts
@@ -77,7 +106,7 @@ fn for_each_list(tree: &mut Tree, mut f: impl FnMut(&mut RuleList)) {
         for list in idx.exact.values_mut() {
             f(list);
         }
-        for node in &mut idx.trie {
+        for node in idx.trie.iter_mut().chain(idx.suffix_trie.iter_mut()) {
             if let Some(list) = &mut node.rules {
                 f(list);
             }
@@ -114,6 +143,16 @@ fn build_set(list: &mut RuleList, residuals: &[Residual]) {
         for (slot, &i) in with_regex.iter().enumerate() {
             list.entries[i].slot = Some(slot as u32);
         }
+        let len = list.entries.len() as u32;
+        let mut next_plain = vec![len; list.entries.len()];
+        let mut next = len;
+        for (i, e) in list.entries.iter().enumerate().rev() {
+            if e.slot.is_none() {
+                next = i as u32;
+            }
+            next_plain[i] = next;
+        }
+        list.next_plain = next_plain;
         list.set = Some(set);
     }
 }
@@ -132,28 +171,32 @@ fn insert(index: &mut PathIndex, path: &PathKey, rule: RuleIdx) {
             .or_default()
             .entries
             .push(entry),
-        PathKey::Prefix(p) => {
-            let mut node = 0u32;
-            for &b in p.as_bytes() {
-                node = match index.child(node, b) {
-                    Some(c) => c,
-                    None => {
-                        let id = index.trie.len() as u32;
-                        index.trie.push(Default::default());
-                        let children = &mut index.trie[node as usize].children;
-                        let at = children.partition_point(|(c, _)| *c < b);
-                        children.insert(at, (b, id));
-                        id
-                    }
-                };
-            }
-            index.trie[node as usize]
-                .rules
-                .get_or_insert_with(RuleList::default)
-                .entries
-                .push(entry);
-        }
+        PathKey::Prefix(p) => trie_insert(&mut index.trie, p.bytes(), entry),
+        PathKey::Suffix(s) => trie_insert(&mut index.suffix_trie, s.bytes().rev(), entry),
     }
+}
+
+/// Adds an entry at the node for a byte string, creating the nodes on the way.
+fn trie_insert(trie: &mut Vec<TrieNode>, key: impl Iterator<Item = u8>, entry: Entry) {
+    let mut node = 0u32;
+    for b in key {
+        node = match super::tree::trie_child(trie, node, b) {
+            Some(c) => c,
+            None => {
+                let id = trie.len() as u32;
+                trie.push(TrieNode::default());
+                let children = &mut trie[node as usize].children;
+                let at = children.partition_point(|(c, _)| *c < b);
+                children.insert(at, (b, id));
+                id
+            }
+        };
+    }
+    trie[node as usize]
+        .rules
+        .get_or_insert_with(RuleList::default)
+        .entries
+        .push(entry);
 }
 
 /// Splits a rule's condition into its placement and its residual.
@@ -223,12 +266,13 @@ fn path_key(a: &Atom) -> Option<(PathKey, Option<Regex>)> {
     match (&a.field, &a.test) {
         (Field::Path, Test::Eq(p)) => Some((PathKey::Exact(p.clone()), None)),
         (Field::Path, Test::Prefix(p)) => Some((PathKey::Prefix(p.clone()), None)),
+        (Field::Path, Test::Suffix(s)) if !s.is_empty() => Some((PathKey::Suffix(s.clone()), None)),
         (Field::Path, Test::Matches(re)) => {
-            let prefix = anchored_literal_prefix(re.as_str()).unwrap_or_default();
-            let key = if prefix.is_empty() {
-                PathKey::Any
-            } else {
-                PathKey::Prefix(prefix)
+            let (prefix, suffix) = anchored_literals(re.as_str());
+            let key = match (prefix, suffix) {
+                (Some(p), _) if !p.is_empty() => PathKey::Prefix(p),
+                (_, Some(s)) if !s.is_empty() => PathKey::Suffix(s),
+                _ => PathKey::Any,
             };
             Some((key, Some(re.clone())))
         }
@@ -238,16 +282,40 @@ fn path_key(a: &Atom) -> Option<(PathKey, Option<Regex>)> {
 
 /// The literal text every match of an anchored regex starts with, if any.
 pub fn anchored_literal_prefix(pattern: &str) -> Option<String> {
-    let hir = regex_syntax::ParserBuilder::new()
-        .build()
-        .parse(pattern)
-        .ok()?;
-    if !hir.properties().look_set_prefix().contains(Look::Start) {
-        return None;
-    }
-    let seq = Extractor::new().kind(ExtractKind::Prefix).extract(&hir);
-    let lcp = seq.longest_common_prefix()?;
-    std::str::from_utf8(lcp).ok().map(str::to_string)
+    anchored_literals(pattern).0
+}
+
+/// The literal text every match of a regex anchored at the start (`^`)
+/// starts with, and the literal text every match of a regex anchored at the
+/// end (`$`) ends with. A regex that matches only whole paths with these
+/// literals can be placed by them; the regex itself is still tested.
+pub fn anchored_literals(pattern: &str) -> (Option<String>, Option<String>) {
+    let Ok(hir) = regex_syntax::ParserBuilder::new().build().parse(pattern) else {
+        return (None, None);
+    };
+    let props = hir.properties();
+    let literal = |kind: ExtractKind| {
+        let seq = Extractor::new().kind(kind.clone()).extract(&hir);
+        let common = match kind {
+            ExtractKind::Prefix => seq.longest_common_prefix(),
+            _ => seq.longest_common_suffix(),
+        }?;
+        std::str::from_utf8(common).ok().map(str::to_string)
+    };
+    let prefix = if props.look_set_prefix().contains(Look::Start) {
+        literal(ExtractKind::Prefix)
+    } else {
+        None
+    };
+    // The suffix is only needed when there is no prefix to place the rule by.
+    let suffix = if prefix.as_deref().is_none_or(str::is_empty)
+        && props.look_set_suffix().contains(Look::End)
+    {
+        literal(ExtractKind::Suffix)
+    } else {
+        None
+    };
+    (prefix, suffix)
 }
 
 #[cfg(test)]
@@ -262,8 +330,40 @@ mod tests {
         );
         assert_eq!(anchored_literal_prefix("^/(ab|ac)x").as_deref(), Some("/a"));
         assert_eq!(anchored_literal_prefix(r"\.css$"), None);
-        assert_eq!(anchored_literal_prefix("^[a-z]+").as_deref(), Some(""));
+        // No literal prefix: the rule is placed under any path.
+        assert!(anchored_literal_prefix("^[a-z]+").is_none_or(|p| p.is_empty()));
         // Case-insensitive literals have no single prefix beyond the first cased byte.
         assert_eq!(anchored_literal_prefix("(?i)^/Ab").as_deref(), Some("/"));
+    }
+
+    #[test]
+    fn literal_suffixes_of_end_anchored_regexes() {
+        let suffix = |p: &str| anchored_literals(p).1;
+        assert_eq!(suffix(r"\.css$").as_deref(), Some(".css"));
+        assert_eq!(suffix(r"\.(css|js)$").as_deref(), Some("s"));
+        assert_eq!(suffix(r"/v[0-9]+/items$").as_deref(), Some("/items"));
+        // Not anchored at the end, or anchored at the end of a line only.
+        assert_eq!(suffix(r"\.css"), None);
+        assert_eq!(suffix(r"(?m)\.css$"), None);
+        assert_eq!(suffix(r"\.css$|\.js"), None);
+        // A literal prefix is preferred; the suffix is not computed then.
+        assert_eq!(
+            anchored_literals(r"^/a/.*\.css$"),
+            (Some("/a/".into()), None)
+        );
+    }
+
+    #[test]
+    fn end_anchored_regexes_are_placed_by_suffix() {
+        use crate::policy::load;
+        let text = "backend b { server \"127.0.0.1:1\" }\n\
+                    rule css when path ~ \"\\\\.css$\" { route b }\n\
+                    rule png when path $= \".png\" { route b }\n\
+                    rule any when path ~ \"v[12]\" { route b }\n";
+        let policy = load(text, "t.policy").expect("loads");
+        let dump = policy.tree.dump();
+        assert!(dump.contains("path $= .css: #1 css (regex)"), "{dump}");
+        assert!(dump.contains("path $= .png: #2 png"), "{dump}");
+        assert!(dump.contains("path ^= : #3 any (regex)"), "{dump}");
     }
 }

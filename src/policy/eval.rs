@@ -6,7 +6,7 @@
 
 use super::ast::CmpOp;
 use super::model::{Atom, Cond, Field, KeyPart, ResponseActions, ResponseRuleSpec, Test};
-use super::tree::{PathIndex, RuleIdx, RuleList, Tree};
+use super::tree::{trie_child, PathIndex, RuleIdx, RuleList, Tree};
 use http::{HeaderMap, Method};
 use std::fmt::Write as _;
 use std::net::IpAddr;
@@ -189,6 +189,7 @@ struct Lists<'t> {
 static EMPTY: RuleList = RuleList {
     entries: Vec::new(),
     set: None,
+    next_plain: Vec::new(),
 };
 
 impl<'t> Lists<'t> {
@@ -258,6 +259,40 @@ fn collect_index<'t, T: Trace>(
             lists.push(l);
         }
     }
+    // The suffix trie, from the path's last byte backwards. A node with rules
+    // ends a key that is valid UTF-8, so `i` is a character boundary there.
+    let mut node = 0u32;
+    for (i, &b) in path.as_bytes().iter().enumerate().rev() {
+        match trie_child(&idx.suffix_trie, node, b) {
+            Some(c) => node = c,
+            None => break,
+        }
+        if let Some(l) = &idx.suffix_trie[node as usize].rules {
+            trace.step(format_args!(
+                "  path $= {}: {} rule(s)",
+                &path[i..],
+                l.entries.len()
+            ));
+            lists.push(l);
+        }
+    }
+}
+
+/// Moves `h` past the entries of `list` whose regex is in the set but did not match.
+#[inline]
+fn skip_unmatched(list: &RuleList, m: &regex::SetMatches, h: &mut usize) {
+    while let Some(e) = list.entries.get(*h) {
+        match e.slot {
+            Some(slot) if !m.matched(slot as usize) => {
+                *h = if m.matched_any() {
+                    *h + 1
+                } else {
+                    list.next_plain[*h] as usize
+                };
+            }
+            _ => break,
+        }
+    }
 }
 
 /// Walks the tree: the index of the rule that applies, if any.
@@ -324,6 +359,15 @@ pub fn eval_tree<T: Trace>(tree: &Tree, req: &Request<'_>, trace: &mut T) -> Opt
             }
             (Some(re), _, _) => re.is_match(req.path),
         };
+        // Once a list's set has run, jump over its entries whose regex did not match.
+        if let Some(Some(m)) = set_matches.get(li) {
+            let h = if n > heads.len() {
+                &mut spill_heads[li]
+            } else {
+                &mut heads[li]
+            };
+            skip_unmatched(list, m, h);
+        }
         let ok = path_ok && (residual.rest_is_true || eval_cond(&residual.rest, req, None));
         trace.step(format_args!(
             "  try #{} {}: {}",

@@ -1,7 +1,8 @@
 //! The decision tree's node types and its stable text dump.
 //!
 //! Rules are indexed first by host (exact names, `.suffix` names, any host)
-//! and then by path (exact paths and a byte trie of path prefixes). Each index
+//! and then by path (exact paths, a byte trie of path prefixes and a byte
+//! trie of reversed path suffixes). Each index
 //! leaf holds a [`RuleList`]: the rules placed there, in policy order, with
 //! the residual test each still needs. A request collects the lists on its
 //! host and path and merges them by rule order: the first rule whose residual
@@ -41,6 +42,10 @@ pub struct RuleList {
     /// All path regexes of the list's entries as one set, when there are
     /// enough of them that one pass beats trying them in turn.
     pub set: Option<RegexSet>,
+    /// With a set: for each entry, the position of the first entry at or
+    /// after it without a slot (`entries.len()` when none), so that a walk
+    /// can jump over entries whose regex the set did not match.
+    pub next_plain: Vec<u32>,
 }
 
 /// A byte trie node of path prefixes.
@@ -55,8 +60,13 @@ pub struct TrieNode {
 #[derive(Debug, Clone)]
 pub struct PathIndex {
     pub exact: HashMap<Box<str>, RuleList>,
-    /// Node 0 is the root: the empty prefix, rules with no path constraint.
+    /// Path prefixes. Node 0 is the root: the empty prefix, rules with no
+    /// path constraint.
     pub trie: Vec<TrieNode>,
+    /// Path suffixes, walked from the path's last byte backwards (the literal
+    /// ends of regexes anchored with `$`, and `path $=`). Node 0 is the root
+    /// and holds no rules: a rule with an empty suffix goes in `trie`.
+    pub suffix_trie: Vec<TrieNode>,
 }
 
 impl Default for PathIndex {
@@ -64,23 +74,33 @@ impl Default for PathIndex {
         PathIndex {
             exact: HashMap::new(),
             trie: vec![TrieNode::default()],
+            suffix_trie: vec![TrieNode::default()],
         }
     }
 }
 
+/// The child of `node` for byte `b` in a trie.
+#[inline]
+pub fn trie_child(trie: &[TrieNode], node: u32, b: u8) -> Option<u32> {
+    let children = &trie[node as usize].children;
+    children
+        .binary_search_by_key(&b, |(c, _)| *c)
+        .ok()
+        .map(|i| children[i].1)
+}
+
 impl PathIndex {
     pub fn is_empty(&self) -> bool {
-        self.exact.is_empty() && self.trie.len() == 1 && self.trie[0].rules.is_none()
+        self.exact.is_empty()
+            && self.trie.len() == 1
+            && self.trie[0].rules.is_none()
+            && self.suffix_trie.len() == 1
     }
 
-    /// The child of `node` for byte `b`.
+    /// The child of `node` for byte `b` in the prefix trie.
     #[inline]
     pub fn child(&self, node: u32, b: u8) -> Option<u32> {
-        let children = &self.trie[node as usize].children;
-        children
-            .binary_search_by_key(&b, |(c, _)| *c)
-            .ok()
-            .map(|i| children[i].1)
+        trie_child(&self.trie, node, b)
     }
 }
 
@@ -167,6 +187,30 @@ impl Tree {
                 let mut p = prefix.clone();
                 p.push(*b);
                 stack.push((*child, p));
+            }
+        }
+        for l in lines {
+            out.push_str(&l);
+        }
+        self.dump_suffixes(idx, out);
+    }
+
+    fn dump_suffixes(&self, idx: &PathIndex, out: &mut String) {
+        // Depth-first over the reversed suffixes, printing each suffix with rules.
+        let mut stack: Vec<(u32, Vec<u8>)> = vec![(0, vec![])];
+        let mut lines = vec![];
+        while let Some((node, reversed)) = stack.pop() {
+            let n = &idx.suffix_trie[node as usize];
+            if let Some(list) = &n.rules {
+                let suffix: Vec<u8> = reversed.iter().rev().copied().collect();
+                let mut line = format!("  path $= {}: ", String::from_utf8_lossy(&suffix));
+                self.dump_list(list, &mut line);
+                lines.push(line);
+            }
+            for (b, child) in n.children.iter().rev() {
+                let mut r = reversed.clone();
+                r.push(*b);
+                stack.push((*child, r));
             }
         }
         for l in lines {
