@@ -1822,10 +1822,13 @@ impl Checker<'_> {
 
     fn unused(&mut self, file: &ast::PolicyFile, model: &Model) {
         for (id, b) in model.backends.iter().enumerate() {
-            if !model
-                .rules
-                .iter()
-                .any(|r| r.outcome == Outcome::Forward(id))
+            // A duplicate is already an error; references resolve to the first.
+            let duplicate = model.backends[..id].iter().any(|o| o.name == b.name);
+            if !duplicate
+                && !model
+                    .rules
+                    .iter()
+                    .any(|r| r.outcome == Outcome::Forward(id))
             {
                 self.warn(
                     "unused",
@@ -1835,7 +1838,8 @@ impl Checker<'_> {
             }
         }
         for (id, l) in model.limiters.iter().enumerate() {
-            if !model.rules.iter().any(|r| r.limiter == Some(id)) {
+            let duplicate = model.limiters[..id].iter().any(|o| o.name == l.name);
+            if !duplicate && !model.rules.iter().any(|r| r.limiter == Some(id)) {
                 let span = file
                     .limiters
                     .iter()
