@@ -231,16 +231,27 @@ fn run_test(policy: &Policy, t: &TestBlock) -> TestResult {
             "cache" => if spec.cache.is_some() { "on" } else { "off" }.into(),
             "cache_key" => policy.cache_key(&d, &view).unwrap_or_else(|| "none".into()),
             "ttl" => ttl_of(spec, resp_actions.as_ref().and_then(|a| a.ttl)),
+            // A response rule's window overrides the request rule's, as for `ttl`.
             "stale_while_revalidate" => spec
                 .cache
                 .as_ref()
-                .and_then(|c| c.stale_while_revalidate)
+                .and_then(|c| {
+                    resp_actions
+                        .as_ref()
+                        .and_then(|a| a.stale_while_revalidate)
+                        .or(c.stale_while_revalidate)
+                })
                 .map(fmt_duration)
                 .unwrap_or_else(|| "none".into()),
             "stale_if_error" => spec
                 .cache
                 .as_ref()
-                .and_then(|c| c.stale_if_error)
+                .and_then(|c| {
+                    resp_actions
+                        .as_ref()
+                        .and_then(|a| a.stale_if_error)
+                        .or(c.stale_if_error)
+                })
                 .map(fmt_duration)
                 .unwrap_or_else(|| "none".into()),
             "status" => match &spec.outcome {
