@@ -548,13 +548,13 @@ where
     }
 }
 
-/// Loads the CA file and builds the TLS connector; no CA file is an error
-/// because no system or bundled roots are available to this build.
+/// Builds the TLS connector: servers are verified against the CA file when
+/// the policy names one, and against the system's roots otherwise.
 fn tls_connector(tls: &UpstreamTls) -> Result<TlsSetup, String> {
-    let Some(ca_file) = &tls.ca_file else {
-        return Err("TLS to servers needs a CA file (no system roots are built in)".to_owned());
+    let roots = match &tls.ca_file {
+        Some(ca_file) => load_roots(ca_file)?,
+        None => system_roots()?,
     };
-    let roots = load_roots(ca_file)?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
@@ -571,6 +571,24 @@ fn tls_connector(tls: &UpstreamTls) -> Result<TlsSetup, String> {
         connector: TlsConnector::from(Arc::new(config)),
         server_name,
     })
+}
+
+/// The operating system's trusted roots.
+fn system_roots() -> Result<rustls::RootCertStore, String> {
+    let found = rustls_native_certs::load_native_certs();
+    let mut roots = rustls::RootCertStore::empty();
+    let (added, _ignored) = roots.add_parsable_certificates(found.certs);
+    if added == 0 {
+        let why = found
+            .errors
+            .first()
+            .map(|e| e.to_string())
+            .unwrap_or_else(|| "none found".to_owned());
+        return Err(format!(
+            "no system root certificates ({why}); name a `ca_file` for the backend"
+        ));
+    }
+    Ok(roots)
 }
 
 fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {

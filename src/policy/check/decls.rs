@@ -379,15 +379,9 @@ impl Checker<'_> {
         if let Some((Val::Duration(d), _)) = v.remove("eject_for") {
             spec.eject_for = d;
         }
-        let tls_span = v.remove("tls").map(|(_, span)| span);
-        spec.tls = tls_span.is_some();
+        spec.tls = v.remove("tls").is_some();
         if let Some((Val::Str(s), _)) = v.remove("ca_file") {
             spec.ca_file = Some(s.into());
-        }
-        if let (Some(span), None) = (tls_span, &spec.ca_file) {
-            // No system trust store is read: the servers' CA must be named.
-            self.err("missing", span, "`tls` towards servers needs a `ca_file`")
-                .help = Some("add `ca_file \"/path/to/ca.pem\"`".into());
         }
         if let Some((Val::Str(s), _)) = v.remove("tls_server_name") {
             spec.tls_server_name = Some(s);
