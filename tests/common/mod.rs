@@ -314,3 +314,77 @@ pub fn load_policy(text: &str) -> portico::policy::Policy {
     portico::policy::load(text, "test.policy")
         .unwrap_or_else(|e| panic!("test policy refused:\n{e}"))
 }
+
+/// A bare origin on a free loopback port that answers each request with the
+/// same raw HTTP/1.1 bytes and closes the connection; for responses the
+/// scripted [`Origin`] cannot make (a chunked body of unknown length).
+pub struct RawOrigin {
+    pub addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawOrigin {
+    pub async fn start(response: Vec<u8>) -> RawOrigin {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("origin address");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let response = Arc::new(response);
+        let counter = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (counter, response) = (counter.clone(), response.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream.write_all(&response).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        RawOrigin {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    /// How many requests reached it.
+    pub fn count(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RawOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A 200 response with a chunked body of `len` bytes (`i % 251` each) and
+/// the given extra header lines.
+pub fn chunked_response(len: usize, extra: &str) -> (Vec<u8>, Vec<u8>) {
+    let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\n{extra}transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in body.chunks(64 * 1024) {
+        out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        out.extend_from_slice(chunk);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    (out, body)
+}
