@@ -49,7 +49,13 @@ async fn a_purged_object_stays_purged_after_a_restart() {
         let p = start(origin.addr, dir.path()).await;
         get(addr(&p), "/gone", &[]).await;
         get(addr(&p), "/kept", &[]).await;
-        let r = admin(&p, "POST", "/purge?url=http://test.example/gone", Some("secret")).await;
+        let r = admin(
+            &p,
+            "POST",
+            "/purge?url=http://test.example/gone",
+            Some("secret"),
+        )
+        .await;
         assert!(r.text().contains("\"purged\":1"), "{}", r.text());
         p.shutdown().await;
 
@@ -84,7 +90,10 @@ async fn corrupt_cache_files_are_dropped_and_fetched_again() {
             assert_eq!(r.text(), "pristine");
             assert!(!r.is_hit(), "{path}: {}", r.cache_status());
             assert_eq!(origin.count_path(path), 2, "{path}");
-            assert!(get(addr(&p), path, &[]).await.is_hit(), "{path}: stored again");
+            assert!(
+                get(addr(&p), path, &[]).await.is_hit(),
+                "{path}: stored again"
+            );
         }
         p.shutdown().await;
     })
@@ -97,10 +106,9 @@ async fn an_object_above_max_object_streams_through_and_is_not_stored() {
         // Known length: refused on the Content-Length.
         let big = "z".repeat(3 << 20);
         let body = big.clone();
-        let origin = Origin::start(move |_| {
-            reply(200, &[("cache-control", "max-age=600")], body.clone())
-        })
-        .await;
+        let origin =
+            Origin::start(move |_| reply(200, &[("cache-control", "max-age=600")], body.clone()))
+                .await;
         let p = proxy(&policy_for(
             &origin,
             "storage { max_object 1MiB }\nrule all { route app cache { } }",
@@ -150,7 +158,8 @@ async fn an_object_above_max_object_streams_through_and_is_not_stored() {
 async fn expiry_is_checked_on_read_after_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     bounded(async {
-        let origin = Origin::start(|_| reply(200, &[("cache-control", "max-age=1")], "short")).await;
+        let origin =
+            Origin::start(|_| reply(200, &[("cache-control", "max-age=1")], "short")).await;
         let p = start(origin.addr, dir.path()).await;
         get(addr(&p), "/e", &[]).await;
         assert!(get(addr(&p), "/e", &[]).await.is_hit());

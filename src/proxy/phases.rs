@@ -7,7 +7,9 @@ use super::body::{self, BoxError, RequestBody, ResponseBody};
 use super::errors::{ErrorPages, ProxyError};
 use super::hygiene::{self, ForwardContext, ResponseHygiene};
 use super::listener::{ConnInfo, Handler};
-use crate::cache::control::{self, CacheStatus, Forward, Overrides, RequestDirectives, Reuse};
+use crate::cache::control::{
+    self, CacheStatus, Forward, Overrides, RequestDirectives, Reuse, Staleness,
+};
 use crate::cache::entry::{Entry, Received};
 use crate::cache::{Coalescer, Lookup, Outcome as Flight, Role, Store};
 use crate::compress;
@@ -250,7 +252,14 @@ impl Gateway {
                         return Ok(self.deliver(gen, rule, &parts, &entry, &status, now));
                     }
                     Reuse::Revalidate { stale_if_error } => {
-                        (Forward::Stale, Some((entry, stale_if_error)))
+                        // RFC 9211 section 2.2: `request` when a fresh copy
+                        // was refused by the request's own directives.
+                        let reason = if entry.staleness_at(now) == Staleness::Fresh {
+                            Forward::Request
+                        } else {
+                            Forward::Stale
+                        };
+                        (reason, Some((entry, stale_if_error)))
                     }
                     Reuse::GatewayTimeout => return Err(ProxyError::GatewayTimeout),
                 }
