@@ -225,6 +225,11 @@ async fn store_set_cookie_stores_without_the_cookie() {
             "{}",
             first.cache_status()
         );
+        assert_eq!(
+            first.header("set-cookie"),
+            Some("s=1"),
+            "the client that filled the cache gets its cookie"
+        );
         let hit = get(addr(&p), "/c", &[]).await;
         assert!(hit.is_hit(), "{}", hit.cache_status());
         assert_eq!(hit.header("set-cookie"), None);
