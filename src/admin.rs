@@ -36,7 +36,10 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// The admin API over `gateway`. Installs the metrics recorder, so that
+    /// what happens from now on is counted for `/metrics`.
     pub fn new(gateway: Gateway, token: Option<String>) -> Admin {
+        install_metrics();
         Admin { gateway, token }
     }
 

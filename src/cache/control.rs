@@ -711,7 +711,14 @@ fn kept_on_update(name: &HeaderName) -> bool {
 
 /// Updates a stored response's fields from a 304 (RFC 9111 section 4.3.4):
 /// each field present in the 304 replaces all stored values of that name.
+/// The refreshed response is as old as the 304 says: the stored `Age` goes,
+/// and so does the stored `Date` when the 304 has none (the time it arrived
+/// then stands in, section 4.2.3), lest the old ones keep it stale.
 pub fn merge_not_modified(stored: &mut HeaderMap, not_modified: &HeaderMap) {
+    stored.remove(header::AGE);
+    if !not_modified.contains_key(header::DATE) {
+        stored.remove(header::DATE);
+    }
     for name in not_modified.keys() {
         if kept_on_update(name) {
             continue;
@@ -1794,6 +1801,8 @@ mod tests {
             ("content-type", "text/plain"),
             ("x-a", "1"),
             ("x-a", "2"),
+            ("age", "100"),
+            ("date", "Sun, 06 Nov 1994 08:49:37 GMT"),
         ]);
         let nm = headers(&[
             ("cache-control", "max-age=60"),
@@ -1809,6 +1818,8 @@ mod tests {
         assert_eq!(stored.get_all("x-a").iter().collect::<Vec<_>>(), ["3"]);
         assert!(!stored.contains_key(header::SET_COOKIE));
         assert!(!stored.contains_key(header::CONNECTION));
+        assert!(!stored.contains_key(header::AGE), "the old age goes");
+        assert!(!stored.contains_key(header::DATE), "the old date goes");
     }
 
     #[test]

@@ -11,7 +11,11 @@
 //! new generation. Primary keys must not contain NUL.
 //!
 //! Expiry. foyer has no TTL: the freshness and stale windows live in the
-//! entry, and [`Store::get`] removes an entry past all of them.
+//! entry, and [`Store::get`] removes an entry past all of them. A response
+//! that carries a validator (`ETag` or `Last-Modified`), and every vary
+//! marker, is kept [`KEEP_FOR_REVALIDATION`] longer: a stale copy that can
+//! be revalidated is worth a conditional request answered by a small 304
+//! (RFC 9111 section 4.3.1); one that cannot is only worth a full fetch.
 //!
 //! Purge index. Purge by prefix and by tag needs to enumerate keys; the
 //! store keeps an in-memory index (key to tags, tag to keys, ordered keys)
@@ -29,7 +33,7 @@ use std::collections::{BTreeSet, HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use foyer::{
     BlockEngineConfig, DeviceBuilder, FsDeviceBuilder, HybridCache, HybridCacheBuilder,
@@ -37,13 +41,17 @@ use foyer::{
 };
 use http::HeaderMap;
 
-use super::control::{secondary_key, Staleness};
+use super::control::secondary_key;
 use super::entry::{Entry, EntryKind};
 
 /// Space reserved in a disk block besides the encoded entry: foyer's entry
 /// header and alignment, and the key.
 const BLOCK_OVERHEAD: usize = 64 * 1024;
 const PAGE: usize = 4096;
+
+/// How long past its freshness and stale windows a response that can be
+/// revalidated (and a vary marker) stays stored.
+pub const KEEP_FOR_REVALIDATION: Duration = Duration::from_secs(3600);
 
 /// How the store is sized.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,11 +118,22 @@ pub enum Lookup {
     Miss,
 }
 
+/// How long a removal is remembered (see [`Index::removed`]).
+const REMOVAL_MEMORY_MS: u64 = 10 * 60 * 1000;
+/// Forgetting old removals is tried when this many are remembered.
+const REMOVALS_PRUNE_AT: usize = 4096;
+
 #[derive(Default)]
 struct Index {
     keys: BTreeSet<String>,
     key_tags: HashMap<String, Vec<String>>,
     tag_keys: HashMap<String, HashSet<String>>,
+    /// When each key was last removed, Unix milliseconds. foyer's remove
+    /// does not reach an entry still queued for the disk: a read can find
+    /// it there (and bring it back into memory) until the write finishes.
+    /// Entries that arrived before their key's removal are refused on read,
+    /// until the key is stored again.
+    removed: HashMap<String, u64>,
 }
 
 impl Index {
@@ -144,11 +163,24 @@ impl Index {
         }
     }
 
-    fn remove(&mut self, key: &str) {
+    fn remove(&mut self, key: &str, at_ms: u64) {
+        if self.removed.len() >= REMOVALS_PRUNE_AT {
+            self.removed
+                .retain(|_, t| at_ms.saturating_sub(*t) < REMOVAL_MEMORY_MS);
+        }
+        self.removed.insert(key.to_owned(), at_ms);
         self.keys.remove(key);
         for tag in self.key_tags.remove(key).unwrap_or_default() {
             self.unlink_tag(&tag, key);
         }
+    }
+
+    /// Whether `key` was removed after an entry that arrived at
+    /// `response_time_ms` was stored.
+    fn removed_since(&self, key: &str, response_time_ms: u64) -> bool {
+        self.removed
+            .get(key)
+            .is_some_and(|&at| at >= response_time_ms)
     }
 
     fn unlink_tag(&mut self, tag: &str, key: &str) {
@@ -201,13 +233,37 @@ fn now() -> SystemTime {
     SystemTime::now()
 }
 
+/// How long an entry is kept past its windows (see the module doc).
+fn keep_for(entry: &Entry) -> Duration {
+    let revalidatable = entry.kind == EntryKind::VaryMarker
+        || entry.headers.contains_key(http::header::ETAG)
+        || entry.headers.contains_key(http::header::LAST_MODIFIED);
+    if revalidatable {
+        KEEP_FOR_REVALIDATION
+    } else {
+        Duration::ZERO
+    }
+}
+
+/// The age past which an entry is of no use: beyond its freshness (none
+/// once soft-purged), its stale windows and the time it is kept for
+/// revalidation.
+fn useful_for(entry: &Entry) -> Duration {
+    let lifetime = entry.lifetime();
+    lifetime
+        .freshness
+        .saturating_add(lifetime.swr.max(lifetime.sie))
+        .saturating_add(keep_for(entry))
+}
+
+/// Whether an entry is of no use any more at `now`.
+fn is_useless(entry: &Entry, now: SystemTime) -> bool {
+    entry.age_at(now) >= useful_for(entry)
+}
+
 /// When an entry stops being of any use, Unix milliseconds.
 fn useless_after_ms(entry: &Entry) -> u64 {
-    let window = entry.swr.max(entry.sie);
-    let life = entry
-        .freshness
-        .saturating_add(window)
-        .saturating_sub(entry.initial_age);
+    let life = useful_for(entry).saturating_sub(entry.initial_age);
     entry
         .response_time_ms
         .saturating_add(u64::try_from(life.as_millis()).unwrap_or(u64::MAX))
@@ -273,7 +329,7 @@ impl Store {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// Reads an entry by full key. Entries beyond all their windows are
+    /// Reads an entry by full key. Entries of no use any more (see the module doc) are
     /// removed and not returned; unreadable ones are dropped.
     pub async fn get(&self, key: &str) -> Option<Arc<Entry>> {
         let found = match self.cache.get(key).await {
@@ -290,7 +346,13 @@ impl Store {
         };
         let entry = found.value().0.clone();
         drop(found);
-        if entry.staleness_at(now()) == Staleness::Expired {
+        if self.index().removed_since(key, entry.response_time_ms) {
+            // A removed entry read back from foyer's write queue.
+            metrics::counter!("portico_cache_reads_total", "result" => "purged").increment(1);
+            self.cache.remove(key);
+            return None;
+        }
+        if is_useless(&entry, now()) {
             metrics::counter!("portico_cache_reads_total", "result" => "expired").increment(1);
             self.remove(key);
             return None;
@@ -307,7 +369,12 @@ impl Store {
             metrics::counter!("portico_cache_stores_total", "result" => "too-large").increment(1);
             return false;
         }
-        self.index().add(&key, &entry);
+        {
+            let mut index = self.index();
+            // The new entry replaces any queued removed one in foyer too.
+            index.removed.remove(&key);
+            index.add(&key, &entry);
+        }
         self.cache.insert(key, Stored(Arc::new(entry)));
         metrics::counter!("portico_cache_stores_total", "result" => "stored").increment(1);
         true
@@ -315,7 +382,14 @@ impl Store {
 
     /// Removes one full key, from memory and disk (a tombstone on disk).
     pub fn remove(&self, key: &str) {
-        self.index().remove(key);
+        let at = u64::try_from(
+            now()
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_millis(),
+        )
+        .unwrap_or(u64::MAX);
+        self.index().remove(key, at);
         self.cache.remove(key);
     }
 
@@ -483,7 +557,7 @@ impl Store {
             }
             let mut marked = Entry::clone(&entry);
             marked.soft_purged = true;
-            if marked.staleness_at(now()) == Staleness::Expired {
+            if is_useless(&marked, now()) {
                 self.remove(&key);
             } else {
                 self.insert(key, marked);

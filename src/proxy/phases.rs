@@ -7,7 +7,9 @@ use super::body::{self, BoxError, RequestBody, ResponseBody};
 use super::errors::{ErrorPages, ProxyError};
 use super::hygiene::{self, ForwardContext, ResponseHygiene};
 use super::listener::{ConnInfo, Handler};
-use crate::cache::control::{self, CacheStatus, Forward, Overrides, RequestDirectives, Reuse};
+use crate::cache::control::{
+    self, CacheStatus, Forward, Overrides, RequestDirectives, Reuse, Staleness,
+};
 use crate::cache::entry::{Entry, Received};
 use crate::cache::{Coalescer, Lookup, Outcome as Flight, Role, Store};
 use crate::compress;
@@ -250,7 +252,14 @@ impl Gateway {
                         return Ok(self.deliver(gen, rule, &parts, &entry, &status, now));
                     }
                     Reuse::Revalidate { stale_if_error } => {
-                        (Forward::Stale, Some((entry, stale_if_error)))
+                        // RFC 9211 section 2.2: `request` when a fresh copy
+                        // was refused by the request's own directives.
+                        let reason = if entry.staleness_at(now) == Staleness::Fresh {
+                            Forward::Request
+                        } else {
+                            Forward::Stale
+                        };
+                        (reason, Some((entry, stale_if_error)))
                     }
                     Reuse::GatewayTimeout => return Err(ProxyError::GatewayTimeout),
                 }
@@ -315,7 +324,7 @@ impl Gateway {
             .await;
         log.upstream = Some(started.elapsed());
         match fetched {
-            Ok(Filled::Stored(entry, fwd_status)) => {
+            Ok(Filled::Stored(entry, fwd_status, cookies)) => {
                 if let Some(l) = leader {
                     l.publish(Flight::Ready(entry.clone()));
                 }
@@ -326,7 +335,12 @@ impl Gateway {
                     collapsed: false,
                     detail: None,
                 };
-                Ok(self.deliver(gen, rule, &parts, &entry, &status, SystemTime::now()))
+                let mut resp = self.deliver(gen, rule, &parts, &entry, &status, SystemTime::now());
+                // The cookie was set for this client alone; the stored copy has none.
+                for c in cookies {
+                    resp.headers_mut().append(header::SET_COOKIE, c);
+                }
+                Ok(resp)
             }
             Ok(Filled::Passed(mut resp, detail)) => {
                 if let Some(l) = leader {
@@ -520,7 +534,7 @@ impl Gateway {
                 if let Ok(e) = refreshed {
                     let e = Arc::new(e);
                     self.inner.store.store_response(key, Entry::clone(&e)).await;
-                    return Ok(Filled::Stored(e, 304));
+                    return Ok(Filled::Stored(e, 304, Vec::new()));
                 }
                 // The refreshed copy may no longer be stored: pass the old body once.
                 let mut resp = Response::from_parts(head, body::full(entry.body.clone()));
@@ -587,6 +601,12 @@ impl Gateway {
                 "too-large",
             ));
         }
+        let cookies: Vec<HeaderValue> = head
+            .headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .cloned()
+            .collect();
         let received = Received {
             status: head.status,
             headers: head.headers,
@@ -615,7 +635,7 @@ impl Gateway {
                 .increment(1);
         }
         let status = entry.status.as_u16();
-        Ok(Filled::Stored(entry, status))
+        Ok(Filled::Stored(entry, status, cookies))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -706,7 +726,7 @@ impl Gateway {
                 .fill(&gen, rule, &d, &key, &bg_parts, &conn, &host, Some(&entry))
                 .await
             {
-                Ok(Filled::Stored(e, _)) => leader.publish(Flight::Ready(e)),
+                Ok(Filled::Stored(e, ..)) => leader.publish(Flight::Ready(e)),
                 Ok(Filled::Passed(..)) => leader.publish(Flight::NotStorable),
                 Err(e) => {
                     tracing::debug!(key, error = %e, "background refresh failed");
@@ -1004,8 +1024,10 @@ impl Handler for Gateway {
 
 /// The result of filling the cache for a request.
 enum Filled {
-    /// Stored (or refreshed); deliver from the entry. The status the origin answered.
-    Stored(Arc<Entry>, u16),
+    /// Stored (or refreshed); deliver from the entry. The status the origin
+    /// answered, and the `Set-Cookie` values (not stored) for the client
+    /// whose request filled the cache.
+    Stored(Arc<Entry>, u16, Vec<HeaderValue>),
     /// Not stored: pass the origin's response through, with the reason.
     Passed(Response<ResponseBody>, &'static str),
 }

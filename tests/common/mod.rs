@@ -248,3 +248,143 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Got 
 pub fn addr(p: &Running) -> SocketAddr {
     p.listen_addrs()[0]
 }
+
+/// Runs `f`, failing the test when it takes longer than 30 seconds.
+pub async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(Duration::from_secs(30), f)
+        .await
+        .expect("test took too long")
+}
+
+/// Sends a request to the admin listener, with `Authorization: Bearer
+/// TOKEN` when a token is given.
+pub async fn admin(p: &Running, method: &str, path: &str, token: Option<&str>) -> Got {
+    let at = p.admin_addr().expect("the admin listener is up");
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let headers: Vec<(&str, &str)> = auth
+        .as_deref()
+        .map(|a| vec![("authorization", a)])
+        .unwrap_or_default();
+    send(at, method, path, &headers, Bytes::new()).await
+}
+
+/// Waits until `cond` holds, polling every 10 ms, for at most 5 seconds.
+pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
+    let wait = async {
+        while !cond() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(5), wait)
+        .await
+        .is_err()
+    {
+        panic!("timed out waiting for {what}");
+    }
+}
+
+/// An address on 127.0.0.1 where nothing listens.
+pub async fn dead_addr() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    l.local_addr().expect("address")
+}
+
+/// Overwrites every byte of every file under `dir` with a pattern; returns
+/// how many files it changed.
+pub fn scramble_files(dir: &std::path::Path) -> usize {
+    let mut files = 0;
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(path) = stack.pop() {
+        if path.is_dir() {
+            for entry in std::fs::read_dir(&path).expect("read dir") {
+                stack.push(entry.expect("dir entry").path());
+            }
+            continue;
+        }
+        let len = std::fs::metadata(&path).expect("metadata").len() as usize;
+        let garbage: Vec<u8> = (0..len).map(|i| (i * 31 + 7) as u8).collect();
+        std::fs::write(&path, garbage).expect("overwrite");
+        files += 1;
+    }
+    files
+}
+
+/// Loads policy text, panicking with the diagnostics when it is refused.
+pub fn load_policy(text: &str) -> portico::policy::Policy {
+    portico::policy::load(text, "test.policy")
+        .unwrap_or_else(|e| panic!("test policy refused:\n{e}"))
+}
+
+/// A bare origin on a free loopback port that answers each request with the
+/// same raw HTTP/1.1 bytes and closes the connection; for responses the
+/// scripted [`Origin`] cannot make (a chunked body of unknown length).
+pub struct RawOrigin {
+    pub addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawOrigin {
+    pub async fn start(response: Vec<u8>) -> RawOrigin {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("origin address");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let response = Arc::new(response);
+        let counter = requests.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((mut stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let (counter, response) = (counter.clone(), response.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    counter.fetch_add(1, Ordering::SeqCst);
+                    let _ = stream.write_all(&response).await;
+                    let _ = stream.shutdown().await;
+                });
+            }
+        });
+        RawOrigin {
+            addr,
+            requests,
+            task,
+        }
+    }
+
+    /// How many requests reached it.
+    pub fn count(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for RawOrigin {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// A 200 response with a chunked body of `len` bytes (`i % 251` each) and
+/// the given extra header lines.
+pub fn chunked_response(len: usize, extra: &str) -> (Vec<u8>, Vec<u8>) {
+    let body: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+    let mut out = format!(
+        "HTTP/1.1 200 OK\r\n{extra}transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+    )
+    .into_bytes();
+    for chunk in body.chunks(64 * 1024) {
+        out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+        out.extend_from_slice(chunk);
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(b"0\r\n\r\n");
+    (out, body)
+}

@@ -1,0 +1,211 @@
+//! What the cache does for a slow or failing origin, end to end: request
+//! coalescing, hit-for-miss, stale-while-revalidate and stale-if-error.
+
+mod common;
+use common::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+const CACHED: &str = "rule all { route app cache { } }";
+
+/// Sends `n` GETs for `path` at once; returns the responses.
+async fn burst(at: std::net::SocketAddr, path: &'static str, n: usize) -> Vec<Got> {
+    let tasks: Vec<_> = (0..n)
+        .map(|_| tokio::spawn(async move { get(at, path, &[]).await }))
+        .collect();
+    let mut out = Vec::with_capacity(n);
+    for t in tasks {
+        out.push(t.await.expect("request task"));
+    }
+    out
+}
+
+#[tokio::test]
+async fn concurrent_misses_for_one_key_make_one_origin_request() {
+    bounded(async {
+        let origin = Origin::start_with_delay(Duration::from_millis(300), |_| {
+            reply(200, &[("cache-control", "max-age=60")], "shared")
+        })
+        .await;
+        let p = proxy(&policy_for(&origin, CACHED)).await;
+        let all = burst(addr(&p), "/hot", 50).await;
+        assert_eq!(origin.count(), 1, "one origin request for 50 clients");
+        assert!(all.iter().all(|r| r.status == 200 && r.text() == "shared"));
+        let collapsed = all
+            .iter()
+            .filter(|r| r.cache_status().contains("collapsed"))
+            .count();
+        assert!(collapsed >= 25, "only {collapsed} of 50 collapsed");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn waiters_on_an_uncacheable_response_go_to_the_origin_at_once() {
+    bounded(async {
+        let delay = Duration::from_millis(500);
+        let origin = Origin::start_with_delay(delay, |_| {
+            reply(200, &[("cache-control", "private")], "mine")
+        })
+        .await;
+        let p = proxy(&policy_for(&origin, CACHED)).await;
+        let n = 10;
+        let started = Instant::now();
+        let all = burst(addr(&p), "/private", n).await;
+        let took = started.elapsed();
+        assert!(all.iter().all(|r| r.text() == "mine"));
+        assert_eq!(origin.count(), n, "each got its own answer");
+        // The leader's answer, then every waiter together: about two
+        // delays, far from one after another (n delays).
+        assert!(took < delay * 4, "took {took:?}");
+
+        // Hit-for-miss: now nobody waits for a leader at all.
+        let started = Instant::now();
+        let all = burst(addr(&p), "/private", n).await;
+        let took = started.elapsed();
+        assert!(all.iter().all(|r| r.text() == "mine"));
+        assert!(all.iter().all(|r| !r.cache_status().contains("collapsed")));
+        assert_eq!(origin.count(), 2 * n);
+        assert!(took < delay * 2 - delay / 4, "took {took:?}");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stale_while_revalidate_serves_at_once_and_refreshes_once() {
+    bounded(async {
+        let n = Arc::new(AtomicUsize::new(0));
+        let seen = n.clone();
+        let origin = Origin::start_with_delay(Duration::from_millis(400), move |_| {
+            if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                // Stale on arrival, inside its stale-while-revalidate window.
+                reply(
+                    200,
+                    &[
+                        ("cache-control", "max-age=1, stale-while-revalidate=60"),
+                        ("age", "2"),
+                    ],
+                    "old",
+                )
+            } else {
+                reply(200, &[("cache-control", "max-age=60")], "new")
+            }
+        })
+        .await;
+        let p = proxy(&policy_for(&origin, CACHED)).await;
+        assert_eq!(get(addr(&p), "/swr", &[]).await.text(), "old");
+
+        let started = Instant::now();
+        let all = burst(addr(&p), "/swr", 10).await;
+        let took = started.elapsed();
+        assert!(
+            took < Duration::from_millis(300),
+            "stale answers took {took:?}"
+        );
+        for r in &all {
+            assert_eq!(r.text(), "old");
+            assert!(
+                r.cache_status().contains("detail=stale-while-revalidate"),
+                "{}",
+                r.cache_status()
+            );
+        }
+        eventually("the background refresh", || origin.count() == 2).await;
+        let mut fresh = get(addr(&p), "/swr", &[]).await;
+        let wait = Instant::now();
+        while fresh.text() != "new" && wait.elapsed() < Duration::from_secs(3) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            fresh = get(addr(&p), "/swr", &[]).await;
+        }
+        assert_eq!(fresh.text(), "new");
+        assert!(fresh.is_hit(), "{}", fresh.cache_status());
+        assert_eq!(origin.count(), 2, "exactly one background refresh");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+/// An origin whose first answer is stale on arrival with the given
+/// `stale-if-error`, and which answers 500 afterwards.
+async fn failing_after_first(stale_if_error: u32) -> Origin {
+    let n = Arc::new(AtomicUsize::new(0));
+    Origin::start(move |_| {
+        if n.fetch_add(1, Ordering::SeqCst) == 0 {
+            reply(
+                200,
+                &[
+                    (
+                        "cache-control",
+                        &format!("max-age=1, stale-if-error={stale_if_error}"),
+                    ),
+                    ("age", "5"),
+                ],
+                "stale copy",
+            )
+        } else {
+            reply(500, &[], "origin broke")
+        }
+    })
+    .await
+}
+
+#[tokio::test]
+async fn stale_if_error_covers_an_origin_answering_500() {
+    bounded(async {
+        let origin = failing_after_first(60).await;
+        let p = proxy(&policy_for(&origin, CACHED)).await;
+        get(addr(&p), "/sie", &[]).await;
+        let r = get(addr(&p), "/sie", &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "stale copy");
+        let cs = r.cache_status();
+        assert!(cs.contains("fwd=stale; fwd-status=500"), "{cs}");
+        assert!(cs.contains("detail=stale-if-error"), "{cs}");
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+
+        // Outside the window the error goes through.
+        let origin = failing_after_first(2).await;
+        let p = proxy(&policy_for(&origin, CACHED)).await;
+        get(addr(&p), "/sie", &[]).await;
+        let r = get(addr(&p), "/sie", &[]).await;
+        assert_eq!(r.status, 500);
+        assert_eq!(r.text(), "origin broke");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stale_if_error_covers_an_origin_that_is_down() {
+    bounded(async {
+        for (window, served) in [(60, true), (2, false)] {
+            let origin = failing_after_first(window).await;
+            let p = proxy(&policy_for(&origin, CACHED)).await;
+            get(addr(&p), "/down", &[]).await;
+            // The origin goes away: the same policy, pointed at a closed port.
+            let dead = dead_addr().await;
+            origin.stop();
+            p.reload(load_policy(&format!(
+                "backend app {{\n  server \"{dead}\"\n}}\n{CACHED}\n"
+            )))
+            .await
+            .expect("reload");
+            let r = get(addr(&p), "/down", &[]).await;
+            let cs = r.cache_status();
+            if served {
+                assert_eq!(r.status, 200, "{cs}");
+                assert_eq!(r.text(), "stale copy");
+                assert!(cs.contains("detail=stale-if-error"), "{cs}");
+            } else {
+                assert!(r.status.is_server_error(), "{}: {cs}", r.status);
+                assert_ne!(r.text(), "stale copy");
+            }
+            p.shutdown().await;
+        }
+    })
+    .await;
+}

@@ -1,0 +1,1039 @@
+//! The cache's HTTP semantics end to end: a real origin that counts
+//! requests, Portico in-process, a plain client. Each test states one
+//! promise of RFC 9111 (or of Portico's own policy) and checks it by what
+//! reaches the origin and what the client sees.
+
+mod common;
+use common::*;
+
+const CACHED: &str = "rule all { route app cache { } }";
+
+/// A proxy caching everything in front of `origin`.
+async fn cached(origin: &Origin) -> portico::run::Running {
+    proxy(&policy_for(origin, CACHED)).await
+}
+
+/// An IMF-fixdate (RFC 9110 section 5.6.7).
+fn http_date(t: std::time::SystemTime) -> String {
+    let secs = t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    let weekday = ["Thu", "Fri", "Sat", "Sun", "Mon", "Tue", "Wed"][days.rem_euclid(7) as usize];
+    let months = [
+        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+    ];
+    format!(
+        "{weekday}, {day:02} {} {year} {:02}:{:02}:{:02} GMT",
+        months[(month - 1) as usize],
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[test]
+fn http_dates_format_and_parse_back() {
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_secs(784_111_777);
+    assert_eq!(http_date(t), "Sun, 06 Nov 1994 08:49:37 GMT");
+    assert_eq!(
+        portico::cache::date::parse_http_date(&http_date(t)),
+        Some(t)
+    );
+}
+
+#[tokio::test]
+async fn only_get_and_head_are_stored() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[("cache-control", "max-age=60")], "x")).await;
+        let p = cached(&origin).await;
+        for _ in 0..2 {
+            let r = send(addr(&p), "POST", "/form", &[], "data").await;
+            assert_eq!(r.status, 200);
+            assert!(
+                r.cache_status().contains("fwd=method"),
+                "{}",
+                r.cache_status()
+            );
+            assert!(!r.cache_status().contains("stored"));
+        }
+        assert_eq!(origin.count_path("/form"), 2);
+        // A HEAD miss fills with GET; the next GET is a hit.
+        let h = send(addr(&p), "HEAD", "/page", &[], "").await;
+        assert_eq!(h.status, 200);
+        assert!(h.body.is_empty());
+        let g = get(addr(&p), "/page", &[]).await;
+        assert!(g.is_hit(), "{}", g.cache_status());
+        assert_eq!(g.text(), "x");
+        assert_eq!(origin.count_path("/page"), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_404_with_max_age_is_stored() {
+    bounded(async {
+        let origin =
+            Origin::start(|_| reply(404, &[("cache-control", "max-age=60")], "nope")).await;
+        let p = cached(&origin).await;
+        let first = get(addr(&p), "/missing", &[]).await;
+        assert_eq!(first.status, 404);
+        let second = get(addr(&p), "/missing", &[]).await;
+        assert_eq!(second.status, 404);
+        assert!(second.is_hit(), "{}", second.cache_status());
+        assert_eq!(origin.count_path("/missing"), 1);
+
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_500_without_freshness_is_not_stored() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(500, &[], "boom")).await;
+        let p = cached(&origin).await;
+        for _ in 0..2 {
+            let r = get(addr(&p), "/broken", &[]).await;
+            assert_eq!(r.status, 500);
+            let cs = r.cache_status();
+            assert!(cs.contains("fwd=uri-miss; fwd-status=500"), "{cs}");
+            assert!(cs.contains("detail=status"), "{cs}");
+        }
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn no_store_and_private_are_not_stored() {
+    bounded(async {
+        let origin = Origin::start(|s| match s.uri.path() {
+            "/ns" => reply(200, &[("cache-control", "no-store, max-age=60")], "a"),
+            _ => reply(200, &[("cache-control", "private, max-age=60")], "b"),
+        })
+        .await;
+        let p = cached(&origin).await;
+        for (path, why) in [("/ns", "no-store"), ("/priv", "private")] {
+            for _ in 0..2 {
+                let r = get(addr(&p), path, &[]).await;
+                assert_eq!(r.status, 200);
+                assert!(
+                    r.cache_status().contains(&format!("detail={why}")),
+                    "{}",
+                    r.cache_status()
+                );
+            }
+            assert_eq!(origin.count_path(path), 2, "{path}");
+        }
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn authorized_requests_are_stored_only_when_the_response_allows() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            let cc = match s.uri.path() {
+                "/plain" => "max-age=60",
+                "/public" => "public, max-age=60",
+                "/shared" => "s-maxage=60",
+                _ => "max-age=60, must-revalidate",
+            };
+            reply(200, &[("cache-control", cc)], "secret-ish")
+        })
+        .await;
+        let p = cached(&origin).await;
+        let auth = [("authorization", "Bearer abc")];
+        for _ in 0..2 {
+            let r = get(addr(&p), "/plain", &auth).await;
+            assert!(
+                r.cache_status().contains("detail=authorization"),
+                "{}",
+                r.cache_status()
+            );
+        }
+        assert_eq!(origin.count_path("/plain"), 2);
+        for path in ["/public", "/shared", "/revalidated"] {
+            get(addr(&p), path, &auth).await;
+            let again = get(addr(&p), path, &auth).await;
+            assert!(again.is_hit(), "{path}: {}", again.cache_status());
+            assert_eq!(origin.count_path(path), 1, "{path}");
+        }
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn set_cookie_is_never_stored_by_default() {
+    bounded(async {
+        let origin = Origin::start(|_| {
+            reply(
+                200,
+                &[("cache-control", "max-age=60"), ("set-cookie", "s=1")],
+                "c",
+            )
+        })
+        .await;
+        let p = cached(&origin).await;
+        for _ in 0..2 {
+            let r = get(addr(&p), "/c", &[]).await;
+            assert_eq!(r.header("set-cookie"), Some("s=1"));
+            assert!(
+                r.cache_status().contains("detail=set-cookie"),
+                "{}",
+                r.cache_status()
+            );
+        }
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn store_set_cookie_stores_without_the_cookie() {
+    bounded(async {
+        let origin = Origin::start(|_| {
+            reply(
+                200,
+                &[("cache-control", "max-age=60"), ("set-cookie", "s=1")],
+                "c",
+            )
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            "rule all { route app cache { store_set_cookie } }",
+        ))
+        .await;
+        let first = get(addr(&p), "/c", &[]).await;
+        assert!(
+            first.cache_status().contains("stored"),
+            "{}",
+            first.cache_status()
+        );
+        assert_eq!(
+            first.header("set-cookie"),
+            Some("s=1"),
+            "the client that filled the cache gets its cookie"
+        );
+        let hit = get(addr(&p), "/c", &[]).await;
+        assert!(hit.is_hit(), "{}", hit.cache_status());
+        assert_eq!(hit.header("set-cookie"), None);
+        assert_eq!(hit.text(), "c");
+        assert_eq!(origin.count(), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+/// The `ttl=` of a hit's Cache-Status.
+fn ttl(got: &Got) -> i64 {
+    let cs = got.cache_status();
+    let at = cs.find("ttl=").unwrap_or_else(|| panic!("no ttl in {cs}")) + 4;
+    cs[at..]
+        .split(';')
+        .next()
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("bad ttl in {cs}"))
+}
+
+#[tokio::test]
+async fn freshness_comes_from_s_maxage_max_age_expires_and_last_modified() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            let now = std::time::SystemTime::now();
+            let secs = std::time::Duration::from_secs;
+            match s.uri.path() {
+                "/s-maxage" => reply(200, &[("cache-control", "max-age=10, s-maxage=500")], "a"),
+                "/max-age" => reply(200, &[("cache-control", "max-age=300")], "b"),
+                "/expires" => reply(
+                    200,
+                    &[
+                        ("date", &http_date(now)),
+                        ("expires", &http_date(now + secs(200))),
+                    ],
+                    "c",
+                ),
+                _ => reply(
+                    200,
+                    &[
+                        ("date", &http_date(now)),
+                        ("last-modified", &http_date(now - secs(1000))),
+                    ],
+                    "d",
+                ),
+            }
+        })
+        .await;
+        let p = cached(&origin).await;
+        for (path, want) in [
+            ("/s-maxage", 500),
+            ("/max-age", 300),
+            ("/expires", 200),
+            ("/heuristic", 100),
+        ] {
+            get(addr(&p), path, &[]).await;
+            let hit = get(addr(&p), path, &[]).await;
+            assert!(hit.is_hit(), "{path}: {}", hit.cache_status());
+            let t = ttl(&hit);
+            assert!(
+                (want - 2..=want).contains(&t),
+                "{path}: ttl {t}, want {want}"
+            );
+            assert_eq!(origin.count_path(path), 1, "{path}");
+        }
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn age_on_hits_grows() {
+    bounded(async {
+        let origin =
+            Origin::start(|_| reply(200, &[("cache-control", "max-age=60"), ("age", "5")], "a"))
+                .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/a", &[]).await;
+        let first = get(addr(&p), "/a", &[]).await;
+        assert!(first.is_hit());
+        let age1: u64 = first.header("age").unwrap().parse().unwrap();
+        assert!(age1 >= 5, "age {age1}");
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let later = get(addr(&p), "/a", &[]).await;
+        let age2: u64 = later.header("age").unwrap().parse().unwrap();
+        assert!(age2 > age1, "age {age1} then {age2}");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn request_no_cache_and_max_age_0_and_min_fresh_go_to_the_origin() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            let inm = s.headers.contains_key("if-none-match");
+            if inm {
+                reply(
+                    304,
+                    &[("cache-control", "max-age=60"), ("etag", "\"v1\"")],
+                    "",
+                )
+            } else {
+                reply(
+                    200,
+                    &[("cache-control", "max-age=60"), ("etag", "\"v1\"")],
+                    "body",
+                )
+            }
+        })
+        .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/r", &[]).await;
+        let nc = get(addr(&p), "/r", &[("cache-control", "no-cache")]).await;
+        assert_eq!(nc.text(), "body");
+        assert!(
+            nc.cache_status().contains("fwd=request"),
+            "{}",
+            nc.cache_status()
+        );
+        assert_eq!(origin.count(), 2);
+        assert!(
+            origin.seen()[1].headers.contains_key("if-none-match"),
+            "no-cache revalidates with the stored validator"
+        );
+        let ma = get(addr(&p), "/r", &[("cache-control", "max-age=0")]).await;
+        assert_eq!(ma.text(), "body");
+        assert!(
+            ma.cache_status().contains("fwd=request"),
+            "{}",
+            ma.cache_status()
+        );
+        assert_eq!(origin.count(), 3);
+        let mf = get(addr(&p), "/r", &[("cache-control", "min-fresh=1000")]).await;
+        assert!(
+            mf.cache_status().contains("fwd=request"),
+            "{}",
+            mf.cache_status()
+        );
+        assert_eq!(origin.count(), 4);
+        let plain = get(addr(&p), "/r", &[]).await;
+        assert!(plain.is_hit(), "{}", plain.cache_status());
+        assert_eq!(origin.count(), 4);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn max_stale_serves_stale_and_only_if_cached_answers_504_on_a_miss() {
+    bounded(async {
+        // Age 100 over max-age 60: stale on arrival, and kept because it
+        // has a validator.
+        let origin = Origin::start(|_| {
+            reply(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("age", "100"),
+                    ("etag", "\"o\""),
+                ],
+                "old",
+            )
+        })
+        .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/s", &[]).await;
+        let stale = get(addr(&p), "/s", &[("cache-control", "max-stale=1000")]).await;
+        assert!(stale.is_hit(), "{}", stale.cache_status());
+        assert_eq!(stale.text(), "old");
+        assert!(ttl(&stale) < 0);
+        assert_eq!(origin.count(), 1);
+        let not_enough = get(addr(&p), "/s", &[("cache-control", "max-stale=10")]).await;
+        assert!(!not_enough.is_hit(), "{}", not_enough.cache_status());
+        assert_eq!(origin.count(), 2);
+
+        let miss = get(addr(&p), "/never", &[("cache-control", "only-if-cached")]).await;
+        assert_eq!(miss.status, 504);
+        assert_eq!(origin.count_path("/never"), 0);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stale_entries_are_revalidated_with_etag_and_304_refreshes_them() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            if s.headers
+                .get("if-none-match")
+                .is_some_and(|v| v == "\"v1\"")
+            {
+                reply(
+                    304,
+                    &[("cache-control", "max-age=60"), ("etag", "\"v1\"")],
+                    "",
+                )
+            } else {
+                // Stale on arrival, so the next request revalidates.
+                reply(
+                    200,
+                    &[
+                        ("cache-control", "max-age=60"),
+                        ("age", "100"),
+                        ("etag", "\"v1\""),
+                    ],
+                    "stored body",
+                )
+            }
+        })
+        .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/e", &[]).await;
+        let reval = get(addr(&p), "/e", &[]).await;
+        assert_eq!(reval.status, 200);
+        assert_eq!(reval.text(), "stored body");
+        let cs = reval.cache_status();
+        assert!(cs.contains("fwd=stale; fwd-status=304"), "{cs}");
+        assert_eq!(origin.count(), 2);
+        assert_eq!(
+            origin.seen()[1].headers.get("if-none-match").unwrap(),
+            "\"v1\""
+        );
+        let hit = get(addr(&p), "/e", &[]).await;
+        assert!(hit.is_hit(), "refreshed by the 304: {}", hit.cache_status());
+        assert_eq!(hit.text(), "stored body");
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn stale_entries_are_revalidated_with_last_modified() {
+    let modified = http_date(std::time::SystemTime::now() - std::time::Duration::from_secs(3600));
+    let lm = modified.clone();
+    bounded(async move {
+        let origin = Origin::start(move |s| {
+            if s.headers
+                .get("if-modified-since")
+                .is_some_and(|v| v == lm.as_str())
+            {
+                reply(304, &[("cache-control", "max-age=60")], "")
+            } else {
+                reply(
+                    200,
+                    &[
+                        ("cache-control", "max-age=60"),
+                        ("age", "100"),
+                        ("last-modified", lm.as_str()),
+                    ],
+                    "lm body",
+                )
+            }
+        })
+        .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/lm", &[]).await;
+        let reval = get(addr(&p), "/lm", &[]).await;
+        assert_eq!(reval.text(), "lm body");
+        assert!(
+            reval.cache_status().contains("fwd-status=304"),
+            "{}",
+            reval.cache_status()
+        );
+        assert_eq!(
+            origin.seen()[1].headers.get("if-modified-since").unwrap(),
+            modified.as_str()
+        );
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn client_conditionals_are_answered_304_from_the_cache() {
+    bounded(async {
+        let origin = Origin::start(|_| {
+            reply(
+                200,
+                &[("cache-control", "max-age=60"), ("etag", "\"abc\"")],
+                "full",
+            )
+        })
+        .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/c", &[]).await;
+        let nm = get(addr(&p), "/c", &[("if-none-match", "\"abc\"")]).await;
+        assert_eq!(nm.status, 304);
+        assert!(nm.body.is_empty());
+        assert_eq!(nm.header("etag"), Some("\"abc\""));
+        assert!(nm.is_hit(), "{}", nm.cache_status());
+        let other = get(addr(&p), "/c", &[("if-none-match", "\"zzz\"")]).await;
+        assert_eq!(other.status, 200);
+        assert_eq!(other.text(), "full");
+        // A conditional miss is filled whole: the origin never sees the
+        // client's validator.
+        let miss = get(addr(&p), "/d", &[("if-none-match", "\"abc\"")]).await;
+        assert_eq!(miss.status, 304);
+        assert!(!origin.seen()[1].headers.contains_key("if-none-match"));
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn targeted_cache_control_takes_precedence_and_can_be_stripped() {
+    bounded(async {
+        let origin = Origin::start(|s| match s.uri.path() {
+            "/cdn" => reply(
+                200,
+                &[
+                    ("cache-control", "no-store"),
+                    ("cdn-cache-control", "max-age=60"),
+                ],
+                "cdn",
+            ),
+            _ => reply(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("cdn-cache-control", "max-age=60"),
+                    ("portico-cache-control", "no-store"),
+                ],
+                "portico",
+            ),
+        })
+        .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/cdn", &[]).await;
+        let hit = get(addr(&p), "/cdn", &[]).await;
+        assert!(hit.is_hit(), "{}", hit.cache_status());
+        assert_eq!(hit.header("cdn-cache-control"), Some("max-age=60"));
+        assert_eq!(origin.count_path("/cdn"), 1);
+        for _ in 0..2 {
+            let r = get(addr(&p), "/portico", &[]).await;
+            assert!(
+                r.cache_status().contains("detail=no-store"),
+                "{}",
+                r.cache_status()
+            );
+        }
+        assert_eq!(origin.count_path("/portico"), 2);
+        p.shutdown().await;
+
+        let p = proxy(&policy_for(
+            &origin,
+            &format!("storage {{ strip_targeted }}\n{CACHED}"),
+        ))
+        .await;
+        let first = get(addr(&p), "/cdn", &[]).await;
+        assert_eq!(first.header("cdn-cache-control"), None);
+        let hit = get(addr(&p), "/cdn", &[]).await;
+        assert!(hit.is_hit());
+        assert_eq!(hit.header("cdn-cache-control"), None);
+        assert_eq!(hit.header("cache-control"), Some("no-store"));
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn vary_stores_one_variant_per_language() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            let lang = s
+                .headers
+                .get("accept-language")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_string();
+            reply(
+                200,
+                &[("cache-control", "max-age=60"), ("vary", "Accept-Language")],
+                format!("lang={lang}"),
+            )
+        })
+        .await;
+        let p = cached(&origin).await;
+        let en = get(addr(&p), "/v", &[("accept-language", "en")]).await;
+        assert_eq!(en.text(), "lang=en");
+        let fr = get(addr(&p), "/v", &[("accept-language", "fr")]).await;
+        assert_eq!(fr.text(), "lang=fr");
+        assert!(
+            fr.cache_status().contains("fwd=vary-miss"),
+            "{}",
+            fr.cache_status()
+        );
+        let en2 = get(addr(&p), "/v", &[("accept-language", "en")]).await;
+        assert!(en2.is_hit(), "{}", en2.cache_status());
+        assert_eq!(en2.text(), "lang=en");
+        let fr2 = get(addr(&p), "/v", &[("accept-language", "fr")]).await;
+        assert!(fr2.is_hit(), "{}", fr2.cache_status());
+        assert_eq!(fr2.text(), "lang=fr");
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn vary_accept_encoding_is_normalised_and_vary_star_is_not_stored() {
+    bounded(async {
+        let origin = Origin::start(|s| match s.uri.path() {
+            "/star" => reply(200, &[("cache-control", "max-age=60"), ("vary", "*")], "s"),
+            _ => reply(
+                200,
+                &[("cache-control", "max-age=60"), ("vary", "Accept-Encoding")],
+                "e",
+            ),
+        })
+        .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/enc", &[("accept-encoding", "gzip")]).await;
+        let shared = get(addr(&p), "/enc", &[("accept-encoding", "gzip, deflate")]).await;
+        assert!(shared.is_hit(), "{}", shared.cache_status());
+        assert_eq!(origin.count_path("/enc"), 1);
+        let identity = get(addr(&p), "/enc", &[]).await;
+        assert!(!identity.is_hit(), "{}", identity.cache_status());
+        assert_eq!(origin.count_path("/enc"), 2);
+
+        for _ in 0..2 {
+            let r = get(addr(&p), "/star", &[]).await;
+            assert!(
+                r.cache_status().contains("detail=vary-star"),
+                "{}",
+                r.cache_status()
+            );
+        }
+        assert_eq!(origin.count_path("/star"), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn head_is_answered_from_a_stored_get() {
+    bounded(async {
+        let origin =
+            Origin::start(|_| reply(200, &[("cache-control", "max-age=60")], "0123456789")).await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/h", &[]).await;
+        let head = send(addr(&p), "HEAD", "/h", &[], "").await;
+        assert_eq!(head.status, 200);
+        assert!(head.is_hit(), "{}", head.cache_status());
+        assert!(head.body.is_empty());
+        assert_eq!(head.header("content-length"), Some("10"));
+        assert_eq!(origin.count(), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn successful_unsafe_methods_invalidate_the_url_and_same_host_locations() {
+    bounded(async {
+        let origin = Origin::start(|s| match (s.method.as_str(), s.uri.path()) {
+            ("GET", _) => reply(200, &[("cache-control", "max-age=60")], "g"),
+            ("POST", "/items") => reply(
+                201,
+                &[
+                    ("location", "/items/2"),
+                    ("content-location", "http://test.example/items/3"),
+                ],
+                "",
+            ),
+            ("POST", "/elsewhere") => {
+                reply(303, &[("location", "http://other.example/items/4")], "")
+            }
+            ("PUT", "/fails") => reply(500, &[], ""),
+            _ => reply(204, &[], ""),
+        })
+        .await;
+        let p = cached(&origin).await;
+        let other = [("host", "other.example")];
+        for path in ["/items", "/items/2", "/items/3", "/fails", "/gone"] {
+            get(addr(&p), path, &[]).await;
+        }
+        get(addr(&p), "/items/4", &other).await;
+        let hits = |p: &portico::run::Running,
+                    path: &'static str,
+                    h: &'static [(&'static str, &'static str)]| {
+            let a = addr(p);
+            async move { get(a, path, h).await.is_hit() }
+        };
+        assert!(hits(&p, "/items", &[]).await);
+
+        send(addr(&p), "POST", "/items", &[], "new").await;
+        assert!(!hits(&p, "/items", &[]).await, "the target is invalidated");
+        assert!(!hits(&p, "/items/2", &[]).await, "Location is invalidated");
+        assert!(
+            !hits(&p, "/items/3", &[]).await,
+            "Content-Location is invalidated"
+        );
+
+        send(addr(&p), "POST", "/elsewhere", &[], "").await;
+        assert!(
+            hits(&p, "/items/4", &[("host", "other.example")]).await,
+            "another host's Location is left alone"
+        );
+        send(addr(&p), "PUT", "/fails", &[], "").await;
+        assert!(
+            hits(&p, "/fails", &[]).await,
+            "a failed PUT invalidates nothing"
+        );
+        send(addr(&p), "DELETE", "/gone", &[], "").await;
+        assert!(!hits(&p, "/gone", &[]).await, "DELETE invalidates");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn ranges_are_served_from_a_stored_object() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            assert!(
+                !s.headers.contains_key("range"),
+                "fills fetch whole objects"
+            );
+            reply(200, &[("cache-control", "max-age=60")], "0123456789")
+        })
+        .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/r", &[]).await;
+        let part = get(addr(&p), "/r", &[("range", "bytes=2-5")]).await;
+        assert_eq!(part.status, 206);
+        assert_eq!(part.text(), "2345");
+        assert_eq!(part.header("content-range"), Some("bytes 2-5/10"));
+        let tail = get(addr(&p), "/r", &[("range", "bytes=-3")]).await;
+        assert_eq!(tail.text(), "789");
+        let bad = get(addr(&p), "/r", &[("range", "bytes=50-")]).await;
+        assert_eq!(bad.status, 416);
+        assert_eq!(bad.header("content-range"), Some("bytes */10"));
+        // A range on a miss: filled whole, answered partially.
+        let cold = get(addr(&p), "/cold", &[("range", "bytes=0-0")]).await;
+        assert_eq!(cold.status, 206);
+        assert_eq!(cold.text(), "0");
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn cache_status_is_on_every_response() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[("cache-control", "max-age=60")], "x")).await;
+        let rules = "rule pass when path ^= \"/pass\" { route app cache off }\n\
+                     rule all { route app cache { } }";
+        let p = proxy(&policy_for(&origin, rules)).await;
+        let miss = get(addr(&p), "/a", &[]).await;
+        assert_eq!(
+            miss.cache_status(),
+            "Portico; fwd=uri-miss; fwd-status=200; stored"
+        );
+        let hit = get(addr(&p), "/a", &[]).await;
+        assert!(
+            hit.cache_status().starts_with("Portico; hit; ttl="),
+            "{}",
+            hit.cache_status()
+        );
+        let bypass = get(addr(&p), "/pass", &[]).await;
+        assert_eq!(bypass.cache_status(), "Portico; fwd=bypass; fwd-status=200");
+        let method = send(addr(&p), "DELETE", "/a", &[], "").await;
+        assert_eq!(method.cache_status(), "Portico; fwd=method; fwd-status=200");
+        let nc = get(addr(&p), "/a", &[]).await;
+        assert!(
+            nc.cache_status().contains("fwd=uri-miss"),
+            "{}",
+            nc.cache_status()
+        );
+        let req = get(addr(&p), "/a", &[("cache-control", "no-cache")]).await;
+        assert!(
+            req.cache_status()
+                .contains("fwd=request; fwd-status=200; stored"),
+            "{}",
+            req.cache_status()
+        );
+        p.shutdown().await;
+
+        let down = proxy(&format!(
+            "backend app {{\n  server \"{}\"\n}}\n{CACHED}\n",
+            dead_addr().await
+        ))
+        .await;
+        let err = get(addr(&down), "/x", &[]).await;
+        assert!(err.status.is_server_error());
+        assert!(
+            err.cache_status().starts_with("Portico; fwd="),
+            "{}",
+            err.cache_status()
+        );
+        assert!(
+            err.cache_status().contains("detail="),
+            "{}",
+            err.cache_status()
+        );
+        down.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn admin_purge_by_url_prefix_and_tag() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            let tag = if s.uri.path().starts_with("/t/") {
+                "red blue"
+            } else {
+                ""
+            };
+            reply(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("surrogate-key", tag),
+                    (
+                        "cache-tag",
+                        if s.uri.path() == "/t/3" { "green" } else { "" },
+                    ),
+                ],
+                "x",
+            )
+        })
+        .await;
+        let p = cached(&origin).await;
+        for path in ["/u", "/pre/1", "/pre/2", "/t/1", "/t/2", "/t/3"] {
+            get(addr(&p), path, &[]).await;
+        }
+        let is_hit = |path: &'static str| {
+            let a = addr(&p);
+            async move { get(a, path, &[]).await.is_hit() }
+        };
+        let r = admin(
+            &p,
+            "POST",
+            "/purge?url=http://test.example/u",
+            Some("secret"),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        assert!(r.text().contains("\"purged\":1"), "{}", r.text());
+        assert!(!is_hit("/u").await);
+
+        let r = admin(
+            &p,
+            "POST",
+            "/purge?prefix=http%3A%2F%2Ftest.example%2Fpre%2F",
+            Some("secret"),
+        )
+        .await;
+        assert!(r.text().contains("\"purged\":2"), "{}", r.text());
+        assert!(!is_hit("/pre/1").await);
+        assert!(!is_hit("/pre/2").await);
+
+        let r = admin(&p, "POST", "/purge?tag=green", Some("secret")).await;
+        assert!(r.text().contains("\"purged\":1"), "{}", r.text());
+        assert!(!is_hit("/t/3").await);
+        assert!(is_hit("/t/1").await);
+        let r = admin(&p, "POST", "/purge?tag=blue", Some("secret")).await;
+        assert!(r.text().contains("\"purged\":3"), "{}", r.text());
+        assert!(!is_hit("/t/1").await);
+        assert!(!is_hit("/t/2").await);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn admin_purge_needs_the_token() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[("cache-control", "max-age=60")], "x")).await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/u", &[]).await;
+        let none = admin(&p, "POST", "/purge?url=http://test.example/u", None).await;
+        assert_eq!(none.status, 401);
+        let wrong = admin(
+            &p,
+            "POST",
+            "/purge?url=http://test.example/u",
+            Some("guess"),
+        )
+        .await;
+        assert_eq!(wrong.status, 401);
+        let metrics = admin(&p, "GET", "/metrics", Some("nope")).await;
+        assert_eq!(metrics.status, 401);
+        assert!(get(addr(&p), "/u", &[]).await.is_hit());
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn soft_purge_serves_stale_while_refreshing() {
+    bounded(async {
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n2 = n.clone();
+        let origin = Origin::start(move |s| {
+            let v = n2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let tag = if s.uri.path() == "/t" { "k" } else { "" };
+            reply(
+                200,
+                &[("cache-control", "max-age=60"), ("surrogate-key", tag)],
+                format!("v{v}"),
+            )
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            "rule all { route app cache { stale_while_revalidate 30s } }",
+        ))
+        .await;
+        for (path, query) in [
+            ("/u", "url=http://test.example/u"),
+            ("/p/x", "prefix=http://test.example/p/"),
+            ("/t", "tag=k"),
+        ] {
+            let first = get(addr(&p), path, &[]).await;
+            let before = origin.count();
+            let r = admin(
+                &p,
+                "POST",
+                &format!("/purge?{query}&soft=1"),
+                Some("secret"),
+            )
+            .await;
+            assert_eq!(r.status, 200);
+            assert!(r.text().contains("\"purged\":1"), "{query}: {}", r.text());
+            assert!(r.text().contains("\"soft\":true"), "{}", r.text());
+            let stale = get(addr(&p), path, &[]).await;
+            assert_eq!(stale.text(), first.text(), "{path}: the stale copy");
+            assert!(
+                stale
+                    .cache_status()
+                    .contains("detail=stale-while-revalidate"),
+                "{path}: {}",
+                stale.cache_status()
+            );
+            eventually("the background refresh", || origin.count() == before + 1).await;
+            eventually("the refreshed copy", || true).await;
+            let mut fresh = get(addr(&p), path, &[]).await;
+            for _ in 0..50 {
+                if fresh.text() != first.text() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                fresh = get(addr(&p), path, &[]).await;
+            }
+            assert!(fresh.is_hit(), "{}", fresh.cache_status());
+            assert_ne!(fresh.text(), first.text(), "{path}: refreshed");
+            assert_eq!(origin.count(), before + 1, "{path}: one refresh");
+        }
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn purge_method_is_allowed_only_from_listed_addresses() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[("cache-control", "max-age=60")], "x")).await;
+        let allowed = format!("purge {{ allow [127.0.0.1] }}\n{CACHED}");
+        let p = proxy(&policy_for(&origin, &allowed)).await;
+        get(addr(&p), "/a", &[]).await;
+        let r = send(addr(&p), "PURGE", "/a", &[], "").await;
+        assert_eq!(r.status, 200);
+        assert!(r.text().contains("\"purged\":1"), "{}", r.text());
+        assert!(!get(addr(&p), "/a", &[]).await.is_hit());
+        p.shutdown().await;
+
+        let denied = format!("purge {{ allow [10.0.0.0/8] }}\n{CACHED}");
+        let p = proxy(&policy_for(&origin, &denied)).await;
+        get(addr(&p), "/a", &[]).await;
+        let r = send(addr(&p), "PURGE", "/a", &[], "").await;
+        assert_eq!(r.status, 403);
+        assert!(get(addr(&p), "/a", &[]).await.is_hit());
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn metrics_count_hits_misses_and_stores() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[("cache-control", "max-age=60")], "x")).await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/m", &[]).await;
+        get(addr(&p), "/m", &[]).await;
+        let m = admin(&p, "GET", "/metrics", Some("secret")).await;
+        assert_eq!(m.status, 200);
+        let text = m.text();
+        for line in [
+            "portico_cache_results_total{result=\"hit\"}",
+            "portico_cache_results_total{result=\"uri-miss\"}",
+            "portico_cache_stores_total{result=\"stored\"}",
+        ] {
+            assert!(text.contains(line), "missing {line} in:\n{text}");
+        }
+        p.shutdown().await;
+    })
+    .await;
+}

@@ -1,0 +1,177 @@
+//! The disk tier end to end: what Portico stored, purged or could not read
+//! before a restart, seen through a real origin that counts requests. The
+//! memory tier is kept tiny so that objects live on disk.
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::time::Duration;
+
+/// A policy caching everything from `origin`, with its disk tier in `dir`.
+fn on_disk(origin: std::net::SocketAddr, dir: &Path, max_object: &str) -> String {
+    format!(
+        "storage {{ memory 64KiB max_object {max_object} disk \"{}\" 16MiB }}\n\
+         backend app {{\n  server \"{origin}\"\n}}\n\
+         rule all {{ route app cache {{ }} }}\n",
+        dir.display()
+    )
+}
+
+async fn start(origin: std::net::SocketAddr, dir: &Path) -> portico::run::Running {
+    proxy_with(&on_disk(origin, dir, "1MiB"), Some(dir)).await
+}
+
+#[tokio::test]
+async fn a_stored_object_is_a_hit_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    bounded(async {
+        let origin =
+            Origin::start(|_| reply(200, &[("cache-control", "max-age=600")], "kept")).await;
+        let p = start(origin.addr, dir.path()).await;
+        assert_eq!(get(addr(&p), "/a", &[]).await.text(), "kept");
+        p.shutdown().await;
+
+        let p = start(origin.addr, dir.path()).await;
+        let again = get(addr(&p), "/a", &[]).await;
+        assert!(again.is_hit(), "{}", again.cache_status());
+        assert_eq!(again.text(), "kept");
+        assert_eq!(origin.count(), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_purged_object_stays_purged_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[("cache-control", "max-age=600")], "x")).await;
+        let p = start(origin.addr, dir.path()).await;
+        get(addr(&p), "/gone", &[]).await;
+        get(addr(&p), "/kept", &[]).await;
+        let r = admin(
+            &p,
+            "POST",
+            "/purge?url=http://test.example/gone",
+            Some("secret"),
+        )
+        .await;
+        assert!(r.text().contains("\"purged\":1"), "{}", r.text());
+        p.shutdown().await;
+
+        let p = start(origin.addr, dir.path()).await;
+        let gone = get(addr(&p), "/gone", &[]).await;
+        assert!(!gone.is_hit(), "{}", gone.cache_status());
+        assert_eq!(origin.count_path("/gone"), 2);
+        assert!(get(addr(&p), "/kept", &[]).await.is_hit());
+        assert_eq!(origin.count_path("/kept"), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn corrupt_cache_files_are_dropped_and_fetched_again() {
+    let dir = tempfile::tempdir().unwrap();
+    bounded(async {
+        let origin =
+            Origin::start(|_| reply(200, &[("cache-control", "max-age=600")], "pristine")).await;
+        let p = start(origin.addr, dir.path()).await;
+        get(addr(&p), "/a", &[]).await;
+        get(addr(&p), "/b", &[]).await;
+        p.shutdown().await;
+
+        assert!(scramble_files(dir.path()) > 0, "the disk tier wrote files");
+
+        let p = start(origin.addr, dir.path()).await;
+        for path in ["/a", "/b"] {
+            let r = get(addr(&p), path, &[]).await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.text(), "pristine");
+            assert!(!r.is_hit(), "{path}: {}", r.cache_status());
+            assert_eq!(origin.count_path(path), 2, "{path}");
+            assert!(
+                get(addr(&p), path, &[]).await.is_hit(),
+                "{path}: stored again"
+            );
+        }
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_object_above_max_object_streams_through_and_is_not_stored() {
+    bounded(async {
+        // Known length: refused on the Content-Length.
+        let big = "z".repeat(3 << 20);
+        let body = big.clone();
+        let origin =
+            Origin::start(move |_| reply(200, &[("cache-control", "max-age=600")], body.clone()))
+                .await;
+        let p = proxy(&policy_for(
+            &origin,
+            "storage { max_object 1MiB }\nrule all { route app cache { } }",
+        ))
+        .await;
+        for _ in 0..2 {
+            let r = get(addr(&p), "/big", &[]).await;
+            assert_eq!(r.body.len(), big.len());
+            assert!(r.body == big.as_bytes());
+            assert!(
+                r.cache_status().contains("detail=too-large"),
+                "{}",
+                r.cache_status()
+            );
+        }
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+
+        // Unknown length (chunked): the part read so far and the rest
+        // reach the client whole.
+        let (raw, body) = chunked_response(3 << 20, "cache-control: max-age=600\r\n");
+        let origin = RawOrigin::start(raw).await;
+        let p = proxy(&format!(
+            "storage {{ max_object 1MiB }}\nbackend app {{\n  server \"{}\"\n}}\n\
+             rule all {{ route app cache {{ }} }}\n",
+            origin.addr
+        ))
+        .await;
+        for _ in 0..2 {
+            let r = get(addr(&p), "/stream", &[]).await;
+            assert_eq!(r.status, 200);
+            assert_eq!(r.body.len(), body.len());
+            assert!(r.body == body, "the streamed body is intact");
+            assert!(
+                r.cache_status().contains("detail=too-large"),
+                "{}",
+                r.cache_status()
+            );
+        }
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn expiry_is_checked_on_read_after_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    bounded(async {
+        let origin =
+            Origin::start(|_| reply(200, &[("cache-control", "max-age=1")], "short")).await;
+        let p = start(origin.addr, dir.path()).await;
+        get(addr(&p), "/e", &[]).await;
+        assert!(get(addr(&p), "/e", &[]).await.is_hit());
+        p.shutdown().await;
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+
+        let p = start(origin.addr, dir.path()).await;
+        let r = get(addr(&p), "/e", &[]).await;
+        assert!(!r.is_hit(), "{}", r.cache_status());
+        assert_eq!(r.text(), "short");
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
