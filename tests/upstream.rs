@@ -558,6 +558,16 @@ async fn https_backend_verified_against_ca_file() {
         let err = get(&pool, "/x").await.unwrap_err();
         assert_eq!(err.status(), StatusCode::BAD_GATEWAY, "{err}");
         assert_eq!(a.requests(), 3);
+
+        // Without a CA file the system's roots decide: a private CA is not among them.
+        cfg.tls = Some(UpstreamTls {
+            ca_file: None,
+            server_name: Some("localhost".into()),
+        });
+        let pool = Pool::new(&cfg).unwrap();
+        let err = get(&pool, "/x").await.unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY, "{err}");
+        assert_eq!(a.requests(), 3);
     })
     .await
     .unwrap();

@@ -871,9 +871,26 @@ mod tests {
         };
         assert!(matches!(Pool::new(&cfg), Err(UpstreamError::Config { .. })));
         cfg.servers = vec![ServerConfig::new("127.0.0.1:80")];
-        cfg.tls = Some(UpstreamTls::default());
+        cfg.tls = Some(UpstreamTls {
+            ca_file: Some("/nonexistent/ca.pem".into()),
+            server_name: None,
+        });
         let err = Pool::new(&cfg).unwrap_err();
         assert!(err.to_string().contains("CA file"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn tls_without_a_ca_file_uses_the_system_roots() {
+        use crate::upstream::config::ServerConfig;
+        let roots = system_roots().expect("the system has root certificates");
+        assert!(!roots.is_empty());
+        let cfg = BackendConfig {
+            name: "b".into(),
+            servers: vec![ServerConfig::new("127.0.0.1:443")],
+            tls: Some(UpstreamTls::default()),
+            ..Default::default()
+        };
+        assert!(Pool::new(&cfg).is_ok());
     }
 
     #[tokio::test]
