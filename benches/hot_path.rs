@@ -17,10 +17,19 @@ use std::time::{Duration, SystemTime};
 
 fn entry(size: usize) -> Entry {
     let mut headers = HeaderMap::new();
-    headers.insert("cache-control", HeaderValue::from_static("public, max-age=3600"));
-    headers.insert("content-type", HeaderValue::from_static("text/html; charset=utf-8"));
+    headers.insert(
+        "cache-control",
+        HeaderValue::from_static("public, max-age=3600"),
+    );
+    headers.insert(
+        "content-type",
+        HeaderValue::from_static("text/html; charset=utf-8"),
+    );
     headers.insert("etag", HeaderValue::from_static("\"abc123\""));
-    headers.insert("date", HeaderValue::from_static("Mon, 23 Nov 2026 06:00:00 GMT"));
+    headers.insert(
+        "date",
+        HeaderValue::from_static("Mon, 23 Nov 2026 06:00:00 GMT"),
+    );
     let request_headers = HeaderMap::new();
     let now = SystemTime::now();
     let directives = control::response_directives(&headers, &[]);
@@ -59,7 +68,9 @@ fn store_hit(c: &mut Criterion) {
     for n in [1_000usize, 10_000] {
         rt.block_on(async {
             for i in 0..n {
-                store.store_response(&format!("bench.example/obj/{i}"), entry(1024)).await;
+                store
+                    .store_response(&format!("bench.example/obj/{i}"), entry(1024))
+                    .await;
             }
         });
         let headers = HeaderMap::new();

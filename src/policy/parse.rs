@@ -246,9 +246,7 @@ fn value(p: Pair<Rule>) -> Value {
             ValueKind::Rate(n, per)
         }
         Rule::number => ValueKind::Number(split_number(p.as_str()).0),
-        Rule::word | Rule::any_word | Rule::expect_word => {
-            ValueKind::Word(p.as_str().to_string())
-        }
+        Rule::word | Rule::any_word | Rule::expect_word => ValueKind::Word(p.as_str().to_string()),
         Rule::addr => ValueKind::Addr(p.as_str().to_string()),
         Rule::env_call => ValueKind::Env(string(p.into_inner().next().expect("env has a string"))),
         Rule::call => {
