@@ -93,7 +93,11 @@ impl Source {
 
     /// 1-based line and column (in characters) of a byte offset.
     pub fn line_col(&self, offset: usize) -> (usize, usize) {
-        let offset = offset.min(self.text.len());
+        let mut offset = offset.min(self.text.len());
+        // A span may end inside a multi-byte character; count from its start.
+        while !self.text.is_char_boundary(offset) {
+            offset -= 1;
+        }
         let line = self.line_starts.partition_point(|&s| s <= offset) - 1;
         let start = self.line_starts[line];
         let col = self.text[start..offset].chars().count() + 1;
@@ -206,6 +210,15 @@ mod tests {
         assert_eq!(s.line_col(3), (2, 1));
         assert_eq!(s.line_col(5), (2, 2));
         assert_eq!(s.line_text(2), "\u{e9}cd");
+    }
+
+    #[test]
+    fn offsets_inside_a_character_do_not_panic() {
+        let s = Source::new("a", "x \u{664}y");
+        // Byte 3 is inside the two-byte character.
+        assert_eq!(s.line_col(3), (1, 3));
+        let d = Diagnostic::error("syntax", Span::new(2, 3), "bad");
+        assert!(s.render(&d).contains("^"));
     }
 
     #[test]

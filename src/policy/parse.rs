@@ -179,8 +179,15 @@ fn unescape(raw: &str) -> String {
                 Some('n') => out.push('\n'),
                 Some('t') => out.push('\t'),
                 Some('r') => out.push('\r'),
-                Some(other) => out.push(other),
-                None => {}
+                Some('"') => out.push('"'),
+                Some('\\') => out.push('\\'),
+                // Any other escape is kept as written, so that regexes read
+                // naturally: "\.css$" means the regex \.css$.
+                Some(other) => {
+                    out.push('\\');
+                    out.push(other);
+                }
+                None => out.push('\\'),
             }
         } else {
             out.push(c);
@@ -827,6 +834,13 @@ test "assets ignore the query string" {
         let e = parse("rule a when path ^= { route x }").unwrap_err();
         assert_eq!(e.code, "syntax");
         assert!(e.message.contains("expected"), "{}", e.message);
+    }
+
+    #[test]
+    fn unknown_escapes_are_kept_for_regexes() {
+        assert_eq!(unescape(r"\.css$"), r"\.css$");
+        assert_eq!(unescape(r#"a\"b\\c\n"#), "a\"b\\c\n");
+        assert_eq!(unescape(r"\d+"), r"\d+");
     }
 
     #[test]
