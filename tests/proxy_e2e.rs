@@ -284,3 +284,181 @@ async fn forwarding_fields_and_via_both_ways() {
     })
     .await;
 }
+
+// ============================================================ HTTPS and HTTP/2
+
+mod tls_pki {
+    use bytes::Bytes;
+    use http::Request;
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use rustls_pki_types::{CertificateDer, ServerName};
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+    use tokio::net::TcpStream;
+
+    /// A test CA and the leaf certificates it signs, written as PEM files.
+    pub struct Pki {
+        pub dir: tempfile::TempDir,
+        issuer: CertifiedIssuer<'static, KeyPair>,
+    }
+
+    pub type Stream = tokio_rustls::client::TlsStream<TcpStream>;
+
+    impl Pki {
+        pub fn new() -> Pki {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let issuer =
+                CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+            Pki {
+                dir: tempfile::tempdir().unwrap(),
+                issuer,
+            }
+        }
+
+        /// Issues a leaf for `san`; returns (cert path, key path, DER).
+        pub fn leaf(&self, file: &str, san: &str) -> (PathBuf, PathBuf, Vec<u8>) {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec![san.to_owned()])
+                .unwrap()
+                .signed_by(&key, &self.issuer)
+                .unwrap();
+            let cert_path = self.dir.path().join(format!("{file}.crt"));
+            let key_path = self.dir.path().join(format!("{file}.key"));
+            std::fs::write(&cert_path, cert.pem()).unwrap();
+            std::fs::write(&key_path, key.serialize_pem()).unwrap();
+            (cert_path, key_path, cert.der().to_vec())
+        }
+
+        pub async fn connect(&self, addr: SocketAddr, sni: &str, alpn: &[&[u8]]) -> Stream {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.issuer.der().clone()).unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            connector
+                .connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp)
+                .await
+                .unwrap()
+        }
+    }
+
+    pub fn served_leaf(stream: &Stream) -> Vec<u8> {
+        let certs: &[CertificateDer<'_>] = stream.get_ref().1.peer_certificates().unwrap();
+        certs[0].to_vec()
+    }
+
+    /// One HTTP/1.1 GET over the stream: (status, body).
+    pub async fn h1_get<S>(stream: S, host: &str, path: &str) -> (u16, String)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header("host", host)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// One HTTP/2 GET of `url` over the stream: (status, version, body).
+    pub async fn h2_get<S>(stream: S, url: &str) -> (u16, http::Version, String)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get(url).body(Empty::<Bytes>::new()).unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let version = resp.version();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, version, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn https_sni_picks_the_certificate_and_alpn_h2_reaches_an_http1_origin() {
+    bounded(async {
+        use tls_pki::*;
+        let origin = Origin::start(|s| {
+            let host = s.headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or("");
+            reply(200, &[], format!("{} {host}", s.uri.path()))
+        })
+        .await;
+        let pki = Pki::new();
+        let (a_cert, a_key, a_der) = pki.leaf("a", "a.test");
+        let (d_cert, d_key, d_der) = pki.leaf("default", "fallback.test");
+        let policy = format!(
+            r#"
+listen "127.0.0.1:0" tls {{
+  cert "{}" key "{}" for ["a.test"]
+  cert "{}" key "{}"
+}}
+backend app {{ server "{}" }}
+rule all {{ route app cache off }}
+"#,
+            a_cert.display(),
+            a_key.display(),
+            d_cert.display(),
+            d_key.display(),
+            origin.addr
+        );
+        let p = proxy(&policy).await;
+        // The policy's TLS listener comes first, then the plain override.
+        let addrs = p.listen_addrs();
+        assert_eq!(addrs.len(), 2, "{addrs:?}");
+        let tls_addr = addrs[0];
+
+        let stream = pki.connect(tls_addr, "a.test", &[b"http/1.1"]).await;
+        assert_eq!(served_leaf(&stream), a_der);
+        assert_eq!(h1_get(stream, "a.test", "/one").await, (200, "/one a.test".into()));
+
+        let stream = pki.connect(tls_addr, "fallback.test", &[b"http/1.1"]).await;
+        assert_eq!(served_leaf(&stream), d_der);
+
+        let stream = pki.connect(tls_addr, "a.test", &[b"h2", b"http/1.1"]).await;
+        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (status, version, body) = h2_get(stream, "https://a.test/two").await;
+        assert_eq!((status, version), (200, http::Version::HTTP_2));
+        assert_eq!(body, "/two a.test");
+        let seen = origin.seen();
+        let last = seen.last().unwrap();
+        assert_eq!(last.headers.get("x-forwarded-proto").unwrap(), "https");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_is_proxied() {
+    bounded(async {
+        let origin = Origin::start(|s| reply(200, &[], format!("{:?}", s.uri.path()))).await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        let (status, version, body) = tls_pki::h2_get(stream, "http://h2c.test/x").await;
+        assert_eq!((status, version), (200, http::Version::HTTP_2));
+        assert_eq!(body, "\"/x\"");
+        assert_eq!(origin.seen()[0].headers.get("host").unwrap(), "h2c.test");
+        p.shutdown().await;
+    })
+    .await;
+}
