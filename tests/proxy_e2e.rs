@@ -462,3 +462,397 @@ async fn h2c_prior_knowledge_is_proxied() {
     })
     .await;
 }
+
+// ============================================================ backends
+
+/// Sends `n` GETs and counts the answers by body.
+async fn spread(a: std::net::SocketAddr, n: usize, headers: &[(&str, &str)]) -> Vec<String> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let got = get(a, "/", headers).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        out.push(got.text());
+    }
+    out
+}
+
+fn count_of(bodies: &[String], name: &str) -> usize {
+    bodies.iter().filter(|b| *b == name).count()
+}
+
+#[tokio::test]
+async fn weighted_round_robin_spreads_by_weight() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}" weight 3
+  server "{}" weight 1
+}}
+rule all {{ route app cache off }}
+"#,
+            a.addr, b.addr
+        );
+        let p = proxy(&policy).await;
+        let bodies = spread(addr(&p), 40, &[]).await;
+        let (na, nb) = (count_of(&bodies, "a"), count_of(&bodies, "b"));
+        assert_eq!(na + nb, 40);
+        assert!((28..=32).contains(&na), "a={na} b={nb}");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn hash_balance_keeps_a_user_on_one_server() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}"
+  server "{}"
+  balance hash [header("X-User")]
+}}
+rule all {{ route app cache off }}
+"#,
+            a.addr, b.addr
+        );
+        let p = proxy(&policy).await;
+        let mut servers_used = std::collections::HashSet::new();
+        for user in 0..16 {
+            let user = format!("user-{user}");
+            let bodies = spread(addr(&p), 5, &[("x-user", &user)]).await;
+            assert!(bodies.iter().all(|b| *b == bodies[0]), "{user}: {bodies:?}");
+            servers_used.insert(bodies[0].clone());
+        }
+        assert_eq!(servers_used.len(), 2, "16 users all on one server");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn failover_past_a_closed_port() {
+    bounded(async {
+        let live = Origin::start(|_| reply(200, &[], "live")).await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}"
+  server "{}"
+}}
+rule all {{ route app cache off }}
+"#,
+            closed_addr(),
+            live.addr
+        );
+        let p = proxy(&policy).await;
+        let bodies = spread(addr(&p), 10, &[]).await;
+        assert_eq!(count_of(&bodies, "live"), 10);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_backend_killed_mid_run_loses_its_traffic_without_failed_requests() {
+    bounded(async {
+        let a = KillableOrigin::start("a").await;
+        let b = KillableOrigin::start("b").await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}"
+  server "{}"
+}}
+rule all {{ route app cache off }}
+"#,
+            a.addr, b.addr
+        );
+        let p = proxy(&policy).await;
+        let before = spread(addr(&p), 10, &[]).await;
+        assert!(count_of(&before, "a") > 0 && count_of(&before, "b") > 0);
+        a.kill();
+        let a_count = a.count();
+        // GETs are idempotent: a refused or reset try moves to the other server.
+        let after = spread(addr(&p), 20, &[]).await;
+        assert_eq!(count_of(&after, "b"), 20, "{after:?}");
+        assert_eq!(a.count(), a_count);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn active_health_checks_take_a_server_out_and_back_in() {
+    bounded(async {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let healthy = Arc::new(AtomicBool::new(true));
+        let h = healthy.clone();
+        let a = Origin::start(move |s| {
+            if s.uri.path() == "/healthz" && !h.load(Ordering::SeqCst) {
+                reply(500, &[], "sick")
+            } else {
+                reply(200, &[], "a")
+            }
+        })
+        .await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}"
+  server "{}"
+  health get "/healthz" every 100ms timeout 50ms rise 1 fall 1
+}}
+rule all {{ route app cache off }}
+"#,
+            a.addr, b.addr
+        );
+        let p = proxy(&policy).await;
+        let proxied_to_a = || a.seen().iter().filter(|s| s.uri.path() == "/").count();
+
+        healthy.store(false, Ordering::SeqCst);
+        // Wait for a probe to see it (every 100 ms), then no traffic goes to `a`.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let bodies = spread(addr(&p), 6, &[]).await;
+            if count_of(&bodies, "b") == 6 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "`a` never taken out");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let at_a = proxied_to_a();
+        let bodies = spread(addr(&p), 10, &[]).await;
+        assert_eq!(count_of(&bodies, "b"), 10);
+        assert_eq!(proxied_to_a(), at_a);
+
+        healthy.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let bodies = spread(addr(&p), 6, &[]).await;
+            if count_of(&bodies, "a") > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "`a` never brought back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn all_servers_down_answers_503_fast() {
+    bounded(async {
+        let sick = Origin::start(|s| {
+            if s.uri.path() == "/healthz" {
+                reply(500, &[], "sick")
+            } else {
+                reply(200, &[], "should not be reached")
+            }
+        })
+        .await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}"
+  health get "/healthz" every 100ms timeout 50ms rise 1 fall 1
+}}
+rule all {{ route app cache off }}
+"#,
+            sick.addr
+        );
+        let p = proxy(&policy).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let started = Instant::now();
+            let got = get(addr(&p), "/", &[]).await;
+            if got.status == 503 {
+                assert!(started.elapsed() < Duration::from_millis(500));
+                assert!(got.header("retry-after").is_some());
+                break;
+            }
+            assert!(Instant::now() < deadline, "never 503: {}", got.status);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let reached = sick.count_path("/");
+        assert_eq!(get(addr(&p), "/", &[]).await.status, 503);
+        assert_eq!(sick.count_path("/"), reached, "a down server got a request");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn refused_connection_is_502_and_slow_origin_is_504() {
+    bounded(async {
+        let policy = format!(
+            "backend app {{ server \"{}\" }}\nrule all {{ route app cache off }}",
+            closed_addr()
+        );
+        let p = proxy(&policy).await;
+        let got = get(addr(&p), "/", &[]).await;
+        assert_eq!(got.status, 502);
+        p.shutdown().await;
+
+        let slow = Origin::start_with_delay(Duration::from_secs(5), |_| reply(200, &[], "late"))
+            .await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}"
+  first_byte_timeout 200ms
+}}
+rule all {{ route app cache off }}
+"#,
+            slow.addr
+        );
+        let p = proxy(&policy).await;
+        let started = Instant::now();
+        let got = get(addr(&p), "/", &[]).await;
+        assert_eq!(got.status, 504);
+        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn static_files_backend_serves_validates_ranges_and_refuses_escapes() {
+    bounded(async {
+        let root = tempfile::tempdir().unwrap();
+        let site = root.path().join("site");
+        std::fs::create_dir(&site).unwrap();
+        std::fs::write(site.join("hello.txt"), "hello, static world").unwrap();
+        std::fs::write(root.path().join("secret.txt"), "top secret").unwrap();
+        let policy = format!(
+            "backend files {{ static \"{}\" }}\nrule all {{ route files cache off }}",
+            site.display()
+        );
+        let p = proxy(&policy).await;
+        let a = addr(&p);
+
+        let got = get(a, "/hello.txt", &[]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.text(), "hello, static world");
+        let etag = got.header("etag").expect("ETag").to_string();
+
+        let got = get(a, "/hello.txt", &[("if-none-match", &etag)]).await;
+        assert_eq!(got.status, 304);
+        assert!(got.body.is_empty());
+
+        let got = get(a, "/hello.txt", &[("range", "bytes=7-12")]).await;
+        assert_eq!(got.status, 206);
+        assert_eq!(got.text(), "static");
+        assert_eq!(got.header("content-range"), Some("bytes 7-12/19"));
+
+        for path in ["/../secret.txt", "/%2e%2e/secret.txt", "/%2e%2e%2fsecret.txt", "/..%2fsecret.txt"] {
+            let got = get(a, path, &[]).await;
+            assert!(
+                got.status == 400 || got.status == 404,
+                "{path}: {}",
+                got.status
+            );
+            assert!(!got.text().contains("top secret"), "{path}");
+        }
+        assert_eq!(get(a, "/missing.txt", &[]).await.status, 404);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+// ============================================================ upgrades
+
+/// An origin that switches to any protocol asked for and echoes bytes back.
+async fn echo_upgrade_origin() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::Empty;
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            conns.spawn(async move {
+                let service = hyper::service::service_fn(|mut req: Request<Incoming>| async move {
+                    let proto = req.headers().get("upgrade").cloned();
+                    let mut resp = Response::new(Empty::<Bytes>::new());
+                    let Some(proto) = proto else {
+                        *resp.status_mut() = StatusCode::BAD_REQUEST;
+                        return Ok::<_, std::convert::Infallible>(resp);
+                    };
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(upgraded) = on.await else { return };
+                        let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    });
+                    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                    resp.headers_mut().insert("upgrade", proto);
+                    resp.headers_mut()
+                        .insert("connection", http::HeaderValue::from_static("upgrade"));
+                    Ok(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn websocket_upgrade_passes_through_and_echoes() {
+    bounded(async {
+        use bytes::Bytes;
+        use http_body_util::Empty;
+        use hyper_util::rt::TokioIo;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (origin, task) = echo_upgrade_origin().await;
+        let policy =
+            format!("backend app {{ server \"{origin}\" }}\nrule all {{ route app cache off }}");
+        let p = proxy(&policy).await;
+        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn.with_upgrades());
+        let req = http::Request::get("/chat")
+            .header("host", "ws.test")
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 101);
+        assert_eq!(resp.headers().get("upgrade").unwrap(), "websocket");
+        let upgraded = hyper::upgrade::on(resp).await.expect("client side switched");
+        let mut io = TokioIo::new(upgraded);
+        for msg in [&b"ping"[..], b"second message"] {
+            io.write_all(msg).await.unwrap();
+            let mut buf = vec![0; msg.len()];
+            io.read_exact(&mut buf).await.unwrap();
+            assert_eq!(buf, msg);
+        }
+        drop(io);
+        p.shutdown().await;
+        task.abort();
+    })
+    .await;
+}

@@ -248,3 +248,69 @@ pub async fn get(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Got 
 pub fn addr(p: &Running) -> SocketAddr {
     p.listen_addrs()[0]
 }
+
+/// A loopback address where nothing listens (bound, then released).
+pub fn closed_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("address")
+}
+
+/// An origin answering every request with its `name`, that can be killed
+/// outright: [`KillableOrigin::kill`] closes the listener and every open
+/// connection, as a crashed server would.
+pub struct KillableOrigin {
+    pub addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl KillableOrigin {
+    pub async fn start(name: &'static str) -> KillableOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("origin address");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (req2, tasks2) = (requests.clone(), tasks.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let requests = req2.clone();
+                let conn = tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        async move { Ok::<_, std::convert::Infallible>(reply(200, &[], name)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+                tasks2.lock().unwrap().push(conn.abort_handle());
+            }
+        });
+        tasks.lock().unwrap().push(accept.abort_handle());
+        KillableOrigin {
+            addr,
+            requests,
+            tasks,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Closes the listener and every connection.
+    pub fn kill(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for KillableOrigin {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
