@@ -856,3 +856,161 @@ async fn websocket_upgrade_passes_through_and_echoes() {
     })
     .await;
 }
+
+// ============================================================ hot reload
+
+fn two_backends(a: &Origin, b: &Origin, target: &str) -> String {
+    format!(
+        r#"
+backend a {{ server "{}" }}
+backend b {{ server "{}" }}
+rule all {{ route {target} cache off }}
+"#,
+        a.addr, b.addr
+    )
+}
+
+#[tokio::test]
+async fn reload_with_a_good_policy_changes_routing() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let p = proxy(&two_backends(&a, &b, "a")).await;
+        assert_eq!(get(addr(&p), "/", &[]).await.text(), "a");
+        p.reload(load(&two_backends(&a, &b, "b"))).await.unwrap();
+        assert_eq!(get(addr(&p), "/", &[]).await.text(), "b");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reload_of_a_broken_file_keeps_the_running_policy() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.policy");
+        let text = format!("listen \"127.0.0.1:0\"\n{}", two_backends(&a, &b, "a"));
+        std::fs::write(&path, &text).unwrap();
+        let p = proxy_bare(&text, Some(path.clone())).await;
+        assert_eq!(get(addr(&p), "/", &[]).await.text(), "a");
+
+        std::fs::write(&path, text.replace("route a", "route nowhere")).unwrap();
+        let err = p.reload_file().await.expect_err("a broken policy is refused");
+        assert!(err.to_string().contains("nowhere"), "{err}");
+        assert_eq!(get(addr(&p), "/", &[]).await.text(), "a");
+
+        std::fs::write(&path, text.replace("route a", "route b")).unwrap();
+        p.reload_file().await.unwrap();
+        assert_eq!(get(addr(&p), "/", &[]).await.text(), "b");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reloads_under_load_lose_no_request() {
+    bounded(async {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let p = proxy(&two_backends(&a, &b, "a")).await;
+        let target = addr(&p);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut clients = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let stop = stop.clone();
+            clients.spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let got = get(target, "/", &[]).await;
+                    assert_eq!(got.status, 200, "{}", got.text());
+                    seen.push(got.text());
+                }
+                seen
+            });
+        }
+        for i in 0..10 {
+            let to = if i % 2 == 0 { "b" } else { "a" };
+            p.reload(load(&two_backends(&a, &b, to))).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.store(true, Ordering::SeqCst);
+        let mut total = Vec::new();
+        while let Some(r) = clients.join_next().await {
+            total.extend(r.expect("a client failed a request"));
+        }
+        assert!(total.len() >= 20, "only {} requests", total.len());
+        assert!(total.iter().any(|t| t == "a") && total.iter().any(|t| t == "b"));
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reload_binds_added_listeners_and_closes_removed_ones() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let rules = policy_for(&origin, "rule all { route app cache off }");
+        let p = proxy_bare(&format!("listen \"127.0.0.1:0\"\n{rules}"), None).await;
+        let first = addr(&p);
+        assert_eq!(get(first, "/", &[]).await.status, 200);
+
+        let port = closed_addr();
+        p.reload(load(&format!(
+            "listen \"127.0.0.1:0\"\nlisten \"{port}\"\n{rules}"
+        )))
+        .await
+        .unwrap();
+        assert_eq!(p.listen_addrs(), vec![first, port]);
+        assert_eq!(get(port, "/", &[]).await.status, 200);
+        assert_eq!(get(first, "/", &[]).await.status, 200);
+
+        p.reload(load(&format!("listen \"{port}\"\n{rules}")))
+            .await
+            .unwrap();
+        assert_eq!(p.listen_addrs(), vec![port]);
+        assert!(
+            tokio::net::TcpStream::connect(first).await.is_err(),
+            "the removed listener still accepts"
+        );
+        assert_eq!(get(port, "/", &[]).await.status, 200);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_reload_that_cannot_bind_keeps_every_listener() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let text = format!("listen \"127.0.0.1:0\"\n{}", two_backends(&a, &b, "a"));
+        let p = proxy_bare(&text, None).await;
+        let before = p.listen_addrs();
+        assert_eq!(get(before[0], "/", &[]).await.text(), "a");
+
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = taken.local_addr().unwrap();
+        let with_busy = format!(
+            "listen \"127.0.0.1:0\"\nlisten \"{busy}\"\n{}",
+            two_backends(&a, &b, "b")
+        );
+        assert!(p.reload(load(&with_busy)).await.is_err(), "{busy} is taken");
+        assert_eq!(p.listen_addrs(), before, "the failed reload lost a listener");
+        assert_eq!(get(before[0], "/", &[]).await.text(), "a");
+
+        let fine = format!("listen \"127.0.0.1:0\"\n{}", two_backends(&a, &b, "b"));
+        p.reload(load(&fine)).await.unwrap();
+        assert_eq!(p.listen_addrs(), before);
+        assert_eq!(get(before[0], "/", &[]).await.text(), "b");
+        tokio::time::timeout(Duration::from_secs(5), p.shutdown())
+            .await
+            .expect("shutdown stops every listener");
+        assert!(tokio::net::TcpStream::connect(before[0]).await.is_err());
+        drop(taken);
+    })
+    .await;
+}

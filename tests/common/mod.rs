@@ -314,3 +314,29 @@ impl Drop for KillableOrigin {
         self.kill();
     }
 }
+
+/// Starts Portico in-process with only the policy's own listeners (no
+/// command-line override), an admin listener with token `secret`, and the
+/// policy file `path` for [`Running::reload_file`].
+pub async fn proxy_bare(policy_text: &str, path: Option<std::path::PathBuf>) -> Running {
+    let policy = portico::policy::load(policy_text, "test.policy")
+        .unwrap_or_else(|e| panic!("test policy refused:\n{e}"));
+    run::start(
+        policy,
+        path,
+        Overrides {
+            listen: vec![],
+            admin: Some("127.0.0.1:0".into()),
+            admin_token: Some("secret".into()),
+            cache_dir: None,
+        },
+    )
+    .await
+    .expect("portico starts")
+}
+
+/// Loads policy text that must be valid.
+pub fn load(policy_text: &str) -> portico::policy::Policy {
+    portico::policy::load(policy_text, "test.policy")
+        .unwrap_or_else(|e| panic!("test policy refused:\n{e}"))
+}
