@@ -228,6 +228,9 @@ pub async fn start(
     overrides: Overrides,
 ) -> Result<Running, RunError> {
     tls::install_default_provider();
+    // Metrics recorded before the recorder exists are lost: install it
+    // before the first request, whoever embeds Portico.
+    crate::admin::install_metrics();
     let storage = &policy.model.storage;
     let disk = match (&overrides.cache_dir, &storage.disk) {
         (Some(dir), Some((_, size))) => Some((dir.clone(), *size)),

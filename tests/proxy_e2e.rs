@@ -1014,3 +1014,87 @@ async fn a_reload_that_cannot_bind_keeps_every_listener() {
     })
     .await;
 }
+
+// ============================================================ shutdown and admin
+
+#[tokio::test]
+async fn shutdown_finishes_a_slow_request_and_refuses_new_connections() {
+    bounded(async {
+        let arrived = std::sync::Arc::new(tokio::sync::Notify::new());
+        let signal = arrived.clone();
+        let origin = Origin::start_with_delay(Duration::from_millis(800), move |_| {
+            signal.notify_one();
+            reply(200, &[], "slow but sure")
+        })
+        .await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let a = addr(&p);
+        let in_flight = tokio::spawn(async move { get(a, "/slow", &[]).await });
+        // The script runs before the origin's delay: the request is in flight.
+        arrived.notified().await;
+        p.shutdown().await;
+        let got = in_flight.await.unwrap();
+        assert_eq!(got.status, 200);
+        assert_eq!(got.text(), "slow but sure");
+        assert!(
+            tokio::net::TcpStream::connect(a).await.is_err(),
+            "a new connection was accepted after shutdown"
+        );
+    })
+    .await;
+}
+
+/// Everything written through it, for capturing log lines.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn admin_health_metrics_with_token_and_access_log() {
+    // A current-thread runtime runs every task here, so a thread-local
+    // subscriber sees the proxy's access log.
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(&origin, "rule front { route app cache off }")).await;
+        assert_eq!(get(addr(&p), "/logged", &[]).await.status, 200);
+        let admin = p.admin_addr().expect("admin listener");
+
+        let got = get(admin, "/healthz", &[]).await;
+        assert_eq!(got.status, 200);
+
+        let got = get(admin, "/metrics", &[]).await;
+        assert_eq!(got.status, 401);
+        let got = get(admin, "/metrics", &[("authorization", "Bearer wrong")]).await;
+        assert_eq!(got.status, 401);
+        let got = get(admin, "/metrics", &[("authorization", "Bearer secret")]).await;
+        assert_eq!(got.status, 200);
+        assert!(got.text().contains("portico_requests_total"), "{}", got.text());
+        p.shutdown().await;
+    })
+    .await;
+    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.contains("portico::access") && l.contains("/logged"))
+        .unwrap_or_else(|| panic!("no access log line in:\n{text}"));
+    for part in ["status=200", "rule=front", "backend=app", "method=GET"] {
+        assert!(line.contains(part), "{part} missing from {line}");
+    }
+}
