@@ -383,8 +383,10 @@ impl Running {
                 }
             }
         }
-        let mut old: Vec<Option<Serving>> =
-            std::mem::take(&mut *listeners).into_iter().map(Some).collect();
+        let mut old: Vec<Option<Serving>> = std::mem::take(&mut *listeners)
+            .into_iter()
+            .map(Some)
+            .collect();
         let mut kept = Vec::with_capacity(wanted.len());
         for (cfg, i) in wanted.iter().zip(plan) {
             let Some(mut s) = i.and_then(|i| old[i].take()) else {
@@ -436,7 +438,13 @@ impl Running {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    // Logs go to stderr, colored only on a terminal, so that they can be
+    // piped and parsed and stdout stays free for a command's own output.
+    let stderr = std::io::stderr();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&stderr))
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Plain => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

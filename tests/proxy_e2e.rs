@@ -136,7 +136,11 @@ rule app_only when path ^= "/app" { route app cache off }
         assert_eq!(got.status, 404);
 
         assert_eq!(get(a, "/app", &[]).await.text(), "origin");
-        assert_eq!(origin.count(), 1, "synthetic answers never reach the origin");
+        assert_eq!(
+            origin.count(),
+            1,
+            "synthetic answers never reach the origin"
+        );
         p.shutdown().await;
     })
     .await;
@@ -155,7 +159,11 @@ async fn rule_total_timeout_answers_504_against_a_slow_origin() {
         let started = Instant::now();
         let got = get(addr(&p), "/", &[]).await;
         assert_eq!(got.status, 504);
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
         p.shutdown().await;
     })
     .await;
@@ -220,7 +228,11 @@ async fn hop_by_hop_headers_stay_on_their_hop() {
         let origin = Origin::start(|_| {
             reply(
                 200,
-                &[("connection", "x-origin-hop"), ("x-origin-hop", "1"), ("keep-alive", "timeout=5")],
+                &[
+                    ("connection", "x-origin-hop"),
+                    ("x-origin-hop", "1"),
+                    ("keep-alive", "timeout=5"),
+                ],
                 "ok",
             )
         })
@@ -242,7 +254,10 @@ async fn hop_by_hop_headers_stay_on_their_hop() {
         assert_eq!(got.status, 200);
         let seen = &origin.seen()[0];
         for name in ["x-secret", "keep-alive", "te", "upgrade"] {
-            assert!(seen.headers.get(name).is_none(), "{name} reached the origin");
+            assert!(
+                seen.headers.get(name).is_none(),
+                "{name} reached the origin"
+            );
         }
         assert_eq!(seen.headers.get("x-end-to-end").unwrap(), "kept");
         assert!(got.header("x-origin-hop").is_none());
@@ -267,7 +282,13 @@ async fn forwarding_fields_and_via_both_ways() {
         assert_eq!(seen.headers.get("x-forwarded-for").unwrap(), "127.0.0.1");
         assert_eq!(seen.headers.get("x-forwarded-proto").unwrap(), "http");
         assert_eq!(seen.headers.get("x-forwarded-host").unwrap(), "shop.test");
-        assert!(seen.headers.get("via").unwrap().to_str().unwrap().contains("portico"));
+        assert!(seen
+            .headers
+            .get("via")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .contains("portico"));
         assert!(got.header("via").unwrap().contains("portico"));
         assert_eq!(got.header("server"), Some("origin/1.0"));
         p.shutdown().await;
@@ -400,7 +421,11 @@ async fn https_sni_picks_the_certificate_and_alpn_h2_reaches_an_http1_origin() {
     bounded(async {
         use tls_pki::*;
         let origin = Origin::start(|s| {
-            let host = s.headers.get("host").and_then(|v| v.to_str().ok()).unwrap_or("");
+            let host = s
+                .headers
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
             reply(200, &[], format!("{} {host}", s.uri.path()))
         })
         .await;
@@ -430,7 +455,10 @@ rule all {{ route app cache off }}
 
         let stream = pki.connect(tls_addr, "a.test", &[b"http/1.1"]).await;
         assert_eq!(served_leaf(&stream), a_der);
-        assert_eq!(h1_get(stream, "a.test", "/one").await, (200, "/one a.test".into()));
+        assert_eq!(
+            h1_get(stream, "a.test", "/one").await,
+            (200, "/one a.test".into())
+        );
 
         let stream = pki.connect(tls_addr, "fallback.test", &[b"http/1.1"]).await;
         assert_eq!(served_leaf(&stream), d_der);
@@ -702,8 +730,8 @@ async fn refused_connection_is_502_and_slow_origin_is_504() {
         assert_eq!(got.status, 502);
         p.shutdown().await;
 
-        let slow = Origin::start_with_delay(Duration::from_secs(5), |_| reply(200, &[], "late"))
-            .await;
+        let slow =
+            Origin::start_with_delay(Duration::from_secs(5), |_| reply(200, &[], "late")).await;
         let policy = format!(
             r#"
 backend app {{
@@ -718,7 +746,11 @@ rule all {{ route app cache off }}
         let started = Instant::now();
         let got = get(addr(&p), "/", &[]).await;
         assert_eq!(got.status, 504);
-        assert!(started.elapsed() < Duration::from_secs(2), "{:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
         p.shutdown().await;
     })
     .await;
@@ -753,7 +785,12 @@ async fn static_files_backend_serves_validates_ranges_and_refuses_escapes() {
         assert_eq!(got.text(), "static");
         assert_eq!(got.header("content-range"), Some("bytes 7-12/19"));
 
-        for path in ["/../secret.txt", "/%2e%2e/secret.txt", "/%2e%2e%2fsecret.txt", "/..%2fsecret.txt"] {
+        for path in [
+            "/../secret.txt",
+            "/%2e%2e/secret.txt",
+            "/%2e%2e%2fsecret.txt",
+            "/..%2fsecret.txt",
+        ] {
             let got = get(a, path, &[]).await;
             assert!(
                 got.status == 400 || got.status == 404,
@@ -842,7 +879,9 @@ async fn websocket_upgrade_passes_through_and_echoes() {
         let resp = sender.send_request(req).await.unwrap();
         assert_eq!(resp.status(), 101);
         assert_eq!(resp.headers().get("upgrade").unwrap(), "websocket");
-        let upgraded = hyper::upgrade::on(resp).await.expect("client side switched");
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .expect("client side switched");
         let mut io = TokioIo::new(upgraded);
         for msg in [&b"ping"[..], b"second message"] {
             io.write_all(msg).await.unwrap();
@@ -897,7 +936,10 @@ async fn reload_of_a_broken_file_keeps_the_running_policy() {
         assert_eq!(get(addr(&p), "/", &[]).await.text(), "a");
 
         std::fs::write(&path, text.replace("route a", "route nowhere")).unwrap();
-        let err = p.reload_file().await.expect_err("a broken policy is refused");
+        let err = p
+            .reload_file()
+            .await
+            .expect_err("a broken policy is refused");
         assert!(err.to_string().contains("nowhere"), "{err}");
         assert_eq!(get(addr(&p), "/", &[]).await.text(), "a");
 
@@ -999,7 +1041,11 @@ async fn a_reload_that_cannot_bind_keeps_every_listener() {
             two_backends(&a, &b, "b")
         );
         assert!(p.reload(load(&with_busy)).await.is_err(), "{busy} is taken");
-        assert_eq!(p.listen_addrs(), before, "the failed reload lost a listener");
+        assert_eq!(
+            p.listen_addrs(),
+            before,
+            "the failed reload lost a listener"
+        );
         assert_eq!(get(before[0], "/", &[]).await.text(), "a");
 
         let fine = format!("listen \"127.0.0.1:0\"\n{}", two_backends(&a, &b, "b"));
@@ -1085,7 +1131,11 @@ async fn admin_health_metrics_with_token_and_access_log() {
         assert_eq!(got.status, 401);
         let got = get(admin, "/metrics", &[("authorization", "Bearer secret")]).await;
         assert_eq!(got.status, 200);
-        assert!(got.text().contains("portico_requests_total"), "{}", got.text());
+        assert!(
+            got.text().contains("portico_requests_total"),
+            "{}",
+            got.text()
+        );
         p.shutdown().await;
     })
     .await;
