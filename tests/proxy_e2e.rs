@@ -1148,3 +1148,73 @@ async fn admin_health_metrics_with_token_and_access_log() {
         assert!(line.contains(part), "{part} missing from {line}");
     }
 }
+
+// ============================================================ limits that must not be sidestepped
+
+/// Sends raw bytes on a fresh connection and returns what came back until
+/// the server closed or `within` passed.
+async fn raw_exchange(a: std::net::SocketAddr, request: &[u8], within: Duration) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(a).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn rule_max_body_also_bounds_a_chunked_body() {
+    bounded(async {
+        let origin = Origin::start(|s| reply(200, &[], format!("got {}", s.body.len()))).await;
+        let p = proxy(&policy_for(
+            &origin,
+            "rule all { route app cache off max_body 1KiB }",
+        ))
+        .await;
+        let chunk = "x".repeat(4000);
+        let request = format!(
+            "POST /upload HTTP/1.1\r\nhost: t.test\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+            chunk.len()
+        );
+        let answer = raw_exchange(addr(&p), request.as_bytes(), Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(
+            origin.seen().iter().all(|s| s.body.len() <= 1024),
+            "the origin received more than max_body"
+        );
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_upgrade_header_does_not_sidestep_the_throttle() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"
+limit per_client { rate 1/m burst 2 by client.ip }
+rule all { route app cache off throttle per_client }
+"#,
+        ))
+        .await;
+        let a = addr(&p);
+        let upgrade = [("connection", "upgrade"), ("upgrade", "websocket")];
+        let statuses: Vec<u16> = {
+            let mut v = Vec::new();
+            for _ in 0..5 {
+                v.push(get(a, "/", &upgrade).await.status.as_u16());
+            }
+            v
+        };
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 429).count(),
+            3,
+            "{statuses:?}"
+        );
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
