@@ -228,6 +228,9 @@ pub async fn start(
     overrides: Overrides,
 ) -> Result<Running, RunError> {
     tls::install_default_provider();
+    // Metrics recorded before the recorder exists are lost: install it
+    // before the first request, whoever embeds Portico.
+    crate::admin::install_metrics();
     let storage = &policy.model.storage;
     let disk = match (&overrides.cache_dir, &storage.disk) {
         (Some(dir), Some((_, size))) => Some((dir.clone(), *size)),
@@ -352,31 +355,58 @@ impl Running {
         }
         let generation = build_generation(policy, Some(&current))?;
         let handler = Arc::new(self.gateway.clone());
-        let mut kept = vec![];
-        let mut old = std::mem::take(&mut *listeners);
-        for cfg in &wanted {
-            let same = old
-                .iter()
-                .position(|s| s.cfg.addr == cfg.addr && s.cfg.tls.is_empty() == cfg.tls.is_empty());
-            match same {
-                Some(i) => {
-                    let mut s = old.remove(i);
-                    if let (Some(resolver), Some(map)) = (&s.resolver, maps.remove(&cfg.addr)) {
-                        resolver.reload(map);
+        // Match each wanted listener with a running one of the same address
+        // and kind; bind the rest. Nothing running is touched until every
+        // new listener is bound, so a failed bind leaves all as it was.
+        let mut taken = vec![false; listeners.len()];
+        let plan: Vec<Option<usize>> = wanted
+            .iter()
+            .map(|cfg| {
+                let i = listeners.iter().enumerate().position(|(i, s)| {
+                    !taken[i]
+                        && s.cfg.addr == cfg.addr
+                        && s.cfg.tls.is_empty() == cfg.tls.is_empty()
+                })?;
+                taken[i] = true;
+                Some(i)
+            })
+            .collect();
+        let mut fresh = std::collections::VecDeque::new();
+        for (cfg, _) in wanted.iter().zip(&plan).filter(|(_, i)| i.is_none()) {
+            match bind(cfg, handler.clone(), &limits).await {
+                Ok(s) => fresh.push_back(s),
+                Err(e) => {
+                    for s in fresh {
+                        s.handle.stop().await;
                     }
-                    s.cfg = cfg.clone();
-                    kept.push(s);
+                    return Err(e);
                 }
-                None => kept.push(bind(cfg, handler.clone(), &limits).await?),
             }
         }
+        let mut old: Vec<Option<Serving>> = std::mem::take(&mut *listeners)
+            .into_iter()
+            .map(Some)
+            .collect();
+        let mut kept = Vec::with_capacity(wanted.len());
+        for (cfg, i) in wanted.iter().zip(plan) {
+            let Some(mut s) = i.and_then(|i| old[i].take()) else {
+                kept.extend(fresh.pop_front());
+                continue;
+            };
+            if let (Some(resolver), Some(map)) = (&s.resolver, maps.remove(&cfg.addr)) {
+                resolver.reload(map);
+            }
+            s.cfg = cfg.clone();
+            kept.push(s);
+        }
         self.gateway.swap(generation);
-        for s in old {
+        *listeners = kept;
+        drop(listeners);
+        tracing::info!("policy reloaded");
+        for s in old.into_iter().flatten() {
             tracing::info!(addr = %s.handle.local_addr(), "listener removed by the new policy");
             s.handle.stop().await;
         }
-        *listeners = kept;
-        tracing::info!("policy reloaded");
         Ok(())
     }
 
@@ -452,10 +482,12 @@ pub fn flush_logs() {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    // Logs go to stderr (buffered, see `BufferedStderr`), colored only on a
+    // terminal, so that stdout stays free for a command's own output.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(&*LOG_OUTPUT)
-        .with_ansi(false);
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(&*LOG_OUTPUT);
     let _ = match format {
         LogFormat::Plain => builder.try_init(),
         LogFormat::Json => builder.json().try_init(),

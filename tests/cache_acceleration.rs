@@ -187,9 +187,9 @@ async fn stale_if_error_covers_an_origin_that_is_down() {
             let p = proxy(&policy_for(&origin, CACHED)).await;
             get(addr(&p), "/down", &[]).await;
             // The origin goes away: the same policy, pointed at a closed port.
-            let dead = dead_addr().await;
+            let dead = closed_addr();
             origin.stop();
-            p.reload(load_policy(&format!(
+            p.reload(load(&format!(
                 "backend app {{\n  server \"{dead}\"\n}}\n{CACHED}\n"
             )))
             .await

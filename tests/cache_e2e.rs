@@ -817,7 +817,7 @@ async fn cache_status_is_on_every_response() {
 
         let down = proxy(&format!(
             "backend app {{\n  server \"{}\"\n}}\n{CACHED}\n",
-            dead_addr().await
+            closed_addr()
         ))
         .await;
         let err = get(addr(&down), "/x", &[]).await;

@@ -174,6 +174,11 @@ impl Gateway {
                 return Err(ProxyError::PayloadTooLarge { limit: max });
             }
         }
+        // A body without a declared length is counted while it streams.
+        let req_body = match rule.limits.max_body {
+            Some(max) if max < req_body.limit() => RequestBody::new(req_body.into_inner(), max),
+            _ => req_body,
+        };
 
         // ---- lookup
         let cacheable_method = parts.method == Method::GET || parts.method == Method::HEAD;
@@ -922,6 +927,15 @@ impl Gateway {
                     req.headers(),
                 ));
             };
+            // The throttle holds for upgrades too, or an Upgrade header would sidestep it.
+            if let Some(limiter) = d.rule.limiter {
+                if let Err(retry) = gen.limiters.check(limiter, &view) {
+                    metrics::counter!("portico_throttled_total").increment(1);
+                    return Err(ProxyError::TooManyRequests {
+                        retry_after_secs: Some(retry.as_secs().max(1)),
+                    });
+                }
+            }
             (d.rule, b)
         };
         log.rule.clone_from(&rule.name);
@@ -1128,6 +1142,15 @@ fn content_length(headers: &HeaderMap) -> Option<u64> {
 }
 
 fn upstream_error(e: &UpstreamError) -> ProxyError {
+    // A request body that outgrew its limit while streaming is the client's
+    // fault, not the origin's (RFC 9110 section 15.5.14).
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = source {
+        if let Some(super::body::BodyError::TooLarge { limit }) = err.downcast_ref() {
+            return ProxyError::PayloadTooLarge { limit: *limit };
+        }
+        source = err.source();
+    }
     match e.status() {
         StatusCode::SERVICE_UNAVAILABLE => ProxyError::ServiceUnavailable {
             retry_after_secs: Some(1),

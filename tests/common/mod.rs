@@ -283,12 +283,6 @@ pub async fn eventually(what: &str, cond: impl Fn() -> bool) {
     }
 }
 
-/// An address on 127.0.0.1 where nothing listens.
-pub async fn dead_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-    l.local_addr().expect("address")
-}
-
 /// Overwrites every byte of every file under `dir` with a pattern; returns
 /// how many files it changed.
 pub fn scramble_files(dir: &std::path::Path) -> usize {
@@ -307,12 +301,6 @@ pub fn scramble_files(dir: &std::path::Path) -> usize {
         files += 1;
     }
     files
-}
-
-/// Loads policy text, panicking with the diagnostics when it is refused.
-pub fn load_policy(text: &str) -> portico::policy::Policy {
-    portico::policy::load(text, "test.policy")
-        .unwrap_or_else(|e| panic!("test policy refused:\n{e}"))
 }
 
 /// A bare origin on a free loopback port that answers each request with the
@@ -387,4 +375,96 @@ pub fn chunked_response(len: usize, extra: &str) -> (Vec<u8>, Vec<u8>) {
     }
     out.extend_from_slice(b"0\r\n\r\n");
     (out, body)
+}
+
+/// A loopback address where nothing listens (bound, then released).
+pub fn closed_addr() -> SocketAddr {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    l.local_addr().expect("address")
+}
+
+/// An origin answering every request with its `name`, that can be killed
+/// outright: [`KillableOrigin::kill`] closes the listener and every open
+/// connection, as a crashed server would.
+pub struct KillableOrigin {
+    pub addr: SocketAddr,
+    requests: Arc<AtomicUsize>,
+    tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>>,
+}
+
+impl KillableOrigin {
+    pub async fn start(name: &'static str) -> KillableOrigin {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
+        let addr = listener.local_addr().expect("origin address");
+        let requests = Arc::new(AtomicUsize::new(0));
+        let tasks: Arc<Mutex<Vec<tokio::task::AbortHandle>>> = Arc::default();
+        let (req2, tasks2) = (requests.clone(), tasks.clone());
+        let accept = tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    continue;
+                };
+                let requests = req2.clone();
+                let conn = tokio::spawn(async move {
+                    let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
+                        requests.fetch_add(1, Ordering::SeqCst);
+                        async move { Ok::<_, std::convert::Infallible>(reply(200, &[], name)) }
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(stream), service)
+                        .await;
+                });
+                tasks2.lock().unwrap().push(conn.abort_handle());
+            }
+        });
+        tasks.lock().unwrap().push(accept.abort_handle());
+        KillableOrigin {
+            addr,
+            requests,
+            tasks,
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.requests.load(Ordering::SeqCst)
+    }
+
+    /// Closes the listener and every connection.
+    pub fn kill(&self) {
+        for t in self.tasks.lock().unwrap().drain(..) {
+            t.abort();
+        }
+    }
+}
+
+impl Drop for KillableOrigin {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Starts Portico in-process with only the policy's own listeners (no
+/// command-line override), an admin listener with token `secret`, and the
+/// policy file `path` for [`Running::reload_file`].
+pub async fn proxy_bare(policy_text: &str, path: Option<std::path::PathBuf>) -> Running {
+    let policy = portico::policy::load(policy_text, "test.policy")
+        .unwrap_or_else(|e| panic!("test policy refused:\n{e}"));
+    run::start(
+        policy,
+        path,
+        Overrides {
+            listen: vec![],
+            admin: Some("127.0.0.1:0".into()),
+            admin_token: Some("secret".into()),
+            cache_dir: None,
+        },
+    )
+    .await
+    .expect("portico starts")
+}
+
+/// Loads policy text that must be valid.
+pub fn load(policy_text: &str) -> portico::policy::Policy {
+    portico::policy::load(policy_text, "test.policy")
+        .unwrap_or_else(|e| panic!("test policy refused:\n{e}"))
 }

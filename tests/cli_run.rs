@@ -1,0 +1,281 @@
+//! `portico run` and `portico demo` as processes: the address read from the
+//! log, reload on SIGHUP and on a changed file, a refused policy keeping the
+//! running one, and SIGTERM draining a request in flight before exiting 0.
+
+mod common;
+use common::*;
+
+use std::io::{BufRead as _, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+/// Every scenario is bounded by this.
+const LIMIT: Duration = Duration::from_secs(40);
+
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .expect("scenario took too long")
+}
+
+/// A running `portico` process whose stderr is read line by line; killed
+/// when dropped.
+struct Portico {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Portico {
+    fn spawn(args: &[&str]) -> Portico {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_portico"))
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("portico starts");
+        let stderr = child.stderr.take().expect("stderr is piped");
+        let (tx, lines) = mpsc::channel();
+        let log: Arc<Mutex<Vec<String>>> = Arc::default();
+        let all = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                all.lock().unwrap().push(line.clone());
+                let _ = tx.send(line);
+            }
+        });
+        Portico { child, lines, log }
+    }
+
+    /// Waits for a stderr line containing `needle` and returns it.
+    fn wait_line(&self, needle: &str, within: Duration) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) if line.contains(needle) => return line,
+                Ok(_) => {}
+                Err(_) => panic!(
+                    "no line with `{needle}` within {within:?}; stderr:\n{}",
+                    self.log.lock().unwrap().join("\n")
+                ),
+            }
+        }
+    }
+
+    /// The address of the proxy's listener, from its `listening` log line.
+    fn listen_addr(&self) -> SocketAddr {
+        let line = self.wait_line("listening addr=", Duration::from_secs(10));
+        assert!(!line.contains("admin"), "{line}");
+        let after = line.split("addr=").nth(1).expect("addr field");
+        after
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap_or_else(|e| panic!("{e}: {line}"))
+    }
+
+    fn signal(&self, name: &str) {
+        let ok = Command::new("kill")
+            .args([format!("-{name}"), self.child.id().to_string()])
+            .status()
+            .expect("kill runs")
+            .success();
+        assert!(ok, "kill -{name} failed");
+    }
+
+    /// Waits for the process to exit and returns its exit code.
+    async fn wait_exit(&mut self, within: Duration) -> Option<i32> {
+        let deadline = Instant::now() + within;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            assert!(Instant::now() < deadline, "portico did not exit");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+impl Drop for Portico {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn policy_routing_to(a: &Origin, b: &Origin, target: &str) -> String {
+    format!(
+        r#"
+backend a {{ server "{}" }}
+backend b {{ server "{}" }}
+rule all {{ route {target} cache off }}
+"#,
+        a.addr, b.addr
+    )
+}
+
+/// Rewrites the file but keeps its modification time, so that only a
+/// signal (not the file poll) can make Portico notice.
+fn rewrite_quietly(path: &Path, text: &str) {
+    let mtime = std::fs::metadata(path).unwrap().modified().unwrap();
+    std::fs::write(path, text).unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.set_modified(mtime).unwrap();
+}
+
+/// Waits until `GET /` through the proxy answers `want`.
+async fn until_body(addr: SocketAddr, want: &str, within: Duration) {
+    let deadline = Instant::now() + within;
+    loop {
+        let got = get(addr, "/", &[]).await;
+        if got.text() == want {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "still `{}` instead of `{want}` after {within:?}",
+            got.text()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn sighup_reloads_a_good_policy_and_refuses_a_broken_one() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.policy");
+        std::fs::write(&path, policy_routing_to(&a, &b, "a")).unwrap();
+        let p = Portico::spawn(&["run", path.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+        let addr = p.listen_addr();
+        assert_eq!(get(addr, "/", &[]).await.text(), "a");
+
+        rewrite_quietly(&path, &policy_routing_to(&a, &b, "b"));
+        p.signal("HUP");
+        p.wait_line("policy reloaded", Duration::from_secs(5));
+        assert_eq!(get(addr, "/", &[]).await.text(), "b");
+
+        rewrite_quietly(&path, &policy_routing_to(&a, &b, "missing_backend"));
+        p.signal("HUP");
+        p.wait_line("reload refused", Duration::from_secs(5));
+        p.wait_line("missing_backend", Duration::from_secs(5));
+        assert_eq!(get(addr, "/", &[]).await.text(), "b");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_edited_policy_file_is_picked_up_without_a_signal() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.policy");
+        std::fs::write(&path, policy_routing_to(&a, &b, "a")).unwrap();
+        let p = Portico::spawn(&["run", path.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+        let addr = p.listen_addr();
+        assert_eq!(get(addr, "/", &[]).await.text(), "a");
+
+        std::fs::write(&path, policy_routing_to(&a, &b, "b")).unwrap();
+        // A clearly different modification time, whatever the file system's granularity.
+        let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        f.set_modified(SystemTime::now() + Duration::from_secs(5))
+            .unwrap();
+        until_body(addr, "b", Duration::from_secs(3)).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_drains_a_slow_request_and_exits_zero() {
+    bounded(async {
+        let arrived = Arc::new(tokio::sync::Notify::new());
+        let signal = arrived.clone();
+        let origin = Origin::start_with_delay(Duration::from_millis(1000), move |_| {
+            signal.notify_one();
+            reply(200, &[], "finished")
+        })
+        .await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.policy");
+        std::fs::write(
+            &path,
+            policy_for(&origin, "rule all { route app cache off }"),
+        )
+        .unwrap();
+        let mut p = Portico::spawn(&["run", path.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+        let addr = p.listen_addr();
+        let in_flight = tokio::spawn(async move { get(addr, "/slow", &[]).await });
+        arrived.notified().await;
+        p.signal("TERM");
+        let got = in_flight.await.unwrap();
+        assert_eq!(got.status, 200);
+        assert_eq!(got.text(), "finished");
+        let code = p.wait_exit(Duration::from_secs(10)).await;
+        assert_eq!(code, Some(0));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn run_with_a_backend_flag_serves_from_that_origin() {
+    bounded(async {
+        let origin =
+            Origin::start(|s| reply(200, &[], format!("origin saw {}", s.uri.path()))).await;
+        let backend = origin.addr.to_string();
+        let p = Portico::spawn(&["run", "-b", &backend, "--listen", "127.0.0.1:0"]);
+        let addr = p.listen_addr();
+        let got = get(addr, "/hello", &[]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.text(), "origin saw /hello");
+        assert_eq!(origin.count(), 1);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn demo_exits_zero_and_prints_the_table() {
+    bounded(async {
+        let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_portico"))
+            .arg("demo")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("portico demo runs");
+        let mut stdout = String::new();
+        let mut pipe = child.stdout.take().unwrap();
+        tokio::io::AsyncReadExt::read_to_string(&mut pipe, &mut stdout)
+            .await
+            .unwrap();
+        let status = child.wait().await.unwrap();
+        assert!(status.success(), "{status:?}\n{stdout}");
+        for row in [
+            "requests sent",
+            "cold latency (mean)",
+            "warm latency (mean)",
+            "speed-up",
+            "hit ratio",
+            "origin requests",
+        ] {
+            assert!(stdout.contains(row), "`{row}` missing:\n{stdout}");
+        }
+        // 10 pages, each fetched once from the origin, then served from the cache.
+        let origin_row = stdout
+            .lines()
+            .find(|l| l.contains("origin requests"))
+            .unwrap();
+        assert!(origin_row.trim_end().ends_with(" 10"), "{origin_row}");
+    })
+    .await;
+}

@@ -1,0 +1,1220 @@
+//! The reverse-proxy promises, end to end: a real origin on 127.0.0.1, Portico
+//! started in-process from policy text, and a real client. Each scenario
+//! reads as: the servers, the policy, the requests, what must be seen.
+
+mod common;
+use common::*;
+
+use std::time::{Duration, Instant};
+
+/// Every scenario is bounded by this.
+const LIMIT: Duration = Duration::from_secs(30);
+
+async fn bounded<F: std::future::Future>(f: F) -> F::Output {
+    tokio::time::timeout(LIMIT, f)
+        .await
+        .expect("scenario took too long")
+}
+
+// ============================================================ policy actions
+
+#[tokio::test]
+async fn routes_by_host_and_path_to_different_backends() {
+    bounded(async {
+        let one = Origin::start(|_| reply(200, &[], "one")).await;
+        let two = Origin::start(|_| reply(200, &[], "two")).await;
+        let policy = format!(
+            r#"
+backend one {{ server "{}" }}
+backend two {{ server "{}" }}
+rule api when path ^= "/api/" {{ route two cache off }}
+rule shop when host == "shop.test" {{ route two cache off }}
+rule rest {{ route one cache off }}
+"#,
+            one.addr, two.addr
+        );
+        let p = proxy(&policy).await;
+        let a = addr(&p);
+        assert_eq!(get(a, "/index", &[]).await.text(), "one");
+        assert_eq!(get(a, "/api/x", &[]).await.text(), "two");
+        assert_eq!(get(a, "/x", &[("host", "shop.test")]).await.text(), "two");
+        assert_eq!(get(a, "/x", &[("host", "other.test")]).await.text(), "one");
+        assert_eq!(one.count(), 2);
+        assert_eq!(two.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn request_header_edits_reach_the_origin() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"rule all {
+  route app
+  cache off
+  request_header set "X-Tenant" "blue"
+  request_header remove "Cookie"
+}"#,
+        ))
+        .await;
+        let got = get(
+            addr(&p),
+            "/",
+            &[("cookie", "session=1"), ("x-tenant", "red")],
+        )
+        .await;
+        assert_eq!(got.status, 200);
+        let seen = &origin.seen()[0];
+        assert_eq!(seen.headers.get("x-tenant").unwrap(), "blue");
+        assert_eq!(seen.headers.get_all("x-tenant").iter().count(), 1);
+        assert!(seen.headers.get("cookie").is_none());
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn response_header_edits_reach_the_client() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[("x-frame-options", "ALLOW")], "ok")).await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"rule all {
+  route app
+  cache off
+  response_header set "X-Frame-Options" "DENY"
+  response_header add "X-Served-By" "portico"
+}"#,
+        ))
+        .await;
+        let got = get(addr(&p), "/", &[]).await;
+        assert_eq!(got.header("x-frame-options"), Some("DENY"));
+        assert_eq!(got.headers.get_all("x-frame-options").iter().count(), 1);
+        assert_eq!(got.header("x-served-by"), Some("portico"));
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn redirect_deny_respond_and_no_route() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "origin")).await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"
+rule old when path == "/old" { redirect 301 "https://new.test/new" }
+rule secret when path ^= "/admin" { deny 403 }
+rule ping when path == "/ping" { respond 200 "pong" content_type "text/plain" }
+rule teapot when path == "/tea" { respond 418 "short and stout" content_type "application/json" }
+rule app_only when path ^= "/app" { route app cache off }
+"#,
+        ))
+        .await;
+        let a = addr(&p);
+        let got = get(a, "/old", &[]).await;
+        assert_eq!(got.status, 301);
+        assert_eq!(got.header("location"), Some("https://new.test/new"));
+
+        let got = get(a, "/admin/users", &[]).await;
+        assert_eq!(got.status, 403);
+
+        let got = get(a, "/ping", &[]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.text(), "pong");
+        assert_eq!(got.header("content-type"), Some("text/plain"));
+
+        let got = get(a, "/tea", &[]).await;
+        assert_eq!(got.status, 418);
+        assert_eq!(got.text(), "short and stout");
+        assert_eq!(got.header("content-type"), Some("application/json"));
+
+        let got = get(a, "/nowhere", &[]).await;
+        assert_eq!(got.status, 404);
+
+        assert_eq!(get(a, "/app", &[]).await.text(), "origin");
+        assert_eq!(
+            origin.count(),
+            1,
+            "synthetic answers never reach the origin"
+        );
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rule_total_timeout_answers_504_against_a_slow_origin() {
+    bounded(async {
+        let origin =
+            Origin::start_with_delay(Duration::from_secs(3), |_| reply(200, &[], "late")).await;
+        let p = proxy(&policy_for(
+            &origin,
+            "rule all { route app cache off total_timeout 200ms }",
+        ))
+        .await;
+        let started = Instant::now();
+        let got = get(addr(&p), "/", &[]).await;
+        assert_eq!(got.status, 504);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rule_max_body_answers_413() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "stored")).await;
+        let p = proxy(&policy_for(
+            &origin,
+            "rule all { route app cache off max_body 1KiB }",
+        ))
+        .await;
+        let a = addr(&p);
+        let got = send(a, "POST", "/upload", &[], vec![b'x'; 4096]).await;
+        assert_eq!(got.status, 413);
+        assert_eq!(origin.count(), 0);
+        let got = send(a, "POST", "/upload", &[], vec![b'x'; 100]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(origin.seen()[0].body.len(), 100);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn throttle_answers_429_with_retry_after_after_the_burst() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"
+limit per_client { rate 1/m burst 3 by client.ip }
+rule all { route app cache off throttle per_client }
+"#,
+        ))
+        .await;
+        let a = addr(&p);
+        for _ in 0..3 {
+            assert_eq!(get(a, "/", &[]).await.status, 200);
+        }
+        let got = get(a, "/", &[]).await;
+        assert_eq!(got.status, 429);
+        let retry: u64 = got
+            .header("retry-after")
+            .expect("Retry-After")
+            .parse()
+            .expect("seconds");
+        assert!((1..=60).contains(&retry), "{retry}");
+        assert_eq!(origin.count(), 3);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+// ============================================================ header hygiene
+
+#[tokio::test]
+async fn hop_by_hop_headers_stay_on_their_hop() {
+    bounded(async {
+        let origin = Origin::start(|_| {
+            reply(
+                200,
+                &[
+                    ("connection", "x-origin-hop"),
+                    ("x-origin-hop", "1"),
+                    ("keep-alive", "timeout=5"),
+                ],
+                "ok",
+            )
+        })
+        .await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let got = get(
+            addr(&p),
+            "/",
+            &[
+                ("connection", "x-secret"),
+                ("x-secret", "1"),
+                ("keep-alive", "timeout=5"),
+                ("te", "trailers"),
+                ("upgrade", "websocket"),
+                ("x-end-to-end", "kept"),
+            ],
+        )
+        .await;
+        assert_eq!(got.status, 200);
+        let seen = &origin.seen()[0];
+        for name in ["x-secret", "keep-alive", "te", "upgrade"] {
+            assert!(
+                seen.headers.get(name).is_none(),
+                "{name} reached the origin"
+            );
+        }
+        assert_eq!(seen.headers.get("x-end-to-end").unwrap(), "kept");
+        assert!(got.header("x-origin-hop").is_none());
+        assert!(got.header("keep-alive").is_none());
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn forwarding_fields_and_via_both_ways() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[("server", "origin/1.0")], "ok")).await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let got = get(
+            addr(&p),
+            "/",
+            &[("host", "shop.test"), ("x-forwarded-for", "6.6.6.6")],
+        )
+        .await;
+        let seen = &origin.seen()[0];
+        assert_eq!(seen.headers.get("x-forwarded-for").unwrap(), "127.0.0.1");
+        assert_eq!(seen.headers.get("x-forwarded-proto").unwrap(), "http");
+        assert_eq!(seen.headers.get("x-forwarded-host").unwrap(), "shop.test");
+        assert!(seen
+            .headers
+            .get("via")
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .contains("portico"));
+        assert!(got.header("via").unwrap().contains("portico"));
+        assert_eq!(got.header("server"), Some("origin/1.0"));
+        p.shutdown().await;
+
+        let p = proxy(&policy_for(
+            &origin,
+            "http { hide_server }\nrule all { route app cache off }",
+        ))
+        .await;
+        let got = get(addr(&p), "/", &[]).await;
+        assert_eq!(got.status, 200);
+        assert!(got.header("server").is_none(), "{:?}", got.header("server"));
+        p.shutdown().await;
+    })
+    .await;
+}
+
+// ============================================================ HTTPS and HTTP/2
+
+mod tls_pki {
+    use bytes::Bytes;
+    use http::Request;
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    use rustls_pki_types::{CertificateDer, ServerName};
+    use std::net::SocketAddr;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+    use tokio::net::TcpStream;
+
+    /// A test CA and the leaf certificates it signs, written as PEM files.
+    pub struct Pki {
+        pub dir: tempfile::TempDir,
+        issuer: CertifiedIssuer<'static, KeyPair>,
+    }
+
+    pub type Stream = tokio_rustls::client::TlsStream<TcpStream>;
+
+    impl Pki {
+        pub fn new() -> Pki {
+            let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+            params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+            let issuer =
+                CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+            Pki {
+                dir: tempfile::tempdir().unwrap(),
+                issuer,
+            }
+        }
+
+        /// Issues a leaf for `san`; returns (cert path, key path, DER).
+        pub fn leaf(&self, file: &str, san: &str) -> (PathBuf, PathBuf, Vec<u8>) {
+            let key = KeyPair::generate().unwrap();
+            let cert = CertificateParams::new(vec![san.to_owned()])
+                .unwrap()
+                .signed_by(&key, &self.issuer)
+                .unwrap();
+            let cert_path = self.dir.path().join(format!("{file}.crt"));
+            let key_path = self.dir.path().join(format!("{file}.key"));
+            std::fs::write(&cert_path, cert.pem()).unwrap();
+            std::fs::write(&key_path, key.serialize_pem()).unwrap();
+            (cert_path, key_path, cert.der().to_vec())
+        }
+
+        pub async fn connect(&self, addr: SocketAddr, sni: &str, alpn: &[&[u8]]) -> Stream {
+            let mut roots = rustls::RootCertStore::empty();
+            roots.add(self.issuer.der().clone()).unwrap();
+            let provider = Arc::new(rustls::crypto::ring::default_provider());
+            let mut config = rustls::ClientConfig::builder_with_provider(provider)
+                .with_safe_default_protocol_versions()
+                .unwrap()
+                .with_root_certificates(roots)
+                .with_no_client_auth();
+            config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+            let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+            let tcp = TcpStream::connect(addr).await.unwrap();
+            connector
+                .connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp)
+                .await
+                .unwrap()
+        }
+    }
+
+    pub fn served_leaf(stream: &Stream) -> Vec<u8> {
+        let certs: &[CertificateDer<'_>] = stream.get_ref().1.peer_certificates().unwrap();
+        certs[0].to_vec()
+    }
+
+    /// One HTTP/1.1 GET over the stream: (status, body).
+    pub async fn h1_get<S>(stream: S, host: &str, path: &str) -> (u16, String)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get(path)
+            .header("host", host)
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// One HTTP/2 GET of `url` over the stream: (status, version, body).
+    pub async fn h2_get<S>(stream: S, url: &str) -> (u16, http::Version, String)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = Request::get(url).body(Empty::<Bytes>::new()).unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let version = resp.version();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, version, String::from_utf8_lossy(&body).into_owned())
+    }
+}
+
+#[tokio::test]
+async fn https_sni_picks_the_certificate_and_alpn_h2_reaches_an_http1_origin() {
+    bounded(async {
+        use tls_pki::*;
+        let origin = Origin::start(|s| {
+            let host = s
+                .headers
+                .get("host")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            reply(200, &[], format!("{} {host}", s.uri.path()))
+        })
+        .await;
+        let pki = Pki::new();
+        let (a_cert, a_key, a_der) = pki.leaf("a", "a.test");
+        let (d_cert, d_key, d_der) = pki.leaf("default", "fallback.test");
+        let policy = format!(
+            r#"
+listen "127.0.0.1:0" tls {{
+  cert "{}" key "{}" for ["a.test"]
+  cert "{}" key "{}"
+}}
+backend app {{ server "{}" }}
+rule all {{ route app cache off }}
+"#,
+            a_cert.display(),
+            a_key.display(),
+            d_cert.display(),
+            d_key.display(),
+            origin.addr
+        );
+        let p = proxy(&policy).await;
+        // The policy's TLS listener comes first, then the plain override.
+        let addrs = p.listen_addrs();
+        assert_eq!(addrs.len(), 2, "{addrs:?}");
+        let tls_addr = addrs[0];
+
+        let stream = pki.connect(tls_addr, "a.test", &[b"http/1.1"]).await;
+        assert_eq!(served_leaf(&stream), a_der);
+        assert_eq!(
+            h1_get(stream, "a.test", "/one").await,
+            (200, "/one a.test".into())
+        );
+
+        let stream = pki.connect(tls_addr, "fallback.test", &[b"http/1.1"]).await;
+        assert_eq!(served_leaf(&stream), d_der);
+
+        let stream = pki.connect(tls_addr, "a.test", &[b"h2", b"http/1.1"]).await;
+        assert_eq!(stream.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+        let (status, version, body) = h2_get(stream, "https://a.test/two").await;
+        assert_eq!((status, version), (200, http::Version::HTTP_2));
+        assert_eq!(body, "/two a.test");
+        let seen = origin.seen();
+        let last = seen.last().unwrap();
+        assert_eq!(last.headers.get("x-forwarded-proto").unwrap(), "https");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn h2c_prior_knowledge_is_proxied() {
+    bounded(async {
+        let origin = Origin::start(|s| reply(200, &[], format!("{:?}", s.uri.path()))).await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        let (status, version, body) = tls_pki::h2_get(stream, "http://h2c.test/x").await;
+        assert_eq!((status, version), (200, http::Version::HTTP_2));
+        assert_eq!(body, "\"/x\"");
+        assert_eq!(origin.seen()[0].headers.get("host").unwrap(), "h2c.test");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+// ============================================================ backends
+
+/// Sends `n` GETs and counts the answers by body.
+async fn spread(a: std::net::SocketAddr, n: usize, headers: &[(&str, &str)]) -> Vec<String> {
+    let mut out = Vec::with_capacity(n);
+    for _ in 0..n {
+        let got = get(a, "/", headers).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        out.push(got.text());
+    }
+    out
+}
+
+fn count_of(bodies: &[String], name: &str) -> usize {
+    bodies.iter().filter(|b| *b == name).count()
+}
+
+#[tokio::test]
+async fn weighted_round_robin_spreads_by_weight() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}" weight 3
+  server "{}" weight 1
+}}
+rule all {{ route app cache off }}
+"#,
+            a.addr, b.addr
+        );
+        let p = proxy(&policy).await;
+        let bodies = spread(addr(&p), 40, &[]).await;
+        let (na, nb) = (count_of(&bodies, "a"), count_of(&bodies, "b"));
+        assert_eq!(na + nb, 40);
+        assert!((28..=32).contains(&na), "a={na} b={nb}");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn hash_balance_keeps_a_user_on_one_server() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}"
+  server "{}"
+  balance hash [header("X-User")]
+}}
+rule all {{ route app cache off }}
+"#,
+            a.addr, b.addr
+        );
+        let p = proxy(&policy).await;
+        let mut servers_used = std::collections::HashSet::new();
+        for user in 0..16 {
+            let user = format!("user-{user}");
+            let bodies = spread(addr(&p), 5, &[("x-user", &user)]).await;
+            assert!(bodies.iter().all(|b| *b == bodies[0]), "{user}: {bodies:?}");
+            servers_used.insert(bodies[0].clone());
+        }
+        assert_eq!(servers_used.len(), 2, "16 users all on one server");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn failover_past_a_closed_port() {
+    bounded(async {
+        let live = Origin::start(|_| reply(200, &[], "live")).await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}"
+  server "{}"
+}}
+rule all {{ route app cache off }}
+"#,
+            closed_addr(),
+            live.addr
+        );
+        let p = proxy(&policy).await;
+        let bodies = spread(addr(&p), 10, &[]).await;
+        assert_eq!(count_of(&bodies, "live"), 10);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_backend_killed_mid_run_loses_its_traffic_without_failed_requests() {
+    bounded(async {
+        let a = KillableOrigin::start("a").await;
+        let b = KillableOrigin::start("b").await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}"
+  server "{}"
+}}
+rule all {{ route app cache off }}
+"#,
+            a.addr, b.addr
+        );
+        let p = proxy(&policy).await;
+        let before = spread(addr(&p), 10, &[]).await;
+        assert!(count_of(&before, "a") > 0 && count_of(&before, "b") > 0);
+        a.kill();
+        let a_count = a.count();
+        // GETs are idempotent: a refused or reset try moves to the other server.
+        let after = spread(addr(&p), 20, &[]).await;
+        assert_eq!(count_of(&after, "b"), 20, "{after:?}");
+        assert_eq!(a.count(), a_count);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn active_health_checks_take_a_server_out_and_back_in() {
+    bounded(async {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let healthy = Arc::new(AtomicBool::new(true));
+        let h = healthy.clone();
+        let a = Origin::start(move |s| {
+            if s.uri.path() == "/healthz" && !h.load(Ordering::SeqCst) {
+                reply(500, &[], "sick")
+            } else {
+                reply(200, &[], "a")
+            }
+        })
+        .await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}"
+  server "{}"
+  health get "/healthz" every 100ms timeout 50ms rise 1 fall 1
+}}
+rule all {{ route app cache off }}
+"#,
+            a.addr, b.addr
+        );
+        let p = proxy(&policy).await;
+        let proxied_to_a = || a.seen().iter().filter(|s| s.uri.path() == "/").count();
+
+        healthy.store(false, Ordering::SeqCst);
+        // Wait for a probe to see it (every 100 ms), then no traffic goes to `a`.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let bodies = spread(addr(&p), 6, &[]).await;
+            if count_of(&bodies, "b") == 6 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "`a` never taken out");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let at_a = proxied_to_a();
+        let bodies = spread(addr(&p), 10, &[]).await;
+        assert_eq!(count_of(&bodies, "b"), 10);
+        assert_eq!(proxied_to_a(), at_a);
+
+        healthy.store(true, Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let bodies = spread(addr(&p), 6, &[]).await;
+            if count_of(&bodies, "a") > 0 {
+                break;
+            }
+            assert!(Instant::now() < deadline, "`a` never brought back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn all_servers_down_answers_503_fast() {
+    bounded(async {
+        let sick = Origin::start(|s| {
+            if s.uri.path() == "/healthz" {
+                reply(500, &[], "sick")
+            } else {
+                reply(200, &[], "should not be reached")
+            }
+        })
+        .await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}"
+  health get "/healthz" every 100ms timeout 50ms rise 1 fall 1
+}}
+rule all {{ route app cache off }}
+"#,
+            sick.addr
+        );
+        let p = proxy(&policy).await;
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let started = Instant::now();
+            let got = get(addr(&p), "/", &[]).await;
+            if got.status == 503 {
+                assert!(started.elapsed() < Duration::from_millis(500));
+                assert!(got.header("retry-after").is_some());
+                break;
+            }
+            assert!(Instant::now() < deadline, "never 503: {}", got.status);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let reached = sick.count_path("/");
+        assert_eq!(get(addr(&p), "/", &[]).await.status, 503);
+        assert_eq!(sick.count_path("/"), reached, "a down server got a request");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn refused_connection_is_502_and_slow_origin_is_504() {
+    bounded(async {
+        let policy = format!(
+            "backend app {{ server \"{}\" }}\nrule all {{ route app cache off }}",
+            closed_addr()
+        );
+        let p = proxy(&policy).await;
+        let got = get(addr(&p), "/", &[]).await;
+        assert_eq!(got.status, 502);
+        p.shutdown().await;
+
+        let slow =
+            Origin::start_with_delay(Duration::from_secs(5), |_| reply(200, &[], "late")).await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}"
+  first_byte_timeout 200ms
+}}
+rule all {{ route app cache off }}
+"#,
+            slow.addr
+        );
+        let p = proxy(&policy).await;
+        let started = Instant::now();
+        let got = get(addr(&p), "/", &[]).await;
+        assert_eq!(got.status, 504);
+        assert!(
+            started.elapsed() < Duration::from_secs(2),
+            "{:?}",
+            started.elapsed()
+        );
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn static_files_backend_serves_validates_ranges_and_refuses_escapes() {
+    bounded(async {
+        let root = tempfile::tempdir().unwrap();
+        let site = root.path().join("site");
+        std::fs::create_dir(&site).unwrap();
+        std::fs::write(site.join("hello.txt"), "hello, static world").unwrap();
+        std::fs::write(root.path().join("secret.txt"), "top secret").unwrap();
+        let policy = format!(
+            "backend files {{ static \"{}\" }}\nrule all {{ route files cache off }}",
+            site.display()
+        );
+        let p = proxy(&policy).await;
+        let a = addr(&p);
+
+        let got = get(a, "/hello.txt", &[]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.text(), "hello, static world");
+        let etag = got.header("etag").expect("ETag").to_string();
+
+        let got = get(a, "/hello.txt", &[("if-none-match", &etag)]).await;
+        assert_eq!(got.status, 304);
+        assert!(got.body.is_empty());
+
+        let got = get(a, "/hello.txt", &[("range", "bytes=7-12")]).await;
+        assert_eq!(got.status, 206);
+        assert_eq!(got.text(), "static");
+        assert_eq!(got.header("content-range"), Some("bytes 7-12/19"));
+
+        for path in [
+            "/../secret.txt",
+            "/%2e%2e/secret.txt",
+            "/%2e%2e%2fsecret.txt",
+            "/..%2fsecret.txt",
+        ] {
+            let got = get(a, path, &[]).await;
+            assert!(
+                got.status == 400 || got.status == 404,
+                "{path}: {}",
+                got.status
+            );
+            assert!(!got.text().contains("top secret"), "{path}");
+        }
+        assert_eq!(get(a, "/missing.txt", &[]).await.status, 404);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+// ============================================================ upgrades
+
+/// An origin that switches to any protocol asked for and echoes bytes back.
+async fn echo_upgrade_origin() -> (std::net::SocketAddr, tokio::task::JoinHandle<()>) {
+    use bytes::Bytes;
+    use http::{Request, Response, StatusCode};
+    use http_body_util::Empty;
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let task = tokio::spawn(async move {
+        let mut conns = tokio::task::JoinSet::new();
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                continue;
+            };
+            conns.spawn(async move {
+                let service = hyper::service::service_fn(|mut req: Request<Incoming>| async move {
+                    let proto = req.headers().get("upgrade").cloned();
+                    let mut resp = Response::new(Empty::<Bytes>::new());
+                    let Some(proto) = proto else {
+                        *resp.status_mut() = StatusCode::BAD_REQUEST;
+                        return Ok::<_, std::convert::Infallible>(resp);
+                    };
+                    let on = hyper::upgrade::on(&mut req);
+                    tokio::spawn(async move {
+                        let Ok(upgraded) = on.await else { return };
+                        let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                    });
+                    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                    resp.headers_mut().insert("upgrade", proto);
+                    resp.headers_mut()
+                        .insert("connection", http::HeaderValue::from_static("upgrade"));
+                    Ok(resp)
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await;
+            });
+        }
+    });
+    (addr, task)
+}
+
+#[tokio::test]
+async fn websocket_upgrade_passes_through_and_echoes() {
+    bounded(async {
+        use bytes::Bytes;
+        use http_body_util::Empty;
+        use hyper_util::rt::TokioIo;
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (origin, task) = echo_upgrade_origin().await;
+        let policy =
+            format!("backend app {{ server \"{origin}\" }}\nrule all {{ route app cache off }}");
+        let p = proxy(&policy).await;
+        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn.with_upgrades());
+        let req = http::Request::get("/chat")
+            .header("host", "ws.test")
+            .header("connection", "Upgrade")
+            .header("upgrade", "websocket")
+            .header("sec-websocket-version", "13")
+            .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 101);
+        assert_eq!(resp.headers().get("upgrade").unwrap(), "websocket");
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .expect("client side switched");
+        let mut io = TokioIo::new(upgraded);
+        for msg in [&b"ping"[..], b"second message"] {
+            io.write_all(msg).await.unwrap();
+            let mut buf = vec![0; msg.len()];
+            io.read_exact(&mut buf).await.unwrap();
+            assert_eq!(buf, msg);
+        }
+        drop(io);
+        p.shutdown().await;
+        task.abort();
+    })
+    .await;
+}
+
+// ============================================================ hot reload
+
+fn two_backends(a: &Origin, b: &Origin, target: &str) -> String {
+    format!(
+        r#"
+backend a {{ server "{}" }}
+backend b {{ server "{}" }}
+rule all {{ route {target} cache off }}
+"#,
+        a.addr, b.addr
+    )
+}
+
+#[tokio::test]
+async fn reload_with_a_good_policy_changes_routing() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let p = proxy(&two_backends(&a, &b, "a")).await;
+        assert_eq!(get(addr(&p), "/", &[]).await.text(), "a");
+        p.reload(load(&two_backends(&a, &b, "b"))).await.unwrap();
+        assert_eq!(get(addr(&p), "/", &[]).await.text(), "b");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reload_of_a_broken_file_keeps_the_running_policy() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.policy");
+        let text = format!("listen \"127.0.0.1:0\"\n{}", two_backends(&a, &b, "a"));
+        std::fs::write(&path, &text).unwrap();
+        let p = proxy_bare(&text, Some(path.clone())).await;
+        assert_eq!(get(addr(&p), "/", &[]).await.text(), "a");
+
+        std::fs::write(&path, text.replace("route a", "route nowhere")).unwrap();
+        let err = p
+            .reload_file()
+            .await
+            .expect_err("a broken policy is refused");
+        assert!(err.to_string().contains("nowhere"), "{err}");
+        assert_eq!(get(addr(&p), "/", &[]).await.text(), "a");
+
+        std::fs::write(&path, text.replace("route a", "route b")).unwrap();
+        p.reload_file().await.unwrap();
+        assert_eq!(get(addr(&p), "/", &[]).await.text(), "b");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reloads_under_load_lose_no_request() {
+    bounded(async {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let p = proxy(&two_backends(&a, &b, "a")).await;
+        let target = addr(&p);
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut clients = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let stop = stop.clone();
+            clients.spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(Ordering::SeqCst) {
+                    let got = get(target, "/", &[]).await;
+                    assert_eq!(got.status, 200, "{}", got.text());
+                    seen.push(got.text());
+                }
+                seen
+            });
+        }
+        for i in 0..10 {
+            let to = if i % 2 == 0 { "b" } else { "a" };
+            p.reload(load(&two_backends(&a, &b, to))).await.unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        stop.store(true, Ordering::SeqCst);
+        let mut total = Vec::new();
+        while let Some(r) = clients.join_next().await {
+            total.extend(r.expect("a client failed a request"));
+        }
+        assert!(total.len() >= 20, "only {} requests", total.len());
+        assert!(total.iter().any(|t| t == "a") && total.iter().any(|t| t == "b"));
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reload_binds_added_listeners_and_closes_removed_ones() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let rules = policy_for(&origin, "rule all { route app cache off }");
+        let p = proxy_bare(&format!("listen \"127.0.0.1:0\"\n{rules}"), None).await;
+        let first = addr(&p);
+        assert_eq!(get(first, "/", &[]).await.status, 200);
+
+        let port = closed_addr();
+        p.reload(load(&format!(
+            "listen \"127.0.0.1:0\"\nlisten \"{port}\"\n{rules}"
+        )))
+        .await
+        .unwrap();
+        assert_eq!(p.listen_addrs(), vec![first, port]);
+        assert_eq!(get(port, "/", &[]).await.status, 200);
+        assert_eq!(get(first, "/", &[]).await.status, 200);
+
+        p.reload(load(&format!("listen \"{port}\"\n{rules}")))
+            .await
+            .unwrap();
+        assert_eq!(p.listen_addrs(), vec![port]);
+        assert!(
+            tokio::net::TcpStream::connect(first).await.is_err(),
+            "the removed listener still accepts"
+        );
+        assert_eq!(get(port, "/", &[]).await.status, 200);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_reload_that_cannot_bind_keeps_every_listener() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let text = format!("listen \"127.0.0.1:0\"\n{}", two_backends(&a, &b, "a"));
+        let p = proxy_bare(&text, None).await;
+        let before = p.listen_addrs();
+        assert_eq!(get(before[0], "/", &[]).await.text(), "a");
+
+        let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let busy = taken.local_addr().unwrap();
+        let with_busy = format!(
+            "listen \"127.0.0.1:0\"\nlisten \"{busy}\"\n{}",
+            two_backends(&a, &b, "b")
+        );
+        assert!(p.reload(load(&with_busy)).await.is_err(), "{busy} is taken");
+        assert_eq!(
+            p.listen_addrs(),
+            before,
+            "the failed reload lost a listener"
+        );
+        assert_eq!(get(before[0], "/", &[]).await.text(), "a");
+
+        let fine = format!("listen \"127.0.0.1:0\"\n{}", two_backends(&a, &b, "b"));
+        p.reload(load(&fine)).await.unwrap();
+        assert_eq!(p.listen_addrs(), before);
+        assert_eq!(get(before[0], "/", &[]).await.text(), "b");
+        tokio::time::timeout(Duration::from_secs(5), p.shutdown())
+            .await
+            .expect("shutdown stops every listener");
+        assert!(tokio::net::TcpStream::connect(before[0]).await.is_err());
+        drop(taken);
+    })
+    .await;
+}
+
+// ============================================================ shutdown and admin
+
+#[tokio::test]
+async fn shutdown_finishes_a_slow_request_and_refuses_new_connections() {
+    bounded(async {
+        let arrived = std::sync::Arc::new(tokio::sync::Notify::new());
+        let signal = arrived.clone();
+        let origin = Origin::start_with_delay(Duration::from_millis(800), move |_| {
+            signal.notify_one();
+            reply(200, &[], "slow but sure")
+        })
+        .await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let a = addr(&p);
+        let in_flight = tokio::spawn(async move { get(a, "/slow", &[]).await });
+        // The script runs before the origin's delay: the request is in flight.
+        arrived.notified().await;
+        p.shutdown().await;
+        let got = in_flight.await.unwrap();
+        assert_eq!(got.status, 200);
+        assert_eq!(got.text(), "slow but sure");
+        assert!(
+            tokio::net::TcpStream::connect(a).await.is_err(),
+            "a new connection was accepted after shutdown"
+        );
+    })
+    .await;
+}
+
+/// Everything written through it, for capturing log lines.
+#[derive(Clone, Default)]
+struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl std::io::Write for Captured {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+#[tokio::test]
+async fn admin_health_metrics_with_token_and_access_log() {
+    // A current-thread runtime runs every task here, so a thread-local
+    // subscriber sees the proxy's access log.
+    let logs = Captured::default();
+    let writer = logs.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .finish();
+    let _guard = tracing::subscriber::set_default(subscriber);
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(&origin, "rule front { route app cache off }")).await;
+        assert_eq!(get(addr(&p), "/logged", &[]).await.status, 200);
+        let admin = p.admin_addr().expect("admin listener");
+
+        let got = get(admin, "/healthz", &[]).await;
+        assert_eq!(got.status, 200);
+
+        let got = get(admin, "/metrics", &[]).await;
+        assert_eq!(got.status, 401);
+        let got = get(admin, "/metrics", &[("authorization", "Bearer wrong")]).await;
+        assert_eq!(got.status, 401);
+        let got = get(admin, "/metrics", &[("authorization", "Bearer secret")]).await;
+        assert_eq!(got.status, 200);
+        assert!(
+            got.text().contains("portico_requests_total"),
+            "{}",
+            got.text()
+        );
+        p.shutdown().await;
+    })
+    .await;
+    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    let line = text
+        .lines()
+        .find(|l| l.contains("portico::access") && l.contains("/logged"))
+        .unwrap_or_else(|| panic!("no access log line in:\n{text}"));
+    for part in ["status=200", "rule=front", "backend=app", "method=GET"] {
+        assert!(line.contains(part), "{part} missing from {line}");
+    }
+}
+
+// ============================================================ limits that must not be sidestepped
+
+/// Sends raw bytes on a fresh connection and returns what came back until
+/// the server closed or `within` passed.
+async fn raw_exchange(a: std::net::SocketAddr, request: &[u8], within: Duration) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(a).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test]
+async fn rule_max_body_also_bounds_a_chunked_body() {
+    bounded(async {
+        let origin = Origin::start(|s| reply(200, &[], format!("got {}", s.body.len()))).await;
+        let p = proxy(&policy_for(
+            &origin,
+            "rule all { route app cache off max_body 1KiB }",
+        ))
+        .await;
+        let chunk = "x".repeat(4000);
+        let request = format!(
+            "POST /upload HTTP/1.1\r\nhost: t.test\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+            chunk.len()
+        );
+        let answer = raw_exchange(addr(&p), request.as_bytes(), Duration::from_secs(5)).await;
+        assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        assert!(
+            origin.seen().iter().all(|s| s.body.len() <= 1024),
+            "the origin received more than max_body"
+        );
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_upgrade_header_does_not_sidestep_the_throttle() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"
+limit per_client { rate 1/m burst 2 by client.ip }
+rule all { route app cache off throttle per_client }
+"#,
+        ))
+        .await;
+        let a = addr(&p);
+        let upgrade = [("connection", "upgrade"), ("upgrade", "websocket")];
+        let statuses: Vec<u16> = {
+            let mut v = Vec::new();
+            for _ in 0..5 {
+                v.push(get(a, "/", &upgrade).await.status.as_u16());
+            }
+            v
+        };
+        assert_eq!(
+            statuses.iter().filter(|s| **s == 429).count(),
+            3,
+            "{statuses:?}"
+        );
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
