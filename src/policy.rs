@@ -14,6 +14,7 @@ pub mod diag;
 pub mod eval;
 pub mod model;
 pub mod parse;
+pub mod pattern;
 pub mod testing;
 pub mod tree;
 

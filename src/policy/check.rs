@@ -27,6 +27,7 @@ pub fn check(file: &ast::PolicyFile, line_of: &dyn Fn(usize) -> usize) -> (Model
     let mut c = Checker {
         diags: vec![],
         line_of,
+        regexes: compile_regexes(regex_sources(file)),
     };
     let model = c.run(file);
     let mut diags = c.diags;
@@ -37,6 +38,105 @@ pub fn check(file: &ast::PolicyFile, line_of: &dyn Fn(usize) -> usize) -> (Model
 struct Checker<'a> {
     diags: Vec<Diagnostic>,
     line_of: &'a dyn Fn(usize) -> usize,
+    /// Every regex of the policy, compiled up front on all cores.
+    regexes: HashMap<(String, bool), Result<Pattern, String>>,
+}
+
+/// Compiles a regex under the policy's limits.
+/// Compiles a regex under the policy's limits; the error is the reason, for a diagnostic.
+fn build_regex(source: &str, case_insensitive: bool) -> Result<Pattern, String> {
+    use super::pattern::PatternError;
+    Pattern::new(source, case_insensitive, MAX_REGEX_BYTES).map_err(|e| match e {
+        PatternError::TooBig => {
+            format!("the regex compiles to more than the limit of {MAX_REGEX_BYTES} bytes")
+        }
+        PatternError::Syntax(text) => text
+            .lines()
+            .last()
+            .unwrap_or("invalid")
+            .trim()
+            .trim_start_matches("error: ")
+            .to_string(),
+        PatternError::Other(text) => text,
+    })
+}
+
+/// The regexes of the rules' conditions: (source, case-insensitive).
+fn regex_sources(file: &ast::PolicyFile) -> Vec<(String, bool)> {
+    fn walk(e: &ast::Expr, out: &mut Vec<(String, bool)>) {
+        match e {
+            ast::Expr::And(a, b, _) | ast::Expr::Or(a, b, _) => {
+                walk(a, out);
+                walk(b, out);
+            }
+            ast::Expr::Not(a, _) => walk(a, out),
+            ast::Expr::Cmp(c) => {
+                let (
+                    Some((op, _)),
+                    Some(Value {
+                        kind: ValueKind::Str(p),
+                        ..
+                    }),
+                ) = (c.op, &c.operand)
+                else {
+                    return;
+                };
+                let ci =
+                    c.subject.arg.is_none() && matches!(c.subject.name.as_str(), "host" | "method");
+                match op {
+                    CmpOp::Regex | CmpOp::NotRegex => out.push((p.clone(), ci)),
+                    CmpOp::Glob => out.push((glob_to_regex(p), ci)),
+                    _ => {}
+                }
+            }
+        }
+    }
+    let mut out = vec![];
+    for r in file.rules.iter().chain(&file.response_rules) {
+        if let Some(e) = &r.when {
+            walk(e, &mut out);
+        }
+    }
+    out
+}
+
+/// Compiles the sources on every core: regex compilation dominates checking
+/// a large policy.
+fn compile_regexes(
+    mut sources: Vec<(String, bool)>,
+) -> HashMap<(String, bool), Result<Pattern, String>> {
+    sources.sort();
+    sources.dedup();
+    let threads = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+        .min(sources.len() / 64 + 1);
+    if threads <= 1 {
+        return sources
+            .into_iter()
+            .map(|(s, ci)| {
+                let re = build_regex(&s, ci);
+                ((s, ci), re)
+            })
+            .collect();
+    }
+    let chunk = sources.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = sources
+            .chunks(chunk)
+            .map(|part| {
+                scope.spawn(move || {
+                    part.iter()
+                        .map(|(s, ci)| ((s.clone(), *ci), build_regex(s, *ci)))
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    })
 }
 
 /// The kind of value a setting takes.
@@ -549,6 +649,72 @@ mod tests {
         assert!(!re.is_match("/static/a/b.css"));
         let re = regex::Regex::new(&glob_to_regex("/img/**")).unwrap();
         assert!(re.is_match("/img/a/b.png"));
+    }
+
+    /// Which rules the shadowing lint reports, for a list of conditions.
+    fn shadowed(conds: &[&str]) -> Vec<String> {
+        let mut text = String::from("backend b { server \"127.0.0.1:1\" }\n");
+        for (i, c) in conds.iter().enumerate() {
+            text.push_str(&format!("rule r{i} when {c} {{ route b }}\n"));
+        }
+        text.push_str("rule fallback { route b }\n");
+        let (_, _, diags) = crate::policy::check_text(&text, "t");
+        diags
+            .iter()
+            .filter(|d| d.code == "shadowed")
+            .map(|d| d.message.split('`').nth(1).unwrap_or("").to_string())
+            .collect()
+    }
+
+    #[test]
+    fn shadowing_is_found_through_the_index() {
+        let cases: &[(&[&str], &[&str])] = &[
+            (&[r#"path ^= "/a""#, r#"path ^= "/a/b""#], &["r1"]),
+            (&[r#"path ^= "/a/b""#, r#"path ^= "/a""#], &[]),
+            (
+                &[r#"path == "/x""#, r#"path == "/x" and method == GET"#],
+                &["r1"],
+            ),
+            (
+                &[
+                    r#"host == "a.test""#,
+                    r#"host == "a.test" and path ^= "/p""#,
+                ],
+                &["r1"],
+            ),
+            (&[r#"host == "a.test""#, r#"host == "b.test""#], &[]),
+            (
+                &[r#"host $= ".test""#, r#"host in ["a.test", "b.test"]"#],
+                &["r1"],
+            ),
+            (
+                &[
+                    r#"host $= ".test""#,
+                    r#"host $= ".x.test" and path ^= "/q""#,
+                ],
+                &["r1"],
+            ),
+            (
+                &[
+                    r#"method in [GET, HEAD]"#,
+                    r#"method == GET and path ^= "/""#,
+                ],
+                &["r1"],
+            ),
+            (&[r#"method == GET"#, r#"method in [GET, POST]"#], &[]),
+            // A rule with a test the lint does not understand never shadows.
+            (
+                &[r#"path ^= "/a" and header("X")"#, r#"path ^= "/a/b""#],
+                &[],
+            ),
+            (
+                &[r#"path ^= "/a""#, r#"path ^= "/b""#, r#"path ^= "/b/c""#],
+                &["r2"],
+            ),
+        ];
+        for (conds, want) in cases {
+            assert_eq!(shadowed(conds), *want, "{conds:?}");
+        }
     }
 
     #[test]

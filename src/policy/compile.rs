@@ -8,11 +8,9 @@
 //! rule's residual test. Path regexes that share a leaf are combined into one
 //! [`regex::RegexSet`] so that their number hardly matters.
 
-use super::model::{Atom, Cond, Field, RuleSpec, Test};
+use super::model::{Atom, Cond, Field, Pattern, RuleSpec, Test};
+pub use super::pattern::anchored_literals;
 use super::tree::{Entry, PathIndex, Residual, RuleIdx, RuleList, Tree, TrieNode};
-use regex::Regex;
-use regex_syntax::hir::literal::{ExtractKind, Extractor};
-use regex_syntax::hir::Look;
 
 /// From this many path regexes in one leaf on, they are matched as one set.
 pub const REGEX_SET_MIN: usize = 4;
@@ -262,13 +260,16 @@ fn host_key(a: &Atom) -> Option<HostKey> {
 
 /// The path placement of an atom, and the regex still to test when the
 /// placement is only a regex's literal prefix.
-fn path_key(a: &Atom) -> Option<(PathKey, Option<Regex>)> {
+fn path_key(a: &Atom) -> Option<(PathKey, Option<Pattern>)> {
     match (&a.field, &a.test) {
         (Field::Path, Test::Eq(p)) => Some((PathKey::Exact(p.clone()), None)),
         (Field::Path, Test::Prefix(p)) => Some((PathKey::Prefix(p.clone()), None)),
         (Field::Path, Test::Suffix(s)) if !s.is_empty() => Some((PathKey::Suffix(s.clone()), None)),
         (Field::Path, Test::Matches(re)) => {
-            let (prefix, suffix) = anchored_literals(re.as_str());
+            let (prefix, suffix) = (
+                re.anchored_prefix().map(str::to_string),
+                re.anchored_suffix().map(str::to_string),
+            );
             let key = match (prefix, suffix) {
                 (Some(p), _) if !p.is_empty() => PathKey::Prefix(p),
                 (_, Some(s)) if !s.is_empty() => PathKey::Suffix(s),
@@ -283,39 +284,6 @@ fn path_key(a: &Atom) -> Option<(PathKey, Option<Regex>)> {
 /// The literal text every match of an anchored regex starts with, if any.
 pub fn anchored_literal_prefix(pattern: &str) -> Option<String> {
     anchored_literals(pattern).0
-}
-
-/// The literal text every match of a regex anchored at the start (`^`)
-/// starts with, and the literal text every match of a regex anchored at the
-/// end (`$`) ends with. A regex that matches only whole paths with these
-/// literals can be placed by them; the regex itself is still tested.
-pub fn anchored_literals(pattern: &str) -> (Option<String>, Option<String>) {
-    let Ok(hir) = regex_syntax::ParserBuilder::new().build().parse(pattern) else {
-        return (None, None);
-    };
-    let props = hir.properties();
-    let literal = |kind: ExtractKind| {
-        let seq = Extractor::new().kind(kind.clone()).extract(&hir);
-        let common = match kind {
-            ExtractKind::Prefix => seq.longest_common_prefix(),
-            _ => seq.longest_common_suffix(),
-        }?;
-        std::str::from_utf8(common).ok().map(str::to_string)
-    };
-    let prefix = if props.look_set_prefix().contains(Look::Start) {
-        literal(ExtractKind::Prefix)
-    } else {
-        None
-    };
-    // The suffix is only needed when there is no prefix to place the rule by.
-    let suffix = if prefix.as_deref().is_none_or(str::is_empty)
-        && props.look_set_suffix().contains(Look::End)
-    {
-        literal(ExtractKind::Suffix)
-    } else {
-        None
-    };
-    (prefix, suffix)
 }
 
 #[cfg(test)]

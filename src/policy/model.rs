@@ -293,6 +293,8 @@ impl Field {
     }
 }
 
+pub use super::pattern::Pattern;
+
 /// A test on one field.
 #[derive(Debug, Clone)]
 pub enum Test {
@@ -303,8 +305,8 @@ pub enum Test {
     Prefix(String),
     Suffix(String),
     /// Regex (`~`), or a glob compiled to a regex.
-    Matches(regex::Regex),
-    NotMatches(regex::Regex),
+    Matches(Pattern),
+    NotMatches(Pattern),
     InSet(Vec<String>),
     InNets(Vec<IpNet>),
     Num(CmpOp, u64),

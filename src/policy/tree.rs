@@ -9,7 +9,8 @@
 //! passes wins, exactly as if the rules were tried one after another.
 
 use super::model::Cond;
-use regex::{Regex, RegexSet};
+use super::model::Pattern;
+use regex::RegexSet;
 use std::collections::HashMap;
 use std::fmt::Write as _;
 
@@ -21,7 +22,7 @@ pub type RuleIdx = u32;
 pub struct Residual {
     /// A path regex that the tree used only as a filter (its literal prefix),
     /// still to be matched. It may be answered by the list's [`RegexSet`].
-    pub path_regex: Option<Regex>,
+    pub path_regex: Option<Pattern>,
     /// The rest of the rule's condition.
     pub rest: Cond,
     /// True when `rest` is `Cond::True`, so evaluation can skip it.

@@ -2,35 +2,41 @@
 //! unsafe caching, unused backends and limiters.
 
 use super::*;
+use std::collections::HashMap;
 
 impl Checker<'_> {
     // ------------------------------------------------------------ whole-policy lints
 
     pub(super) fn lint_rules(&mut self, file: &ast::PolicyFile, model: &Model) {
-        // Shadowing: a rule covered by an earlier rule can never match.
-        let scopes: Vec<Option<Scope>> = model.rules.iter().map(|r| Scope::of(&r.when)).collect();
-        let exact: Vec<bool> = model
-            .rules
-            .iter()
-            .map(|r| Scope::is_exact(&r.when))
-            .collect();
+        // Shadowing: a rule covered by an earlier rule can never match. Only
+        // rules made wholly of host, path and method tests can cover others;
+        // they are indexed by host and path so that each rule meets only the
+        // earlier rules that could cover it.
+        let mut index = ShadowIndex::default();
         for (j, rj) in model.rules.iter().enumerate() {
-            let Some(sj) = &scopes[j] else { continue };
-            for i in 0..j {
-                let Some(si) = &scopes[i] else { continue };
-                if exact[i] && si.covers(sj) {
-                    let line = model.rules[i].line;
-                    self.warn(
-                        "shadowed",
-                        rj.span,
-                        format!(
-                            "rule `{}` can never match: rule `{}` on line {line} matches every request it would",
-                            rj.name, model.rules[i].name
-                        ),
-                    )
-                    .help = Some("move it above that rule, or narrow the earlier rule".into());
-                    break;
-                }
+            let Some(sj) = Scope::of(&rj.when) else {
+                continue;
+            };
+            let first = index
+                .candidates(&sj)
+                .into_iter()
+                .filter(|&i| index.scopes[i].1.covers(&sj))
+                .map(|i| index.scopes[i].0)
+                .min();
+            if let Some(i) = first {
+                let line = model.rules[i].line;
+                self.warn(
+                    "shadowed",
+                    rj.span,
+                    format!(
+                        "rule `{}` can never match: rule `{}` on line {line} matches every request it would",
+                        rj.name, model.rules[i].name
+                    ),
+                )
+                .help = Some("move it above that rule, or narrow the earlier rule".into());
+            }
+            if Scope::is_exact(&rj.when) {
+                index.add(j, sj);
             }
         }
         // Traffic that matches no rule.
@@ -252,5 +258,71 @@ impl Scope {
             (Some(_), None) => false,
         };
         hosts_ok && suffix_ok && exact_ok && prefix_ok && methods_ok
+    }
+}
+
+/// The rules that can shadow later ones, by host and path.
+#[derive(Default)]
+struct ShadowIndex {
+    /// (rule index, its scope).
+    scopes: Vec<(usize, Scope)>,
+    /// Host key (`""` any host, `=name`, `.suffix`) and path key (`""` any
+    /// path, `=path`, `^prefix`) to positions in `scopes`.
+    by_key: HashMap<(String, String), Vec<usize>>,
+}
+
+impl ShadowIndex {
+    fn add(&mut self, rule: usize, scope: Scope) {
+        let pos = self.scopes.len();
+        let mut hosts: Vec<String> = match (&scope.hosts, &scope.host_suffix) {
+            (Some(hs), _) => hs.iter().map(|h| format!("={h}")).collect(),
+            (None, Some(x)) => vec![x.clone()],
+            (None, None) => vec![String::new()],
+        };
+        hosts.dedup();
+        let path = match (&scope.path_exact, &scope.path_prefix) {
+            (Some(p), _) => format!("={p}"),
+            (None, Some(p)) => format!("^{p}"),
+            (None, None) => String::new(),
+        };
+        for h in hosts {
+            self.by_key.entry((h, path.clone())).or_default().push(pos);
+        }
+        self.scopes.push((rule, scope));
+    }
+
+    /// Positions of the rules that might cover `s` (to be confirmed with `covers`).
+    fn candidates(&self, s: &Scope) -> Vec<usize> {
+        if self.scopes.is_empty() {
+            return vec![];
+        }
+        let mut hosts = vec![String::new()];
+        let names: Vec<&String> = s.hosts.iter().flatten().chain(&s.host_suffix).collect();
+        for name in names {
+            if !name.starts_with('.') {
+                hosts.push(format!("={name}"));
+            }
+            for (i, _) in name.match_indices('.') {
+                hosts.push(name[i..].to_string());
+            }
+        }
+        let mut paths = vec![String::new()];
+        if let Some(p) = &s.path_exact {
+            paths.push(format!("={p}"));
+        }
+        if let Some(p) = s.path_exact.as_ref().or(s.path_prefix.as_ref()) {
+            for (i, _) in p.char_indices().chain([(p.len(), ' ')]) {
+                paths.push(format!("^{}", &p[..i]));
+            }
+        }
+        let mut out = vec![];
+        for h in &hosts {
+            for p in &paths {
+                if let Some(v) = self.by_key.get(&(h.clone(), p.clone())) {
+                    out.extend_from_slice(v);
+                }
+            }
+        }
+        out
     }
 }

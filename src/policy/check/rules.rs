@@ -193,26 +193,20 @@ impl Checker<'_> {
                     pattern.clone()
                 };
                 let case_insensitive = matches!(field, Field::Host | Field::Method);
-                let re = match regex::RegexBuilder::new(&source)
-                    .size_limit(MAX_REGEX_BYTES)
-                    .case_insensitive(case_insensitive)
-                    .build()
-                {
+                let compiled = match self.regexes.get(&(source, case_insensitive)).cloned() {
+                    Some(r) => r,
+                    None => build_regex(
+                        &if op == CmpOp::Glob {
+                            glob_to_regex(&pattern)
+                        } else {
+                            pattern.clone()
+                        },
+                        case_insensitive,
+                    ),
+                };
+                let re = match compiled {
                     Ok(re) => re,
-                    Err(e) => {
-                        let reason = match e {
-                            regex::Error::CompiledTooBig(_) => format!(
-                                "the regex compiles to more than the limit of {MAX_REGEX_BYTES} bytes"
-                            ),
-                            other => other
-                                .to_string()
-                                .lines()
-                                .last()
-                                .unwrap_or("invalid")
-                                .trim()
-                                .trim_start_matches("error: ")
-                                .to_string(),
-                        };
+                    Err(reason) => {
                         self.err(
                             "invalid-regex",
                             operand.span,
