@@ -59,15 +59,44 @@ struct Inner {
     coalescer: Coalescer<Arc<Entry>>,
     errors: ErrorPages,
     via: HeaderValue,
+    metrics: Metrics,
 }
 
 /// What the access log says of a request.
 #[derive(Default)]
 struct Log {
-    rule: String,
-    backend: String,
+    /// The rule's position, or `None` when no rule matched.
+    rule: Option<usize>,
+    backend: Option<BackendId>,
     cache: &'static str,
     upstream: Option<Duration>,
+}
+
+/// Metric handles registered once, so that counting a request is an atomic
+/// add rather than a registry lookup.
+struct Metrics {
+    /// By status class: 1xx to 5xx.
+    requests: [metrics::Counter; 5],
+    duration: metrics::Histogram,
+    hits: metrics::Counter,
+}
+
+impl Metrics {
+    fn new() -> Metrics {
+        crate::admin::install_metrics();
+        let class = |c: &'static str| metrics::counter!("portico_requests_total", "status" => c);
+        Metrics {
+            requests: [
+                class("1xx"),
+                class("2xx"),
+                class("3xx"),
+                class("4xx"),
+                class("5xx"),
+            ],
+            duration: metrics::histogram!("portico_request_duration_seconds"),
+            hits: metrics::counter!("portico_cache_results_total", "result" => "hit"),
+        }
+    }
 }
 
 impl Gateway {
@@ -80,6 +109,7 @@ impl Gateway {
                 coalescer: Coalescer::new(hit_for_miss),
                 errors: ErrorPages::new(),
                 via: HeaderValue::from_static("1.1 portico"),
+                metrics: Metrics::new(),
             }),
         }
     }
@@ -146,7 +176,7 @@ impl Gateway {
         let policy = &gen.policy;
         let d = policy.decide(&view);
         let rule = d.rule;
-        log.rule.clone_from(&rule.name);
+        log.rule = d.index;
         let backend = match &rule.outcome {
             Outcome::Forward(b) => *b,
             other => {
@@ -158,7 +188,7 @@ impl Gateway {
                 return Ok(resp);
             }
         };
-        log.backend.clone_from(&policy.model.backends[backend].name);
+        log.backend = Some(backend);
 
         // ---- throttle
         if let Some(limiter) = rule.limiter {
@@ -237,8 +267,7 @@ impl Gateway {
                 match control::evaluate_reuse(&directives, &entry.lifetime(), age) {
                     Reuse::Fresh | Reuse::StaleAllowed => {
                         log.cache = "hit";
-                        metrics::counter!("portico_cache_results_total", "result" => "hit")
-                            .increment(1);
+                        self.inner.metrics.hits.increment(1);
                         let status = CacheStatus::Hit {
                             ttl: entry.ttl_at(now),
                             detail: None,
@@ -936,9 +965,10 @@ impl Gateway {
                     });
                 }
             }
+            log.rule = d.index;
+            log.backend = Some(b);
             (d.rule, b)
         };
-        log.rule.clone_from(&rule.name);
         log.cache = "bypass";
         let BackendRuntime::Pool(pool) = &gen.backends[backend] else {
             return Err(ProxyError::BadRequest("upgrades need a server backend"));
@@ -981,15 +1011,19 @@ impl Handler for Gateway {
     ) -> Response<ResponseBody> {
         let started = Instant::now();
         let gen = self.current();
+        // What the log and an error page need, kept before the request is consumed.
         let method = req.method().clone();
-        let path = req.uri().path().to_string();
-        let host = request_host(&req).unwrap_or_default();
-        let request_headers = req.headers().clone();
+        let uri = req.uri().clone();
+        let host = req.headers().get(header::HOST).cloned();
+        let mut accept = HeaderMap::new();
+        if let Some(v) = req.headers().get(header::ACCEPT) {
+            accept.insert(header::ACCEPT, v.clone());
+        }
         let mut log = Log::default();
         let mut resp = match self.serve(&gen, req, &conn, &mut log).await {
             Ok(resp) => resp,
             Err(e) => {
-                let mut resp = self.inner.errors.respond(&e, Some(&request_headers));
+                let mut resp = self.inner.errors.respond(&e, Some(&accept));
                 if log.cache.is_empty() {
                     log.cache = "error";
                 }
@@ -1016,20 +1050,22 @@ impl Handler for Gateway {
         let status = resp.status().as_u16();
         let bytes = resp.body().size_hint().exact().unwrap_or(0);
         let elapsed = started.elapsed();
-        metrics::counter!("portico_requests_total", "status" => status_class(status)).increment(1);
-        metrics::histogram!("portico_request_duration_seconds").record(elapsed.as_secs_f64());
+        let m = &self.inner.metrics;
+        m.requests[usize::from((status / 100).clamp(1, 5) - 1)].increment(1);
+        m.duration.record(elapsed.as_secs_f64());
+        let model = &gen.policy.model;
         tracing::info!(
             target: "portico::access",
             client = %conn.client_addr.ip(),
             method = %method,
-            host = %host,
-            path = %path,
+            host = %host.as_ref().and_then(|h| h.to_str().ok()).or_else(|| uri.host()).unwrap_or("-"),
+            path = %uri.path(),
             status,
             bytes,
-            duration_ms = elapsed.as_secs_f64() * 1e3,
-            upstream_ms = log.upstream.map(|d| d.as_secs_f64() * 1e3),
-            rule = %log.rule,
-            backend = %log.backend,
+            duration_us = elapsed.as_micros() as u64,
+            upstream_us = log.upstream.map(|d| d.as_micros() as u64),
+            rule = %log.rule.map_or("-", |i| model.rules[i].name.as_str()),
+            backend = %log.backend.map_or("-", |i| model.backends[i].name.as_str()),
             cache = log.cache,
         );
         resp
@@ -1169,16 +1205,6 @@ fn error_detail(e: &ProxyError) -> &'static str {
         ProxyError::PayloadTooLarge { .. } => "body-too-large",
         ProxyError::BadRequest(_) => "bad-request",
         _ => "error",
-    }
-}
-
-fn status_class(status: u16) -> &'static str {
-    match status {
-        100..=199 => "1xx",
-        200..=299 => "2xx",
-        300..=399 => "3xx",
-        400..=499 => "4xx",
-        _ => "5xx",
     }
 }
 
