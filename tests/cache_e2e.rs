@@ -822,8 +822,10 @@ async fn cache_status_is_on_every_response() {
         .await;
         let err = get(addr(&down), "/x", &[]).await;
         assert!(err.status.is_server_error());
+        // A miss whose origin failed says so: it was a miss, and why it failed.
         assert!(
-            err.cache_status().starts_with("Portico; fwd="),
+            err.cache_status()
+                .starts_with("Portico; fwd=uri-miss; detail=origin-error"),
             "{}",
             err.cache_status()
         );

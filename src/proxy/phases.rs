@@ -23,7 +23,7 @@ use arc_swap::ArcSwap;
 use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt as _, Empty};
+use http_body_util::BodyExt as _;
 use hyper::body::{Body as _, Incoming};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -69,6 +69,8 @@ struct Log {
     rule: Option<usize>,
     backend: Option<BackendId>,
     cache: &'static str,
+    /// Why the request went forward, for the Cache-Status of an error.
+    forward: Option<Forward>,
     upstream: Option<Duration>,
 }
 
@@ -223,6 +225,7 @@ impl Gateway {
                 Forward::Bypass
             };
             log.cache = reason.as_str();
+            log.forward = Some(reason);
             let unsafe_method = !parts.method.is_safe();
             let upstream = build_upstream(&parts, rule, conn, &self.inner.via, false);
             let body = req_body.map_err(BoxError::from).boxed_unsync();
@@ -311,6 +314,7 @@ impl Gateway {
             forward
         };
         log.cache = forward.as_str();
+        log.forward = Some(forward);
         metrics::counter!("portico_cache_results_total", "result" => forward.as_str()).increment(1);
 
         // ---- fetch and store, one request per key
@@ -348,7 +352,6 @@ impl Gateway {
             .fill(
                 gen,
                 rule,
-                &d,
                 &key,
                 &parts,
                 conn,
@@ -440,7 +443,6 @@ impl Gateway {
     ) -> Response<ResponseBody> {
         log.cache = "stale-if-error";
         metrics::counter!("portico_cache_results_total", "result" => "stale-if-error").increment(1);
-        let now = SystemTime::now();
         let status = CacheStatus::Forward {
             reason: Forward::Stale,
             status: Some(fwd_status),
@@ -448,7 +450,6 @@ impl Gateway {
             collapsed: false,
             detail: Some("stale-if-error"),
         };
-        let _ = now;
         self.deliver(gen, rule, parts, entry, &status, SystemTime::now())
     }
 
@@ -506,7 +507,6 @@ impl Gateway {
         &self,
         gen: &Generation,
         rule: &RuleSpec,
-        d: &Decision<'_>,
         key: &str,
         parts: &http::request::Parts,
         conn: &ConnInfo,
@@ -536,7 +536,6 @@ impl Gateway {
             headers: &parts.headers,
             client_ip: Some(conn.client_addr.ip()),
         };
-        let _ = d;
         let request_time = SystemTime::now();
         let resp = self
             .fetch(gen, backend, rule, &view, upstream, body::empty())
@@ -752,12 +751,8 @@ impl Gateway {
         let (bg_parts, ()) = head.into_parts();
         tokio::spawn(async move {
             let rule = &gen.policy.model.rules[index];
-            let d = Decision {
-                index: Some(index),
-                rule,
-            };
             match this
-                .fill(&gen, rule, &d, &key, &bg_parts, &conn, &host, Some(&entry))
+                .fill(&gen, rule, &key, &bg_parts, &conn, &host, Some(&entry))
                 .await
             {
                 Ok(Filled::Stored(e, ..)) => leader.publish(Flight::Ready(e)),
@@ -1030,7 +1025,7 @@ impl Handler for Gateway {
                 set_cache_status(
                     resp.headers_mut(),
                     &CacheStatus::Forward {
-                        reason: Forward::Bypass,
+                        reason: log.forward.unwrap_or(Forward::Bypass),
                         status: None,
                         stored: false,
                         collapsed: false,
@@ -1360,11 +1355,6 @@ where
         }
         std::pin::Pin::new(&mut self.rest).poll_frame(cx)
     }
-}
-
-#[allow(dead_code)]
-fn _assert_types() {
-    let _: Empty<Bytes> = Empty::new();
 }
 
 #[cfg(test)]

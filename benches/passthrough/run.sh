@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Pass-through (cache off) comparison of Portico and NGINX proxy_pass, with
+# the shared bench harness. The upstream is the harness's bare hyper server
+# (the "ceiling" binary) on 127.0.0.1:8095, pinned beside the load generator,
+# so that the proxies, not a slow origin, are what is measured.
+#
+# Run from the project root after `cargo build --release`:
+#     benches/passthrough/run.sh            (REPS, DURATION, SIZES as in the harness)
+set -euo pipefail
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/../.." && pwd)
+bench=${BENCH_SH:-$root/../shared/bench/bench.sh}
+bench_dir=${BENCH_DIR:-${TMPDIR:-/tmp}/portico-bench}
+ceiling=$bench_dir/ceiling-target/release/ceiling
+portico=${PORTICO_BIN:-$root/target/release/portico}
+if [[ ! -x $ceiling ]]; then
+  (cd "$(dirname "$bench")/ceiling" && CARGO_TARGET_DIR=$bench_dir/ceiling-target cargo build --release -q)
+fi
+mkdir -p /tmp/portico-nginx-pass
+taskset -c "${LOADGEN_CPU:-0}" "$ceiling" 127.0.0.1:8095 > /tmp/portico-pass-upstream.log 2>&1 &
+upstream=$!
+trap 'kill $upstream 2>/dev/null || true' EXIT
+sleep 0.5
+REF=${REF:-nginx-pass} TESTS=hit "$bench" \
+  "portico-pass=http://127.0.0.1:8184::$portico run $here/portico.policy --log-format plain" \
+  "nginx-pass=http://127.0.0.1:8181::nginx -p /tmp/portico-nginx-pass/ -c $here/nginx.conf"
