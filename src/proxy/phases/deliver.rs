@@ -1,0 +1,241 @@
+//! Delivering: a stored entry into a response (conditional answers,
+//! ranges, compression, Age, Cache-Status), and the responses the policy
+//! makes itself.
+
+use super::*;
+
+impl Gateway {
+    pub(super) fn serve_stale_on_error(
+        &self,
+        gen: &Generation,
+        rule: &RuleSpec,
+        parts: &http::request::Parts,
+        entry: &Arc<Entry>,
+        fwd_status: u16,
+        log: &mut Log,
+    ) -> Response<ResponseBody> {
+        log.cache = "stale-if-error";
+        metrics::counter!("portico_cache_results_total", "result" => "stale-if-error").increment(1);
+        let status = CacheStatus::Forward {
+            reason: Forward::Stale,
+            status: Some(fwd_status),
+            stored: false,
+            collapsed: false,
+            detail: Some("stale-if-error"),
+        };
+        self.deliver(gen, rule, parts, entry, &status, SystemTime::now())
+    }
+
+    /// Builds the response for a stored entry: conditional answers, ranges,
+    /// compression, Age, Cache-Status, header edits.
+    pub(super) fn deliver(
+        &self,
+        gen: &Generation,
+        rule: &RuleSpec,
+        parts: &http::request::Parts,
+        entry: &Arc<Entry>,
+        status: &CacheStatus<'_>,
+        now: SystemTime,
+    ) -> Response<ResponseBody> {
+        let storage = &gen.policy.model.storage;
+        let age = HeaderValue::from(entry.age_at(now).as_secs());
+        if control::answers_not_modified(&parts.method, &parts.headers, &entry.headers) {
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            for name in [
+                header::CACHE_CONTROL,
+                header::CONTENT_LOCATION,
+                header::DATE,
+                header::ETAG,
+                header::EXPIRES,
+                header::LAST_MODIFIED,
+                header::VARY,
+            ] {
+                for v in entry.headers.get_all(&name) {
+                    resp.headers_mut().append(name.clone(), v.clone());
+                }
+            }
+            resp.headers_mut().insert(header::AGE, age);
+            set_cache_status(resp.headers_mut(), status);
+            return resp;
+        }
+        let mut headers = entry.headers.clone();
+        headers.insert(header::AGE, age);
+        if storage.strip_targeted {
+            for name in &gen.targeted {
+                headers.remove(name);
+            }
+        }
+        let mut code = entry.status;
+        let mut payload = entry.body.clone();
+        let range = parts
+            .headers
+            .get(header::RANGE)
+            .filter(|_| parts.method == Method::GET && code == StatusCode::OK)
+            .and_then(|v| v.to_str().ok());
+        if let Some(range) = range {
+            match byte_range(range, payload.len() as u64) {
+                RangeAnswer::Full => {}
+                RangeAnswer::Partial(start, end) => {
+                    code = StatusCode::PARTIAL_CONTENT;
+                    headers.insert(
+                        header::CONTENT_RANGE,
+                        HeaderValue::from_str(&format!("bytes {start}-{end}/{}", payload.len()))
+                            .expect("digits are a valid header value"),
+                    );
+                    payload = payload.slice(start as usize..=end as usize);
+                }
+                RangeAnswer::Unsatisfiable => {
+                    code = StatusCode::RANGE_NOT_SATISFIABLE;
+                    headers.insert(
+                        header::CONTENT_RANGE,
+                        HeaderValue::from_str(&format!("bytes */{}", payload.len()))
+                            .expect("digits are a valid header value"),
+                    );
+                    payload = Bytes::new();
+                }
+            }
+        } else if let Some(spec) = &rule.compress {
+            if compress::applies(spec, &headers, payload.len()) {
+                headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+                if let Some(alg) =
+                    compress::negotiate(parts.headers.get(header::ACCEPT_ENCODING), spec)
+                {
+                    payload = compress::compress(alg, spec.level, &payload).into();
+                    headers.insert(
+                        header::CONTENT_ENCODING,
+                        HeaderValue::from_static(alg.as_str()),
+                    );
+                    headers.remove(header::ETAG);
+                }
+            }
+        }
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(payload.len()));
+        let body = if parts.method == Method::HEAD {
+            body::empty()
+        } else {
+            body::full(payload)
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = code;
+        *resp.headers_mut() = headers;
+        set_cache_status(resp.headers_mut(), status);
+        for e in &rule.response_headers {
+            e.apply(resp.headers_mut());
+        }
+        resp
+    }
+}
+
+/// Responses the policy makes itself: redirect, deny, respond, no route.
+pub(super) fn synthetic(
+    outcome: &Outcome,
+    errors: &ErrorPages,
+    request: &HeaderMap,
+) -> Response<ResponseBody> {
+    match outcome {
+        Outcome::Redirect { status, location } => {
+            let mut resp = Response::new(body::empty());
+            *resp.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::FOUND);
+            if let Ok(v) = HeaderValue::from_str(location) {
+                resp.headers_mut().insert(header::LOCATION, v);
+            }
+            resp.headers_mut()
+                .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+            resp
+        }
+        Outcome::Deny { status } => {
+            let code = StatusCode::from_u16(*status).unwrap_or(StatusCode::FORBIDDEN);
+            let mut resp = Response::new(body::full(format!(
+                "{} {}\n",
+                code.as_u16(),
+                code.canonical_reason().unwrap_or("Denied")
+            )));
+            *resp.status_mut() = code;
+            resp.headers_mut().insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("text/plain; charset=utf-8"),
+            );
+            resp
+        }
+        Outcome::Respond {
+            status,
+            body: text,
+            content_type,
+        } => {
+            let mut resp = Response::new(body::full(text.clone()));
+            *resp.status_mut() = StatusCode::from_u16(*status).unwrap_or(StatusCode::OK);
+            if let Ok(v) = HeaderValue::from_str(content_type) {
+                resp.headers_mut().insert(header::CONTENT_TYPE, v);
+            }
+            resp
+        }
+        Outcome::NoRoute | Outcome::Forward(_) => {
+            errors.respond(&ProxyError::NotFound, Some(request))
+        }
+    }
+}
+
+/// A single byte range against a representation of `len` bytes (RFC 9110 section 14).
+#[derive(Debug, PartialEq, Eq)]
+pub(super) enum RangeAnswer {
+    /// Not a range we answer (several ranges, other units): the whole object.
+    Full,
+    /// Inclusive start and end.
+    Partial(u64, u64),
+    Unsatisfiable,
+}
+
+pub(super) fn byte_range(header: &str, len: u64) -> RangeAnswer {
+    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+        return RangeAnswer::Full;
+    };
+    if spec.contains(',') {
+        return RangeAnswer::Full;
+    }
+    let Some((a, b)) = spec.trim().split_once('-') else {
+        return RangeAnswer::Full;
+    };
+    let (a, b) = (a.trim(), b.trim());
+    let parsed = match (a.is_empty(), b.is_empty()) {
+        (true, false) => match b.parse::<u64>() {
+            Ok(0) => return RangeAnswer::Unsatisfiable,
+            Ok(n) => Some((len.saturating_sub(n), len.saturating_sub(1))),
+            Err(_) => None,
+        },
+        (false, true) => a.parse::<u64>().ok().map(|s| (s, len.saturating_sub(1))),
+        (false, false) => match (a.parse::<u64>(), b.parse::<u64>()) {
+            (Ok(s), Ok(e)) if s <= e => Some((s, e.min(len.saturating_sub(1)))),
+            _ => None,
+        },
+        (true, true) => None,
+    };
+    match parsed {
+        None => RangeAnswer::Full,
+        Some((s, _)) if s >= len => RangeAnswer::Unsatisfiable,
+        Some((s, e)) => RangeAnswer::Partial(s, e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn byte_ranges() {
+        let cases = [
+            ("bytes=0-9", 100, RangeAnswer::Partial(0, 9)),
+            ("bytes=90-", 100, RangeAnswer::Partial(90, 99)),
+            ("bytes=-10", 100, RangeAnswer::Partial(90, 99)),
+            ("bytes=50-500", 100, RangeAnswer::Partial(50, 99)),
+            ("bytes=100-", 100, RangeAnswer::Unsatisfiable),
+            ("bytes=-0", 100, RangeAnswer::Unsatisfiable),
+            ("bytes=0-1,5-6", 100, RangeAnswer::Full),
+            ("items=0-1", 100, RangeAnswer::Full),
+            ("bytes=9-1", 100, RangeAnswer::Full),
+        ];
+        for (h, len, want) in cases {
+            assert_eq!(byte_range(h, len), want, "{h}");
+        }
+    }
+}

@@ -1,0 +1,392 @@
+//! Filling the cache: sending a request upstream, deciding what may be
+//! stored (RFC 9111 section 3 and the response rules), storing it,
+//! revalidating stale entries, and refreshing them in the background.
+
+use super::*;
+
+impl Gateway {
+    /// Sends a request to a backend and returns the response head with its body.
+    pub(super) async fn fetch(
+        &self,
+        gen: &Generation,
+        backend: BackendId,
+        rule: &RuleSpec,
+        view: &View<'_>,
+        upstream: Request<()>,
+        body: ResponseBody,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        match &gen.backends[backend] {
+            BackendRuntime::Static(cfg) => {
+                let resp = static_files::serve(cfg, &upstream).await;
+                Ok(resp.map(|b| b.map_err(|never| match never {}).boxed_unsync()))
+            }
+            BackendRuntime::Pool(pool) => {
+                let spec = &gen.policy.model.backends[backend];
+                let hash_key = (!spec.hash_key.is_empty()).then(|| {
+                    let mut k = String::new();
+                    crate::policy::eval::render_key(&spec.hash_key, view, &mut k);
+                    k
+                });
+                let (parts, ()) = upstream.into_parts();
+                let req = Request::from_parts(parts, body);
+                let send = pool.send(req, hash_key.as_deref().map(str::as_bytes));
+                let limit = rule
+                    .limits
+                    .total_timeout
+                    .into_iter()
+                    .chain(rule.limits.first_byte_timeout)
+                    .min();
+                let result = match limit {
+                    Some(limit) => match tokio::time::timeout(limit, send).await {
+                        Ok(r) => r,
+                        Err(_) => return Err(ProxyError::GatewayTimeout),
+                    },
+                    None => send.await,
+                };
+                match result {
+                    Ok(resp) => {
+                        Ok(resp.map(|b: Incoming| b.map_err(BoxError::from).boxed_unsync()))
+                    }
+                    Err(e) => Err(upstream_error(&e)),
+                }
+            }
+        }
+    }
+
+    /// Fetches a cacheable request and stores what may be stored.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) async fn fill(
+        &self,
+        gen: &Generation,
+        rule: &RuleSpec,
+        key: &str,
+        parts: &http::request::Parts,
+        conn: &ConnInfo,
+        host: &str,
+        stale: Option<&Arc<Entry>>,
+    ) -> Result<Filled, ProxyError> {
+        let Outcome::Forward(backend) = rule.outcome else {
+            return Err(ProxyError::Internal(
+                "a cached rule without a backend".into(),
+            ));
+        };
+        let cache = rule.cache.as_ref().expect("only cached rules fill");
+        let mut upstream = build_upstream(parts, rule, conn, &self.inner.via, true);
+        if let Some(entry) = stale {
+            control::add_validators(&entry.headers, upstream.headers_mut());
+        }
+        let view = View {
+            method: &parts.method,
+            scheme: if conn.tls {
+                Scheme::Https
+            } else {
+                Scheme::Http
+            },
+            host,
+            path: parts.uri.path(),
+            query: parts.uri.query().unwrap_or(""),
+            headers: &parts.headers,
+            client_ip: Some(conn.client_addr.ip()),
+        };
+        let request_time = SystemTime::now();
+        let resp = self
+            .fetch(gen, backend, rule, &view, upstream, body::empty())
+            .await?;
+        let response_time = SystemTime::now();
+        let (mut head, resp_body) = resp.into_parts();
+        hygiene::strip_hop_by_hop(&mut head.headers, false);
+        let policy = &gen.policy;
+        let storage = &policy.model.storage;
+
+        // A 304 to our validators refreshes the stored copy (RFC 9111 section 4.3.4).
+        if head.status == StatusCode::NOT_MODIFIED {
+            if let Some(entry) = stale {
+                metrics::counter!("portico_cache_revalidations_total", "result" => "304")
+                    .increment(1);
+                let mut headers = entry.headers.clone();
+                control::merge_not_modified(&mut headers, &head.headers);
+                let refreshed = self.make_entry(
+                    gen,
+                    rule,
+                    &view,
+                    entry.status,
+                    headers,
+                    entry.body.clone(),
+                    parts,
+                    request_time,
+                    response_time,
+                );
+                if let Ok(e) = refreshed {
+                    let e = Arc::new(e);
+                    self.inner.store.store_response(key, Entry::clone(&e)).await;
+                    return Ok(Filled::Stored(e, 304, Vec::new()));
+                }
+                // The refreshed copy may no longer be stored: pass the old body once.
+                let mut resp = Response::from_parts(head, body::full(entry.body.clone()));
+                *resp.status_mut() = entry.status;
+                return Ok(Filled::Passed(resp, "not-storable"));
+            }
+        } else if stale.is_some() {
+            metrics::counter!("portico_cache_revalidations_total", "result" => "200").increment(1);
+        }
+
+        let actions = policy.decide_response(
+            &view,
+            &ResponseView {
+                status: head.status.as_u16(),
+                headers: &head.headers,
+            },
+        );
+        for e in &actions.headers {
+            e.apply(&mut head.headers);
+        }
+        let overrides = overrides(cache, &actions);
+        let directives = control::response_directives(&head.headers, &gen.targeted);
+        let verdict = if actions.no_store {
+            Err("policy")
+        } else {
+            control::storable(
+                &Method::GET,
+                &parts.headers,
+                head.status,
+                &head.headers,
+                &directives,
+                &overrides,
+            )
+            .map_err(|n| n.as_str())
+        };
+        if let Err(reason) = verdict {
+            metrics::counter!("portico_cache_not_stored_total", "reason" => reason).increment(1);
+            return Ok(Filled::Passed(
+                Response::from_parts(head, resp_body),
+                reason,
+            ));
+        }
+        let max = storage.max_object;
+        if content_length(&head.headers).is_some_and(|n| n > max) {
+            metrics::counter!("portico_cache_not_stored_total", "reason" => "too-large")
+                .increment(1);
+            return Ok(Filled::Passed(
+                Response::from_parts(head, resp_body),
+                "too-large",
+            ));
+        }
+        let (body_bytes, rest) = collect_up_to(resp_body, max as usize).await?;
+        if let Some(rest) = rest {
+            // Larger than the largest object: stream the rest through, store nothing.
+            metrics::counter!("portico_cache_not_stored_total", "reason" => "too-large")
+                .increment(1);
+            let first = http_body_util::Full::new(body_bytes).map_err(|never| match never {});
+            let chained = Chain {
+                first: Some(first),
+                rest,
+            };
+            return Ok(Filled::Passed(
+                Response::from_parts(head, chained.boxed_unsync()),
+                "too-large",
+            ));
+        }
+        let cookies: Vec<HeaderValue> = head
+            .headers
+            .get_all(header::SET_COOKIE)
+            .iter()
+            .cloned()
+            .collect();
+        let received = Received {
+            status: head.status,
+            headers: head.headers,
+            body: body_bytes,
+            request_headers: &parts.headers,
+            request_time,
+            response_time,
+        };
+        let entry =
+            match Entry::from_response(received, &directives, &overrides, storage.heuristic_max) {
+                Ok(e) => e,
+                Err(n) => {
+                    return Err(ProxyError::Internal(format!(
+                        "entry refused after storable: {n}"
+                    )));
+                }
+            };
+        let entry = Arc::new(entry);
+        let stored = self
+            .inner
+            .store
+            .store_response(key, Entry::clone(&entry))
+            .await;
+        if !stored {
+            metrics::counter!("portico_cache_not_stored_total", "reason" => "store-refused")
+                .increment(1);
+        }
+        let status = entry.status.as_u16();
+        Ok(Filled::Stored(entry, status, cookies))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn make_entry(
+        &self,
+        gen: &Generation,
+        rule: &RuleSpec,
+        view: &View<'_>,
+        status: StatusCode,
+        headers: HeaderMap,
+        body: Bytes,
+        parts: &http::request::Parts,
+        request_time: SystemTime,
+        response_time: SystemTime,
+    ) -> Result<Entry, &'static str> {
+        let cache = rule.cache.as_ref().ok_or("bypass")?;
+        let actions = gen.policy.decide_response(
+            view,
+            &ResponseView {
+                status: status.as_u16(),
+                headers: &headers,
+            },
+        );
+        if actions.no_store {
+            return Err("policy");
+        }
+        let overrides = overrides(cache, &actions);
+        let directives = control::response_directives(&headers, &gen.targeted);
+        control::storable(
+            &Method::GET,
+            &parts.headers,
+            status,
+            &headers,
+            &directives,
+            &overrides,
+        )
+        .map_err(|n| n.as_str())?;
+        Entry::from_response(
+            Received {
+                status,
+                headers,
+                body,
+                request_headers: &parts.headers,
+                request_time,
+                response_time,
+            },
+            &directives,
+            &overrides,
+            gen.policy.model.storage.heuristic_max,
+        )
+        .map_err(|n| n.as_str())
+    }
+
+    /// stale-while-revalidate: one background refresh per key (RFC 5861 section 3).
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn refresh_in_background(
+        &self,
+        gen: &Arc<Generation>,
+        d: &Decision<'_>,
+        key: &str,
+        parts: &http::request::Parts,
+        conn: &ConnInfo,
+        host: &str,
+        entry: &Arc<Entry>,
+    ) {
+        let Role::Leader(leader) = self.inner.coalescer.join(key) else {
+            return;
+        };
+        let Some(index) = d.index else { return };
+        let this = self.clone();
+        let gen = gen.clone();
+        let key = key.to_string();
+        let host = host.to_string();
+        let conn = conn.clone();
+        let entry = entry.clone();
+        let mut head = Request::new(());
+        *head.method_mut() = Method::GET;
+        *head.uri_mut() = parts.uri.clone();
+        *head.headers_mut() = parts.headers.clone();
+        let (bg_parts, ()) = head.into_parts();
+        tokio::spawn(async move {
+            let rule = &gen.policy.model.rules[index];
+            match this
+                .fill(&gen, rule, &key, &bg_parts, &conn, &host, Some(&entry))
+                .await
+            {
+                Ok(Filled::Stored(e, ..)) => leader.publish(Flight::Ready(e)),
+                Ok(Filled::Passed(..)) => leader.publish(Flight::NotStorable),
+                Err(e) => {
+                    tracing::debug!(key, error = %e, "background refresh failed");
+                    drop(leader);
+                }
+            }
+        });
+    }
+}
+
+/// The result of filling the cache for a request.
+pub(super) enum Filled {
+    /// Stored (or refreshed); deliver from the entry. The status the origin
+    /// answered, and the `Set-Cookie` values (not stored) for the client
+    /// whose request filled the cache.
+    Stored(Arc<Entry>, u16, Vec<HeaderValue>),
+    /// Not stored: pass the origin's response through, with the reason.
+    Passed(Response<ResponseBody>, &'static str),
+}
+
+pub(super) fn overrides(
+    cache: &crate::policy::model::CacheSpec,
+    actions: &crate::policy::model::ResponseActions,
+) -> Overrides {
+    Overrides {
+        ttl: actions.ttl.or(cache.ttl),
+        ignore_origin: cache.origin == OriginControl::Ignore || actions.ttl.is_some(),
+        store_set_cookie: cache.store_set_cookie || actions.store_set_cookie,
+        stale_while_revalidate: actions
+            .stale_while_revalidate
+            .or(cache.stale_while_revalidate),
+        stale_if_error: actions.stale_if_error.or(cache.stale_if_error),
+    }
+}
+
+/// Reads a body up to `max` bytes. Returns the bytes and, when the body is
+/// longer, the unread rest (the bytes returned are then a prefix).
+pub(super) async fn collect_up_to(
+    mut body: ResponseBody,
+    max: usize,
+) -> Result<(Bytes, Option<ResponseBody>), ProxyError> {
+    let mut buf = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame =
+            frame.map_err(|e| ProxyError::BadGateway(format!("reading the origin's body: {e}")))?;
+        if let Ok(data) = frame.into_data() {
+            buf.extend_from_slice(&data);
+            if buf.len() > max {
+                return Ok((buf.freeze(), Some(body)));
+            }
+        }
+    }
+    Ok((buf.freeze(), None))
+}
+
+/// A body that yields a buffered prefix, then the rest of a stream.
+pub(super) struct Chain<A> {
+    first: Option<A>,
+    rest: ResponseBody,
+}
+
+impl<A> hyper::body::Body for Chain<A>
+where
+    A: hyper::body::Body<Data = Bytes, Error = std::convert::Infallible> + Unpin,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        if let Some(first) = self.first.as_mut() {
+            match std::pin::Pin::new(first).poll_frame(cx) {
+                std::task::Poll::Ready(Some(Ok(f))) => return std::task::Poll::Ready(Some(Ok(f))),
+                std::task::Poll::Ready(_) => self.first = None,
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+            }
+        }
+        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
+    }
+}
