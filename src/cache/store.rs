@@ -214,6 +214,29 @@ pub struct Store {
     index: Mutex<Index>,
     max_object_bytes: usize,
     last_generation: AtomicU64,
+    reads: Reads,
+}
+
+/// `portico_cache_reads_total` by result, registered once when the store
+/// opens (with the recorder installed by then) so that a read counts with
+/// an atomic add.
+struct Reads {
+    hit: metrics::Counter,
+    miss: metrics::Counter,
+    purged: metrics::Counter,
+    expired: metrics::Counter,
+}
+
+impl Reads {
+    fn new() -> Reads {
+        let c = |r: &'static str| metrics::counter!("portico_cache_reads_total", "result" => r);
+        Reads {
+            hit: c("hit"),
+            miss: c("miss"),
+            purged: c("purged"),
+            expired: c("expired"),
+        }
+    }
 }
 
 /// The key of the root entry (plain response or vary marker) of `primary`.
@@ -318,6 +341,7 @@ impl Store {
             index: Mutex::new(Index::default()),
             max_object_bytes: config.max_object_bytes,
             last_generation: AtomicU64::new(0),
+            reads: Reads::new(),
         })
     }
 
@@ -341,23 +365,23 @@ impl Store {
             }
         };
         let Some(found) = found else {
-            metrics::counter!("portico_cache_reads_total", "result" => "miss").increment(1);
+            self.reads.miss.increment(1);
             return None;
         };
         let entry = found.value().0.clone();
         drop(found);
         if self.index().removed_since(key, entry.response_time_ms) {
             // A removed entry read back from foyer's write queue.
-            metrics::counter!("portico_cache_reads_total", "result" => "purged").increment(1);
+            self.reads.purged.increment(1);
             self.cache.remove(key);
             return None;
         }
         if is_useless(&entry, now()) {
-            metrics::counter!("portico_cache_reads_total", "result" => "expired").increment(1);
+            self.reads.expired.increment(1);
             self.remove(key);
             return None;
         }
-        metrics::counter!("portico_cache_reads_total", "result" => "hit").increment(1);
+        self.reads.hit.increment(1);
         self.index().add(key, &entry);
         Some(entry)
     }
