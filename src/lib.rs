@@ -21,6 +21,7 @@ pub mod cache;
 pub mod cli;
 pub mod compress;
 pub mod demo;
+pub mod log;
 pub mod policy;
 pub mod proxy;
 pub mod run;

@@ -9,7 +9,7 @@
 
 use crate::admin::Admin;
 use crate::cache::{Store, StoreConfig};
-use crate::cli::{LogFormat, RunArgs};
+use crate::cli::RunArgs;
 use crate::policy::model::{BackendSpec, BalanceKind, ListenerConfig};
 use crate::policy::{self, Policy};
 use crate::proxy::phases::{BackendRuntime, Gateway, Generation};
@@ -435,68 +435,9 @@ impl Running {
     }
 }
 
-/// Log output buffered in memory and written to stderr in batches: an access
-/// log line per request must not cost a system call per request. A task
-/// flushes it every 100 ms, and a full buffer flushes itself.
-struct BufferedStderr {
-    buf: std::sync::Mutex<std::io::BufWriter<std::io::Stderr>>,
-}
-
-static LOG_OUTPUT: std::sync::LazyLock<BufferedStderr> =
-    std::sync::LazyLock::new(|| BufferedStderr {
-        buf: std::sync::Mutex::new(std::io::BufWriter::with_capacity(
-            64 * 1024,
-            std::io::stderr(),
-        )),
-    });
-
-struct LogGuard(&'static BufferedStderr);
-
-impl std::io::Write for LogGuard {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let mut b = self.0.buf.lock().unwrap_or_else(|p| p.into_inner());
-        b.write_all(data)?;
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for &'static BufferedStderr {
-    type Writer = LogGuard;
-
-    fn make_writer(&'a self) -> LogGuard {
-        LogGuard(self)
-    }
-}
-
-/// Writes out buffered log lines.
-pub fn flush_logs() {
-    use std::io::Write as _;
-    let mut b = LOG_OUTPUT.buf.lock().unwrap_or_else(|p| p.into_inner());
-    let _ = b.flush();
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Logs go to stderr (buffered, see `BufferedStderr`), colored only on a
-    // terminal, so that stdout stays free for a command's own output.
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_writer(&*LOG_OUTPUT);
-    let _ = match format {
-        LogFormat::Plain => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
-}
-
 /// `portico run`.
 pub fn main(args: RunArgs) -> i32 {
-    init_logging(args.log_format);
+    crate::log::init(args.log_format);
     let mut rt = tokio::runtime::Builder::new_multi_thread();
     if let Some(n) = args.threads {
         rt.worker_threads(n.max(1));
@@ -539,11 +480,11 @@ pub fn main(args: RunArgs) -> i32 {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!("cannot start: {e}");
-                flush_logs();
+                crate::log::flush();
                 return 1;
             }
         };
-        flush_logs();
+        crate::log::flush();
         serve_until_signalled(running).await
     })
 }
@@ -568,7 +509,7 @@ async fn serve_until_signalled(running: Running) -> i32 {
     let mut flush = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
-            _ = flush.tick() => flush_logs(),
+            _ = flush.tick() => crate::log::flush(),
             _ = hup.recv() => {
                 tracing::info!("SIGHUP: reloading the policy");
                 if let Err(e) = running.reload_file().await {
@@ -595,7 +536,7 @@ async fn serve_until_signalled(running: Running) -> i32 {
     tracing::info!("shutting down: draining in-flight requests");
     running.shutdown().await;
     tracing::info!("stopped");
-    flush_logs();
+    crate::log::flush();
     0
 }
 

@@ -238,6 +238,44 @@ async fn run_with_a_backend_flag_serves_from_that_origin() {
         assert_eq!(got.status, 200);
         assert_eq!(got.text(), "origin saw /hello");
         assert_eq!(origin.count(), 1);
+        // One access log line per request, on stderr.
+        let line = p.wait_line(" access ", Duration::from_secs(3));
+        for field in [
+            "method=GET",
+            "path=/hello",
+            "status=200",
+            "rule=default",
+            "backend=origin",
+        ] {
+            assert!(line.contains(field), "`{field}` missing from {line}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn json_access_log_lines_parse() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let backend = origin.addr.to_string();
+        let p = Portico::spawn(&[
+            "run",
+            "-b",
+            &backend,
+            "--listen",
+            "127.0.0.1:0",
+            "--log-format",
+            "json",
+        ]);
+        let listening = p.wait_line("\"message\":\"listening\"", Duration::from_secs(10));
+        let v: serde_json::Value = serde_json::from_str(listening.trim()).expect("a JSON line");
+        let addr: SocketAddr = v["fields"]["addr"].as_str().unwrap().parse().unwrap();
+        assert_eq!(get(addr, "/j", &[]).await.status, 200);
+        let line = p.wait_line("\"log\":\"access\"", Duration::from_secs(3));
+        let v: serde_json::Value = serde_json::from_str(line.trim()).expect("a JSON line");
+        assert_eq!(v["path"], "/j");
+        assert_eq!(v["status"], 200);
+        assert_eq!(v["cache"], "uri-miss");
     })
     .await;
 }
