@@ -261,65 +261,98 @@ impl Scope {
     }
 }
 
-/// The rules that can shadow later ones, by host and path.
+/// The rules that can shadow later ones, by host and then by path, looked
+/// up with borrowed keys (no allocation per lookup).
 #[derive(Default)]
 struct ShadowIndex {
     /// (rule index, its scope).
     scopes: Vec<(usize, Scope)>,
-    /// Host key (`""` any host, `=name`, `.suffix`) and path key (`""` any
-    /// path, `=path`, `^prefix`) to positions in `scopes`.
-    by_key: HashMap<(String, String), Vec<usize>>,
+    any_host: PathMap,
+    exact_hosts: HashMap<String, PathMap>,
+    /// Keyed by the suffix with its leading dot.
+    suffix_hosts: HashMap<String, PathMap>,
+}
+
+#[derive(Default)]
+struct PathMap {
+    any: Vec<usize>,
+    exact: HashMap<String, Vec<usize>>,
+    prefix: HashMap<String, Vec<usize>>,
+}
+
+impl PathMap {
+    fn add(&mut self, scope: &Scope, pos: usize) {
+        match (&scope.path_exact, &scope.path_prefix) {
+            (Some(p), _) => self.exact.entry(p.clone()).or_default().push(pos),
+            (None, Some(p)) => self.prefix.entry(p.clone()).or_default().push(pos),
+            (None, None) => self.any.push(pos),
+        }
+    }
+
+    fn candidates(&self, s: &Scope, out: &mut Vec<usize>) {
+        out.extend_from_slice(&self.any);
+        if let Some(v) = s
+            .path_exact
+            .as_ref()
+            .and_then(|p| self.exact.get(p.as_str()))
+        {
+            out.extend_from_slice(v);
+        }
+        if self.prefix.is_empty() {
+            return;
+        }
+        if let Some(p) = s.path_exact.as_ref().or(s.path_prefix.as_ref()) {
+            for (i, _) in p.char_indices().chain([(p.len(), ' ')]) {
+                if let Some(v) = self.prefix.get(&p[..i]) {
+                    out.extend_from_slice(v);
+                }
+            }
+        }
+    }
 }
 
 impl ShadowIndex {
     fn add(&mut self, rule: usize, scope: Scope) {
         let pos = self.scopes.len();
-        let mut hosts: Vec<String> = match (&scope.hosts, &scope.host_suffix) {
-            (Some(hs), _) => hs.iter().map(|h| format!("={h}")).collect(),
-            (None, Some(x)) => vec![x.clone()],
-            (None, None) => vec![String::new()],
-        };
-        hosts.dedup();
-        let path = match (&scope.path_exact, &scope.path_prefix) {
-            (Some(p), _) => format!("={p}"),
-            (None, Some(p)) => format!("^{p}"),
-            (None, None) => String::new(),
-        };
-        for h in hosts {
-            self.by_key.entry((h, path.clone())).or_default().push(pos);
+        match (&scope.hosts, &scope.host_suffix) {
+            (Some(hs), _) => {
+                for h in hs {
+                    self.exact_hosts
+                        .entry(h.clone())
+                        .or_default()
+                        .add(&scope, pos);
+                }
+            }
+            (None, Some(x)) => self
+                .suffix_hosts
+                .entry(x.clone())
+                .or_default()
+                .add(&scope, pos),
+            (None, None) => self.any_host.add(&scope, pos),
         }
         self.scopes.push((rule, scope));
     }
 
     /// Positions of the rules that might cover `s` (to be confirmed with `covers`).
     fn candidates(&self, s: &Scope) -> Vec<usize> {
+        let mut out = vec![];
         if self.scopes.is_empty() {
-            return vec![];
+            return out;
         }
-        let mut hosts = vec![String::new()];
-        let names: Vec<&String> = s.hosts.iter().flatten().chain(&s.host_suffix).collect();
+        self.any_host.candidates(s, &mut out);
+        let names = s.hosts.iter().flatten().chain(&s.host_suffix);
         for name in names {
             if !name.starts_with('.') {
-                hosts.push(format!("={name}"));
+                if let Some(m) = self.exact_hosts.get(name.as_str()) {
+                    m.candidates(s, &mut out);
+                }
+            }
+            if self.suffix_hosts.is_empty() {
+                continue;
             }
             for (i, _) in name.match_indices('.') {
-                hosts.push(name[i..].to_string());
-            }
-        }
-        let mut paths = vec![String::new()];
-        if let Some(p) = &s.path_exact {
-            paths.push(format!("={p}"));
-        }
-        if let Some(p) = s.path_exact.as_ref().or(s.path_prefix.as_ref()) {
-            for (i, _) in p.char_indices().chain([(p.len(), ' ')]) {
-                paths.push(format!("^{}", &p[..i]));
-            }
-        }
-        let mut out = vec![];
-        for h in &hosts {
-            for p in &paths {
-                if let Some(v) = self.by_key.get(&(h.clone(), p.clone())) {
-                    out.extend_from_slice(v);
+                if let Some(m) = self.suffix_hosts.get(&name[i..]) {
+                    m.candidates(s, &mut out);
                 }
             }
         }

@@ -349,7 +349,14 @@ pub(super) async fn collect_up_to(
     mut body: ResponseBody,
     max: usize,
 ) -> Result<(Bytes, Option<ResponseBody>), ProxyError> {
-    let mut buf = BytesMut::new();
+    // A stored body is held for a long time: give it exactly its size, and
+    // never keep the read buffers it arrived in.
+    let expected = body
+        .size_hint()
+        .exact()
+        .and_then(|n| usize::try_from(n).ok())
+        .filter(|&n| n <= max);
+    let mut buf = BytesMut::with_capacity(expected.unwrap_or(0));
     while let Some(frame) = body.frame().await {
         let frame =
             frame.map_err(|e| ProxyError::BadGateway(format!("reading the origin's body: {e}")))?;
@@ -360,7 +367,12 @@ pub(super) async fn collect_up_to(
             }
         }
     }
-    Ok((buf.freeze(), None))
+    let bytes = if buf.capacity() - buf.len() > 1024 {
+        Bytes::copy_from_slice(&buf)
+    } else {
+        buf.freeze()
+    };
+    Ok((bytes, None))
 }
 
 /// A body that yields a buffered prefix, then the rest of a stream.
