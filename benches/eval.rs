@@ -9,10 +9,6 @@
 //!
 //! Run: `cargo bench --bench eval -- --warm-up-time 1 --measurement-time 3`.
 
-/// The allocator the `portico` binary uses, so that loading is measured as it runs.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use http::{HeaderMap, Method};
 use portico::policy::eval::{Request, Scheme};

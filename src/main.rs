@@ -2,11 +2,6 @@
 
 use clap::Parser as _;
 
-/// mimalloc: Portico allocates and frees small objects per request and
-/// thousands of them per policy load; glibc's allocator spends measurably
-/// more time on both (see benches/RESULTS.md).
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use portico::cli::{self, Cli, Command};
 
 fn main() {

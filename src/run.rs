@@ -396,6 +396,8 @@ impl Running {
             if let (Some(resolver), Some(map)) = (&s.resolver, maps.remove(&cfg.addr)) {
                 resolver.reload(map);
             }
+            // The new `http { ... }` limits hold for connections accepted from now on.
+            s.handle.set_limits(limits.clone());
             s.cfg = cfg.clone();
             kept.push(s);
         }

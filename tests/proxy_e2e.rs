@@ -924,6 +924,27 @@ async fn reload_with_a_good_policy_changes_routing() {
 }
 
 #[tokio::test]
+async fn reload_applies_new_http_limits_to_a_kept_listener() {
+    bounded(async {
+        let origin = Origin::start(|s| reply(200, &[], format!("{} bytes", s.body.len()))).await;
+        let rules = "rule all { route app cache off }";
+        let p = proxy(&policy_for(&origin, rules)).await;
+        let listener = addr(&p);
+        let body = vec![b'x'; 100];
+        let before = send(listener, "POST", "/up", &[], body.clone()).await;
+        assert_eq!(before.status, 200, "{}", before.text());
+        let tighter = format!("http {{ max_body 10B }}\n{}", policy_for(&origin, rules));
+        p.reload(load(&tighter)).await.unwrap();
+        assert_eq!(addr(&p), listener, "the listener is kept, not rebound");
+        let after = send(listener, "POST", "/up", &[], body).await;
+        assert_eq!(after.status, 413);
+        assert_eq!(origin.count(), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn reload_of_a_broken_file_keeps_the_running_policy() {
     bounded(async {
         let a = Origin::start(|_| reply(200, &[], "a")).await;

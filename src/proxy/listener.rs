@@ -230,11 +230,13 @@ impl Listener {
         shutdown: Shutdown,
     ) -> ListenerHandle {
         let local_addr = self.local_addr;
-        let task = tokio::spawn(self.serve(handler, limits, errors, shutdown.clone()));
+        let (limits_tx, limits_rx) = watch::channel(limits);
+        let task = tokio::spawn(self.serve_with(handler, limits_rx, errors, shutdown.clone()));
         ListenerHandle {
             local_addr,
             shutdown,
             task,
+            limits: limits_tx,
         }
     }
 
@@ -250,11 +252,25 @@ impl Listener {
         errors: ErrorPages,
         shutdown: Shutdown,
     ) {
-        let shared = Arc::new(Shared {
-            builder: builder(&limits),
+        let (_keep, limits) = watch::channel(limits);
+        self.serve_with(handler, limits, errors, shutdown).await;
+    }
+
+    /// [`Listener::serve`], with limits that may change while it runs: new
+    /// connections get the limits in force when they are accepted.
+    async fn serve_with<H: Handler>(
+        self,
+        handler: Arc<H>,
+        mut limits: watch::Receiver<ServerLimits>,
+        errors: ErrorPages,
+        shutdown: Shutdown,
+    ) {
+        let current = limits.borrow_and_update().clone();
+        let mut shared = Arc::new(Shared {
+            builder: builder(&current),
             handler,
             errors,
-            limits,
+            limits: current,
             local_addr: self.local_addr,
             shutdown: shutdown.clone(),
         });
@@ -277,6 +293,18 @@ impl Listener {
                     }
                 },
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
+                Ok(()) = limits.changed() => {
+                    let next = limits.borrow_and_update().clone();
+                    info!(addr = %self.local_addr, "listener limits updated");
+                    shared = Arc::new(Shared {
+                        builder: builder(&next),
+                        handler: Arc::clone(&shared.handler),
+                        errors: shared.errors.clone(),
+                        limits: next,
+                        local_addr: self.local_addr,
+                        shutdown: shutdown.clone(),
+                    });
+                }
             }
         }
         drop(self.tcp);
@@ -303,12 +331,19 @@ pub struct ListenerHandle {
     local_addr: SocketAddr,
     shutdown: Shutdown,
     task: JoinHandle<()>,
+    limits: watch::Sender<ServerLimits>,
 }
 
 impl ListenerHandle {
     /// The address the listener is bound to.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// Replaces the listener's limits; connections accepted from now on get
+    /// them, connections already open keep theirs.
+    pub fn set_limits(&self, limits: ServerLimits) {
+        self.limits.send_replace(limits);
     }
 
     /// Triggers this listener's shutdown signal (shared with whoever else
