@@ -471,6 +471,17 @@ rule all {{ route app cache off }}
         let seen = origin.seen();
         let last = seen.last().unwrap();
         assert_eq!(last.headers.get("x-forwarded-proto").unwrap(), "https");
+
+        // Certificates are reloaded with the policy, on the same listener.
+        let (b_cert, b_key, b_der) = pki.leaf("a-renewed", "a.test");
+        let renewed = policy
+            .replace(&a_cert.display().to_string(), &b_cert.display().to_string())
+            .replace(&a_key.display().to_string(), &b_key.display().to_string());
+        p.reload(load(&renewed)).await.unwrap();
+        assert_eq!(p.listen_addrs()[0], tls_addr);
+        let stream = pki.connect(tls_addr, "a.test", &[b"http/1.1"]).await;
+        assert_eq!(served_leaf(&stream), b_der);
+        assert_ne!(b_der, a_der);
         p.shutdown().await;
     })
     .await;
