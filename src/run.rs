@@ -216,6 +216,8 @@ struct Serving {
 pub struct Running {
     gateway: Gateway,
     listeners: Mutex<Vec<Serving>>,
+    /// The bound addresses of `listeners`, readable while a reload holds them.
+    addrs: arc_swap::ArcSwap<Vec<SocketAddr>>,
     admin: Option<ListenerHandle>,
     overrides: Overrides,
     path: Option<PathBuf>,
@@ -287,6 +289,9 @@ pub async fn start(
     };
     Ok(Running {
         gateway,
+        addrs: arc_swap::ArcSwap::from_pointee(
+            serving.iter().map(|s| s.handle.local_addr()).collect(),
+        ),
         listeners: Mutex::new(serving),
         admin,
         overrides,
@@ -324,10 +329,7 @@ async fn bind(
 impl Running {
     /// The bound addresses of the proxy's listeners, in policy order.
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
-        self.listeners
-            .try_lock()
-            .map(|l| l.iter().map(|s| s.handle.local_addr()).collect())
-            .unwrap_or_default()
+        self.addrs.load().as_ref().clone()
     }
 
     /// The admin listener's bound address.
@@ -402,6 +404,9 @@ impl Running {
             kept.push(s);
         }
         self.gateway.swap(generation);
+        self.addrs.store(Arc::new(
+            kept.iter().map(|s| s.handle.local_addr()).collect(),
+        ));
         *listeners = kept;
         drop(listeners);
         tracing::info!("policy reloaded");

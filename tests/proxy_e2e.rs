@@ -1220,6 +1220,28 @@ async fn rule_max_body_also_bounds_a_chunked_body() {
 }
 
 #[tokio::test]
+async fn a_denied_upgrade_gets_the_rules_response_headers() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"
+rule no_sockets when path ^= "/ws" { deny 403 response_header set "X-Why" "no sockets" }
+rule all { route app cache off }
+"#,
+        ))
+        .await;
+        let upgrade = [("connection", "upgrade"), ("upgrade", "websocket")];
+        let got = get(addr(&p), "/ws", &upgrade).await;
+        assert_eq!(got.status, 403);
+        assert_eq!(got.header("x-why"), Some("no sockets"));
+        assert_eq!(origin.count(), 0);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_upgrade_header_does_not_sidestep_the_throttle() {
     bounded(async {
         let origin = Origin::start(|_| reply(200, &[], "ok")).await;

@@ -89,11 +89,11 @@ impl Gateway {
             };
             let d = gen.policy.decide(&view);
             let Outcome::Forward(b) = d.rule.outcome else {
-                return Ok(synthetic(
-                    &d.rule.outcome,
-                    &self.inner.errors,
-                    req.headers(),
-                ));
+                let mut resp = synthetic(&d.rule.outcome, &self.inner.errors, req.headers());
+                for e in &d.rule.response_headers {
+                    e.apply(resp.headers_mut());
+                }
+                return Ok(resp);
             };
             // The throttle holds for upgrades too, or an Upgrade header would sidestep it.
             if let Some(limiter) = d.rule.limiter {
