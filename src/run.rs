@@ -10,7 +10,7 @@
 use crate::admin::Admin;
 use crate::cache::{Store, StoreConfig};
 use crate::cli::RunArgs;
-use crate::policy::model::{BackendSpec, BalanceKind, ListenerConfig};
+use crate::policy::model::{BackendSpec, ListenerConfig};
 use crate::policy::{self, Policy};
 use crate::proxy::phases::{BackendRuntime, Gateway, Generation};
 use crate::proxy::tls::{self, CertMap, CertSource, SniResolver};
@@ -80,12 +80,7 @@ pub fn backend_config(spec: &BackendSpec) -> BackendConfig {
                 backup: s.backup,
             })
             .collect(),
-        balance: match spec.balance {
-            BalanceKind::RoundRobin => upstream::Balance::RoundRobin,
-            BalanceKind::LeastConn => upstream::Balance::LeastConn,
-            BalanceKind::Random => upstream::Balance::Random,
-            BalanceKind::Hash => upstream::Balance::Hash,
-        },
+        balance: spec.balance,
         health: spec.health.as_ref().map(|h| upstream::HealthConfig {
             method: h.method.clone(),
             path: h.path.clone(),

@@ -145,36 +145,8 @@ pub struct PurgeConfig {
     pub allow: Vec<IpNet>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BalanceKind {
-    RoundRobin,
-    LeastConn,
-    Random,
-    Hash,
-}
-
-impl BalanceKind {
-    pub const NAMES: [&'static str; 4] = ["round_robin", "least_conn", "random", "hash"];
-
-    pub fn parse(s: &str) -> Option<BalanceKind> {
-        Some(match s {
-            "round_robin" => BalanceKind::RoundRobin,
-            "least_conn" => BalanceKind::LeastConn,
-            "random" => BalanceKind::Random,
-            "hash" => BalanceKind::Hash,
-            _ => return None,
-        })
-    }
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            BalanceKind::RoundRobin => "round_robin",
-            BalanceKind::LeastConn => "least_conn",
-            BalanceKind::Random => "random",
-            BalanceKind::Hash => "hash",
-        }
-    }
-}
+/// How a backend spreads requests over its servers: the upstream layer's own type.
+pub use crate::upstream::Balance as BalanceKind;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct ServerSpec {

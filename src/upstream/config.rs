@@ -65,6 +65,20 @@ pub enum Balance {
 }
 
 impl Balance {
+    /// The names policies use, in the order of the variants.
+    pub const NAMES: [&'static str; 4] = ["round_robin", "least_conn", "random", "hash"];
+
+    /// The algorithm a policy names, if it is one.
+    pub fn parse(s: &str) -> Option<Balance> {
+        Some(match s {
+            "round_robin" => Balance::RoundRobin,
+            "least_conn" => Balance::LeastConn,
+            "random" => Balance::Random,
+            "hash" => Balance::Hash,
+            _ => return None,
+        })
+    }
+
     /// The policy-language spelling of the algorithm.
     pub fn as_str(self) -> &'static str {
         match self {
