@@ -109,6 +109,37 @@ async fn insert_get_and_restart_keeps_the_entry() {
 }
 
 #[tokio::test]
+async fn stored_fields_do_not_hold_the_buffer_they_arrived_in() {
+    // hyper's header values are slices of its read buffer; a stored entry
+    // that kept them would keep the whole buffer for as long as it lives.
+    let buffer = Bytes::from(vec![b'x'; 32 * 1024]);
+    let mut entry = plain("body");
+    entry.headers.insert(
+        header::ETAG,
+        HeaderValue::from_maybe_shared(buffer.slice(0..8)).unwrap(),
+    );
+    let mut expected = entry.clone();
+    expected
+        .headers
+        .insert(header::ETAG, HeaderValue::from_static("xxxxxxxx"));
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(config(dir.path(), 1 << 20)).await.unwrap();
+        assert!(store.store_response("/a", entry).await);
+        assert!(
+            buffer.is_unique(),
+            "the stored entry references the read buffer"
+        );
+        assert_eq!(
+            hit(store.lookup("/a", &HeaderMap::new()).await),
+            Some(expected)
+        );
+        store.close().await.unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn purge_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     bounded(async {

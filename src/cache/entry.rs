@@ -369,7 +369,10 @@ impl Entry {
             let name = HeaderName::from_bytes(r.take(name_len)?)
                 .map_err(|_| EntryError::Invalid("header name"))?;
             let value_len = r.u32()?;
-            let value = HeaderValue::from_bytes(r.take(value_len)?)
+            let start = r.pos;
+            r.take(value_len)?;
+            // A slice of the entry, which the body keeps alive anyway.
+            let value = HeaderValue::from_maybe_shared(data.slice(start..r.pos))
                 .map_err(|_| EntryError::Invalid("header value"))?;
             headers.append(name, value);
         }
@@ -443,12 +446,40 @@ impl foyer::Code for Entry {
         reader
             .read_to_end(&mut buf)
             .map_err(foyer::Error::io_error)?;
+        // The body is a slice of this buffer for as long as the entry lives.
+        buf.shrink_to_fit();
         Entry::decode_bytes(Bytes::from(buf)).map_err(EntryError::into_foyer)
     }
 
     fn estimated_size(&self) -> usize {
         self.encoded_len()
     }
+}
+
+/// The fields in memory of their own, for keeping.
+///
+/// The values hyper parses are slices of its read buffer, which also held
+/// the start of the body: a stored copy of them would keep that whole buffer
+/// (often larger than the body) alive as long as the entry. Here all values
+/// share one block of exactly their total length.
+pub fn compact_headers(headers: &HeaderMap) -> HeaderMap {
+    let total: usize = headers.values().map(HeaderValue::len).sum();
+    let mut block = Vec::with_capacity(total);
+    for value in headers.values() {
+        block.extend_from_slice(value.as_bytes());
+    }
+    let block = Bytes::from(block);
+    let mut out = HeaderMap::with_capacity(headers.len());
+    let mut at = 0;
+    for (name, value) in headers {
+        let end = at + value.len();
+        let mut copy = HeaderValue::from_maybe_shared(block.slice(at..end))
+            .expect("the bytes of a valid header value");
+        copy.set_sensitive(value.is_sensitive());
+        out.append(name.clone(), copy);
+        at = end;
+    }
+    out
 }
 
 fn put_u16(out: &mut Vec<u8>, n: usize) -> Result<(), EntryError> {
@@ -516,6 +547,32 @@ mod tests {
     use crate::cache::control::response_directives;
     use foyer::Code;
     use http::header;
+
+    #[test]
+    fn compacted_fields_keep_nothing_of_the_read_buffer() {
+        // As hyper hands them over: values sliced out of one large buffer.
+        let buffer = Bytes::from(vec![b'v'; 64 * 1024]);
+        let mut received = HeaderMap::new();
+        let value = |range| HeaderValue::from_maybe_shared(buffer.slice(range)).unwrap();
+        received.insert(header::CONTENT_TYPE, value(0..9));
+        received.append("x-multi", value(10..12));
+        received.append("x-multi", value(20..21));
+        let mut secret = value(30..40);
+        secret.set_sensitive(true);
+        received.insert(header::AUTHORIZATION, secret);
+        let compact = compact_headers(&received);
+        assert_eq!(compact, received);
+        assert!(compact[header::AUTHORIZATION].is_sensitive());
+        assert_eq!(
+            compact.get_all("x-multi").iter().collect::<Vec<_>>(),
+            ["vv", "v"]
+        );
+        drop(received);
+        assert!(
+            buffer.is_unique(),
+            "the compacted fields still reference the read buffer"
+        );
+    }
 
     fn sample() -> Entry {
         let mut headers = HeaderMap::new();

@@ -42,7 +42,7 @@ use foyer::{
 use http::HeaderMap;
 
 use super::control::secondary_key;
-use super::entry::{Entry, EntryKind};
+use super::entry::{compact_headers, Entry, EntryKind};
 
 /// Space reserved in a disk block besides the encoded entry: foyer's entry
 /// header and alignment, and the key.
@@ -388,7 +388,7 @@ impl Store {
 
     /// Stores an entry under a full key. Returns false (and stores nothing)
     /// when its encoding exceeds `max_object_bytes`.
-    pub fn insert(&self, key: String, entry: Entry) -> bool {
+    pub fn insert(&self, key: String, mut entry: Entry) -> bool {
         if entry.encoded_len() > self.max_object_bytes {
             metrics::counter!("portico_cache_stores_total", "result" => "too-large").increment(1);
             return false;
@@ -399,6 +399,7 @@ impl Store {
             index.removed.remove(&key);
             index.add(&key, &entry);
         }
+        entry.headers = compact_headers(&entry.headers);
         self.cache.insert(key, Stored(Arc::new(entry)));
         metrics::counter!("portico_cache_stores_total", "result" => "stored").increment(1);
         true
