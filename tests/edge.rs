@@ -638,6 +638,48 @@ async fn idle_h2_connection_is_closed() {
 }
 
 #[tokio::test]
+async fn idle_timer_spares_a_long_request_and_counts_from_its_end() {
+    let mut edge = start(ServerLimits {
+        idle_timeout: Duration::from_millis(200),
+        ..ServerLimits::default()
+    })
+    .await;
+    timeout(BOUND, async {
+        let stream = TcpStream::connect(edge.addr).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let get = |path: &str| {
+            Request::get(path)
+                .header("host", "edge.test")
+                .body(Empty::<Bytes>::new())
+                .unwrap()
+        };
+        // A request held for three idle timeouts is not cut off.
+        let held = sender.send_request(get("/hold"));
+        let release = async {
+            edge.started.recv().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            edge.release.notify_one();
+        };
+        let (resp, ()) = tokio::join!(held, release);
+        assert_eq!(text(resp.unwrap()).await, "released");
+        // The connection is still open for the next request...
+        sender.ready().await.unwrap();
+        let resp = sender.send_request(get("/next")).await.unwrap();
+        assert_eq!(text(resp).await, "GET /next HTTP/1.1 sni=-");
+        // ...and closes once idle for the timeout after it.
+        let idle_since = Instant::now();
+        conn.await.unwrap().unwrap();
+        assert!(idle_since.elapsed() >= Duration::from_millis(150));
+    })
+    .await
+    .unwrap();
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
 async fn graceful_shutdown_lets_the_request_in_flight_finish() {
     let mut edge = start(ServerLimits::default()).await;
     let addr = edge.addr;

@@ -16,6 +16,9 @@ portico=${PORTICO_BIN:-$root/target/release/portico}
 if [[ ! -x $ceiling ]]; then
   (cd "$(dirname "$bench")/ceiling" && CARGO_TARGET_DIR=$bench_dir/ceiling-target cargo build --release -q)
 fi
+# nginx.conf has `access_log off`; Portico's access log is turned off the
+# same way so that both do the same work per request.
+export RUST_LOG=${RUST_LOG:-info,portico::access=off}
 mkdir -p /tmp/portico-nginx-pass
 taskset -c "${LOADGEN_CPU:-0}" "$ceiling" 127.0.0.1:8095 > /tmp/portico-pass-upstream.log 2>&1 &
 upstream=$!

@@ -214,6 +214,8 @@ pub struct Store {
     index: Mutex<Index>,
     max_object_bytes: usize,
     last_generation: AtomicU64,
+    /// When the latest removal happened, Unix milliseconds (see [`Index::removed`]).
+    last_removal_ms: AtomicU64,
     reads: Reads,
 }
 
@@ -341,6 +343,7 @@ impl Store {
             index: Mutex::new(Index::default()),
             max_object_bytes: config.max_object_bytes,
             last_generation: AtomicU64::new(0),
+            last_removal_ms: AtomicU64::new(0),
             reads: Reads::new(),
         })
     }
@@ -369,8 +372,12 @@ impl Store {
             return None;
         };
         let entry = found.value().0.clone();
+        let from_disk = found.source() != foyer::Source::Memory;
         drop(found);
-        if self.index().removed_since(key, entry.response_time_ms) {
+        // Only an entry stored before the latest removal can be a removed one.
+        let removed_after_store =
+            self.last_removal_ms.load(Ordering::Acquire) >= entry.response_time_ms;
+        if removed_after_store && self.index().removed_since(key, entry.response_time_ms) {
             // A removed entry read back from foyer's write queue.
             self.reads.purged.increment(1);
             self.cache.remove(key);
@@ -382,7 +389,10 @@ impl Store {
             return None;
         }
         self.reads.hit.increment(1);
-        self.index().add(key, &entry);
+        // What is in memory was indexed when it was stored or read from disk.
+        if from_disk {
+            self.index().add(key, &entry);
+        }
         Some(entry)
     }
 
@@ -415,6 +425,7 @@ impl Store {
         )
         .unwrap_or(u64::MAX);
         self.index().remove(key, at);
+        self.last_removal_ms.fetch_max(at, Ordering::AcqRel);
         self.cache.remove(key);
     }
 

@@ -115,6 +115,14 @@ fn connection_tokens(headers: &HeaderMap) -> impl Iterator<Item = &str> {
 /// and the message is an upgrade, `Upgrade` survives and `Connection` is
 /// rewritten to just `upgrade`.
 pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
+    // Most responses (every cache hit) have none: one pass over the names
+    // is cheaper than a lookup for each hop-by-hop name.
+    if !headers
+        .keys()
+        .any(|n| n == CONNECTION || HOP_BY_HOP.contains(n))
+    {
+        return;
+    }
     let upgrading = keep_upgrade && is_upgrade(headers);
     if headers.contains_key(CONNECTION) {
         // Collect first: the names borrow from `headers`. Connection rarely

@@ -25,10 +25,10 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH};
@@ -38,7 +38,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{watch, Notify};
+use tokio::sync::watch;
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -431,7 +431,7 @@ where
 {
     let client_addr = info.client_addr;
     let info = Arc::new(info);
-    let activity = Arc::new(Activity::default());
+    let activity = Arc::new(Activity::new());
     let service = {
         let shared = Arc::clone(&shared);
         let activity = Arc::clone(&activity);
@@ -514,31 +514,57 @@ fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
 }
 
 /// Requests in flight on one connection, for the idle timer.
-#[derive(Default)]
+///
+/// Starting and ending a request costs two atomic operations and, when the
+/// connection goes idle, one clock read: the idle timer is not re-armed per
+/// request. It sleeps until the earliest moment the connection could be due
+/// and, on waking, compares with when it last became idle.
 struct Activity {
     in_flight: AtomicUsize,
-    changed: Notify,
+    /// Whether a request has started (the first wait is the shorter one).
+    served: AtomicBool,
+    /// When the connection last had no request in flight, in milliseconds
+    /// since `opened`.
+    idle_since_ms: AtomicU64,
+    opened: Instant,
 }
 
 impl Activity {
+    fn new() -> Activity {
+        Activity {
+            in_flight: AtomicUsize::new(0),
+            served: AtomicBool::new(false),
+            idle_since_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+        }
+    }
+
     /// Completes when the connection has had no request in flight for
     /// `first` (before any request) or `idle` (afterwards).
     async fn idle(&self, first: Duration, idle: Duration) {
-        let mut wait = first;
+        // A request may start and end while the timer sleeps, after which the
+        // connection is due `idle` after it ended: never sleep longer than that.
+        let mut wake = self.opened + first.min(idle);
         loop {
-            let mut changed = pin!(self.changed.notified());
-            // Register before reading the count, so a change in between
-            // still wakes this waiter.
-            changed.as_mut().enable();
-            if self.in_flight.load(Ordering::Acquire) == 0 {
-                tokio::select! {
-                    () = tokio::time::sleep(wait) => return,
-                    () = changed => {}
-                }
-            } else {
-                changed.await;
+            tokio::time::sleep_until(wake.into()).await;
+            let now = Instant::now();
+            if self.in_flight.load(Ordering::Acquire) > 0 {
+                // Busy: it cannot be due before `idle` after this request ends.
+                wake = now + idle;
+                continue;
             }
-            wait = idle;
+            let served = self.served.load(Ordering::Acquire);
+            let due = if served {
+                self.opened
+                    + Duration::from_millis(self.idle_since_ms.load(Ordering::Acquire))
+                    + idle
+            } else {
+                self.opened + first
+            };
+            if now >= due {
+                return;
+            }
+            wake = if served { due } else { due.min(now + idle) };
         }
     }
 }
@@ -550,15 +576,19 @@ struct InFlight(Arc<Activity>);
 impl InFlight {
     fn start(activity: &Arc<Activity>) -> Self {
         activity.in_flight.fetch_add(1, Ordering::AcqRel);
-        activity.changed.notify_waiters();
+        activity.served.store(true, Ordering::Release);
         Self(Arc::clone(activity))
     }
 }
 
 impl Drop for InFlight {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::AcqRel);
-        self.0.changed.notify_waiters();
+        let activity = &self.0;
+        // Record the moment before the count can read zero, so the timer
+        // never pairs an idle connection with an old moment.
+        let ms = u64::try_from(activity.opened.elapsed().as_millis()).unwrap_or(u64::MAX);
+        activity.idle_since_ms.fetch_max(ms, Ordering::AcqRel);
+        activity.in_flight.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

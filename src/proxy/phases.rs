@@ -624,7 +624,8 @@ fn error_detail(e: &ProxyError) -> &'static str {
 }
 
 fn set_cache_status(headers: &mut HeaderMap, status: &CacheStatus<'_>) {
-    if let Ok(v) = HeaderValue::from_str(&status.render(CACHE_NAME)) {
+    // The rendered text becomes the value without another copy.
+    if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(status.render(CACHE_NAME))) {
         headers.insert(CACHE_STATUS, v);
     }
 }

@@ -328,7 +328,11 @@ impl Pool {
             .path_and_query()
             .cloned()
             .unwrap_or_else(|| PathAndQuery::from_static("/"));
-        let slot: BodySlot<B> = Arc::new(Mutex::new(Some(body)));
+        // An empty body needs no slot: every try sends an empty one.
+        let slot: Option<BodySlot<B>> = (!empty_body).then(|| Arc::new(Mutex::new(Some(body))));
+        let mut headers = Some(parts.headers);
+        // With one server there is no second try to keep the fields for.
+        let single_try = self.servers.len() == 1;
         // Servers already tried; allocated only once a try fails.
         let mut tried: Vec<bool> = Vec::new();
         let mut last_error: Option<UpstreamError> = None;
@@ -350,10 +354,12 @@ impl Pool {
                     }),
                 );
             };
-            let body_unread = slot.lock().map(|s| s.is_some()).unwrap_or(false);
-            let body: UpstreamBody = if body_unread {
+            let unread = slot
+                .as_ref()
+                .filter(|slot| slot.lock().map(|s| s.is_some()).unwrap_or(false));
+            let body: UpstreamBody = if let Some(slot) = unread {
                 ReplayableBody {
-                    slot: Arc::clone(&slot),
+                    slot: Arc::clone(slot),
                     taken: None,
                 }
                 .boxed_unsync()
@@ -383,7 +389,11 @@ impl Pool {
                         })?,
                 );
             if let Some(h) = builder.headers_mut() {
-                h.clone_from(&parts.headers);
+                match (single_try, headers.as_ref()) {
+                    (true, _) => *h = headers.take().unwrap_or_default(),
+                    (false, Some(fields)) => h.clone_from(fields),
+                    (false, None) => {}
+                }
             }
             let upstream_req = builder.body(body).map_err(|e| UpstreamError::Config {
                 backend: self.name.clone(),
@@ -407,8 +417,9 @@ impl Pool {
             };
             drop(guard);
             self.health.record_failure(i);
-            let body_still_sendable =
-                empty_body || slot.lock().map(|s| s.is_some()).unwrap_or(false);
+            let body_still_sendable = slot
+                .as_ref()
+                .is_none_or(|slot| slot.lock().map(|s| s.is_some()).unwrap_or(false));
             let retry = match &error {
                 UpstreamError::Connect { .. } | UpstreamError::ConnectTimeout { .. } => {
                     body_still_sendable
