@@ -211,7 +211,7 @@ async fn send(
         .uri(path)
         .body(Full::new(body))
         .unwrap();
-    let resp = pool.send(req, None).await?;
+    let resp = pool.send(req, None, None).await?;
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     Ok(String::from_utf8(bytes.to_vec()).unwrap())
 }
@@ -448,6 +448,68 @@ async fn time_limits_map_to_504() {
     .unwrap();
 }
 
+/// A listener that never accepts, with its accept queue filled: the kernel
+/// drops further SYNs, so a connection to it is never made. Kept alive by
+/// the returned listener and the connections that filled the queue.
+async fn unanswering() -> (ServerConfig, TcpListener, Vec<TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
+            Ok(Ok(stream)) => held.push(stream),
+            _ => break,
+        }
+    }
+    let probe = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await;
+    assert!(probe.is_err(), "the accept queue did not fill up");
+    (ServerConfig::new(addr.to_string()), listener, held)
+}
+
+#[tokio::test]
+async fn connect_timeout_is_reported_and_fails_over() {
+    bounded(async {
+        let (silent, _listener, _held) = unanswering().await;
+        let mut cfg = backend(vec![silent.clone()]);
+        cfg.timeouts.connect = Duration::from_millis(200);
+        let pool = Pool::new(&cfg).unwrap();
+        let err = get(&pool, "/x").await.unwrap_err();
+        assert!(matches!(err, UpstreamError::ConnectTimeout { .. }), "{err}");
+        assert_eq!(err.status(), StatusCode::GATEWAY_TIMEOUT);
+
+        // Never connected, so never sent: another server gets it.
+        let b = Origin::start("b").await;
+        cfg.servers = vec![silent, b.server()];
+        let pool = Pool::new(&cfg).unwrap();
+        assert_eq!(get(&pool, "/x").await.unwrap(), "b");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_rule_connect_limit_replaces_the_backend_one() {
+    bounded(async {
+        let (silent, _listener, _held) = unanswering().await;
+        let mut cfg = backend(vec![silent]);
+        // Longer than the test's own bound: only the rule's limit ends it.
+        cfg.timeouts.connect = Duration::from_secs(60);
+        cfg.timeouts.total = Duration::from_secs(120);
+        cfg.rule_connect_timeouts = vec![Duration::from_millis(200)];
+        let pool = Pool::new(&cfg).unwrap();
+        let req = Request::get("/x").body(Empty::<Bytes>::new()).unwrap();
+        let err = pool
+            .send(req, None, Some(Duration::from_millis(200)))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, UpstreamError::ConnectTimeout { .. }), "{err}");
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn keep_alive_connections_are_reused() {
     bounded(async {
@@ -474,7 +536,7 @@ async fn in_flight_count_lasts_while_the_response_is_held() {
         let a = Origin::start("a").await;
         let pool = Pool::new(&backend(vec![a.server()])).unwrap();
         let req = Request::get("/x").body(Empty::<Bytes>::new()).unwrap();
-        let resp = pool.send(req, None).await.unwrap();
+        let resp = pool.send(req, None, None).await.unwrap();
         assert_eq!(pool.in_flight(0), 1);
         assert_eq!(
             resp.extensions()

@@ -167,6 +167,9 @@ pub struct Pool {
     load: Arc<Load>,
     health: Arc<HealthState>,
     client: Client<Connector, UpstreamBody>,
+    /// Clients for the rules' own connect limits, sorted by limit. A client
+    /// owns its connector, so a shorter limit needs connections of its own.
+    limited: Box<[(Duration, Client<Connector, UpstreamBody>)]>,
     scheme: Scheme,
     timeouts: Timeouts,
     checker: Option<HealthChecker>,
@@ -216,24 +219,16 @@ impl Pool {
         let ids: Vec<&str> = cfg.servers.iter().map(|s| s.addr.as_str()).collect();
         let selector = balance::selector_for(cfg.balance, &ids, &weights);
 
-        let mut http = HttpConnector::new();
-        http.enforce_http(false);
-        http.set_nodelay(true);
-        http.set_connect_timeout(Some(cfg.timeouts.connect));
         let tls = match &cfg.tls {
             Some(tls) => Some(tls_connector(tls).map_err(config_error)?),
             None => None,
         };
-        let connector = Connector {
-            http,
-            tls,
-            handshake_timeout: cfg.timeouts.connect,
-        };
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(60))
-            .build(connector);
+        let client = http_client(tls.clone(), cfg.timeouts.connect);
+        let limited = cfg
+            .rule_connect_timeouts
+            .iter()
+            .map(|&limit| (limit, http_client(tls.clone(), limit)))
+            .collect();
 
         let (rise, fall) = cfg.health.as_ref().map_or((1, 1), |h| (h.rise, h.fall));
         let health = HealthState::new(servers.len(), rise, fall, cfg.eject);
@@ -254,6 +249,7 @@ impl Pool {
             selector,
             health,
             client,
+            limited,
             scheme,
             timeouts: cfg.timeouts,
             checker,
@@ -292,17 +288,29 @@ impl Pool {
     /// body. The request's path and query, method and headers are kept; the
     /// scheme and authority become the server's; the version is HTTP/1.1.
     /// The response's extensions hold an [`InFlight`] naming the server.
+    ///
+    /// `connect` replaces the backend's connect limit when it is one of the
+    /// `rule_connect_timeouts` the pool was built with.
     pub async fn send<B>(
         &self,
         req: Request<B>,
         hash_key: Option<&[u8]>,
+        connect: Option<Duration>,
     ) -> Result<Response<Incoming>, UpstreamError>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
         let total = self.timeouts.total;
-        match tokio::time::timeout(total, self.send_with_failover(req, hash_key)).await {
+        let client = connect
+            .and_then(|limit| {
+                self.limited
+                    .binary_search_by_key(&limit, |(l, _)| *l)
+                    .ok()
+                    .map(|i| &self.limited[i].1)
+            })
+            .unwrap_or(&self.client);
+        match tokio::time::timeout(total, self.send_with_failover(client, req, hash_key)).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::TotalTimeout {
                 backend: self.name.clone(),
@@ -313,6 +321,7 @@ impl Pool {
 
     async fn send_with_failover<B>(
         &self,
+        client: &Client<Connector, UpstreamBody>,
         req: Request<B>,
         hash_key: Option<&[u8]>,
     ) -> Result<Response<Incoming>, UpstreamError>
@@ -402,7 +411,7 @@ impl Pool {
 
             let guard = self.load.enter(i);
             let first_byte = self.timeouts.first_byte;
-            let outcome = tokio::time::timeout(first_byte, self.client.request(upstream_req)).await;
+            let outcome = tokio::time::timeout(first_byte, client.request(upstream_req)).await;
             let error = match outcome {
                 Ok(Ok(mut resp)) => {
                     self.health.record_success(i);
@@ -561,6 +570,24 @@ where
 
 /// Builds the TLS connector: servers are verified against the CA file when
 /// the policy names one, and against the system's roots otherwise.
+/// A keep-alive client whose connections are made within `connect`.
+fn http_client(tls: Option<TlsSetup>, connect: Duration) -> Client<Connector, UpstreamBody> {
+    let mut http = HttpConnector::new();
+    http.enforce_http(false);
+    http.set_nodelay(true);
+    http.set_connect_timeout(Some(connect));
+    let connector = Connector {
+        http,
+        tls,
+        handshake_timeout: connect,
+    };
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(connector)
+}
+
 fn tls_connector(tls: &UpstreamTls) -> Result<TlsSetup, String> {
     let roots = match &tls.ca_file {
         Some(ca_file) => load_roots(ca_file)?,
@@ -912,7 +939,7 @@ mod tests {
         })
         .unwrap();
         let req = Request::get("/").body(Empty::<Bytes>::new()).unwrap();
-        let err = pool.send(req, None).await.unwrap_err();
+        let err = pool.send(req, None, None).await.unwrap_err();
         assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

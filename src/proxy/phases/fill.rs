@@ -29,7 +29,11 @@ impl Gateway {
                 });
                 let (parts, ()) = upstream.into_parts();
                 let req = Request::from_parts(parts, body);
-                let send = pool.send(req, hash_key.as_deref().map(str::as_bytes));
+                let send = pool.send(
+                    req,
+                    hash_key.as_deref().map(str::as_bytes),
+                    rule.limits.connect_timeout,
+                );
                 let limit = rule
                     .limits
                     .total_timeout

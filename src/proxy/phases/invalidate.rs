@@ -129,7 +129,7 @@ impl Gateway {
             },
         );
         let mut resp = pool
-            .send(upstream, None)
+            .send(upstream, None, rule.limits.connect_timeout)
             .await
             .map_err(|e| upstream_error(&e))?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
