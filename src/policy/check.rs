@@ -27,7 +27,7 @@ pub fn check(file: &ast::PolicyFile, line_of: &dyn Fn(usize) -> usize) -> (Model
     let mut c = Checker {
         diags: vec![],
         line_of,
-        regexes: compile_regexes(regex_sources(file)),
+        patterns: compile_patterns(pattern_sources(file)),
     };
     let model = c.run(file);
     let mut diags = c.diags;
@@ -38,15 +38,32 @@ pub fn check(file: &ast::PolicyFile, line_of: &dyn Fn(usize) -> usize) -> (Model
 struct Checker<'a> {
     diags: Vec<Diagnostic>,
     line_of: &'a dyn Fn(usize) -> usize,
-    /// Every regex of the policy, compiled up front on all cores.
-    regexes: HashMap<(String, bool), Result<Pattern, String>>,
+    /// Every regex and glob of the policy, compiled up front on all cores.
+    patterns: HashMap<PatternSource, Result<Pattern, String>>,
 }
 
-/// Compiles a regex under the policy's limits.
-/// Compiles a regex under the policy's limits; the error is the reason, for a diagnostic.
-fn build_regex(source: &str, case_insensitive: bool) -> Result<Pattern, String> {
+/// How a pattern is written in a condition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum PatternKind {
+    /// `~` and `!~`.
+    Regex,
+    /// `glob`.
+    Glob,
+}
+
+/// A pattern of a condition: how it is written, its text, and whether it is
+/// matched without regard to case (host and method).
+type PatternSource = (PatternKind, String, bool);
+
+/// Compiles a regex or glob under the policy's limits; the error is the
+/// reason, for a diagnostic.
+fn build_pattern((kind, text, case_insensitive): &PatternSource) -> Result<Pattern, String> {
     use super::pattern::PatternError;
-    Pattern::new(source, case_insensitive, MAX_REGEX_BYTES).map_err(|e| match e {
+    let built = match kind {
+        PatternKind::Regex => Pattern::new(text, *case_insensitive, MAX_REGEX_BYTES),
+        PatternKind::Glob => Pattern::glob(text, *case_insensitive, MAX_REGEX_BYTES),
+    };
+    built.map_err(|e| match e {
         PatternError::TooBig => {
             format!("the regex compiles to more than the limit of {MAX_REGEX_BYTES} bytes")
         }
@@ -61,9 +78,9 @@ fn build_regex(source: &str, case_insensitive: bool) -> Result<Pattern, String> 
     })
 }
 
-/// The regexes of the rules' conditions: (source, case-insensitive).
-fn regex_sources(file: &ast::PolicyFile) -> Vec<(String, bool)> {
-    fn walk(e: &ast::Expr, out: &mut Vec<(String, bool)>) {
+/// The regexes and globs of the rules' conditions.
+fn pattern_sources(file: &ast::PolicyFile) -> Vec<PatternSource> {
+    fn walk(e: &ast::Expr, out: &mut Vec<PatternSource>) {
         match e {
             ast::Expr::And(a, b, _) | ast::Expr::Or(a, b, _) => {
                 walk(a, out);
@@ -84,8 +101,8 @@ fn regex_sources(file: &ast::PolicyFile) -> Vec<(String, bool)> {
                 let ci =
                     c.subject.arg.is_none() && matches!(c.subject.name.as_str(), "host" | "method");
                 match op {
-                    CmpOp::Regex | CmpOp::NotRegex => out.push((p.clone(), ci)),
-                    CmpOp::Glob => out.push((glob_to_regex(p), ci)),
+                    CmpOp::Regex | CmpOp::NotRegex => out.push((PatternKind::Regex, p.clone(), ci)),
+                    CmpOp::Glob => out.push((PatternKind::Glob, p.clone(), ci)),
                     _ => {}
                 }
             }
@@ -100,12 +117,16 @@ fn regex_sources(file: &ast::PolicyFile) -> Vec<(String, bool)> {
     out
 }
 
-/// Compiles the sources on every core: regex compilation dominates checking
-/// a large policy.
-fn compile_regexes(
-    mut sources: Vec<(String, bool)>,
-) -> HashMap<(String, bool), Result<Pattern, String>> {
-    sources.sort();
+/// Compiles the patterns on every core: regex compilation dominates checking
+/// a large policy. The threads take the patterns in small batches from a
+/// shared counter, so that cheap patterns (literals, globs) and costly ones
+/// spread evenly whatever their order.
+fn compile_patterns(
+    mut sources: Vec<PatternSource>,
+) -> HashMap<PatternSource, Result<Pattern, String>> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const BATCH: usize = 32;
+    sources.sort_unstable();
     sources.dedup();
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -114,29 +135,54 @@ fn compile_regexes(
     if threads <= 1 {
         return sources
             .into_iter()
-            .map(|(s, ci)| {
-                let re = build_regex(&s, ci);
-                ((s, ci), re)
+            .map(|s| {
+                let p = build_pattern(&s);
+                (s, p)
             })
             .collect();
     }
-    let chunk = sources.len().div_ceil(threads);
+    let next = AtomicUsize::new(0);
+    let work = || {
+        let mut built = vec![];
+        loop {
+            let from = next.fetch_add(BATCH, Ordering::Relaxed);
+            if from >= sources.len() {
+                break;
+            }
+            let batch = &sources[from..(from + BATCH).min(sources.len())];
+            built.extend(
+                batch
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| (from + i, build_pattern(s))),
+            );
+        }
+        built
+    };
+    let mut compiled: Vec<Option<Result<Pattern, String>>> = vec![None; sources.len()];
     std::thread::scope(|scope| {
-        let handles: Vec<_> = sources
-            .chunks(chunk)
-            .map(|part| {
-                scope.spawn(move || {
-                    part.iter()
-                        .map(|(s, ci)| ((s.clone(), *ci), build_regex(s, *ci)))
-                        .collect::<Vec<_>>()
-                })
-            })
-            .collect();
-        handles
-            .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
-            .collect()
-    })
+        let handles: Vec<_> = (1..threads).map(|_| scope.spawn(work)).collect();
+        let mine = work();
+        for part in handles.into_iter().map(|h| match h.join() {
+            Ok(part) => part,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }) {
+            for (i, p) in part {
+                compiled[i] = Some(p);
+            }
+        }
+        for (i, p) in mine {
+            compiled[i] = Some(p);
+        }
+    });
+    sources
+        .into_iter()
+        .zip(compiled)
+        .map(|(s, p)| {
+            let p = p.expect("every batch was compiled");
+            (s, p)
+        })
+        .collect()
 }
 
 /// The kind of value a setting takes.
@@ -619,37 +665,9 @@ pub fn parse_net(text: &str) -> Option<IpNet> {
     }
 }
 
-/// Translates a glob (`*` any run but `/`, `**` any run, `?` one character) into an anchored regex.
-pub fn glob_to_regex(glob: &str) -> String {
-    let mut out = String::from("^");
-    let mut chars = glob.chars().peekable();
-    while let Some(c) = chars.next() {
-        match c {
-            '*' if chars.peek() == Some(&'*') => {
-                chars.next();
-                out.push_str(".*");
-            }
-            '*' => out.push_str("[^/]*"),
-            '?' => out.push_str("[^/]"),
-            other => out.push_str(&regex::escape(&other.to_string())),
-        }
-    }
-    out.push('$');
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn globs_become_anchored_regexes() {
-        let re = regex::Regex::new(&glob_to_regex("/static/*.css")).unwrap();
-        assert!(re.is_match("/static/a.css"));
-        assert!(!re.is_match("/static/a/b.css"));
-        let re = regex::Regex::new(&glob_to_regex("/img/**")).unwrap();
-        assert!(re.is_match("/img/a/b.png"));
-    }
 
     /// Which rules the shadowing lint reports, for a list of conditions.
     fn shadowed(conds: &[&str]) -> Vec<String> {

@@ -334,4 +334,46 @@ mod tests {
         assert!(dump.contains("path $= .png: #2 png"), "{dump}");
         assert!(dump.contains("path ^= : #3 any (regex)"), "{dump}");
     }
+
+    #[test]
+    fn globs_and_literal_regexes_join_a_leafs_regex_set() {
+        use crate::policy::eval::{Request, Scheme};
+        use crate::policy::load;
+        let text = "backend b { server \"127.0.0.1:1\" }\n\
+                    rule css when path glob \"/s/*.css\" { route b }\n\
+                    rule js when path glob \"/s/**.js\" { route b }\n\
+                    rule txt when path glob \"/s/?.txt\" { route b }\n\
+                    rule img when path ~ \"^/s/[a-z]+\\\\.png$\" { route b }\n\
+                    rule rest when path ~ \"^/s/\" { route b }\n";
+        let policy = load(text, "t.policy").expect("loads");
+        let dump = policy.tree.dump();
+        assert!(
+            dump.contains(
+                "path ^= /s/: #1 css (regex), #2 js (regex), #3 txt (regex), \
+             #4 img (regex), #5 rest (regex) [regex set]"
+            ),
+            "{dump}"
+        );
+        let (method, headers) = (http::Method::GET, http::HeaderMap::new());
+        let pick = |path: &str| {
+            let req = Request {
+                method: &method,
+                scheme: Scheme::Https,
+                host: "a.test",
+                path,
+                query: "",
+                headers: &headers,
+                client_ip: None,
+            };
+            policy.decide(&req).index
+        };
+        assert_eq!(pick("/s/app.css"), Some(0));
+        // `*` stops at `/`: only the last rule takes it.
+        assert_eq!(pick("/s/a/app.css"), Some(4));
+        assert_eq!(pick("/s/a/app.js"), Some(1));
+        assert_eq!(pick("/s/a.txt"), Some(2));
+        assert_eq!(pick("/s/ab.txt"), Some(4));
+        assert_eq!(pick("/s/logo.png"), Some(3));
+        assert_eq!(pick("/t/logo.png"), None);
+    }
 }

@@ -276,7 +276,7 @@ pub enum Test {
     Ne(String),
     Prefix(String),
     Suffix(String),
-    /// Regex (`~`), or a glob compiled to a regex.
+    /// Regex (`~`) or glob: see [`Pattern`].
     Matches(Pattern),
     NotMatches(Pattern),
     InSet(Vec<String>),

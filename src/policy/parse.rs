@@ -4,6 +4,12 @@
 //! Hostile input is bounded before pest sees it: the text's size and the
 //! nesting depth of brackets are capped, and pest's call limit stops a
 //! runaway parse; each limit is reported as a diagnostic.
+//!
+//! A large policy is cut before a top-level `rule` near its middle and the
+//! two halves are parsed on two threads (pest is the larger part of loading
+//! a policy of thousands of rules). The result is the same as one parse; when
+//! either half fails, the whole text is parsed again so that the syntax error
+//! is the one a single parse reports.
 
 use super::ast::*;
 use super::diag::Diagnostic;
@@ -33,12 +39,116 @@ pub fn parse(text: &str) -> Result<PolicyFile, Diagnostic> {
         ));
     }
     check_nesting(text)?;
-    // The call limit is per thread and only bounds pathological grammars; the
-    // grammar has no exponential paths, so this is a safety net.
+    // The call limit bounds each parse and only stops pathological grammars;
+    // the grammar has no exponential paths, so this is a safety net.
     pest::set_call_limit(std::num::NonZeroUsize::new(200_000_000));
+    if let Some(file) = split_point(text).and_then(|at| parse_halves(text, at)) {
+        return Ok(file);
+    }
     let mut pairs = PolicyParser::parse(Rule::policy, text).map_err(syntax_error)?;
     let policy = pairs.next().expect("the grammar always yields a policy");
     Ok(build_policy(policy))
+}
+
+/// From this size on, a policy is parsed in two halves on two threads.
+const SPLIT_MIN_BYTES: usize = 64 * 1024;
+
+/// Where a large policy can be cut in two: the first `rule` keyword in its
+/// second half that starts a line outside any bracket, string or comment.
+///
+/// A cut there gives the same items as one parse: every declaration before
+/// it either ends with `}` or can only be followed by `tls` or `token`, so
+/// none reaches across the `rule` that starts the second half.
+fn split_point(text: &str) -> Option<usize> {
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    if text.len() < SPLIT_MIN_BYTES || threads < 2 {
+        return None;
+    }
+    let bytes = text.as_bytes();
+    let half = bytes.len() / 2;
+    let mut depth = 0usize;
+    let mut in_string = false;
+    let mut in_comment = false;
+    let mut escaped = false;
+    let mut line_start = true;
+    for (i, &b) in bytes.iter().enumerate() {
+        if in_comment {
+            in_comment = b != b'\n';
+            line_start = !in_comment;
+            continue;
+        }
+        if in_string {
+            match b {
+                _ if escaped => escaped = false,
+                b'\\' => escaped = true,
+                b'"' | b'\n' => in_string = false,
+                _ => {}
+            }
+            continue;
+        }
+        match b {
+            b'#' => in_comment = true,
+            b'"' => in_string = true,
+            b'(' | b'[' | b'{' => depth += 1,
+            b')' | b']' | b'}' => depth = depth.saturating_sub(1),
+            b'r' if line_start
+                && depth == 0
+                && i >= half
+                && bytes[i..].starts_with(b"rule")
+                && bytes.get(i + 4).is_some_and(u8::is_ascii_whitespace) =>
+            {
+                return Some(i);
+            }
+            _ => {}
+        }
+        line_start = match b {
+            b'\n' => true,
+            b' ' | b'\t' | b'\r' => line_start,
+            _ => false,
+        };
+    }
+    None
+}
+
+/// Parses the text before `at` and the text from `at` on two threads and
+/// joins the two files; `None` when either half fails, so that the caller
+/// parses the whole text and reports the error a single parse finds.
+fn parse_halves(text: &str, at: usize) -> Option<PolicyFile> {
+    // The second half is parsed behind blanks in place of the first, so that
+    // its spans are offsets into the whole text.
+    let mut tail_text = " ".repeat(at);
+    tail_text.push_str(&text[at..]);
+    let parse_part = |part: &str| {
+        PolicyParser::parse(Rule::policy, part)
+            .ok()
+            .map(|mut pairs| {
+                build_policy(pairs.next().expect("the grammar always yields a policy"))
+            })
+    };
+    let (head, tail) = std::thread::scope(|scope| {
+        let tail = scope.spawn(|| parse_part(&tail_text));
+        let head = parse_part(&text[..at]);
+        match tail.join() {
+            Ok(tail) => (head, tail),
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    });
+    let (mut file, tail) = (head?, tail?);
+    file.listeners.extend(tail.listeners);
+    file.admins.extend(tail.admins);
+    file.sections.extend(tail.sections);
+    file.backends.extend(tail.backends);
+    file.limiters.extend(tail.limiters);
+    file.rules.extend(tail.rules);
+    for mut r in tail.response_rules {
+        // Unnamed response rules are numbered in the file; no written name has a `#`.
+        if r.name.name.starts_with(UNNAMED_RESPONSE) {
+            r.name.name = unnamed_response(file.response_rules.len());
+        }
+        file.response_rules.push(r);
+    }
+    file.tests.extend(tail.tests);
+    Some(file)
 }
 
 /// Rejects text whose brackets nest deeper than [`MAX_NESTING`], outside strings and comments.
@@ -488,13 +598,20 @@ fn rule(p: Pair<Rule>) -> Rule_ {
 
 type Rule_ = super::ast::Rule;
 
+const UNNAMED_RESPONSE: &str = "response#";
+
+/// The name of the unnamed response rule at `index` among the response rules.
+fn unnamed_response(index: usize) -> String {
+    format!("{UNNAMED_RESPONSE}{}", index + 1)
+}
+
 fn response_rule(p: Pair<Rule>, index: usize) -> Rule_ {
     let span: Span = p.as_span().into();
     let mut inner = p.into_inner().peekable();
     let name = match inner.peek().map(|p| p.as_rule()) {
         Some(Rule::ident) => ident(inner.next().expect("peeked")),
         _ => Ident {
-            name: format!("response#{}", index + 1),
+            name: unnamed_response(index),
             span: Span::new(span.start, span.start + "on response".len()),
         },
     };
@@ -827,6 +944,67 @@ test "assets ignore the query string" {
             panic!("expected and under or")
         };
         assert!(matches!(right.as_ref(), Expr::Not(..)));
+    }
+
+    /// A policy large enough to be parsed in halves, with every kind of
+    /// declaration, unnamed response rules and `rule` in strings and comments.
+    fn large_policy() -> String {
+        let mut text = String::from(
+            "listen \":8080\"\nadmin \"127.0.0.1:9090\"\nbackend app { server \"127.0.0.1:1\" }\n",
+        );
+        for i in 0..2_000 {
+            text.push_str(&format!(
+                "# rule c{i} {{\nrule r{i} when path ~ \"^/r{i}/\\n\\\"rule x\" or host glob \"*.e{i}\" \
+                 or header(\"x\") == \"a\\\nrule y {{\" {{\n  route app\n}}\n"
+            ));
+            if i % 700 == 0 {
+                text.push_str("on response when status >= 500 { cache off }\n");
+                text.push_str(&format!(
+                    "test \"t{i}\" {{\n  request GET \"http://a/r{i}/\"\n  expect rule r{i}\n}}\n"
+                ));
+            }
+        }
+        text
+    }
+
+    fn parse_whole(text: &str) -> PolicyFile {
+        build_policy(
+            PolicyParser::parse(Rule::policy, text)
+                .unwrap()
+                .next()
+                .unwrap(),
+        )
+    }
+
+    #[test]
+    fn large_policies_parse_in_halves_as_in_one_piece() {
+        let text = large_policy();
+        let at = split_point(&text).expect("large enough to split");
+        assert!(
+            at >= text.len() / 2 && text[at..].starts_with("rule r"),
+            "{at}"
+        );
+        let halves = parse_halves(&text, at).expect("both halves parse");
+        let whole = parse_whole(&text);
+        assert!(whole.rules[1].span.end > whole.rules[1].span.start + 100);
+        assert_eq!(halves.response_rules.len(), 3);
+        assert_eq!(halves.response_rules[2].name.name, "response#3");
+        assert_eq!(format!("{halves:?}"), format!("{whole:?}"));
+        assert_eq!(format!("{:?}", parse(&text).unwrap()), format!("{whole:?}"));
+    }
+
+    #[test]
+    fn an_error_in_one_half_is_the_error_of_a_whole_parse() {
+        let mut text = large_policy();
+        text.push_str("rule broken when path ^= { route app }\n");
+        let e = parse(&text).unwrap_err();
+        let whole = PolicyParser::parse(Rule::policy, &text)
+            .map_err(syntax_error)
+            .unwrap_err();
+        assert_eq!((e.span, e.message), (whole.span, whole.message));
+        // A cut that leaves a declaration open fails, so the whole text is parsed.
+        let open = text.find("route app").unwrap();
+        assert!(parse_halves(&text, open).is_none());
     }
 
     #[test]

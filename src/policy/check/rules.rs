@@ -187,22 +187,15 @@ impl Checker<'_> {
             }
             CmpOp::Regex | CmpOp::NotRegex | CmpOp::Glob => {
                 let pattern = self.string(operand, &format!("`{op}`"))?;
-                let source = if op == CmpOp::Glob {
-                    glob_to_regex(&pattern)
+                let kind = if op == CmpOp::Glob {
+                    PatternKind::Glob
                 } else {
-                    pattern.clone()
+                    PatternKind::Regex
                 };
-                let case_insensitive = matches!(field, Field::Host | Field::Method);
-                let compiled = match self.regexes.get(&(source, case_insensitive)).cloned() {
-                    Some(r) => r,
-                    None => build_regex(
-                        &if op == CmpOp::Glob {
-                            glob_to_regex(&pattern)
-                        } else {
-                            pattern.clone()
-                        },
-                        case_insensitive,
-                    ),
+                let source = (kind, pattern, matches!(field, Field::Host | Field::Method));
+                let compiled = match self.patterns.get(&source) {
+                    Some(r) => r.clone(),
+                    None => build_pattern(&source),
                 };
                 let re = match compiled {
                     Ok(re) => re,
