@@ -67,7 +67,12 @@ pub fn check_text(text: &str, name: &str) -> Checked {
     let source = Source::new(name, text);
     let file = match parse::parse(text) {
         Ok(f) => f,
-        Err(d) => return (source, None, vec![d]),
+        Err(d) => {
+            let further = parse::further_syntax_errors(text, &d);
+            let mut diagnostics = vec![d];
+            diagnostics.extend(further);
+            return (source, None, diagnostics);
+        }
     };
     let (model, diags) = check::check(&file, &|off| source.line_col(off).0);
     (source, Some((model, file.tests)), diags)

@@ -50,6 +50,77 @@ pub fn parse(text: &str) -> Result<PolicyFile, Diagnostic> {
     Ok(build_policy(policy))
 }
 
+/// At most this many syntax errors are reported for one text.
+pub const MAX_SYNTAX_ERRORS: usize = 20;
+
+/// The keywords that start a top-level item.
+const ITEM_KEYWORDS: [&str; 10] = [
+    "listen", "admin", "storage", "http", "purge", "backend", "limit", "rule", "on", "test",
+];
+
+/// The syntax errors after `first`, the error a parse of `text` reported.
+///
+/// pest stops at the first error. To show the next ones, parsing resumes at
+/// the next line after the error that starts with a top-level keyword in
+/// its first column (the convention of every example policy), as if the
+/// text before it were blank; each such parse reports its own first error.
+/// An item broken so badly that it swallows the next item's line hides that
+/// item's errors, never invents one: every error reported is one a parse of
+/// a tail of the text really meets.
+pub fn further_syntax_errors(text: &str, first: &Diagnostic) -> Vec<Diagnostic> {
+    let mut found = Vec::new();
+    // Size and nesting limits are checked on the whole text before any
+    // parse; a text over them is not parsed again.
+    if first.code != "syntax" {
+        return found;
+    }
+    let mut after = first.span.start;
+    // Each tail parse costs its length: all of them together at most four
+    // parses of the whole text.
+    let mut budget = text.len().saturating_mul(4);
+    while found.len() + 1 < MAX_SYNTAX_ERRORS {
+        let Some(at) = next_item_line(text, after) else {
+            break;
+        };
+        let Some(left) = budget.checked_sub(text.len() - at) else {
+            break;
+        };
+        budget = left;
+        let mut tail = " ".repeat(at);
+        tail.push_str(&text[at..]);
+        match PolicyParser::parse(Rule::policy, &tail) {
+            Ok(_) => break,
+            Err(e) => {
+                let d = syntax_error(e);
+                after = d.span.start.max(at + 1);
+                found.push(d);
+            }
+        }
+    }
+    found
+}
+
+/// The start of the first line after the one holding `offset` that begins
+/// with a top-level keyword.
+fn next_item_line(text: &str, offset: usize) -> Option<usize> {
+    let mut at = text.get(offset..)?.find('\n')? + offset + 1;
+    while at < text.len() {
+        let line = &text[at..];
+        let starts_item = ITEM_KEYWORDS.iter().any(|k| {
+            line.starts_with(k)
+                && line[k.len()..]
+                    .chars()
+                    .next()
+                    .is_some_and(char::is_whitespace)
+        });
+        if starts_item {
+            return Some(at);
+        }
+        at += line.find('\n')? + 1;
+    }
+    None
+}
+
 /// From this size on, a policy is parsed in two halves on two threads.
 const SPLIT_MIN_BYTES: usize = 64 * 1024;
 
@@ -1005,6 +1076,21 @@ test "assets ignore the query string" {
         // A cut that leaves a declaration open fails, so the whole text is parsed.
         let open = text.find("route app").unwrap();
         assert!(parse_halves(&text, open).is_none());
+    }
+
+    #[test]
+    fn syntax_errors_resume_at_the_next_item() {
+        let text = "rule a {\n  route =\n}\nrule b {\n  route x\n}\nrule c when {\n}\n";
+        let first = parse(text).unwrap_err();
+        assert_eq!(first.span.start, text.find('=').unwrap());
+        let more = further_syntax_errors(text, &first);
+        assert_eq!(more.len(), 1, "{more:?}");
+        assert_eq!(more[0].span.start, text.rfind('{').unwrap());
+        // A text refused for its nesting is not parsed again.
+        let deep = format!("rule a when {}", "(".repeat(MAX_NESTING + 1));
+        let first = parse(&deep).unwrap_err();
+        assert_ne!(first.code, "syntax");
+        assert!(further_syntax_errors(&deep, &first).is_empty());
     }
 
     #[test]
