@@ -1148,6 +1148,10 @@ async fn admin_health_metrics_with_token_and_access_log() {
         .with_max_level(tracing::Level::INFO)
         .finish();
     let _guard = tracing::subscriber::set_default(subscriber);
+    // Another test's thread may have registered the access log's callsite
+    // while this subscriber was being added, and cached it as disabled;
+    // judge every callsite again now that it is in place.
+    tracing::callsite::rebuild_interest_cache();
     bounded(async {
         let origin = Origin::start(|_| reply(200, &[], "ok")).await;
         let p = proxy(&policy_for(&origin, "rule front { route app cache off }")).await;
