@@ -265,6 +265,17 @@ fn literals_of(hir: &Hir) -> (Option<String>, Option<String>) {
     (prefix, suffix)
 }
 
+/// Texts of up to `max - 1` pieces drawn from `pieces`, for property tests.
+#[cfg(test)]
+pub(crate) fn texts_of(
+    pieces: &'static [&'static str],
+    max: usize,
+) -> impl proptest::strategy::Strategy<Value = String> {
+    use proptest::strategy::Strategy as _;
+    proptest::collection::vec(proptest::sample::select(pieces), 0..max)
+        .prop_map(|parts| parts.concat())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -340,38 +351,16 @@ mod tests {
 
     /// Regex-like texts over a small alphabet, anchors and escapes included.
     fn regex_text() -> impl Strategy<Value = String> {
-        proptest::collection::vec(
-            prop_oneof![
-                Just("a"),
-                Just("b"),
-                Just("/"),
-                Just(r"\."),
-                Just("."),
-                Just("^"),
-                Just("$"),
-                Just("é"),
-                Just("(?m)"),
-                Just("[ab]"),
-                Just("b*"),
+        texts_of(
+            &[
+                "a", "b", "/", r"\.", ".", "^", "$", "é", "(?m)", "[ab]", "b*",
             ],
-            0..6,
+            6,
         )
-        .prop_map(|parts| parts.concat())
     }
 
     fn haystack() -> impl Strategy<Value = String> {
-        proptest::collection::vec(
-            prop_oneof![
-                Just("a"),
-                Just("b"),
-                Just("/"),
-                Just("."),
-                Just("é"),
-                Just("\n")
-            ],
-            0..8,
-        )
-        .prop_map(|parts| parts.concat())
+        texts_of(&["a", "b", "/", ".", "é", "\n"], 8)
     }
 
     proptest! {

@@ -223,7 +223,7 @@ fn middle_matches(middle: &[(Star, Segment)], last: Star, gap: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::super::glob_to_regex;
+    use super::super::{glob_to_regex, texts_of};
     use super::*;
     use proptest::prelude::*;
 
@@ -272,38 +272,11 @@ mod tests {
     }
 
     fn glob_text() -> impl Strategy<Value = String> {
-        proptest::collection::vec(
-            prop_oneof![
-                Just("a"),
-                Just("b"),
-                Just("/"),
-                Just("."),
-                Just("é"),
-                Just("\n"),
-                Just("*"),
-                Just("**"),
-                Just("?"),
-            ],
-            0..8,
-        )
-        .prop_map(|parts| parts.concat())
+        texts_of(&["a", "b", "/", ".", "é", "\n", "*", "**", "?"], 8)
     }
 
     fn text() -> impl Strategy<Value = String> {
-        proptest::collection::vec(
-            prop_oneof![
-                Just("a"),
-                Just("b"),
-                Just("/"),
-                Just("."),
-                Just("é"),
-                Just("\n"),
-                Just("*"),
-                Just("?"),
-            ],
-            0..10,
-        )
-        .prop_map(|parts| parts.concat())
+        texts_of(&["a", "b", "/", ".", "é", "\n", "*", "?"], 10)
     }
 
     proptest! {
