@@ -10,7 +10,7 @@
 use crate::admin::Admin;
 use crate::cache::{Store, StoreConfig};
 use crate::cli::RunArgs;
-use crate::policy::model::{ListenerConfig, Model, Outcome};
+use crate::policy::model::{ListenerConfig, Model};
 use crate::policy::{self, Policy};
 use crate::proxy::phases::{BackendRuntime, Gateway, Generation};
 use crate::proxy::tls::{self, CertMap, CertSource, SniResolver};
@@ -67,19 +67,9 @@ pub fn listen_addr(text: &str) -> Result<SocketAddr, RunError> {
     full.parse().map_err(|_| err())
 }
 
-/// The upstream configuration of backend `id` of the policy: its own
-/// settings and the connect limits of the rules that route to it.
+/// The upstream configuration of backend `id` of the policy.
 pub fn backend_config(model: &Model, id: usize) -> BackendConfig {
     let spec = &model.backends[id];
-    let mut rule_connect_timeouts: Vec<Duration> = model
-        .rules
-        .iter()
-        .filter(|r| matches!(r.outcome, Outcome::Forward(b) if b == id))
-        .filter_map(|r| r.limits.connect_timeout)
-        .filter(|&t| t != spec.connect_timeout)
-        .collect();
-    rule_connect_timeouts.sort();
-    rule_connect_timeouts.dedup();
     BackendConfig {
         name: spec.name.clone(),
         servers: spec
@@ -110,7 +100,6 @@ pub fn backend_config(model: &Model, id: usize) -> BackendConfig {
             first_byte: spec.first_byte_timeout,
             total: spec.total_timeout,
         },
-        rule_connect_timeouts,
         tls: spec.tls.then(|| upstream::UpstreamTls {
             ca_file: spec.ca_file.clone(),
             server_name: spec.tls_server_name.clone(),
@@ -568,50 +557,5 @@ mod tests {
         );
         assert_eq!(listen_addr("[::1]:8443").unwrap().to_string(), "[::1]:8443");
         assert!(listen_addr("nope").is_err());
-    }
-
-    #[test]
-    fn rules_connect_limits_reach_their_backend() {
-        let policy = policy::load(
-            r#"
-backend app {
-  server "127.0.0.1:9000"
-  connect_timeout 2s
-}
-backend other {
-  server "127.0.0.1:9001"
-}
-rule fast when path ^= "/fast" {
-  route app
-  connect_timeout 300ms
-}
-rule same when path ^= "/same" {
-  route app
-  connect_timeout 2s
-}
-rule again when path ^= "/again" {
-  route app
-  connect_timeout 300ms
-}
-rule slow when path ^= "/slow" {
-  route app
-  connect_timeout 1s
-}
-rule rest {
-  route other
-}
-"#,
-            "t.policy",
-        )
-        .unwrap();
-        let app = backend_config(&policy.model, 0);
-        assert_eq!(app.timeouts.connect, Duration::from_secs(2));
-        assert_eq!(
-            app.rule_connect_timeouts,
-            [Duration::from_millis(300), Duration::from_secs(1)]
-        );
-        assert!(backend_config(&policy.model, 1)
-            .rule_connect_timeouts
-            .is_empty());
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod balance;
 pub mod config;
+mod conn;
 pub mod health;
 pub mod pool;
 pub mod static_files;
@@ -17,4 +18,5 @@ pub use config::{
     BackendConfig, Balance, EjectConfig, HealthConfig, ServerConfig, StaticConfig, Timeouts,
     UpstreamTls,
 };
+pub use conn::PooledBody;
 pub use pool::{InFlight, Pool, UpstreamError};

@@ -497,7 +497,6 @@ async fn a_rule_connect_limit_replaces_the_backend_one() {
         // Longer than the test's own bound: only the rule's limit ends it.
         cfg.timeouts.connect = Duration::from_secs(60);
         cfg.timeouts.total = Duration::from_secs(120);
-        cfg.rule_connect_timeouts = vec![Duration::from_millis(200)];
         let pool = Pool::new(&cfg).unwrap();
         let req = Request::get("/x").body(Empty::<Bytes>::new()).unwrap();
         let err = pool
@@ -525,6 +524,87 @@ async fn keep_alive_connections_are_reused() {
             0,
             "finished responses release their count"
         );
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn bodiless_responses_free_their_connection_unread() {
+    bounded(async {
+        let a = Origin::start("a").await;
+        let pool = Pool::new(&backend(vec![a.server()])).unwrap();
+        for _ in 0..5 {
+            let req = Request::head("/x").body(Empty::<Bytes>::new()).unwrap();
+            let resp = pool.send(req, None, None).await.unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            // The body is never read: a HEAD response has none.
+            drop(resp);
+        }
+        assert_eq!(get(&pool, "/x").await.unwrap(), "a");
+        assert_eq!(a.requests(), 6);
+        assert_eq!(a.connections.load(Ordering::SeqCst), 1);
+    })
+    .await
+    .unwrap();
+}
+
+/// An origin that answers one request per connection, then closes it
+/// without saying so (no `Connection: close`). Counts connections.
+async fn one_shot_origin() -> (ServerConfig, Arc<AtomicUsize>, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = ServerConfig::new(listener.local_addr().unwrap().to_string());
+    let accepted = Arc::new(AtomicUsize::new(0));
+    let counter = accepted.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            counter.fetch_add(1, Ordering::SeqCst);
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tcp.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let head_end = buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap_or(0) + 4;
+            let text = String::from_utf8_lossy(&buf[..head_end.min(buf.len())]).to_lowercase();
+            let length: usize = text
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            let mut have = buf.len() - head_end.min(buf.len());
+            while have < length {
+                match tcp.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => have += n,
+                }
+            }
+            use tokio::io::AsyncWriteExt;
+            let _ = tcp
+                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+                .await;
+            drop(tcp);
+        }
+    });
+    (server, accepted, task)
+}
+
+#[tokio::test]
+async fn an_idle_connection_the_server_closed_is_not_used() {
+    bounded(async {
+        let (server, accepted, task) = one_shot_origin().await;
+        let pool = Pool::new(&backend(vec![server])).unwrap();
+        for n in 1..=3 {
+            // POST: a request that is never retried once sent, so it must
+            // not go out on the connection the origin has closed.
+            let answer = send(&pool, Method::POST, "/x", Bytes::from_static(b"hi")).await;
+            assert_eq!(answer.unwrap(), "ok");
+            assert_eq!(accepted.load(Ordering::SeqCst), n);
+            // Let the origin's close arrive while the connection is idle.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        task.abort();
     })
     .await
     .unwrap();

@@ -22,9 +22,6 @@ pub struct BackendConfig {
     pub eject: EjectConfig,
     /// Time limits of one upstream exchange.
     pub timeouts: Timeouts,
-    /// Connect limits that rules routing here set instead of
-    /// `timeouts.connect`, sorted; each gets a connection pool of its own.
-    pub rule_connect_timeouts: Vec<Duration>,
     /// TLS to the servers; `None` means plain HTTP/1.1.
     pub tls: Option<UpstreamTls>,
     /// Serve files from a directory instead of proxying.

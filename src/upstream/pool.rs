@@ -10,7 +10,6 @@
 //! answered with the error: a non-idempotent request is never sent twice.
 
 use std::error::Error as StdError;
-use std::future::Future;
 use std::io;
 use std::path::Path;
 use std::pin::Pin;
@@ -23,10 +22,8 @@ use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty};
-use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper::body::{Body, Frame, SizeHint};
+use hyper_util::rt::TokioIo;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::net::TcpStream;
@@ -35,12 +32,13 @@ use tokio_rustls::TlsConnector;
 
 use super::balance::{self, InFlightGuard, Load, Selector};
 use super::config::{BackendConfig, HealthConfig, Timeouts, UpstreamTls};
+use super::conn::{self, Connections, ExchangeError, PooledBody};
 use super::health::{HealthChecker, HealthState, ProbeFuture};
 
 /// A boxed error of a body or connector.
 pub type BoxError = Box<dyn StdError + Send + Sync>;
 
-type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
+pub(super) type UpstreamBody = UnsyncBoxBody<Bytes, BoxError>;
 
 /// Why a request to a backend got no response.
 #[derive(Debug, thiserror::Error)]
@@ -155,6 +153,8 @@ impl InFlight {
 struct Server {
     addr: String,
     authority: Authority,
+    /// The host part of `addr`, the TLS server name unless the policy sets one.
+    host: String,
 }
 
 /// One backend's servers and the machinery to send requests to them.
@@ -166,10 +166,7 @@ pub struct Pool {
     selector: Box<dyn Selector>,
     load: Arc<Load>,
     health: Arc<HealthState>,
-    client: Client<Connector, UpstreamBody>,
-    /// Clients for the rules' own connect limits, sorted by limit. A client
-    /// owns its connector, so a shorter limit needs connections of its own.
-    limited: Box<[(Duration, Client<Connector, UpstreamBody>)]>,
+    conns: Arc<Connections>,
     scheme: Scheme,
     timeouts: Timeouts,
     checker: Option<HealthChecker>,
@@ -211,6 +208,7 @@ impl Pool {
             }
             servers.push(Server {
                 addr: s.addr.clone(),
+                host: authority.host().to_owned(),
                 authority,
             });
         }
@@ -223,19 +221,14 @@ impl Pool {
             Some(tls) => Some(tls_connector(tls).map_err(config_error)?),
             None => None,
         };
-        let client = http_client(tls.clone(), cfg.timeouts.connect);
-        let limited = cfg
-            .rule_connect_timeouts
-            .iter()
-            .map(|&limit| (limit, http_client(tls.clone(), limit)))
-            .collect();
+        let conns = Connections::new(servers.len(), tls);
 
         let (rise, fall) = cfg.health.as_ref().map_or((1, 1), |h| (h.rise, h.fall));
         let health = HealthState::new(servers.len(), rise, fall, cfg.eject);
         let scheme = Scheme::HTTP;
         let servers: Box<[Server]> = servers.into();
         let checker = cfg.health.as_ref().map(|h| {
-            let probe = Prober::new(h, &servers, &scheme, client.clone(), &cfg.name);
+            let probe = Prober::new(h, &servers, Arc::clone(&conns), cfg);
             HealthChecker::spawn(Arc::clone(&health), h.interval, h.timeout, move |i| {
                 probe.probe(i)
             })
@@ -248,8 +241,7 @@ impl Pool {
             backup,
             selector,
             health,
-            client,
-            limited,
+            conns,
             scheme,
             timeouts: cfg.timeouts,
             checker,
@@ -289,28 +281,20 @@ impl Pool {
     /// scheme and authority become the server's; the version is HTTP/1.1.
     /// The response's extensions hold an [`InFlight`] naming the server.
     ///
-    /// `connect` replaces the backend's connect limit when it is one of the
-    /// `rule_connect_timeouts` the pool was built with.
+    /// `connect`, a rule's own limit, replaces the backend's connect limit.
     pub async fn send<B>(
         &self,
         req: Request<B>,
         hash_key: Option<&[u8]>,
         connect: Option<Duration>,
-    ) -> Result<Response<Incoming>, UpstreamError>
+    ) -> Result<Response<PooledBody>, UpstreamError>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
         let total = self.timeouts.total;
-        let client = connect
-            .and_then(|limit| {
-                self.limited
-                    .binary_search_by_key(&limit, |(l, _)| *l)
-                    .ok()
-                    .map(|i| &self.limited[i].1)
-            })
-            .unwrap_or(&self.client);
-        match tokio::time::timeout(total, self.send_with_failover(client, req, hash_key)).await {
+        let connect = connect.unwrap_or(self.timeouts.connect);
+        match tokio::time::timeout(total, self.send_with_failover(connect, req, hash_key)).await {
             Ok(result) => result,
             Err(_) => Err(UpstreamError::TotalTimeout {
                 backend: self.name.clone(),
@@ -321,16 +305,17 @@ impl Pool {
 
     async fn send_with_failover<B>(
         &self,
-        client: &Client<Connector, UpstreamBody>,
+        connect: Duration,
         req: Request<B>,
         hash_key: Option<&[u8]>,
-    ) -> Result<Response<Incoming>, UpstreamError>
+    ) -> Result<Response<PooledBody>, UpstreamError>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
         let (parts, body) = req.into_parts();
         let idempotent = is_idempotent(&parts.method);
+        let upgrade = parts.headers.contains_key(http::header::UPGRADE);
         let empty_body = body.is_end_stream();
         let path_and_query = parts
             .uri
@@ -411,14 +396,16 @@ impl Pool {
 
             let guard = self.load.enter(i);
             let first_byte = self.timeouts.first_byte;
-            let outcome = tokio::time::timeout(first_byte, client.request(upstream_req)).await;
+            let outcome =
+                tokio::time::timeout(first_byte, self.exchange(i, connect, upstream_req, upgrade))
+                    .await;
             let error = match outcome {
                 Ok(Ok(mut resp)) => {
                     self.health.record_success(i);
                     resp.extensions_mut().insert(InFlight(Arc::new(guard)));
                     return Ok(resp);
                 }
-                Ok(Err(e)) => classify(e, &server.addr),
+                Ok(Err(e)) => e,
                 Err(_) => UpstreamError::FirstByteTimeout {
                     server: server.addr.clone(),
                     after: first_byte,
@@ -449,6 +436,45 @@ impl Pool {
     }
 }
 
+impl Pool {
+    /// One try on server `i`: on an idle connection when there is one, else
+    /// on a new one. A request an idle connection never took (it had just
+    /// closed) goes out once more on a new connection.
+    async fn exchange(
+        &self,
+        i: usize,
+        connect: Duration,
+        req: Request<UpstreamBody>,
+        upgrade: bool,
+    ) -> Result<Response<PooledBody>, UpstreamError> {
+        let server = &self.servers[i];
+        if upgrade {
+            let fresh = self.conns.open(&server.addr, &server.host, connect).await?;
+            return conn::exchange_upgrade(fresh, req)
+                .await
+                .map_err(|e| classify(e, &server.addr));
+        }
+        let mut req = req;
+        if let Some(idle) = self.conns.checkout(i) {
+            match conn::exchange(idle, req, &self.conns, i).await {
+                Ok(resp) => return Ok(resp),
+                Err(ExchangeError::Unsent(back, e)) => {
+                    tracing::debug!(server = %server.addr, error = %e, "idle connection closed; sending on a new one");
+                    req = back;
+                }
+                Err(ExchangeError::Failed(e)) => return Err(classify(e, &server.addr)),
+            }
+        }
+        let fresh = self.conns.open(&server.addr, &server.host, connect).await?;
+        match conn::exchange(fresh, req, &self.conns, i).await {
+            Ok(resp) => Ok(resp),
+            Err(ExchangeError::Unsent(_, e) | ExchangeError::Failed(e)) => {
+                Err(classify(e, &server.addr))
+            }
+        }
+    }
+}
+
 /// Idempotent methods (RFC 9110 §9.2.2) that may be sent again after a reset.
 fn is_idempotent(m: &Method) -> bool {
     matches!(
@@ -457,27 +483,10 @@ fn is_idempotent(m: &Method) -> bool {
     )
 }
 
-/// Sorts a client error into connect / timeout / reset / bad response.
-fn classify(e: hyper_util::client::legacy::Error, server: &str) -> UpstreamError {
+/// Sorts an exchange's error into reset or bad response.
+fn classify(e: hyper::Error, server: &str) -> UpstreamError {
     let server = server.to_owned();
-    let timed_out = chain_has_io(&e, |k| k == io::ErrorKind::TimedOut);
-    if e.is_connect() {
-        if timed_out {
-            return UpstreamError::ConnectTimeout { server };
-        }
-        return UpstreamError::Connect {
-            server,
-            source: Box::new(e),
-        };
-    }
-    let mut hyper_reset = false;
-    let mut source: Option<&(dyn StdError + 'static)> = Some(&e);
-    while let Some(err) = source {
-        if let Some(h) = err.downcast_ref::<hyper::Error>() {
-            hyper_reset |= h.is_incomplete_message() || h.is_canceled() || h.is_closed();
-        }
-        source = err.source();
-    }
+    let hyper_reset = e.is_incomplete_message() || e.is_canceled() || e.is_closed();
     let io_reset = chain_has_io(&e, |k| {
         matches!(
             k,
@@ -570,24 +579,6 @@ where
 
 /// Builds the TLS connector: servers are verified against the CA file when
 /// the policy names one, and against the system's roots otherwise.
-/// A keep-alive client whose connections are made within `connect`.
-fn http_client(tls: Option<TlsSetup>, connect: Duration) -> Client<Connector, UpstreamBody> {
-    let mut http = HttpConnector::new();
-    http.enforce_http(false);
-    http.set_nodelay(true);
-    http.set_connect_timeout(Some(connect));
-    let connector = Connector {
-        http,
-        tls,
-        handshake_timeout: connect,
-    };
-    Client::builder(TokioExecutor::new())
-        .timer(TokioTimer::new())
-        .pool_timer(TokioTimer::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(connector)
-}
-
 fn tls_connector(tls: &UpstreamTls) -> Result<TlsSetup, String> {
     let roots = match &tls.ca_file {
         Some(ca_file) => load_roots(ca_file)?,
@@ -645,67 +636,17 @@ fn load_roots(path: &Path) -> Result<rustls::RootCertStore, String> {
     Ok(roots)
 }
 
+/// The TLS client setup of a backend.
 #[derive(Clone)]
-struct TlsSetup {
-    connector: TlsConnector,
-    server_name: Option<ServerName<'static>>,
-}
-
-/// TCP connector with optional TLS on top.
-#[derive(Clone)]
-struct Connector {
-    http: HttpConnector,
-    tls: Option<TlsSetup>,
-    handshake_timeout: Duration,
-}
-
-impl tower_service::Service<Uri> for Connector {
-    type Response = UpstreamStream;
-    type Error = BoxError;
-    type Future = Pin<Box<dyn Future<Output = Result<UpstreamStream, BoxError>> + Send>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        tower_service::Service::<Uri>::poll_ready(&mut self.http, cx).map_err(Into::into)
-    }
-
-    fn call(&mut self, uri: Uri) -> Self::Future {
-        let mut http = self.http.clone();
-        let tls = self.tls.clone();
-        let handshake_timeout = self.handshake_timeout;
-        Box::pin(async move {
-            let host = uri.host().unwrap_or_default().to_owned();
-            let tcp = tower_service::Service::call(&mut http, uri).await?;
-            let Some(tls) = tls else {
-                return Ok(UpstreamStream::Plain(tcp));
-            };
-            let name = match tls.server_name {
-                Some(n) => n,
-                None => ServerName::try_from(host.trim_matches(['[', ']']).to_owned())?,
-            };
-            let handshake = tls.connector.connect(name, tcp.into_inner());
-            let stream = tokio::time::timeout(handshake_timeout, handshake)
-                .await
-                .map_err(|_| {
-                    io::Error::new(io::ErrorKind::TimedOut, "TLS handshake timed out")
-                })??;
-            Ok(UpstreamStream::Tls(Box::new(TokioIo::new(stream))))
-        })
-    }
+pub(super) struct TlsSetup {
+    pub(super) connector: TlsConnector,
+    pub(super) server_name: Option<ServerName<'static>>,
 }
 
 /// A connection to a server, plain or TLS.
-enum UpstreamStream {
+pub(super) enum UpstreamStream {
     Plain(TokioIo<TcpStream>),
     Tls(Box<TokioIo<TlsStream<TcpStream>>>),
-}
-
-impl Connection for UpstreamStream {
-    fn connected(&self) -> Connected {
-        match self {
-            UpstreamStream::Plain(s) => s.connected(),
-            UpstreamStream::Tls(s) => s.inner().get_ref().0.connected(),
-        }
-    }
 }
 
 impl hyper::rt::Read for UpstreamStream {
@@ -748,12 +689,13 @@ impl hyper::rt::Write for UpstreamStream {
     }
 }
 
-/// Sends active health probes through the pool's client.
+/// Sends active health probes over the pool's connections.
 struct Prober {
     method: Method,
-    uris: Box<[Uri]>,
+    requests: Box<[(String, String, Uri)]>,
     expect: u16,
-    client: Client<Connector, UpstreamBody>,
+    conns: Arc<Connections>,
+    connect: Duration,
     backend: String,
 }
 
@@ -761,54 +703,68 @@ impl Prober {
     fn new(
         h: &HealthConfig,
         servers: &[Server],
-        scheme: &Scheme,
-        client: Client<Connector, UpstreamBody>,
-        backend: &str,
+        conns: Arc<Connections>,
+        cfg: &BackendConfig,
     ) -> Self {
         let path: PathAndQuery = h
             .path
             .parse()
             .unwrap_or_else(|_| PathAndQuery::from_static("/"));
-        let uris = servers
+        let requests = servers
             .iter()
             .filter_map(|s| {
-                Uri::builder()
-                    .scheme(scheme.clone())
+                let uri = Uri::builder()
+                    .scheme(Scheme::HTTP)
                     .authority(s.authority.clone())
                     .path_and_query(path.clone())
                     .build()
-                    .ok()
+                    .ok()?;
+                Some((s.addr.clone(), s.host.clone(), uri))
             })
             .collect();
         Self {
             method: h.method.clone(),
-            uris,
+            requests,
             expect: h.expect_status,
-            client,
-            backend: backend.to_owned(),
+            conns,
+            connect: cfg.timeouts.connect.min(h.timeout),
+            backend: cfg.name.clone(),
         }
     }
 
     fn probe(&self, i: usize) -> ProbeFuture {
-        let Some(uri) = self.uris.get(i).cloned() else {
+        let Some((addr, host, uri)) = self.requests.get(i).cloned() else {
             return Box::pin(async { false });
         };
-        let req = Request::builder()
-            .method(self.method.clone())
-            .uri(uri)
-            .body(Empty::new().map_err(|never| match never {}).boxed_unsync());
-        let client = self.client.clone();
-        let expect = self.expect;
+        let mut req = Request::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = uri;
+        let conns = Arc::clone(&self.conns);
+        let (expect, connect) = (self.expect, self.connect);
         let backend = self.backend.clone();
         Box::pin(async move {
-            let Ok(req) = req else { return false };
-            match client.request(req).await {
-                Ok(resp) => {
-                    let ok = resp.status().as_u16() == expect;
-                    if !ok {
-                        tracing::debug!(%backend, server = i, status = resp.status().as_u16(), "health probe failed");
+            let sent = async {
+                let c = match conns.checkout(i) {
+                    Some(c) => c,
+                    None => conns.open(&addr, &host, connect).await?,
+                };
+                match conn::exchange(c, req, &conns, i).await {
+                    Ok(resp) => {
+                        let status = resp.status().as_u16();
+                        // Read the (small) body so the connection can be reused.
+                        let _ = resp.into_body().collect().await;
+                        Ok(status)
                     }
-                    ok
+                    Err(ExchangeError::Unsent(_, e) | ExchangeError::Failed(e)) => {
+                        Err(classify(e, &addr))
+                    }
+                }
+            };
+            match sent.await {
+                Ok(status) if status == expect => true,
+                Ok(status) => {
+                    tracing::debug!(%backend, server = i, status, "health probe failed");
+                    false
                 }
                 Err(e) => {
                     tracing::debug!(%backend, server = i, error = %e, "health probe failed");

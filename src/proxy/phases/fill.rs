@@ -48,9 +48,7 @@ impl Gateway {
                     None => send.await,
                 };
                 match result {
-                    Ok(resp) => {
-                        Ok(resp.map(|b: Incoming| b.map_err(BoxError::from).boxed_unsync()))
-                    }
+                    Ok(resp) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync())),
                     Err(e) => Err(upstream_error(&e)),
                 }
             }
