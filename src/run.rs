@@ -169,6 +169,7 @@ fn server_limits(policy: &Policy) -> ServerLimits {
         max_header_bytes: h.max_header as usize,
         max_body_bytes: h.max_body,
         shutdown_grace: h.shutdown_grace,
+        max_connections: usize::try_from(h.max_connections).unwrap_or(usize::MAX),
         ..ServerLimits::default()
     }
 }
@@ -557,5 +558,28 @@ mod tests {
         );
         assert_eq!(listen_addr("[::1]:8443").unwrap().to_string(), "[::1]:8443");
         assert!(listen_addr("nope").is_err());
+    }
+
+    #[test]
+    fn http_settings_reach_the_listeners() {
+        let policy = policy::load(
+            r#"
+http {
+  max_connections 3
+  idle_timeout 5s
+}
+backend app {
+  server "127.0.0.1:9000"
+}
+rule default {
+  route app
+}
+"#,
+            "t.policy",
+        )
+        .unwrap();
+        let limits = server_limits(&policy);
+        assert_eq!(limits.max_connections, 3);
+        assert_eq!(limits.idle_timeout, Duration::from_secs(5));
     }
 }

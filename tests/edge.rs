@@ -832,3 +832,44 @@ async fn request_body_reaches_the_handler_over_h2() {
     .unwrap();
     timeout(BOUND, edge.handle.stop()).await.unwrap();
 }
+
+#[tokio::test]
+async fn at_the_connection_cap_new_clients_wait_for_a_free_slot() {
+    let edge = start(ServerLimits {
+        max_connections: 2,
+        ..ServerLimits::default()
+    })
+    .await;
+    timeout(BOUND, async {
+        let request = b"GET /x HTTP/1.1\r\nhost: edge.test\r\n\r\n";
+        let mut open = Vec::new();
+        for _ in 0..2 {
+            let mut s = TcpStream::connect(edge.addr).await.unwrap();
+            s.write_all(request).await.unwrap();
+            let mut buf = [0u8; 512];
+            let n = s.read(&mut buf).await.unwrap();
+            assert!(buf[..n].starts_with(b"HTTP/1.1 200"));
+            open.push(s);
+        }
+        // The kernel completes the handshake, but Portico does not accept.
+        let mut third = TcpStream::connect(edge.addr).await.unwrap();
+        third.write_all(request).await.unwrap();
+        let mut buf = [0u8; 512];
+        let early = timeout(Duration::from_millis(300), third.read(&mut buf)).await;
+        assert!(
+            early.is_err(),
+            "a third connection was served at a cap of 2"
+        );
+        // One client leaves: the waiting one is accepted and answered.
+        drop(open.pop());
+        let n = third.read(&mut buf).await.unwrap();
+        assert!(
+            buf[..n].starts_with(b"HTTP/1.1 200"),
+            "{:?}",
+            String::from_utf8_lossy(&buf[..n])
+        );
+    })
+    .await
+    .unwrap();
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}

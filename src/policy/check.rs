@@ -249,6 +249,7 @@ const HTTP: &[(&str, Kind)] = &[
     ("max_body", Kind::Size),
     ("hide_server", Kind::Flag),
     ("shutdown_grace", Kind::Duration),
+    ("max_connections", Kind::Number),
 ];
 const PURGE: &[(&str, Kind)] = &[("allow", Kind::Nets)];
 const BACKEND: &[(&str, Kind)] = &[

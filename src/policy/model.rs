@@ -124,6 +124,8 @@ pub struct HttpConfig {
     pub hide_server: bool,
     /// How long shutdown waits for in-flight requests. Default 10 s.
     pub shutdown_grace: Duration,
+    /// Client connections open at once per listener. Default 10,000.
+    pub max_connections: u64,
 }
 
 impl Default for HttpConfig {
@@ -135,6 +137,7 @@ impl Default for HttpConfig {
             max_body: 10 << 20,
             hide_server: false,
             shutdown_grace: Duration::from_secs(10),
+            max_connections: 10_000,
         }
     }
 }

@@ -69,6 +69,10 @@ pub struct ServerLimits {
     /// How long in-flight requests may run after shutdown begins before
     /// their connections are dropped. Default 30 s.
     pub shutdown_grace: Duration,
+    /// Most client connections open at once on the listener. At the cap the
+    /// listener stops accepting; further clients wait in the kernel's accept
+    /// queue until a connection closes. Default 10,000.
+    pub max_connections: usize,
 }
 
 impl Default for ServerLimits {
@@ -81,6 +85,7 @@ impl Default for ServerLimits {
             max_body_bytes: 10 * 1024 * 1024,
             max_concurrent_streams: 128,
             shutdown_grace: Duration::from_secs(30),
+            max_connections: 10_000,
         }
     }
 }
@@ -277,11 +282,20 @@ impl Listener {
         info!(addr = %self.local_addr, tls = self.tls.is_some(), "listening");
         let mut conns = JoinSet::new();
         let mut stop = pin!(shutdown.triggered());
+        let mut at_cap = false;
         loop {
+            let room = conns.len() < shared.limits.max_connections;
+            if room == at_cap {
+                at_cap = !room;
+                if at_cap {
+                    warn!(addr = %self.local_addr, max_connections = shared.limits.max_connections, "connection cap reached; new clients wait until one closes");
+                    metrics::counter!("portico_connection_cap_reached_total").increment(1);
+                }
+            }
             tokio::select! {
                 biased;
                 () = &mut stop => break,
-                accepted = self.tcp.accept() => match accepted {
+                accepted = self.tcp.accept(), if room => match accepted {
                     Ok((stream, client_addr)) => {
                         conns.spawn(accept(stream, client_addr, self.tls.clone(), Arc::clone(&shared)));
                     }

@@ -178,6 +178,14 @@ impl Checker<'_> {
         if let Some((Val::Duration(d), _)) = v.remove("shutdown_grace") {
             out.shutdown_grace = d;
         }
+        if let Some((Val::Number(n), span)) = v.remove("max_connections") {
+            if n == 0 {
+                self.err("out-of-range", span, "`max_connections` must be at least 1")
+                    .help = Some("a listener that accepts nobody serves nobody".into());
+            } else {
+                out.max_connections = n;
+            }
+        }
     }
 
     pub(super) fn purge(&mut self, s: &ast::Section, out: &mut PurgeConfig) {
