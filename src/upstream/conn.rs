@@ -162,7 +162,7 @@ impl Connections {
 pub(super) enum ExchangeError {
     /// The connection closed before it took the request, which comes back
     /// unsent.
-    Unsent(Request<UpstreamBody>, hyper::Error),
+    Unsent(Box<Request<UpstreamBody>>, hyper::Error),
     /// The request was (perhaps partly) sent.
     Failed(hyper::Error),
 }
@@ -199,7 +199,7 @@ pub(super) async fn exchange(
         Ok(resp) => resp,
         Err(mut e) => {
             return Err(match e.take_message() {
-                Some(req) => ExchangeError::Unsent(req, e.into_error()),
+                Some(req) => ExchangeError::Unsent(Box::new(req), e.into_error()),
                 None => ExchangeError::Failed(e.into_error()),
             })
         }

@@ -460,7 +460,7 @@ impl Pool {
                 Ok(resp) => return Ok(resp),
                 Err(ExchangeError::Unsent(back, e)) => {
                     tracing::debug!(server = %server.addr, error = %e, "idle connection closed; sending on a new one");
-                    req = back;
+                    req = *back;
                 }
                 Err(ExchangeError::Failed(e)) => return Err(classify(e, &server.addr)),
             }
