@@ -15,7 +15,7 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use portico::upstream::{
-    BackendConfig, EjectConfig, HealthConfig, Pool, ServerConfig, Timeouts, UpstreamError,
+    BackendConfig, EjectConfig, HealthConfig, Limits, Pool, ServerConfig, Timeouts, UpstreamError,
     UpstreamTls,
 };
 use tokio::io::AsyncReadExt;
@@ -211,7 +211,7 @@ async fn send(
         .uri(path)
         .body(Full::new(body))
         .unwrap();
-    let resp = pool.send(req, None, None).await?;
+    let resp = pool.send(req, None, Limits::default()).await?;
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     Ok(String::from_utf8(bytes.to_vec()).unwrap())
 }
@@ -500,7 +500,14 @@ async fn a_rule_connect_limit_replaces_the_backend_one() {
         let pool = Pool::new(&cfg).unwrap();
         let req = Request::get("/x").body(Empty::<Bytes>::new()).unwrap();
         let err = pool
-            .send(req, None, Some(Duration::from_millis(200)))
+            .send(
+                req,
+                None,
+                Limits {
+                    connect: Some(Duration::from_millis(200)),
+                    ..Limits::default()
+                },
+            )
             .await
             .unwrap_err();
         assert!(matches!(err, UpstreamError::ConnectTimeout { .. }), "{err}");
@@ -536,7 +543,7 @@ async fn bodiless_responses_free_their_connection_unread() {
         let pool = Pool::new(&backend(vec![a.server()])).unwrap();
         for _ in 0..5 {
             let req = Request::head("/x").body(Empty::<Bytes>::new()).unwrap();
-            let resp = pool.send(req, None, None).await.unwrap();
+            let resp = pool.send(req, None, Limits::default()).await.unwrap();
             assert_eq!(resp.status(), StatusCode::OK);
             // The body is never read: a HEAD response has none.
             drop(resp);
@@ -611,12 +618,46 @@ async fn an_idle_connection_the_server_closed_is_not_used() {
 }
 
 #[tokio::test]
+async fn the_total_limit_bounds_a_stalled_body() {
+    bounded(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = ServerConfig::new(listener.local_addr().unwrap().to_string());
+        let origin = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = tcp.read(&mut buf).await;
+            use tokio::io::AsyncWriteExt;
+            // Half the promised body, then nothing.
+            tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nhello")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let mut cfg = backend(vec![server]);
+        cfg.timeouts.total = Duration::from_secs(60);
+        let pool = Pool::new(&cfg).unwrap();
+        let req = Request::get("/x").body(Empty::<Bytes>::new()).unwrap();
+        let limits = Limits {
+            total: Some(Duration::from_millis(300)),
+            ..Limits::default()
+        };
+        let resp = pool.send(req, None, limits).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let err = resp.into_body().collect().await.unwrap_err();
+        assert!(err.to_string().contains("total time limit"), "{err}");
+        origin.abort();
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
 async fn in_flight_count_lasts_while_the_response_is_held() {
     bounded(async {
         let a = Origin::start("a").await;
         let pool = Pool::new(&backend(vec![a.server()])).unwrap();
         let req = Request::get("/x").body(Empty::<Bytes>::new()).unwrap();
-        let resp = pool.send(req, None, None).await.unwrap();
+        let resp = pool.send(req, None, Limits::default()).await.unwrap();
         assert_eq!(pool.in_flight(0), 1);
         assert_eq!(
             resp.extensions()

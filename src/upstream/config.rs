@@ -149,10 +149,20 @@ pub struct Timeouts {
     pub connect: Duration,
     /// From starting one attempt (connection included) to its response head. Default: 30 s.
     pub first_byte: Duration,
-    /// The whole exchange, all attempts included. The pool bounds the time to
-    /// the response head with it; the caller bounds the body with what is
-    /// left. Default: 120 s.
+    /// The whole exchange, all attempts and the response body included.
+    /// Default: 120 s.
     pub total: Duration,
+}
+
+/// One request's own time limits; each one set replaces the backend's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Replaces [`Timeouts::connect`].
+    pub connect: Option<Duration>,
+    /// Replaces [`Timeouts::first_byte`].
+    pub first_byte: Option<Duration>,
+    /// Replaces [`Timeouts::total`].
+    pub total: Option<Duration>,
 }
 
 impl Default for Timeouts {

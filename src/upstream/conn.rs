@@ -214,7 +214,7 @@ pub(super) async fn exchange(
         server,
     });
     let (parts, inner) = resp.into_parts();
-    let mut body = PooledBody { inner, held };
+    let mut body = PooledBody::new(inner, held);
     if body.inner.is_end_stream() {
         // No body (HEAD, 204, 304, or a zero length): the connection is
         // free now, whether or not the caller ever polls the body.
@@ -242,7 +242,7 @@ pub(super) async fn exchange_upgrade(
         }
     });
     let resp = sender.send_request(req).await?;
-    Ok(resp.map(|inner| PooledBody { inner, held: None }))
+    Ok(resp.map(|inner| PooledBody::new(inner, None)))
 }
 
 struct Held {
@@ -253,10 +253,15 @@ struct Held {
 
 /// A response body from a server. Reading it drives its connection, which
 /// goes back to the idle list when the body ends; a body dropped before its
-/// end closes the connection.
+/// end closes the connection. A body that has not ended by its deadline
+/// fails with a timeout.
 pub struct PooledBody {
     inner: Incoming,
     held: Option<Held>,
+    end_by: Option<tokio::time::Instant>,
+    /// Armed the first time the body has to wait for the server, so a body
+    /// that arrives with its head costs no timer.
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
 }
 
 impl std::fmt::Debug for PooledBody {
@@ -268,6 +273,20 @@ impl std::fmt::Debug for PooledBody {
 }
 
 impl PooledBody {
+    fn new(inner: Incoming, held: Option<Held>) -> Self {
+        Self {
+            inner,
+            held,
+            end_by: None,
+            timer: None,
+        }
+    }
+
+    /// Fails the body if it has not ended by `deadline`.
+    pub(super) fn end_by(&mut self, deadline: tokio::time::Instant) {
+        self.end_by = Some(deadline);
+    }
+
     fn release(&mut self, cx: &mut Context<'_>) {
         if let Some(h) = self.held.take() {
             h.home.checkin(h.server, h.conn, cx);
@@ -278,25 +297,41 @@ impl PooledBody {
         &mut self,
         polled: Poll<Option<Result<Frame<Bytes>, hyper::Error>>>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &polled {
             Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(cx),
             Poll::Ready(None) => self.release(cx),
             Poll::Ready(Some(Err(_))) => self.held = None,
+            Poll::Pending => {
+                if let Some(deadline) = self.end_by {
+                    let timer = self
+                        .timer
+                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+                    if timer.as_mut().poll(cx).is_ready() {
+                        self.held = None;
+                        self.end_by = None;
+                        let late = std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "the response body ran past the total time limit",
+                        );
+                        return Poll::Ready(Some(Err(Box::new(late))));
+                    }
+                }
+            }
             _ => {}
         }
-        polled
+        polled.map_err(Into::into)
     }
 }
 
 impl Body for PooledBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
         let polled = Pin::new(&mut this.inner).poll_frame(cx);
         if polled.is_ready() {

@@ -31,7 +31,7 @@ use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::balance::{self, InFlightGuard, Load, Selector};
-use super::config::{BackendConfig, HealthConfig, Timeouts, UpstreamTls};
+use super::config::{BackendConfig, HealthConfig, Limits, Timeouts, UpstreamTls};
 use super::conn::{self, Connections, ExchangeError, PooledBody};
 use super::health::{HealthChecker, HealthState, ProbeFuture};
 
@@ -253,7 +253,7 @@ impl Pool {
         &self.name
     }
 
-    /// The backend's time limits; the caller bounds body streaming with `total`.
+    /// The backend's time limits.
     pub fn timeouts(&self) -> Timeouts {
         self.timeouts
     }
@@ -281,38 +281,24 @@ impl Pool {
     /// scheme and authority become the server's; the version is HTTP/1.1.
     /// The response's extensions hold an [`InFlight`] naming the server.
     ///
-    /// `connect`, a rule's own limit, replaces the backend's connect limit.
+    /// `limits` replace the backend's own time limits where set. The total
+    /// limit bounds the body too: a body still streaming when it runs out
+    /// ends with an error.
     pub async fn send<B>(
         &self,
         req: Request<B>,
         hash_key: Option<&[u8]>,
-        connect: Option<Duration>,
+        limits: Limits,
     ) -> Result<Response<PooledBody>, UpstreamError>
     where
         B: Body<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
-        let total = self.timeouts.total;
-        let connect = connect.unwrap_or(self.timeouts.connect);
-        match tokio::time::timeout(total, self.send_with_failover(connect, req, hash_key)).await {
-            Ok(result) => result,
-            Err(_) => Err(UpstreamError::TotalTimeout {
-                backend: self.name.clone(),
-                after: total,
-            }),
-        }
-    }
-
-    async fn send_with_failover<B>(
-        &self,
-        connect: Duration,
-        req: Request<B>,
-        hash_key: Option<&[u8]>,
-    ) -> Result<Response<PooledBody>, UpstreamError>
-    where
-        B: Body<Data = Bytes> + Send + Unpin + 'static,
-        B::Error: Into<BoxError>,
-    {
+        let connect = limits.connect.unwrap_or(self.timeouts.connect);
+        let first_byte = limits.first_byte.unwrap_or(self.timeouts.first_byte);
+        let total = limits.total.unwrap_or(self.timeouts.total);
+        // One timer per try, set to whichever limit runs out first.
+        let end = tokio::time::Instant::now() + total;
         let (parts, body) = req.into_parts();
         let idempotent = is_idempotent(&parts.method);
         let upgrade = parts.headers.contains_key(http::header::UPGRADE);
@@ -395,17 +381,22 @@ impl Pool {
             })?;
 
             let guard = self.load.enter(i);
-            let first_byte = self.timeouts.first_byte;
+            let head_by = end.min(tokio::time::Instant::now() + first_byte);
             let outcome =
-                tokio::time::timeout(first_byte, self.exchange(i, connect, upstream_req, upgrade))
+                tokio::time::timeout_at(head_by, self.exchange(i, connect, upstream_req, upgrade))
                     .await;
             let error = match outcome {
                 Ok(Ok(mut resp)) => {
                     self.health.record_success(i);
+                    resp.body_mut().end_by(end);
                     resp.extensions_mut().insert(InFlight(Arc::new(guard)));
                     return Ok(resp);
                 }
                 Ok(Err(e)) => e,
+                Err(_) if head_by == end => UpstreamError::TotalTimeout {
+                    backend: self.name.clone(),
+                    after: total,
+                },
                 Err(_) => UpstreamError::FirstByteTimeout {
                     server: server.addr.clone(),
                     after: first_byte,
@@ -895,7 +886,7 @@ mod tests {
         })
         .unwrap();
         let req = Request::get("/").body(Empty::<Bytes>::new()).unwrap();
-        let err = pool.send(req, None, None).await.unwrap_err();
+        let err = pool.send(req, None, Limits::default()).await.unwrap_err();
         assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -29,26 +29,16 @@ impl Gateway {
                 });
                 let (parts, ()) = upstream.into_parts();
                 let req = Request::from_parts(parts, body);
-                let send = pool.send(
-                    req,
-                    hash_key.as_deref().map(str::as_bytes),
-                    rule.limits.connect_timeout,
-                );
-                let limit = rule
-                    .limits
-                    .total_timeout
-                    .into_iter()
-                    .chain(rule.limits.first_byte_timeout)
-                    .min();
-                let result = match limit {
-                    Some(limit) => match tokio::time::timeout(limit, send).await {
-                        Ok(r) => r,
-                        Err(_) => return Err(ProxyError::GatewayTimeout),
-                    },
-                    None => send.await,
+                let limits = crate::upstream::Limits {
+                    connect: rule.limits.connect_timeout,
+                    first_byte: rule.limits.first_byte_timeout,
+                    total: rule.limits.total_timeout,
                 };
+                let result = pool
+                    .send(req, hash_key.as_deref().map(str::as_bytes), limits)
+                    .await;
                 match result {
-                    Ok(resp) => Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync())),
+                    Ok(resp) => Ok(resp.map(|b| b.boxed_unsync())),
                     Err(e) => Err(upstream_error(&e)),
                 }
             }

@@ -129,7 +129,15 @@ impl Gateway {
             },
         );
         let mut resp = pool
-            .send(upstream, None, rule.limits.connect_timeout)
+            .send(
+                upstream,
+                None,
+                crate::upstream::Limits {
+                    connect: rule.limits.connect_timeout,
+                    first_byte: rule.limits.first_byte_timeout,
+                    total: None,
+                },
+            )
             .await
             .map_err(|e| upstream_error(&e))?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
@@ -138,6 +146,6 @@ impl Gateway {
                 Err(e) => return Err(ProxyError::BadGateway(e.to_string())),
             }
         }
-        Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync()))
+        Ok(resp.map(|b| b.boxed_unsync()))
     }
 }
