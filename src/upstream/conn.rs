@@ -40,7 +40,9 @@ const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 const MAX_IDLE_PER_SERVER: usize = 1024;
 
 /// One open connection: the handle requests are sent through and the state
-/// machine that does the reading and writing.
+/// machine that does the reading and writing. It is large and always boxed,
+/// so that handing it between the idle list, the exchange and the response
+/// body moves a pointer.
 pub(super) struct Conn {
     sender: http1::SendRequest<UpstreamBody>,
     driver: http1::Connection<UpstreamStream, UpstreamBody>,
@@ -49,7 +51,7 @@ pub(super) struct Conn {
 
 /// The idle connections of each server of one backend, and how to open more.
 pub(super) struct Connections {
-    idle: Box<[Mutex<Vec<Conn>>]>,
+    idle: Box<[Mutex<Vec<Box<Conn>>>]>,
     tls: Option<TlsSetup>,
 }
 
@@ -65,7 +67,7 @@ impl Connections {
     /// The most recently used idle connection to server `i` that is still
     /// open and ready, if any. Closed and expired ones met on the way are
     /// dropped.
-    pub(super) fn checkout(&self, i: usize) -> Option<Conn> {
+    pub(super) fn checkout(&self, i: usize) -> Option<Box<Conn>> {
         loop {
             let mut conn = self.idle[i].lock().ok()?.pop()?;
             if conn.idle_since.elapsed() > IDLE_TIMEOUT {
@@ -85,7 +87,7 @@ impl Connections {
 
     /// Puts a connection whose exchange is over back in server `i`'s list,
     /// if it can take another request.
-    fn checkin(&self, i: usize, mut conn: Conn, cx: &mut Context<'_>) {
+    fn checkin(&self, i: usize, mut conn: Box<Conn>, cx: &mut Context<'_>) {
         // The connection settles into keep-alive (or closes) when polled
         // after the last byte of the response.
         if Pin::new(&mut conn.driver).poll(cx).is_ready() || !conn.sender.is_ready() {
@@ -114,7 +116,7 @@ impl Connections {
         addr: &str,
         host: &str,
         limit: Duration,
-    ) -> Result<Conn, UpstreamError> {
+    ) -> Result<Box<Conn>, UpstreamError> {
         let connect_error = |source: BoxError| UpstreamError::Connect {
             server: addr.to_owned(),
             source,
@@ -150,11 +152,11 @@ impl Connections {
             .handshake(stream)
             .await
             .map_err(|e| connect_error(Box::new(e)))?;
-        Ok(Conn {
+        Ok(Box::new(Conn {
             sender,
             driver,
             idle_since: Instant::now(),
-        })
+        }))
     }
 }
 
@@ -171,25 +173,22 @@ pub(super) enum ExchangeError {
 /// response head arrives. The response body goes on driving it and returns
 /// it to server `server`'s idle list of `home` when it ends.
 pub(super) async fn exchange(
-    conn: Conn,
+    mut conn: Box<Conn>,
     req: Request<UpstreamBody>,
     home: &Arc<Connections>,
     server: usize,
 ) -> Result<Response<PooledBody>, ExchangeError> {
-    let Conn {
-        mut sender, driver, ..
-    } = conn;
-    let mut driver = Some(driver);
-    let mut response = pin!(sender.try_send_request(req));
+    let mut response = pin!(conn.sender.try_send_request(req));
+    let mut conn = Some(conn);
     let head = poll_fn(|cx| {
         if let Poll::Ready(r) = response.as_mut().poll(cx) {
             return Poll::Ready(r);
         }
-        if let Some(d) = driver.as_mut() {
-            if Pin::new(d).poll(cx).is_ready() {
+        if let Some(c) = conn.as_mut() {
+            if Pin::new(&mut c.driver).poll(cx).is_ready() {
                 // Closed: dropping the connection answers the request with
                 // its error if the connection has not already done so.
-                driver = None;
+                conn = None;
             }
         }
         response.as_mut().poll(cx)
@@ -204,12 +203,8 @@ pub(super) async fn exchange(
             })
         }
     };
-    let held = driver.map(|driver| Held {
-        conn: Conn {
-            sender,
-            driver,
-            idle_since: Instant::now(),
-        },
+    let held = conn.map(|conn| Held {
+        conn,
         home: Arc::clone(home),
         server,
     });
@@ -230,12 +225,12 @@ pub(super) async fn exchange(
 /// Sends an upgrade request on a new connection driven by a task of its
 /// own, so that the connection can switch protocols after the response.
 pub(super) async fn exchange_upgrade(
-    conn: Conn,
+    conn: Box<Conn>,
     req: Request<UpstreamBody>,
 ) -> Result<Response<PooledBody>, hyper::Error> {
     let Conn {
         mut sender, driver, ..
-    } = conn;
+    } = *conn;
     tokio::spawn(async move {
         if let Err(e) = driver.with_upgrades().await {
             tracing::debug!(error = %e, "upgraded upstream connection ended");
@@ -246,7 +241,7 @@ pub(super) async fn exchange_upgrade(
 }
 
 struct Held {
-    conn: Conn,
+    conn: Box<Conn>,
     home: Arc<Connections>,
     server: usize,
 }
