@@ -51,6 +51,8 @@ pub(super) struct Conn {
 
 /// The idle connections of each server of one backend, and how to open more.
 pub(super) struct Connections {
+    // Boxed on purpose: a connection leaves the list by pointer.
+    #[allow(clippy::vec_box)]
     idle: Box<[Mutex<Vec<Box<Conn>>>]>,
     tls: Option<TlsSetup>,
 }
