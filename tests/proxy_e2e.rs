@@ -836,7 +836,31 @@ async fn echo_upgrade_origin() -> (std::net::SocketAddr, tokio::task::JoinHandle
             conns.spawn(async move {
                 let service = hyper::service::service_fn(|mut req: Request<Incoming>| async move {
                     let proto = req.headers().get("upgrade").cloned();
+                    let accept = req.headers().get("sec-websocket-key").map(|key| {
+                        use base64::Engine as _;
+                        let mut ctx =
+                            ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+                        ctx.update(key.as_bytes());
+                        ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+                        base64::engine::general_purpose::STANDARD.encode(ctx.finish())
+                    });
+                    // `/bad-accept` answers the handshake with the wrong proof.
+                    let accept = accept.map(|a| {
+                        if req.uri().path() == "/bad-accept" {
+                            "bm90IHRoZSBhbnN3ZXI=".to_owned()
+                        } else {
+                            a
+                        }
+                    });
                     let mut resp = Response::new(Empty::<Bytes>::new());
+                    if let Some(accept) = accept {
+                        resp.headers_mut()
+                            .insert("sec-websocket-accept", accept.parse().unwrap());
+                    }
+                    resp.headers_mut().insert(
+                        "x-origin-saw-method",
+                        req.method().as_str().parse().unwrap(),
+                    );
                     let Some(proto) = proto else {
                         *resp.status_mut() = StatusCode::BAD_REQUEST;
                         return Ok::<_, std::convert::Infallible>(resp);
@@ -901,6 +925,81 @@ async fn websocket_upgrade_passes_through_and_echoes() {
             assert_eq!(buf, msg);
         }
         drop(io);
+        p.shutdown().await;
+        task.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn websocket_over_h2_reaches_an_http1_origin_and_echoes() {
+    bounded(async {
+        use bytes::Bytes;
+        use http_body_util::Empty;
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (origin, task) = echo_upgrade_origin().await;
+        let policy =
+            format!("backend app {{ server \"{origin}\" }}\nrule all {{ route app cache off }}");
+        let p = proxy(&policy).await;
+        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let connect = || {
+            let mut req = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri("http://ws.test/chat")
+                .header("sec-websocket-version", "13")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            req.extensions_mut()
+                .insert(hyper::ext::Protocol::from_static("websocket"));
+            req
+        };
+        // The server's SETTINGS (with ENABLE_CONNECT_PROTOCOL) may not have
+        // arrived when the first request is sent.
+        let mut resp = None;
+        for _ in 0..50 {
+            sender.ready().await.unwrap();
+            match sender.send_request(connect()).await {
+                Ok(r) => {
+                    resp = Some(r);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        }
+        let resp = resp.expect("extended CONNECT accepted");
+        assert_eq!(resp.status(), 200);
+        assert_eq!(resp.headers().get("x-origin-saw-method").unwrap(), "GET");
+        assert!(resp.headers().get("sec-websocket-accept").is_none());
+        let upgraded = hyper::upgrade::on(resp)
+            .await
+            .expect("the h2 stream opened");
+        let mut io = TokioIo::new(upgraded);
+        for msg in [&b"ping"[..], b"over h2"] {
+            io.write_all(msg).await.unwrap();
+            let mut buf = vec![0; msg.len()];
+            io.read_exact(&mut buf).await.unwrap();
+            assert_eq!(buf, msg);
+        }
+        drop(io);
+        // An origin whose accept does not prove it read the key: 502.
+        let mut req = connect();
+        *req.uri_mut() = "http://ws.test/bad-accept".parse().unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 502);
+        // A CONNECT that is not a WebSocket asks for a tunnel: refused.
+        let req = http::Request::builder()
+            .method(http::Method::CONNECT)
+            .uri("ws.test:443")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert!(resp.status().is_client_error(), "{}", resp.status());
         p.shutdown().await;
         task.abort();
     })

@@ -402,7 +402,9 @@ fn builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
         .http2()
         .timer(TokioTimer::new())
         .max_header_list_size(u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX))
-        .max_concurrent_streams(limits.max_concurrent_streams);
+        .max_concurrent_streams(limits.max_concurrent_streams)
+        // WebSocket over HTTP/2 (RFC 8441).
+        .enable_connect_protocol();
     builder
 }
 

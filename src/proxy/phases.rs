@@ -170,6 +170,17 @@ impl Gateway {
         if hygiene::is_upgrade(req.headers()) {
             return self.upgrade(gen, req, &host, scheme, conn, log).await;
         }
+        if req.method() == Method::CONNECT {
+            // RFC 8441: a WebSocket over an HTTP/2 stream. Any other CONNECT
+            // asks for a tunnel, which a reverse proxy does not offer.
+            let protocol = req.extensions().get::<hyper::ext::Protocol>();
+            if protocol.is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket")) {
+                return self.upgrade(gen, req, &host, scheme, conn, log).await;
+            }
+            return Err(ProxyError::MethodNotAllowed {
+                allow: HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
+            });
+        }
         let (parts, req_body) = req.into_parts();
         let view = View {
             method: &parts.method,

@@ -1,5 +1,7 @@
 //! Requests that are not cached lookups: invalidation after unsafe
-//! methods (RFC 9111 section 4.4), the PURGE method, and upgrades.
+//! methods (RFC 9111 section 4.4), the PURGE method, and upgrades:
+//! HTTP/1.1 `Upgrade` requests, and WebSockets over HTTP/2 (RFC 8441),
+//! which reach the origin as HTTP/1.1 WebSocket upgrades.
 
 use super::*;
 
@@ -78,8 +80,14 @@ impl Gateway {
         log: &mut Log,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let (rule, backend) = {
+            // Rules see an HTTP/2 WebSocket as the GET it is in HTTP/1.1.
+            let method = if req.method() == Method::CONNECT {
+                &Method::GET
+            } else {
+                req.method()
+            };
             let view = View {
-                method: req.method(),
+                method,
                 scheme,
                 host,
                 path: req.uri().path(),
@@ -112,10 +120,28 @@ impl Gateway {
         let BackendRuntime::Pool(pool) = &gen.backends[backend] else {
             return Err(ProxyError::BadRequest("upgrades need a server backend"));
         };
+        // An HTTP/2 WebSocket (extended CONNECT) becomes an HTTP/1.1 upgrade.
+        let h2_websocket = req.method() == Method::CONNECT;
         let mut upstream = Request::new(body::empty());
-        *upstream.method_mut() = req.method().clone();
         *upstream.uri_mut() = req.uri().clone();
         *upstream.headers_mut() = req.headers().clone();
+        let key = if h2_websocket {
+            *upstream.method_mut() = Method::GET;
+            if !upstream.headers().contains_key(header::HOST) {
+                if let Ok(v) = HeaderValue::from_str(host) {
+                    upstream.headers_mut().insert(header::HOST, v);
+                }
+            }
+            let key = websocket::new_key()?;
+            let fields = upstream.headers_mut();
+            fields.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
+            fields.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+            fields.insert(header::SEC_WEBSOCKET_KEY, key.clone());
+            Some(key)
+        } else {
+            *upstream.method_mut() = req.method().clone();
+            None
+        };
         for e in &rule.request_headers {
             e.apply(upstream.headers_mut());
         }
@@ -141,11 +167,91 @@ impl Gateway {
             .await
             .map_err(|e| upstream_error(&e))?;
         if resp.status() == StatusCode::SWITCHING_PROTOCOLS {
+            if let Some(key) = &key {
+                let accept = resp.headers().get(header::SEC_WEBSOCKET_ACCEPT);
+                if accept != Some(&websocket::accept_for(key)) {
+                    return Err(ProxyError::BadGateway(
+                        "the origin's WebSocket accept does not match the key".into(),
+                    ));
+                }
+            }
             match crate::proxy::upgrade::PendingUpgrade::take(&mut req, &mut resp) {
                 Ok(pending) => pending.spawn(),
                 Err(e) => return Err(ProxyError::BadGateway(e.to_string())),
             }
+            if h2_websocket {
+                // RFC 8441 section 5: the stream opens with a 2xx; what the
+                // HTTP/1.1 handshake adds stays on the origin's side.
+                *resp.status_mut() = StatusCode::OK;
+                let fields = resp.headers_mut();
+                for name in [
+                    header::CONNECTION,
+                    header::UPGRADE,
+                    header::SEC_WEBSOCKET_ACCEPT,
+                    header::CONTENT_LENGTH,
+                ] {
+                    fields.remove(name);
+                }
+            }
+        } else if h2_websocket && resp.status().is_success() {
+            // A 2xx that is not a switch would read as an open stream.
+            return Err(ProxyError::BadGateway(format!(
+                "the origin answered the WebSocket upgrade with {}",
+                resp.status()
+            )));
         }
         Ok(resp.map(|b| b.boxed_unsync()))
+    }
+}
+
+/// The HTTP/1.1 WebSocket handshake's key and accept (RFC 6455 section 4).
+mod websocket {
+    use base64::Engine as _;
+    use http::HeaderValue;
+    use ring::rand::SecureRandom as _;
+
+    use super::ProxyError;
+
+    const GUID: &str = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
+
+    /// A fresh `Sec-WebSocket-Key`: 16 random bytes in base64.
+    pub(super) fn new_key() -> Result<HeaderValue, ProxyError> {
+        let mut nonce = [0u8; 16];
+        ring::rand::SystemRandom::new()
+            .fill(&mut nonce)
+            .map_err(|_| ProxyError::Internal("no randomness for a WebSocket key".into()))?;
+        let key = base64::engine::general_purpose::STANDARD.encode(nonce);
+        Ok(HeaderValue::from_str(&key).expect("base64 is a valid field value"))
+    }
+
+    /// The `Sec-WebSocket-Accept` an origin must answer `key` with.
+    pub(super) fn accept_for(key: &HeaderValue) -> HeaderValue {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+        ctx.update(key.as_bytes());
+        ctx.update(GUID.as_bytes());
+        let accept = base64::engine::general_purpose::STANDARD.encode(ctx.finish());
+        HeaderValue::from_str(&accept).expect("base64 is a valid field value")
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn accept_matches_the_rfc_example() {
+            // RFC 6455 section 1.3.
+            let key = HeaderValue::from_static("dGhlIHNhbXBsZSBub25jZQ==");
+            assert_eq!(accept_for(&key), "s3pPLMBiTxaQ9kYGzzhZRbK+xOo=");
+        }
+
+        #[test]
+        fn keys_are_fresh_16_byte_nonces() {
+            let (a, b) = (new_key().unwrap(), new_key().unwrap());
+            assert_ne!(a, b);
+            let raw = base64::engine::general_purpose::STANDARD
+                .decode(a.as_bytes())
+                .unwrap();
+            assert_eq!(raw.len(), 16);
+        }
     }
 }
