@@ -24,7 +24,19 @@ pub fn install_metrics() -> Option<&'static PrometheusHandle> {
                     10.0,
                 ])
                 .ok()?;
-            builder.install_recorder().ok()
+            let handle = builder.install_recorder().ok()?;
+            // Histograms buffer their samples until drained: without a
+            // periodic upkeep they would grow by every request between
+            // scrapes, or forever when nobody scrapes.
+            let upkeep = handle.clone();
+            std::thread::Builder::new()
+                .name("portico-metrics".into())
+                .spawn(move || loop {
+                    std::thread::sleep(std::time::Duration::from_secs(5));
+                    upkeep.run_upkeep();
+                })
+                .ok()?;
+            Some(handle)
         })
         .as_ref()
 }

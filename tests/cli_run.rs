@@ -155,7 +155,15 @@ async fn sighup_reloads_a_good_policy_and_refuses_a_broken_one() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("site.policy");
         std::fs::write(&path, policy_routing_to(&a, &b, "a")).unwrap();
-        let p = Portico::spawn(&["run", path.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+        // One thread: the single-threaded runtime reloads too.
+        let p = Portico::spawn(&[
+            "run",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+        ]);
         let addr = p.listen_addr();
         assert_eq!(get(addr, "/", &[]).await.text(), "a");
 
@@ -212,7 +220,15 @@ async fn sigterm_drains_a_slow_request_and_exits_zero() {
             policy_for(&origin, "rule all { route app cache off }"),
         )
         .unwrap();
-        let mut p = Portico::spawn(&["run", path.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+        // One thread: the single-threaded runtime drains too.
+        let mut p = Portico::spawn(&[
+            "run",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--threads",
+            "1",
+        ]);
         let addr = p.listen_addr();
         let in_flight = tokio::spawn(async move { get(addr, "/slow", &[]).await });
         arrived.notified().await;

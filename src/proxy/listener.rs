@@ -476,6 +476,8 @@ where
     let mut closing = false;
     loop {
         tokio::select! {
+            // The connection first: it is what wakes the task nearly always.
+            biased;
             result = conn.as_mut() => {
                 if let Err(e) = result {
                     debug!(%client_addr, error = %e, "connection ended with an error");

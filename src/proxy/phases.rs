@@ -466,15 +466,16 @@ impl Handler for Gateway {
         let method = req.method().clone();
         let uri = req.uri().clone();
         let host = req.headers().get(header::HOST).cloned();
-        let mut accept = HeaderMap::new();
-        if let Some(v) = req.headers().get(header::ACCEPT) {
-            accept.insert(header::ACCEPT, v.clone());
-        }
+        let accept = req.headers().get(header::ACCEPT).cloned();
         let mut log = Log::default();
         let mut resp = match self.serve(&gen, req, &conn, &mut log).await {
             Ok(resp) => resp,
             Err(e) => {
-                let mut resp = self.inner.errors.respond(&e, Some(&accept));
+                let mut fields = HeaderMap::new();
+                if let Some(v) = accept {
+                    fields.insert(header::ACCEPT, v);
+                }
+                let mut resp = self.inner.errors.respond(&e, Some(&fields));
                 if log.cache.is_empty() {
                     log.cache = "error";
                 }

@@ -110,7 +110,14 @@ impl Gateway {
                 }
             }
         }
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(payload.len()));
+        // A stored response usually carries its own length already.
+        let stated = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<usize>().ok());
+        if stated != Some(payload.len()) {
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(payload.len()));
+        }
         let body = if parts.method == Method::HEAD {
             body::empty()
         } else {
