@@ -796,7 +796,8 @@ impl CacheStatus<'_> {
         out.push_str(name);
         let detail = match self {
             Self::Hit { ttl, detail } => {
-                let _ = write!(out, "; hit; ttl={ttl}");
+                out.push_str("; hit; ttl=");
+                push_int(&mut out, *ttl);
                 detail
             }
             Self::Forward {
@@ -808,7 +809,8 @@ impl CacheStatus<'_> {
             } => {
                 let _ = write!(out, "; fwd={}", reason.as_str());
                 if let Some(status) = status {
-                    let _ = write!(out, "; fwd-status={status}");
+                    out.push_str("; fwd-status=");
+                    push_int(&mut out, i64::from(*status));
                 }
                 if *stored {
                     out.push_str("; stored");
@@ -824,6 +826,27 @@ impl CacheStatus<'_> {
             push_sf_string_or_token(&mut out, detail);
         }
         out
+    }
+}
+
+/// Appends `n` in decimal; on every hit, so without the formatting machinery.
+fn push_int(out: &mut String, n: i64) {
+    if n < 0 {
+        out.push('-');
+    }
+    let mut digits = [0u8; 20];
+    let mut at = digits.len();
+    let mut rest = n.unsigned_abs();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (rest % 10) as u8;
+        rest /= 10;
+        if rest == 0 {
+            break;
+        }
+    }
+    for &d in &digits[at..] {
+        out.push(char::from(d));
     }
 }
 
@@ -1838,6 +1861,27 @@ mod tests {
                     detail: Some("stale-while-revalidate"),
                 },
                 "Portico; hit; ttl=-3; detail=stale-while-revalidate",
+            ),
+            (
+                CacheStatus::Hit {
+                    ttl: 0,
+                    detail: None,
+                },
+                "Portico; hit; ttl=0",
+            ),
+            (
+                CacheStatus::Hit {
+                    ttl: i64::MIN,
+                    detail: None,
+                },
+                "Portico; hit; ttl=-9223372036854775808",
+            ),
+            (
+                CacheStatus::Hit {
+                    ttl: 31_536_000,
+                    detail: None,
+                },
+                "Portico; hit; ttl=31536000",
             ),
             (
                 CacheStatus::Forward {

@@ -25,7 +25,7 @@ use crate::cache::{Coalescer, Lookup, Outcome as Flight, Role, Store};
 use crate::compress;
 use crate::policy::eval::{Request as View, Response as ResponseView, Scheme};
 use crate::policy::model::{BackendId, OriginControl, Outcome, RuleSpec};
-use crate::policy::testing::{strip_port, OwnedRequest};
+use crate::policy::testing::OwnedRequest;
 use crate::policy::{Decision, Policy};
 use crate::throttle::Limiters;
 use crate::upstream::{static_files, Pool, StaticConfig, UpstreamError};
@@ -586,15 +586,33 @@ fn build_upstream(
 }
 
 fn request_host<B>(req: &Request<B>) -> Option<String> {
+    // Byte searches: this runs on every request.
     let raw = match req.uri().authority() {
-        Some(a) => a.as_str(),
-        None => req.headers().get(header::HOST)?.to_str().ok()?,
+        Some(a) => a.as_str().as_bytes(),
+        None => req.headers().get(header::HOST)?.as_bytes(),
     };
-    let host = strip_port(raw.rsplit('@').next().unwrap_or(raw));
-    if host.is_empty() {
+    let raw = match raw.iter().rposition(|&b| b == b'@') {
+        Some(at) => &raw[at + 1..],
+        None => raw,
+    };
+    let host = match raw.first() {
+        Some(b'[') => match raw.iter().position(|&b| b == b']') {
+            Some(end) => &raw[..=end],
+            None => raw,
+        },
+        _ => match raw.iter().rposition(|&b| b == b':') {
+            Some(colon) if raw[colon + 1..].iter().all(u8::is_ascii_digit) => &raw[..colon],
+            _ => raw,
+        },
+    };
+    // The characters a field value may hold as text (as HeaderValue::to_str).
+    let text = |b: &u8| *b == b'\t' || (0x20..0x7f).contains(b);
+    if host.is_empty() || !host.iter().all(text) {
         return None;
     }
-    Some(host.to_ascii_lowercase())
+    let mut lower = host.to_vec();
+    lower.make_ascii_lowercase();
+    String::from_utf8(lower).ok()
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -664,6 +682,21 @@ mod tests {
             .body(())
             .unwrap();
         assert_eq!(request_host(&req).as_deref(), Some("shop.example"));
+        for (authority, want) in [
+            ("user@Shop.Example:8080", Some("shop.example")),
+            ("a@b@host", Some("host")),
+            ("host:", Some("host")),
+            ("host:port", Some("host:port")),
+            ("[::1]", Some("[::1]")),
+            (":80", None),
+        ] {
+            let req = Request::builder()
+                .uri("/x")
+                .header("host", authority)
+                .body(())
+                .unwrap();
+            assert_eq!(request_host(&req).as_deref(), want, "{authority}");
+        }
         let req = Request::builder()
             .uri("https://[::1]:8443/x")
             .body(())

@@ -59,7 +59,13 @@ impl Gateway {
             set_cache_status(resp.headers_mut(), status);
             return resp;
         }
-        let mut headers = entry.headers.clone();
+        // Room for what is added below (Age, Cache-Status, Content-Length,
+        // Via), so that no insert has to grow the map: cheaper than a clone
+        // of the stored map followed by a grow.
+        let mut headers = HeaderMap::with_capacity(entry.headers.len() + 4);
+        for (name, value) in &entry.headers {
+            headers.append(name.clone(), value.clone());
+        }
         headers.insert(header::AGE, age);
         if storage.strip_targeted {
             for name in &gen.targeted {
