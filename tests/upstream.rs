@@ -651,6 +651,87 @@ async fn the_total_limit_bounds_a_stalled_body() {
     .unwrap();
 }
 
+/// An origin that answers `ok` and keeps every request head it read.
+async fn recording_origin() -> (
+    ServerConfig,
+    Arc<std::sync::Mutex<Vec<String>>>,
+    JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = ServerConfig::new(listener.local_addr().unwrap().to_string());
+    let heads = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = heads.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            let seen = seen.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                loop {
+                    while let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head: Vec<u8> = buf.drain(..end + 4).collect();
+                        seen.lock()
+                            .unwrap()
+                            .push(String::from_utf8_lossy(&head).into_owned());
+                        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+                        if tcp.write_all(answer).await.is_err() {
+                            return;
+                        }
+                    }
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (server, heads, task)
+}
+
+#[tokio::test]
+async fn requests_and_probes_use_origin_form_with_a_host() {
+    bounded(async {
+        let (server, heads, task) = recording_origin().await;
+        let addr = server.addr.clone();
+        let mut cfg = backend(vec![server]);
+        cfg.health = Some(HealthConfig {
+            path: "/healthz".into(),
+            interval: Duration::from_millis(50),
+            ..HealthConfig::default()
+        });
+        let pool = Pool::new(&cfg).unwrap();
+        // A request without Host gets the server's; one with Host keeps it.
+        assert_eq!(get(&pool, "/a?x=1").await.unwrap(), "ok");
+        let req = Request::get("/b")
+            .header("host", "shop.example")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = pool.send(req, None, Limits::default()).await.unwrap();
+        let _ = resp.into_body().collect().await.unwrap();
+        wait_until("a health probe", || {
+            heads.lock().unwrap().iter().any(|h| h.contains("/healthz"))
+        })
+        .await;
+        let heads = heads.lock().unwrap().clone();
+        let find = |target: &str| {
+            heads
+                .iter()
+                .find(|h| h.starts_with(&format!("GET {target} HTTP/1.1\r\n")))
+                .unwrap_or_else(|| panic!("no request for {target} in {heads:?}"))
+                .to_lowercase()
+        };
+        assert!(find("/a?x=1").contains(&format!("host: {addr}\r\n")));
+        assert!(find("/b").contains("host: shop.example\r\n"));
+        assert!(find("/healthz").contains(&format!("host: {addr}\r\n")));
+        pool.shutdown();
+        task.abort();
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn in_flight_count_lasts_while_the_response_is_held() {
     bounded(async {

@@ -18,7 +18,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http::uri::{Authority, PathAndQuery, Scheme};
+use http::uri::{Authority, PathAndQuery};
 use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty};
@@ -152,7 +152,8 @@ impl InFlight {
 
 struct Server {
     addr: String,
-    authority: Authority,
+    /// `Host` for requests that arrive without one.
+    host_field: http::HeaderValue,
     /// The host part of `addr`, the TLS server name unless the policy sets one.
     host: String,
 }
@@ -167,7 +168,6 @@ pub struct Pool {
     load: Arc<Load>,
     health: Arc<HealthState>,
     conns: Arc<Connections>,
-    scheme: Scheme,
     timeouts: Timeouts,
     checker: Option<HealthChecker>,
 }
@@ -206,10 +206,12 @@ impl Pool {
                     s.addr
                 )));
             }
+            let host_field = http::HeaderValue::from_str(authority.as_str())
+                .map_err(|e| config_error(format!("server address `{}`: {e}", s.addr)))?;
             servers.push(Server {
                 addr: s.addr.clone(),
                 host: authority.host().to_owned(),
-                authority,
+                host_field,
             });
         }
         let weights: Box<[u32]> = cfg.servers.iter().map(|s| s.weight.max(1)).collect();
@@ -225,7 +227,6 @@ impl Pool {
 
         let (rise, fall) = cfg.health.as_ref().map_or((1, 1), |h| (h.rise, h.fall));
         let health = HealthState::new(servers.len(), rise, fall, cfg.eject);
-        let scheme = Scheme::HTTP;
         let servers: Box<[Server]> = servers.into();
         let checker = cfg.health.as_ref().map(|h| {
             let probe = Prober::new(h, &servers, Arc::clone(&conns), cfg);
@@ -242,7 +243,6 @@ impl Pool {
             selector,
             health,
             conns,
-            scheme,
             timeouts: cfg.timeouts,
             checker,
         })
@@ -357,22 +357,17 @@ impl Pool {
             let mut builder = Request::builder()
                 .method(parts.method.clone())
                 .version(Version::HTTP_11)
-                .uri(
-                    Uri::builder()
-                        .scheme(self.scheme.clone())
-                        .authority(server.authority.clone())
-                        .path_and_query(path_and_query.clone())
-                        .build()
-                        .map_err(|e| UpstreamError::Config {
-                            backend: self.name.clone(),
-                            reason: format!("request URI: {e}"),
-                        })?,
-                );
+                // Origin-form (RFC 9112 section 3.2.1): absolute-form is for
+                // requests to proxies, and some origins mishandle it.
+                .uri(Uri::from(path_and_query.clone()));
             if let Some(h) = builder.headers_mut() {
                 match (single_try, headers.as_ref()) {
                     (true, _) => *h = headers.take().unwrap_or_default(),
                     (false, Some(fields)) => h.clone_from(fields),
                     (false, None) => {}
+                }
+                if !h.contains_key(http::header::HOST) {
+                    h.insert(http::header::HOST, server.host_field.clone());
                 }
             }
             let upstream_req = builder.body(body).map_err(|e| UpstreamError::Config {
@@ -683,7 +678,8 @@ impl hyper::rt::Write for UpstreamStream {
 /// Sends active health probes over the pool's connections.
 struct Prober {
     method: Method,
-    requests: Box<[(String, String, Uri)]>,
+    requests: Box<[(String, String, http::HeaderValue)]>,
+    path: PathAndQuery,
     expect: u16,
     conns: Arc<Connections>,
     connect: Duration,
@@ -703,19 +699,12 @@ impl Prober {
             .unwrap_or_else(|_| PathAndQuery::from_static("/"));
         let requests = servers
             .iter()
-            .filter_map(|s| {
-                let uri = Uri::builder()
-                    .scheme(Scheme::HTTP)
-                    .authority(s.authority.clone())
-                    .path_and_query(path.clone())
-                    .build()
-                    .ok()?;
-                Some((s.addr.clone(), s.host.clone(), uri))
-            })
+            .map(|s| (s.addr.clone(), s.host.clone(), s.host_field.clone()))
             .collect();
         Self {
             method: h.method.clone(),
             requests,
+            path,
             expect: h.expect_status,
             conns,
             connect: cfg.timeouts.connect.min(h.timeout),
@@ -724,12 +713,13 @@ impl Prober {
     }
 
     fn probe(&self, i: usize) -> ProbeFuture {
-        let Some((addr, host, uri)) = self.requests.get(i).cloned() else {
+        let Some((addr, host, host_field)) = self.requests.get(i).cloned() else {
             return Box::pin(async { false });
         };
         let mut req = Request::new(Empty::new().map_err(|never| match never {}).boxed_unsync());
         *req.method_mut() = self.method.clone();
-        *req.uri_mut() = uri;
+        *req.uri_mut() = Uri::from(self.path.clone());
+        req.headers_mut().insert(http::header::HOST, host_field);
         let conns = Arc::clone(&self.conns);
         let (expect, connect) = (self.expect, self.connect);
         let backend = self.backend.clone();
