@@ -541,14 +541,12 @@ fn build_upstream(
     } else {
         parts.method.clone()
     };
-    let path_and_query = parts
+    // The parsed path is shared, not parsed again.
+    *req.uri_mut() = parts
         .uri
         .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    *req.uri_mut() = path_and_query
-        .parse()
-        .unwrap_or_else(|_| http::Uri::from_static("/"));
+        .cloned()
+        .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
     let mut headers = parts.headers.clone();
     if !headers.contains_key(header::HOST) {
         if let Some(a) = parts.uri.authority() {
