@@ -89,10 +89,13 @@ impl Connections {
 
     /// Puts a connection whose exchange is over back in server `i`'s list,
     /// if it can take another request.
-    fn checkin(&self, i: usize, mut conn: Box<Conn>, cx: &mut Context<'_>) {
+    fn checkin(&self, i: usize, mut conn: Box<Conn>) {
         // The connection settles into keep-alive (or closes) when polled
-        // after the last byte of the response.
-        if Pin::new(&mut conn.driver).poll(cx).is_ready() || !conn.sender.is_ready() {
+        // after the last byte of the response. No waker: an idle connection
+        // must not hold on to (and later wake) the task that last used it;
+        // checkout polls it again.
+        let mut cx = Context::from_waker(Waker::noop());
+        if Pin::new(&mut conn.driver).poll(&mut cx).is_ready() || !conn.sender.is_ready() {
             return;
         }
         let Ok(mut idle) = self.idle[i].lock() else {
@@ -215,11 +218,7 @@ pub(super) async fn exchange(
     if body.inner.is_end_stream() {
         // No body (HEAD, 204, 304, or a zero length): the connection is
         // free now, whether or not the caller ever polls the body.
-        poll_fn(|cx| {
-            body.release(cx);
-            Poll::Ready(())
-        })
-        .await;
+        body.release();
     }
     Ok(Response::from_parts(parts, body))
 }
@@ -284,9 +283,9 @@ impl PooledBody {
         self.end_by = Some(deadline);
     }
 
-    fn release(&mut self, cx: &mut Context<'_>) {
+    fn release(&mut self) {
         if let Some(h) = self.held.take() {
-            h.home.checkin(h.server, h.conn, cx);
+            h.home.checkin(h.server, h.conn);
         }
     }
 
@@ -296,8 +295,8 @@ impl PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match &polled {
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(cx),
-            Poll::Ready(None) => self.release(cx),
+            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
+            Poll::Ready(None) => self.release(),
             Poll::Ready(Some(Err(_))) => self.held = None,
             Poll::Pending => {
                 if let Some(deadline) = self.end_by {
