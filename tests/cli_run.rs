@@ -31,6 +31,12 @@ struct Portico {
 }
 
 impl Portico {
+    /// `portico run POLICY` on a free port with one worker thread.
+    fn spawn_one_thread(policy: &Path) -> Portico {
+        let policy = policy.to_str().unwrap();
+        Self::spawn(&["run", policy, "--listen", "127.0.0.1:0", "--threads", "1"])
+    }
+
     fn spawn(args: &[&str]) -> Portico {
         let mut child = Command::new(env!("CARGO_BIN_EXE_portico"))
             .args(args)
@@ -156,14 +162,7 @@ async fn sighup_reloads_a_good_policy_and_refuses_a_broken_one() {
         let path = dir.path().join("site.policy");
         std::fs::write(&path, policy_routing_to(&a, &b, "a")).unwrap();
         // One thread: the single-threaded runtime reloads too.
-        let p = Portico::spawn(&[
-            "run",
-            path.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--threads",
-            "1",
-        ]);
+        let p = Portico::spawn_one_thread(&path);
         let addr = p.listen_addr();
         assert_eq!(get(addr, "/", &[]).await.text(), "a");
 
@@ -221,14 +220,7 @@ async fn sigterm_drains_a_slow_request_and_exits_zero() {
         )
         .unwrap();
         // One thread: the single-threaded runtime drains too.
-        let mut p = Portico::spawn(&[
-            "run",
-            path.to_str().unwrap(),
-            "--listen",
-            "127.0.0.1:0",
-            "--threads",
-            "1",
-        ]);
+        let mut p = Portico::spawn_one_thread(&path);
         let addr = p.listen_addr();
         let in_flight = tokio::spawn(async move { get(addr, "/slow", &[]).await });
         arrived.notified().await;

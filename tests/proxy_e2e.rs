@@ -887,18 +887,39 @@ async fn echo_upgrade_origin() -> (std::net::SocketAddr, tokio::task::JoinHandle
     (addr, task)
 }
 
+/// A proxy in front of [`echo_upgrade_origin`], and a connection to it.
+async fn proxy_before_echo_origin() -> (
+    portico::run::Running,
+    tokio::task::JoinHandle<()>,
+    tokio::net::TcpStream,
+) {
+    let (origin, task) = echo_upgrade_origin().await;
+    let policy =
+        format!("backend app {{ server \"{origin}\" }}\nrule all {{ route app cache off }}");
+    let p = proxy(&policy).await;
+    let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+    (p, task, stream)
+}
+
+/// Sends each message over a switched connection and expects it echoed.
+async fn echo_round_trips(upgraded: hyper::upgrade::Upgraded, messages: &[&[u8]]) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut io = hyper_util::rt::TokioIo::new(upgraded);
+    for msg in messages {
+        io.write_all(msg).await.unwrap();
+        let mut buf = vec![0; msg.len()];
+        io.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, msg);
+    }
+}
+
 #[tokio::test]
 async fn websocket_upgrade_passes_through_and_echoes() {
     bounded(async {
         use bytes::Bytes;
         use http_body_util::Empty;
         use hyper_util::rt::TokioIo;
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let (origin, task) = echo_upgrade_origin().await;
-        let policy =
-            format!("backend app {{ server \"{origin}\" }}\nrule all {{ route app cache off }}");
-        let p = proxy(&policy).await;
-        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        let (p, task, stream) = proxy_before_echo_origin().await;
         let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .unwrap();
@@ -917,14 +938,7 @@ async fn websocket_upgrade_passes_through_and_echoes() {
         let upgraded = hyper::upgrade::on(resp)
             .await
             .expect("client side switched");
-        let mut io = TokioIo::new(upgraded);
-        for msg in [&b"ping"[..], b"second message"] {
-            io.write_all(msg).await.unwrap();
-            let mut buf = vec![0; msg.len()];
-            io.read_exact(&mut buf).await.unwrap();
-            assert_eq!(buf, msg);
-        }
-        drop(io);
+        echo_round_trips(upgraded, &[b"ping", b"second message"]).await;
         p.shutdown().await;
         task.abort();
     })
@@ -937,12 +951,7 @@ async fn websocket_over_h2_reaches_an_http1_origin_and_echoes() {
         use bytes::Bytes;
         use http_body_util::Empty;
         use hyper_util::rt::{TokioExecutor, TokioIo};
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-        let (origin, task) = echo_upgrade_origin().await;
-        let policy =
-            format!("backend app {{ server \"{origin}\" }}\nrule all {{ route app cache off }}");
-        let p = proxy(&policy).await;
-        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        let (p, task, stream) = proxy_before_echo_origin().await;
         let (mut sender, conn) =
             hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
                 .await
@@ -979,14 +988,7 @@ async fn websocket_over_h2_reaches_an_http1_origin_and_echoes() {
         let upgraded = hyper::upgrade::on(resp)
             .await
             .expect("the h2 stream opened");
-        let mut io = TokioIo::new(upgraded);
-        for msg in [&b"ping"[..], b"over h2"] {
-            io.write_all(msg).await.unwrap();
-            let mut buf = vec![0; msg.len()];
-            io.read_exact(&mut buf).await.unwrap();
-            assert_eq!(buf, msg);
-        }
-        drop(io);
+        echo_round_trips(upgraded, &[b"ping", b"over h2"]).await;
         // An origin whose accept does not prove it read the key: 502.
         let mut req = connect();
         *req.uri_mut() = "http://ws.test/bad-accept".parse().unwrap();
