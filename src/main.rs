@@ -4,6 +4,12 @@ use clap::Parser as _;
 
 use portico::cli::{self, Cli, Command};
 
+/// jemalloc keeps allocations of different sizes apart: the many short-lived
+/// read buffers of a busy proxy do not leave holes between long-lived cached
+/// bodies, as they do in glibc's heap.
+#[global_allocator]
+static ALLOCATOR: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
 fn main() {
     let cli = Cli::parse();
     let code = match cli.command {

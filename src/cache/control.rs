@@ -298,6 +298,8 @@ pub enum NotStorable {
     SetCookie,
     /// `Vary: *` never matches a later request (RFC 9111 section 4.1).
     VaryStar,
+    /// A field or name is longer than an entry can hold.
+    TooLarge,
 }
 
 impl NotStorable {
@@ -312,6 +314,7 @@ impl NotStorable {
             Self::Authorization => "authorization",
             Self::SetCookie => "set-cookie",
             Self::VaryStar => "vary-star",
+            Self::TooLarge => "too-large",
         }
     }
 }

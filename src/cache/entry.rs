@@ -5,18 +5,32 @@
 //! fetched, its corrected initial age, freshness lifetime and stale windows,
 //! purge tags, and its `Vary` names and secondary key.
 //!
-//! Encoding (all integers little-endian): magic `PTCE`, format version, kind,
-//! flags, status, times and durations in milliseconds, generation, the
-//! fields, tags, vary names, secondary key, body, and a trailing CRC-32 of
-//! everything before it. Decoding verifies magic, version and checksum before
-//! reading anything else and fails on any inconsistency: a partially valid
-//! entry is never produced.
+//! In memory an entry is two allocations besides its small fixed part: the
+//! body, of exactly its length, and one block holding the encoded fields,
+//! tags, `Vary` names and secondary key. A response is collected straight
+//! into the body's buffer, so storing it copies the body once, from the
+//! origin's read buffers; a hit shares the body and slices of the fields out
+//! of the block without copying them. The same bytes are what the disk tier
+//! writes. (Kept apart, a body of a round size such as 16 KiB fills an
+//! allocator size class exactly, where the fields appended to it would push
+//! it into the next class.)
+//!
+//! Encoding on disk (all integers little-endian): magic `PTCE`, format
+//! version, kind, flags, status, times and durations in milliseconds,
+//! generation, body length, then the body and the block, and a trailing
+//! CRC-32 of everything before it. The block holds the fields (a count,
+//! then each name as one byte for a common name or 0, a 16-bit length and
+//! the name, and each value with a 32-bit length), the tags (a count, each
+//! with a 32-bit length), the `Vary` names (a count, each with a 16-bit
+//! length) and the secondary key (a 32-bit length). Decoding verifies magic,
+//! version and checksum before reading anything else and fails on any
+//! inconsistency: a partially valid entry is never produced.
 
 use std::io::{Read, Write};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
-use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+use http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::control::{
     classify, corrected_initial_age, current_age, freshness_lifetime, secondary_key, stale_windows,
@@ -26,13 +40,49 @@ use super::control::{
 /// Magic bytes at the start of every encoded entry.
 pub const MAGIC: [u8; 4] = *b"PTCE";
 /// Current encoding version; entries of other versions are refused.
-pub const FORMAT_VERSION: u8 = 1;
+pub const FORMAT_VERSION: u8 = 2;
 
 const FLAG_SOFT_PURGED: u8 = 1;
 const FLAG_REVALIDATE: u8 = 2;
-/// magic, version, kind, flags, status, 7 u64 fields.
-const FIXED_LEN: usize = 4 + 1 + 1 + 1 + 2 + 7 * 8;
+/// magic, version, kind, flags, status, 7 u64 fields, body length.
+const FIXED_LEN: usize = 4 + 1 + 1 + 1 + 2 + 8 * 8;
 const CHECKSUM_LEN: usize = 4;
+
+/// Field names stored as one byte (their position plus one): the ones most
+/// responses carry. Others are stored by name.
+static COMMON_NAMES: [HeaderName; 31] = [
+    header::ACCEPT_RANGES,
+    header::ACCESS_CONTROL_ALLOW_ORIGIN,
+    header::AGE,
+    header::ALT_SVC,
+    header::CACHE_CONTROL,
+    header::CONTENT_DISPOSITION,
+    header::CONTENT_ENCODING,
+    header::CONTENT_LANGUAGE,
+    header::CONTENT_LENGTH,
+    header::CONTENT_LOCATION,
+    header::CONTENT_RANGE,
+    header::CONTENT_SECURITY_POLICY,
+    header::CONTENT_TYPE,
+    header::DATE,
+    header::ETAG,
+    header::EXPIRES,
+    header::LAST_MODIFIED,
+    header::LINK,
+    header::LOCATION,
+    header::PRAGMA,
+    header::REFERRER_POLICY,
+    header::SERVER,
+    header::STRICT_TRANSPORT_SECURITY,
+    header::ACCESS_CONTROL_ALLOW_CREDENTIALS,
+    header::VARY,
+    header::VIA,
+    header::WARNING,
+    header::X_CONTENT_TYPE_OPTIONS,
+    header::X_FRAME_OPTIONS,
+    header::X_XSS_PROTECTION,
+    header::ACCESS_CONTROL_EXPOSE_HEADERS,
+];
 
 /// What an entry stands for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,6 +94,15 @@ pub enum EntryKind {
     VaryMarker,
 }
 
+/// Where the sections of an entry's block start (the fields at 0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Layout {
+    field_count: u32,
+    tags: u32,
+    vary: u32,
+    secondary_key: u32,
+}
+
 /// A stored response and the facts that decide its reuse.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
@@ -51,10 +110,6 @@ pub struct Entry {
     pub kind: EntryKind,
     /// Response status.
     pub status: StatusCode,
-    /// Response fields, without `Set-Cookie`.
-    pub headers: HeaderMap,
-    /// Response body.
-    pub body: Bytes,
     /// When the request to the origin was sent, Unix milliseconds.
     pub request_time_ms: u64,
     /// When the response arrived, Unix milliseconds.
@@ -69,16 +124,34 @@ pub struct Entry {
     pub sie: Duration,
     /// Stale copies need validation (`must-revalidate` and the like).
     pub revalidate_when_stale: bool,
-    /// Purge tags from `Surrogate-Key` and `Cache-Tag`.
-    pub tags: Vec<String>,
     /// Marked stale by a soft purge: served only as stale.
     pub soft_purged: bool,
-    /// The `Vary` names of the response, lowercase and sorted.
-    pub vary: Vec<HeaderName>,
-    /// The secondary key of the request that fetched it.
-    pub secondary_key: String,
     /// Variant generation (see the store); 0 when unused.
     pub generation: u64,
+    /// The fields include `ETag` or `Last-Modified` (beside the layout, so
+    /// that the entry packs into fewer bytes).
+    has_validator: bool,
+    /// The body.
+    body: Bytes,
+    /// The encoded fields, tags, vary names and secondary key.
+    block: Bytes,
+    layout: Layout,
+}
+
+/// The variable part of a new entry, for [`Entry::new`].
+#[derive(Debug)]
+pub struct Content<'a> {
+    /// Response fields, stored as given.
+    pub headers: &'a HeaderMap,
+    /// The body; best collected with exactly its length as capacity, or it
+    /// is moved once more to shed the spare room.
+    pub body: Vec<u8>,
+    /// Purge tags.
+    pub tags: &'a [String],
+    /// `Vary` names, lowercase and sorted.
+    pub vary: &'a [HeaderName],
+    /// The secondary key of the request that fetched it.
+    pub secondary_key: &'a str,
 }
 
 /// A response as received from the origin, for [`Entry::from_response`].
@@ -88,8 +161,8 @@ pub struct Received<'a> {
     pub status: StatusCode,
     /// Response fields.
     pub headers: HeaderMap,
-    /// Response body.
-    pub body: Bytes,
+    /// Response body (see [`Content::body`] about its capacity).
+    pub body: Vec<u8>,
     /// Fields of the request that fetched it (for `Vary`).
     pub request_headers: &'a HeaderMap,
     /// When the request was sent.
@@ -151,7 +224,205 @@ pub fn purge_tags(headers: &HeaderMap) -> Vec<String> {
     tags
 }
 
+fn encoded_name_len(name: &HeaderName) -> usize {
+    if COMMON_NAMES.contains(name) {
+        1
+    } else {
+        1 + 2 + name.as_str().len()
+    }
+}
+
+fn put_u16(out: &mut Vec<u8>, n: usize) {
+    let n = u16::try_from(n).expect("checked by the caller");
+    out.extend_from_slice(&n.to_le_bytes());
+}
+
+fn put_u32(out: &mut Vec<u8>, n: usize) {
+    let n = u32::try_from(n).expect("checked by the caller");
+    out.extend_from_slice(&n.to_le_bytes());
+}
+
+/// Encodes the fields, tags, vary names and secondary key into one block,
+/// and returns the body and the block with its layout.
+fn assemble(content: Content<'_>) -> Result<(Bytes, Bytes, Layout, bool), EntryError> {
+    let Content {
+        headers,
+        mut body,
+        tags,
+        vary,
+        secondary_key,
+    } = content;
+    let invalid = || EntryError::Invalid("length");
+    let mut len = 4 + 4 + 4 + 4 + secondary_key.len();
+    for (name, value) in headers {
+        if name.as_str().len() > usize::from(u16::MAX) {
+            return Err(invalid());
+        }
+        len += encoded_name_len(name) + 4 + value.len();
+    }
+    for tag in tags {
+        len += 4 + tag.len();
+    }
+    for name in vary {
+        if name.as_str().len() > usize::from(u16::MAX) {
+            return Err(invalid());
+        }
+        len += 2 + name.as_str().len();
+    }
+    if u32::try_from(len).is_err() {
+        return Err(invalid());
+    }
+    let mut block = Vec::with_capacity(len);
+    put_u32(&mut block, headers.len());
+    let mut has_validator = false;
+    for (name, value) in headers {
+        has_validator |= name == header::ETAG || name == header::LAST_MODIFIED;
+        match COMMON_NAMES.iter().position(|n| n == name) {
+            Some(i) => block.push(u8::try_from(i + 1).expect("a short table")),
+            None => {
+                block.push(0);
+                put_u16(&mut block, name.as_str().len());
+                block.extend_from_slice(name.as_str().as_bytes());
+            }
+        }
+        put_u32(&mut block, value.len());
+        block.extend_from_slice(value.as_bytes());
+    }
+    let tags_at = block.len();
+    put_u32(&mut block, tags.len());
+    for tag in tags {
+        put_u32(&mut block, tag.len());
+        block.extend_from_slice(tag.as_bytes());
+    }
+    let vary_at = block.len();
+    put_u32(&mut block, vary.len());
+    for name in vary {
+        put_u16(&mut block, name.as_str().len());
+        block.extend_from_slice(name.as_str().as_bytes());
+    }
+    let key_at = block.len();
+    put_u32(&mut block, secondary_key.len());
+    block.extend_from_slice(secondary_key.as_bytes());
+    debug_assert_eq!(block.len(), len);
+    // Kept for as long as the entry lives: no spare capacity.
+    body.shrink_to_fit();
+    let at = |n: usize| u32::try_from(n).expect("checked above");
+    let layout = Layout {
+        field_count: at(headers.len()),
+        tags: at(tags_at),
+        vary: at(vary_at),
+        secondary_key: at(key_at),
+    };
+    Ok((Bytes::from(body), Bytes::from(block), layout, has_validator))
+}
+
+/// Checks every section of a block read back from disk and finds where
+/// they start.
+fn parse_layout(data: &Bytes) -> Result<(Layout, bool), EntryError> {
+    if u32::try_from(data.len()).is_err() {
+        return Err(EntryError::Length);
+    }
+    let mut r = Reader {
+        data,
+        pos: 0,
+        end: data.len(),
+    };
+    let field_count = r.u32()?;
+    let mut has_validator = false;
+    for _ in 0..field_count {
+        let name = r.name()?;
+        has_validator |= name == header::ETAG || name == header::LAST_MODIFIED;
+        let len = r.u32()?;
+        let start = r.pos;
+        r.take(len)?;
+        HeaderValue::from_maybe_shared(data.slice(start..r.pos))
+            .map_err(|_| EntryError::Invalid("header value"))?;
+    }
+    let tags = r.pos;
+    for _ in 0..r.u32()? {
+        let len = r.u32()?;
+        std::str::from_utf8(r.take(len)?).map_err(|_| EntryError::Invalid("tag"))?;
+    }
+    let vary = r.pos;
+    for _ in 0..r.u32()? {
+        let len = r.u16()?;
+        HeaderName::from_bytes(r.take(len)?).map_err(|_| EntryError::Invalid("vary"))?;
+    }
+    let secondary_key = r.pos;
+    let len = r.u32()?;
+    std::str::from_utf8(r.take(len)?).map_err(|_| EntryError::Invalid("secondary key"))?;
+    if r.pos != r.end {
+        return Err(EntryError::Length);
+    }
+    let at = |n: usize| u32::try_from(n).map_err(|_| EntryError::Length);
+    let layout = Layout {
+        field_count: at(field_count)?,
+        tags: at(tags)?,
+        vary: at(vary)?,
+        secondary_key: at(secondary_key)?,
+    };
+    Ok((layout, has_validator))
+}
+
+/// The fields of an entry, in their stored order.
+#[derive(Debug, Clone)]
+pub struct Fields<'a> {
+    reader: Reader<'a>,
+    owner: &'a Bytes,
+    left: usize,
+}
+
+impl Iterator for Fields<'_> {
+    type Item = (HeaderName, HeaderValue);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.left == 0 {
+            return None;
+        }
+        self.left -= 1;
+        // Checked when the entry was made or read: these cannot fail.
+        let name = self.reader.name().ok()?;
+        let len = self.reader.u32().ok()?;
+        let start = self.reader.pos;
+        self.reader.take(len).ok()?;
+        let value =
+            HeaderValue::from_maybe_shared(self.owner.slice(start..self.reader.pos)).ok()?;
+        Some((name, value))
+    }
+
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.left, Some(self.left))
+    }
+}
+
 impl Entry {
+    /// A new entry of `kind` and `status` holding `content`; every other
+    /// fact starts at zero.
+    pub fn new(
+        kind: EntryKind,
+        status: StatusCode,
+        content: Content<'_>,
+    ) -> Result<Entry, EntryError> {
+        let (body, block, layout, has_validator) = assemble(content)?;
+        Ok(Entry {
+            kind,
+            status,
+            request_time_ms: 0,
+            response_time_ms: 0,
+            initial_age: Duration::ZERO,
+            freshness: Duration::ZERO,
+            swr: Duration::ZERO,
+            sie: Duration::ZERO,
+            revalidate_when_stale: false,
+            soft_purged: false,
+            generation: 0,
+            has_validator,
+            body,
+            block,
+            layout,
+        })
+    }
+
     /// Builds the entry for a response that [`super::control::storable`]
     /// accepted: computes its age, freshness, windows, tags and secondary
     /// key, and strips `Set-Cookie`.
@@ -170,7 +441,7 @@ impl Entry {
             response_time,
         } = received;
         let vary = vary_names(&headers)?;
-        let secondary_key = secondary_key(&vary, request_headers);
+        let secondary = secondary_key(&vary, request_headers);
         let freshness = freshness_lifetime(
             status,
             directives,
@@ -182,24 +453,137 @@ impl Entry {
         let (swr, sie) = stale_windows(directives, overrides);
         let initial_age = corrected_initial_age(&headers, request_time, response_time);
         strip_for_storage(&mut headers);
-        Ok(Entry {
-            kind: EntryKind::Response,
-            status,
-            tags: purge_tags(&headers),
-            headers,
+        let tags = purge_tags(&headers);
+        let content = Content {
+            headers: &headers,
             body,
-            request_time_ms: unix_millis(request_time),
-            response_time_ms: unix_millis(response_time),
-            initial_age,
-            freshness,
-            swr,
-            sie,
-            revalidate_when_stale: directives.revalidate_when_stale() && !overrides.ignore_origin,
-            soft_purged: false,
-            vary,
-            secondary_key,
-            generation: 0,
+            tags: &tags,
+            vary: &vary,
+            secondary_key: &secondary,
+        };
+        let mut entry =
+            Entry::new(EntryKind::Response, status, content).map_err(|_| NotStorable::TooLarge)?;
+        entry.request_time_ms = unix_millis(request_time);
+        entry.response_time_ms = unix_millis(response_time);
+        entry.initial_age = initial_age;
+        entry.freshness = freshness;
+        entry.swr = swr;
+        entry.sie = sie;
+        entry.revalidate_when_stale =
+            directives.revalidate_when_stale() && !overrides.ignore_origin;
+        Ok(entry)
+    }
+
+    /// The vary marker for the variants of `entry`'s primary key, of
+    /// `generation`: names their `Vary` fields and lives as long as `entry`.
+    pub fn vary_marker(entry: &Entry, generation: u64) -> Entry {
+        let vary = entry.vary();
+        let content = Content {
+            headers: &HeaderMap::new(),
+            body: Vec::new(),
+            tags: &[],
+            vary: &vary,
+            secondary_key: "",
+        };
+        let mut marker = Entry::new(EntryKind::VaryMarker, entry.status, content)
+            .expect("names that fitted in the entry fit in the marker");
+        marker.request_time_ms = entry.request_time_ms;
+        marker.response_time_ms = entry.response_time_ms;
+        marker.initial_age = entry.initial_age;
+        marker.freshness = entry.freshness;
+        marker.swr = entry.swr;
+        marker.sie = entry.sie;
+        marker.generation = generation;
+        marker
+    }
+
+    /// The body, shared with the entry.
+    pub fn body(&self) -> Bytes {
+        self.body.clone()
+    }
+
+    /// Length of the body in bytes.
+    pub fn body_len(&self) -> usize {
+        self.body.len()
+    }
+
+    /// The section of the block from `start` to `end`.
+    fn section(&self, start: u32, end: u32) -> Reader<'_> {
+        Reader {
+            data: &self.block,
+            pos: start as usize,
+            end: end as usize,
+        }
+    }
+
+    /// The stored fields; values are shared with the entry.
+    pub fn fields(&self) -> Fields<'_> {
+        Fields {
+            reader: self.section(4, self.layout.tags),
+            owner: &self.block,
+            left: self.field_count(),
+        }
+    }
+
+    /// How many fields are stored.
+    pub fn field_count(&self) -> usize {
+        self.layout.field_count as usize
+    }
+
+    /// The stored fields as a map.
+    pub fn headers(&self) -> HeaderMap {
+        let mut map = HeaderMap::with_capacity(self.field_count());
+        for (name, value) in self.fields() {
+            map.append(name, value);
+        }
+        map
+    }
+
+    /// Whether the fields hold a validator (`ETag` or `Last-Modified`).
+    pub fn has_validator(&self) -> bool {
+        self.has_validator
+    }
+
+    /// Purge tags from `Surrogate-Key` and `Cache-Tag`.
+    pub fn tags(&self) -> impl Iterator<Item = &str> + '_ {
+        let mut r = self.section(self.layout.tags, self.layout.vary);
+        let count = r.u32().unwrap_or(0);
+        (0..count).map_while(move |_| {
+            let len = r.u32().ok()?;
+            std::str::from_utf8(r.take(len).ok()?).ok()
         })
+    }
+
+    /// The `Vary` names of the response, lowercase and sorted.
+    pub fn vary(&self) -> Vec<HeaderName> {
+        let mut r = self.section(self.layout.vary, self.layout.secondary_key);
+        let count = r.u32().unwrap_or(0);
+        (0..count)
+            .map_while(|_| {
+                let len = r.u16().ok()?;
+                HeaderName::from_bytes(r.take(len).ok()?).ok()
+            })
+            .collect()
+    }
+
+    /// Whether the response has no `Vary` names.
+    pub fn vary_is_empty(&self) -> bool {
+        self.layout.secondary_key - self.layout.vary == 4
+    }
+
+    /// Whether two entries name the same `Vary` fields.
+    pub fn same_vary(&self, other: &Entry) -> bool {
+        self.vary_section() == other.vary_section()
+    }
+
+    fn vary_section(&self) -> &[u8] {
+        &self.block[self.layout.vary as usize..self.layout.secondary_key as usize]
+    }
+
+    /// The secondary key of the request that fetched it.
+    pub fn secondary_key(&self) -> &str {
+        let bytes = &self.block[self.layout.secondary_key as usize + 4..];
+        std::str::from_utf8(bytes).unwrap_or_default()
     }
 
     /// When the response arrived.
@@ -247,36 +631,18 @@ impl Entry {
 
     /// Encoded length in bytes.
     pub fn encoded_len(&self) -> usize {
-        let headers: usize = self
-            .headers
-            .iter()
-            .map(|(n, v)| 2 + n.as_str().len() + 4 + v.len())
-            .sum();
-        let tags: usize = self.tags.iter().map(|t| 4 + t.len()).sum();
-        let vary: usize = self.vary.iter().map(|n| 2 + n.as_str().len()).sum();
-        FIXED_LEN
-            + 4
-            + headers
-            + 4
-            + tags
-            + 4
-            + vary
-            + 4
-            + self.secondary_key.len()
-            + 8
-            + self.body.len()
-            + CHECKSUM_LEN
+        FIXED_LEN + self.body.len() + self.block.len() + CHECKSUM_LEN
     }
 
-    /// Encodes the entry into a new buffer.
-    pub fn encode_to_vec(&self) -> Result<Vec<u8>, EntryError> {
-        let mut out = Vec::with_capacity(self.encoded_len());
-        out.extend_from_slice(&MAGIC);
-        out.push(FORMAT_VERSION);
-        out.push(match self.kind {
+    /// The fixed part of the encoding.
+    fn fixed(&self) -> [u8; FIXED_LEN] {
+        let mut out = [0u8; FIXED_LEN];
+        out[..4].copy_from_slice(&MAGIC);
+        out[4] = FORMAT_VERSION;
+        out[5] = match self.kind {
             EntryKind::Response => 0,
             EntryKind::VaryMarker => 1,
-        });
+        };
         let mut flags = 0;
         if self.soft_purged {
             flags |= FLAG_SOFT_PURGED;
@@ -284,9 +650,9 @@ impl Entry {
         if self.revalidate_when_stale {
             flags |= FLAG_REVALIDATE;
         }
-        out.push(flags);
-        out.extend_from_slice(&self.status.as_u16().to_le_bytes());
-        for n in [
+        out[6] = flags;
+        out[7..9].copy_from_slice(&self.status.as_u16().to_le_bytes());
+        let numbers = [
             self.request_time_ms,
             self.response_time_ms,
             millis(self.initial_age),
@@ -294,33 +660,34 @@ impl Entry {
             millis(self.swr),
             millis(self.sie),
             self.generation,
-        ] {
-            out.extend_from_slice(&n.to_le_bytes());
+            self.body.len() as u64,
+        ];
+        for (i, n) in numbers.iter().enumerate() {
+            out[9 + 8 * i..17 + 8 * i].copy_from_slice(&n.to_le_bytes());
         }
-        put_u32(&mut out, self.headers.len())?;
-        for (name, value) in &self.headers {
-            put_u16(&mut out, name.as_str().len())?;
-            out.extend_from_slice(name.as_str().as_bytes());
-            put_u32(&mut out, value.len())?;
-            out.extend_from_slice(value.as_bytes());
-        }
-        put_u32(&mut out, self.tags.len())?;
-        for tag in &self.tags {
-            put_u32(&mut out, tag.len())?;
-            out.extend_from_slice(tag.as_bytes());
-        }
-        put_u32(&mut out, self.vary.len())?;
-        for name in &self.vary {
-            put_u16(&mut out, name.as_str().len())?;
-            out.extend_from_slice(name.as_str().as_bytes());
-        }
-        put_u32(&mut out, self.secondary_key.len())?;
-        out.extend_from_slice(self.secondary_key.as_bytes());
-        out.extend_from_slice(&(self.body.len() as u64).to_le_bytes());
-        out.extend_from_slice(&self.body);
-        let checksum = crc32fast::hash(&out);
-        out.extend_from_slice(&checksum.to_le_bytes());
-        Ok(out)
+        out
+    }
+
+    /// Writes the encoding: the fixed part, the body, the block and the
+    /// checksum, without assembling them anywhere first.
+    pub fn encode_into(&self, writer: &mut impl Write) -> std::io::Result<()> {
+        let fixed = self.fixed();
+        let mut checksum = crc32fast::Hasher::new();
+        checksum.update(&fixed);
+        checksum.update(&self.body);
+        checksum.update(&self.block);
+        writer.write_all(&fixed)?;
+        writer.write_all(&self.body)?;
+        writer.write_all(&self.block)?;
+        writer.write_all(&checksum.finalize().to_le_bytes())
+    }
+
+    /// Encodes the entry into a new buffer.
+    pub fn encode_to_vec(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(self.encoded_len());
+        self.encode_into(&mut out)
+            .expect("writing to a vector does not fail");
+        out
     }
 
     /// Decodes an entry, checking magic, version and checksum first.
@@ -342,7 +709,7 @@ impl Entry {
         let mut r = Reader {
             data: &data,
             pos: 5,
-            end: content.len(),
+            end: FIXED_LEN,
         };
         let kind = match r.u8()? {
             0 => EntryKind::Response,
@@ -362,48 +729,17 @@ impl Entry {
         let swr = Duration::from_millis(r.u64()?);
         let sie = Duration::from_millis(r.u64()?);
         let generation = r.u64()?;
-        let header_count = r.u32()?;
-        let mut headers = HeaderMap::with_capacity(header_count.min(r.remaining() / 6));
-        for _ in 0..header_count {
-            let name_len = r.u16()?;
-            let name = HeaderName::from_bytes(r.take(name_len)?)
-                .map_err(|_| EntryError::Invalid("header name"))?;
-            let value_len = r.u32()?;
-            let start = r.pos;
-            r.take(value_len)?;
-            // A slice of the entry, which the body keeps alive anyway.
-            let value = HeaderValue::from_maybe_shared(data.slice(start..r.pos))
-                .map_err(|_| EntryError::Invalid("header value"))?;
-            headers.append(name, value);
-        }
-        let tag_count = r.u32()?;
-        let mut tags = Vec::with_capacity(tag_count.min(r.remaining() / 4));
-        for _ in 0..tag_count {
-            let len = r.u32()?;
-            tags.push(r.string(len, "tag")?);
-        }
-        let vary_count = r.u32()?;
-        let mut vary = Vec::with_capacity(vary_count.min(r.remaining() / 2));
-        for _ in 0..vary_count {
-            let len = r.u16()?;
-            vary.push(
-                HeaderName::from_bytes(r.take(len)?).map_err(|_| EntryError::Invalid("vary"))?,
-            );
-        }
-        let key_len = r.u32()?;
-        let secondary_key = r.string(key_len, "secondary key")?;
         let body_len = usize::try_from(r.u64()?).map_err(|_| EntryError::Length)?;
-        let body_start = r.pos;
-        r.take(body_len)?;
-        if r.pos != r.end {
+        let end = data.len() - CHECKSUM_LEN;
+        if body_len > end - FIXED_LEN {
             return Err(EntryError::Length);
         }
-        let body = data.slice(body_start..body_start + body_len);
+        let body = data.slice(FIXED_LEN..FIXED_LEN + body_len);
+        let block = data.slice(FIXED_LEN + body_len..end);
+        let (layout, has_validator) = parse_layout(&block)?;
         Ok(Entry {
             kind,
             status,
-            headers,
-            body,
             request_time_ms,
             response_time_ms,
             initial_age,
@@ -411,11 +747,12 @@ impl Entry {
             swr,
             sie,
             revalidate_when_stale: flags & FLAG_REVALIDATE != 0,
-            tags,
             soft_purged: flags & FLAG_SOFT_PURGED != 0,
-            vary,
-            secondary_key,
             generation,
+            has_validator,
+            body,
+            block,
+            layout,
         })
     }
 }
@@ -437,8 +774,7 @@ impl EntryError {
 
 impl foyer::Code for Entry {
     fn encode(&self, writer: &mut impl Write) -> foyer::Result<()> {
-        let bytes = self.encode_to_vec().map_err(EntryError::into_foyer)?;
-        writer.write_all(&bytes).map_err(foyer::Error::io_error)
+        self.encode_into(writer).map_err(foyer::Error::io_error)
     }
 
     fn decode(reader: &mut impl Read) -> foyer::Result<Self> {
@@ -446,7 +782,7 @@ impl foyer::Code for Entry {
         reader
             .read_to_end(&mut buf)
             .map_err(foyer::Error::io_error)?;
-        // The body is a slice of this buffer for as long as the entry lives.
+        // The entry keeps this buffer for as long as it lives.
         buf.shrink_to_fit();
         Entry::decode_bytes(Bytes::from(buf)).map_err(EntryError::into_foyer)
     }
@@ -456,44 +792,7 @@ impl foyer::Code for Entry {
     }
 }
 
-/// The fields in memory of their own, for keeping.
-///
-/// The values hyper parses are slices of its read buffer, which also held
-/// the start of the body: a stored copy of them would keep that whole buffer
-/// (often larger than the body) alive as long as the entry. Here all values
-/// share one block of exactly their total length.
-pub fn compact_headers(headers: &HeaderMap) -> HeaderMap {
-    let total: usize = headers.values().map(HeaderValue::len).sum();
-    let mut block = Vec::with_capacity(total);
-    for value in headers.values() {
-        block.extend_from_slice(value.as_bytes());
-    }
-    let block = Bytes::from(block);
-    let mut out = HeaderMap::with_capacity(headers.len());
-    let mut at = 0;
-    for (name, value) in headers {
-        let end = at + value.len();
-        let mut copy = HeaderValue::from_maybe_shared(block.slice(at..end))
-            .expect("the bytes of a valid header value");
-        copy.set_sensitive(value.is_sensitive());
-        out.append(name.clone(), copy);
-        at = end;
-    }
-    out
-}
-
-fn put_u16(out: &mut Vec<u8>, n: usize) -> Result<(), EntryError> {
-    let n = u16::try_from(n).map_err(|_| EntryError::Invalid("length"))?;
-    out.extend_from_slice(&n.to_le_bytes());
-    Ok(())
-}
-
-fn put_u32(out: &mut Vec<u8>, n: usize) -> Result<(), EntryError> {
-    let n = u32::try_from(n).map_err(|_| EntryError::Invalid("length"))?;
-    out.extend_from_slice(&n.to_le_bytes());
-    Ok(())
-}
-
+#[derive(Debug, Clone)]
 struct Reader<'a> {
     data: &'a [u8],
     pos: usize,
@@ -534,10 +833,19 @@ impl<'a> Reader<'a> {
         Ok(u64::from_le_bytes(self.array()?))
     }
 
-    fn string(&mut self, len: usize, what: &'static str) -> Result<String, EntryError> {
-        std::str::from_utf8(self.take(len)?)
-            .map(str::to_owned)
-            .map_err(|_| EntryError::Invalid(what))
+    /// A field name: one byte for a common name, or 0 and the name.
+    fn name(&mut self) -> Result<HeaderName, EntryError> {
+        match self.u8()? {
+            0 => {
+                let len = self.u16()?;
+                HeaderName::from_bytes(self.take(len)?)
+                    .map_err(|_| EntryError::Invalid("header name"))
+            }
+            i => COMMON_NAMES
+                .get(usize::from(i) - 1)
+                .cloned()
+                .ok_or(EntryError::Invalid("header name")),
+        }
     }
 }
 
@@ -546,10 +854,9 @@ mod tests {
     use super::*;
     use crate::cache::control::response_directives;
     use foyer::Code;
-    use http::header;
 
     #[test]
-    fn compacted_fields_keep_nothing_of_the_read_buffer() {
+    fn stored_fields_keep_nothing_of_the_read_buffer() {
         // As hyper hands them over: values sliced out of one large buffer.
         let buffer = Bytes::from(vec![b'v'; 64 * 1024]);
         let mut received = HeaderMap::new();
@@ -557,20 +864,27 @@ mod tests {
         received.insert(header::CONTENT_TYPE, value(0..9));
         received.append("x-multi", value(10..12));
         received.append("x-multi", value(20..21));
-        let mut secret = value(30..40);
-        secret.set_sensitive(true);
-        received.insert(header::AUTHORIZATION, secret);
-        let compact = compact_headers(&received);
-        assert_eq!(compact, received);
-        assert!(compact[header::AUTHORIZATION].is_sensitive());
+        let content = Content {
+            headers: &received,
+            body: b"body".to_vec(),
+            tags: &[],
+            vary: &[],
+            secondary_key: "",
+        };
+        let entry = Entry::new(EntryKind::Response, StatusCode::OK, content).unwrap();
+        assert_eq!(entry.headers(), received);
         assert_eq!(
-            compact.get_all("x-multi").iter().collect::<Vec<_>>(),
+            entry
+                .headers()
+                .get_all("x-multi")
+                .iter()
+                .collect::<Vec<_>>(),
             ["vv", "v"]
         );
         drop(received);
         assert!(
             buffer.is_unique(),
-            "the compacted fields still reference the read buffer"
+            "the stored fields still reference the read buffer"
         );
     }
 
@@ -579,24 +893,78 @@ mod tests {
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("text/html"));
         headers.append("x-multi", HeaderValue::from_static("1"));
         headers.append("x-multi", HeaderValue::from_static("2"));
-        Entry {
-            kind: EntryKind::Response,
-            status: StatusCode::OK,
-            headers,
-            body: Bytes::from_static(b"<h1>hello</h1>"),
-            request_time_ms: 1_700_000_000_000,
-            response_time_ms: 1_700_000_000_250,
-            initial_age: Duration::from_secs(3),
-            freshness: Duration::from_secs(60),
-            swr: Duration::from_secs(30),
-            sie: Duration::from_secs(600),
-            revalidate_when_stale: true,
-            tags: vec!["product-1".into(), "home".into()],
-            soft_purged: true,
-            vary: vec![header::ACCEPT_ENCODING],
-            secondary_key: "accept-encoding:gzip".into(),
-            generation: 42,
-        }
+        headers.insert(header::ETAG, HeaderValue::from_static("\"v1\""));
+        let content = Content {
+            headers: &headers,
+            body: b"<h1>hello</h1>".to_vec(),
+            tags: &["product-1".into(), "home".into()],
+            vary: &[header::ACCEPT_ENCODING],
+            secondary_key: "accept-encoding:gzip",
+        };
+        let mut entry = Entry::new(EntryKind::Response, StatusCode::OK, content).unwrap();
+        entry.request_time_ms = 1_700_000_000_000;
+        entry.response_time_ms = 1_700_000_000_250;
+        entry.initial_age = Duration::from_secs(3);
+        entry.freshness = Duration::from_secs(60);
+        entry.swr = Duration::from_secs(30);
+        entry.sie = Duration::from_secs(600);
+        entry.revalidate_when_stale = true;
+        entry.soft_purged = true;
+        entry.generation = 42;
+        entry
+    }
+
+    #[test]
+    fn the_sections_read_back_as_stored() {
+        let entry = sample();
+        assert_eq!(&entry.body()[..], b"<h1>hello</h1>");
+        assert_eq!(entry.body_len(), 14);
+        let fields: Vec<(HeaderName, HeaderValue)> = entry.fields().collect();
+        assert_eq!(entry.field_count(), 4);
+        assert_eq!(
+            fields
+                .iter()
+                .map(|(n, v)| format!("{n}: {}", v.to_str().unwrap()))
+                .collect::<Vec<_>>(),
+            [
+                "content-type: text/html",
+                "x-multi: 1",
+                "x-multi: 2",
+                "etag: \"v1\""
+            ]
+        );
+        assert!(entry.has_validator());
+        assert_eq!(entry.tags().collect::<Vec<_>>(), ["product-1", "home"]);
+        assert_eq!(entry.vary(), [header::ACCEPT_ENCODING]);
+        assert!(!entry.vary_is_empty());
+        assert_eq!(entry.secondary_key(), "accept-encoding:gzip");
+        // The body is shared, not copied, each time it is asked for.
+        assert_eq!(entry.body().as_ptr(), entry.body().as_ptr());
+
+        let marker = Entry::vary_marker(&entry, 7);
+        assert_eq!(marker.kind, EntryKind::VaryMarker);
+        assert!(marker.same_vary(&entry));
+        assert_eq!(marker.generation, 7);
+        assert_eq!(marker.body_len(), 0);
+        assert!(!marker.has_validator());
+        assert_eq!(marker.freshness, entry.freshness);
+
+        let plain = Entry::new(
+            EntryKind::Response,
+            StatusCode::OK,
+            Content {
+                headers: &HeaderMap::new(),
+                body: Vec::with_capacity(4096),
+                tags: &[],
+                vary: &[],
+                secondary_key: "",
+            },
+        )
+        .unwrap();
+        assert!(plain.vary_is_empty());
+        assert!(!plain.same_vary(&entry));
+        assert_eq!(plain.fields().count(), 0);
+        assert_eq!(plain.tags().count(), 0);
     }
 
     #[test]
@@ -607,23 +975,27 @@ mod tests {
         assert_eq!(buf.len(), entry.estimated_size());
         let back = Entry::decode(&mut &buf[..]).unwrap();
         assert_eq!(back, entry);
+        assert_eq!(back.headers(), entry.headers());
 
-        let empty = Entry {
-            headers: HeaderMap::new(),
-            body: Bytes::new(),
-            tags: vec![],
-            vary: vec![],
-            secondary_key: String::new(),
-            kind: EntryKind::VaryMarker,
-            ..sample()
-        };
-        let buf = empty.encode_to_vec().unwrap();
+        let empty = Entry::new(
+            EntryKind::VaryMarker,
+            StatusCode::OK,
+            Content {
+                headers: &HeaderMap::new(),
+                body: Vec::new(),
+                tags: &[],
+                vary: &[],
+                secondary_key: "",
+            },
+        )
+        .unwrap();
+        let buf = empty.encode_to_vec();
         assert_eq!(Entry::decode_bytes(Bytes::from(buf)).unwrap(), empty);
     }
 
     #[test]
     fn any_flipped_byte_is_refused() {
-        let buf = sample().encode_to_vec().unwrap();
+        let buf = sample().encode_to_vec();
         for i in 0..buf.len() {
             for bit in [0x01u8, 0x80] {
                 let mut bad = buf.clone();
@@ -638,7 +1010,7 @@ mod tests {
 
     #[test]
     fn refusal_reasons_table() {
-        let good = sample().encode_to_vec().unwrap();
+        let good = sample().encode_to_vec();
         let with = |f: &dyn Fn(&mut Vec<u8>)| {
             let mut b = good.clone();
             f(&mut b);
@@ -649,6 +1021,7 @@ mod tests {
             let crc = crc32fast::hash(&b[..n]);
             b[n..].copy_from_slice(&crc.to_le_bytes());
         };
+        let body_len_at = FIXED_LEN - 8;
         let table: Vec<(EntryError, EntryError)> = vec![
             (with(&|b| b[0] = b'X'), EntryError::BadMagic),
             (with(&|b| b[4] = 9), EntryError::Version(9)),
@@ -673,12 +1046,29 @@ mod tests {
             ),
             (
                 with(&|b| {
-                    // One byte more after the body, resealed: lengths no longer add up.
+                    // One byte more at the end, resealed: lengths no longer add up.
                     let n = b.len() - CHECKSUM_LEN;
                     b.insert(n, 0);
                     reseal(b);
                 }),
                 EntryError::Length,
+            ),
+            (
+                with(&|b| {
+                    // A body longer than the whole entry.
+                    b[body_len_at..body_len_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+                    reseal(b);
+                }),
+                EntryError::Length,
+            ),
+            (
+                with(&|b| {
+                    // The first field's name index beyond the table.
+                    let at = FIXED_LEN + 14 + 4;
+                    b[at] = 200;
+                    reseal(b);
+                }),
+                EntryError::Invalid("header name"),
             ),
         ];
         for (i, (got, expected)) in table.into_iter().enumerate() {
@@ -692,6 +1082,49 @@ mod tests {
             EntryError::Version(2).into_foyer().kind(),
             foyer::ErrorKind::MagicMismatch
         );
+    }
+
+    #[test]
+    fn body_and_block_are_kept_at_their_exact_sizes() {
+        let mut resp = HeaderMap::new();
+        resp.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("max-age=60"),
+        );
+        resp.insert(header::VARY, HeaderValue::from_static("a,b"));
+        resp.insert(SURROGATE_KEY, HeaderValue::from_static("a b c d e f"));
+        resp.insert("x-custom-name", HeaderValue::from_static("value"));
+        let mut body = Vec::with_capacity(4096);
+        body.extend_from_slice(&[b'x'; 100]);
+        let d = response_directives(&resp, &[]);
+        let entry = Entry::from_response(
+            Received {
+                status: StatusCode::OK,
+                headers: resp,
+                body,
+                request_headers: &HeaderMap::new(),
+                request_time: UNIX_EPOCH,
+                response_time: UNIX_EPOCH,
+            },
+            &d,
+            &Overrides::default(),
+            Duration::from_secs(60),
+        )
+        .unwrap();
+        // cache-control (common: 1 byte), vary (1), surrogate-key and
+        // x-custom-name (by name); six tags; two vary names; key "a:\nb:".
+        let fields = 4 + (1 + 4 + 10) + (1 + 4 + 3) + (3 + 13 + 4 + 11) + (3 + 13 + 4 + 5);
+        let tags = 4 + 6 * (4 + 1);
+        let vary = 4 + 2 * (2 + 1);
+        let key = 4 + "a:\nb:".len();
+        assert_eq!(entry.secondary_key(), "a:\nb:");
+        assert_eq!(entry.block.len(), fields + tags + vary + key);
+        assert_eq!(entry.body.len(), 100);
+        assert_eq!(
+            entry.encoded_len(),
+            FIXED_LEN + 100 + entry.block.len() + CHECKSUM_LEN
+        );
+        assert_eq!(entry.tags().count(), 6);
     }
 
     #[test]
@@ -714,7 +1147,7 @@ mod tests {
             Received {
                 status: StatusCode::OK,
                 headers: resp,
-                body: Bytes::from_static(b"x"),
+                body: b"x".to_vec(),
                 request_headers: &req,
                 request_time: t0,
                 response_time: t0 + Duration::from_secs(1),
@@ -727,10 +1160,11 @@ mod tests {
         assert_eq!(entry.freshness, Duration::from_secs(100));
         assert_eq!(entry.swr, Duration::from_secs(10));
         assert_eq!(entry.initial_age, Duration::from_secs(6));
-        assert_eq!(entry.tags, ["a", "b", "c"]);
-        assert_eq!(entry.vary, [header::ACCEPT_ENCODING]);
-        assert_eq!(entry.secondary_key, "accept-encoding:gzip");
-        assert!(!entry.headers.contains_key(header::SET_COOKIE));
+        assert_eq!(entry.tags().collect::<Vec<_>>(), ["a", "b", "c"]);
+        assert_eq!(entry.vary(), [header::ACCEPT_ENCODING]);
+        assert_eq!(entry.secondary_key(), "accept-encoding:gzip");
+        assert!(!entry.headers().contains_key(header::SET_COOKIE));
+        assert!(!entry.has_validator());
 
         let at = |s: u64| t0 + Duration::from_secs(1 + s);
         assert_eq!(entry.ttl_at(at(0)), 94);

@@ -42,7 +42,7 @@ use foyer::{
 use http::HeaderMap;
 
 use super::control::secondary_key;
-use super::entry::{compact_headers, Entry, EntryKind};
+use super::entry::{Entry, EntryKind};
 
 /// Space reserved in a disk block besides the encoded entry: foyer's entry
 /// header and alignment, and the key.
@@ -139,7 +139,7 @@ struct Index {
 impl Index {
     fn add(&mut self, key: &str, entry: &Entry) {
         let known_tags = self.key_tags.get(key).map_or(&[][..], Vec::as_slice);
-        if known_tags == entry.tags.as_slice() && self.keys.contains(key) {
+        if known_tags.iter().map(String::as_str).eq(entry.tags()) && self.keys.contains(key) {
             // The common case on reads: nothing to record, nothing to allocate.
             return;
         }
@@ -148,18 +148,19 @@ impl Index {
         }
         let old = self.key_tags.remove(key).unwrap_or_default();
         for tag in &old {
-            if !entry.tags.contains(tag) {
+            if !entry.tags().any(|t| t == tag) {
                 self.unlink_tag(tag, key);
             }
         }
-        for tag in &entry.tags {
+        let tags: Vec<String> = entry.tags().map(str::to_owned).collect();
+        for tag in &tags {
             self.tag_keys
                 .entry(tag.clone())
                 .or_default()
                 .insert(key.to_owned());
         }
-        if !entry.tags.is_empty() {
-            self.key_tags.insert(key.to_owned(), entry.tags.clone());
+        if !tags.is_empty() {
+            self.key_tags.insert(key.to_owned(), tags);
         }
     }
 
@@ -260,9 +261,7 @@ fn now() -> SystemTime {
 
 /// How long an entry is kept past its windows (see the module doc).
 fn keep_for(entry: &Entry) -> Duration {
-    let revalidatable = entry.kind == EntryKind::VaryMarker
-        || entry.headers.contains_key(http::header::ETAG)
-        || entry.headers.contains_key(http::header::LAST_MODIFIED);
+    let revalidatable = entry.kind == EntryKind::VaryMarker || entry.has_validator();
     if revalidatable {
         KEEP_FOR_REVALIDATION
     } else {
@@ -398,7 +397,7 @@ impl Store {
 
     /// Stores an entry under a full key. Returns false (and stores nothing)
     /// when its encoding exceeds `max_object_bytes`.
-    pub fn insert(&self, key: String, mut entry: Entry) -> bool {
+    pub fn insert(&self, key: String, entry: Entry) -> bool {
         if entry.encoded_len() > self.max_object_bytes {
             metrics::counter!("portico_cache_stores_total", "result" => "too-large").increment(1);
             return false;
@@ -409,7 +408,6 @@ impl Store {
             index.removed.remove(&key);
             index.add(&key, &entry);
         }
-        entry.headers = compact_headers(&entry.headers);
         self.cache.insert(key, Stored(Arc::new(entry)));
         metrics::counter!("portico_cache_stores_total", "result" => "stored").increment(1);
         true
@@ -438,7 +436,7 @@ impl Store {
         if root.kind == EntryKind::Response {
             return Lookup::Hit(root);
         }
-        let secondary = secondary_key(&root.vary, request);
+        let secondary = secondary_key(&root.vary(), request);
         match self
             .get(&variant_key(primary, root.generation, &secondary))
             .await
@@ -446,7 +444,7 @@ impl Store {
             Some(entry)
                 if entry.kind == EntryKind::Response
                     && entry.generation == root.generation
-                    && entry.vary == root.vary =>
+                    && entry.same_vary(&root) =>
             {
                 Lookup::Hit(entry)
             }
@@ -459,7 +457,7 @@ impl Store {
     /// marker). Returns false when it was too large to store.
     pub async fn store_response(&self, primary: &str, mut entry: Entry) -> bool {
         let root = root_key(primary);
-        if entry.vary.is_empty() {
+        if entry.vary_is_empty() {
             entry.generation = 0;
             return self.insert(root, entry);
         }
@@ -468,7 +466,7 @@ impl Store {
             return self.insert(root, entry);
         }
         let marker = match self.get(&root).await {
-            Some(m) if m.kind == EntryKind::VaryMarker && m.vary == entry.vary => Some(m),
+            Some(m) if m.kind == EntryKind::VaryMarker && m.same_vary(&entry) => Some(m),
             _ => None,
         };
         let generation = marker
@@ -478,26 +476,9 @@ impl Store {
         let needs_marker = marker
             .as_ref()
             .is_none_or(|m| useless_after_ms(m) < useless_after_ms(&entry));
-        let key = variant_key(primary, generation, &entry.secondary_key);
+        let key = variant_key(primary, generation, entry.secondary_key());
         if needs_marker {
-            let marker = Entry {
-                kind: EntryKind::VaryMarker,
-                status: entry.status,
-                headers: HeaderMap::new(),
-                body: bytes::Bytes::new(),
-                request_time_ms: entry.request_time_ms,
-                response_time_ms: entry.response_time_ms,
-                initial_age: entry.initial_age,
-                freshness: entry.freshness,
-                swr: entry.swr,
-                sie: entry.sie,
-                revalidate_when_stale: false,
-                tags: Vec::new(),
-                soft_purged: false,
-                vary: entry.vary.clone(),
-                secondary_key: String::new(),
-                generation,
-            };
+            let marker = Entry::vary_marker(&entry, generation);
             self.insert(root, marker);
         }
         self.insert(key, entry)

@@ -30,7 +30,7 @@ use crate::policy::{Decision, Policy};
 use crate::throttle::Limiters;
 use crate::upstream::{static_files, Pool, StaticConfig, UpstreamError};
 use arc_swap::ArcSwap;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;

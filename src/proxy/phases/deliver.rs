@@ -39,7 +39,14 @@ impl Gateway {
     ) -> Response<ResponseBody> {
         let storage = &gen.policy.model.storage;
         let age = HeaderValue::from(entry.age_at(now).as_secs());
-        if control::answers_not_modified(&parts.method, &parts.headers, &entry.headers) {
+        // Room for what is added below (Age, Cache-Status, Content-Length,
+        // Via), so that no insert has to grow the map. Names and values are
+        // shared with the entry, not copied.
+        let mut headers = HeaderMap::with_capacity(entry.field_count() + 4);
+        for (name, value) in entry.fields() {
+            headers.append(name, value);
+        }
+        if control::answers_not_modified(&parts.method, &parts.headers, &headers) {
             let mut resp = Response::new(body::empty());
             *resp.status_mut() = StatusCode::NOT_MODIFIED;
             for name in [
@@ -51,20 +58,13 @@ impl Gateway {
                 header::LAST_MODIFIED,
                 header::VARY,
             ] {
-                for v in entry.headers.get_all(&name) {
+                for v in headers.get_all(&name) {
                     resp.headers_mut().append(name.clone(), v.clone());
                 }
             }
             resp.headers_mut().insert(header::AGE, age);
             set_cache_status(resp.headers_mut(), status);
             return resp;
-        }
-        // Room for what is added below (Age, Cache-Status, Content-Length,
-        // Via), so that no insert has to grow the map: cheaper than a clone
-        // of the stored map followed by a grow.
-        let mut headers = HeaderMap::with_capacity(entry.headers.len() + 4);
-        for (name, value) in &entry.headers {
-            headers.append(name.clone(), value.clone());
         }
         headers.insert(header::AGE, age);
         if storage.strip_targeted {
@@ -73,7 +73,7 @@ impl Gateway {
             }
         }
         let mut code = entry.status;
-        let mut payload = entry.body.clone();
+        let mut payload = entry.body();
         let range = parts
             .headers
             .get(header::RANGE)

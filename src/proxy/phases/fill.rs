@@ -65,7 +65,7 @@ impl Gateway {
         let cache = rule.cache.as_ref().expect("only cached rules fill");
         let mut upstream = build_upstream(parts, rule, conn, &self.inner.via, true);
         if let Some(entry) = stale {
-            control::add_validators(&entry.headers, upstream.headers_mut());
+            control::add_validators(&entry.headers(), upstream.headers_mut());
         }
         let view = View {
             method: &parts.method,
@@ -95,7 +95,7 @@ impl Gateway {
             if let Some(entry) = stale {
                 metrics::counter!("portico_cache_revalidations_total", "result" => "304")
                     .increment(1);
-                let mut headers = entry.headers.clone();
+                let mut headers = entry.headers();
                 control::merge_not_modified(&mut headers, &head.headers);
                 let refreshed = self.make_entry(
                     gen,
@@ -103,7 +103,7 @@ impl Gateway {
                     &view,
                     entry.status,
                     headers,
-                    entry.body.clone(),
+                    entry.body().to_vec(),
                     parts,
                     request_time,
                     response_time,
@@ -114,7 +114,7 @@ impl Gateway {
                     return Ok(Filled::Stored(e, 304, Vec::new()));
                 }
                 // The refreshed copy may no longer be stored: pass the old body once.
-                let mut resp = Response::from_parts(head, body::full(entry.body.clone()));
+                let mut resp = Response::from_parts(head, body::full(entry.body()));
                 *resp.status_mut() = entry.status;
                 return Ok(Filled::Passed(resp, "not-storable"));
             }
@@ -168,7 +168,8 @@ impl Gateway {
             // Larger than the largest object: stream the rest through, store nothing.
             metrics::counter!("portico_cache_not_stored_total", "reason" => "too-large")
                 .increment(1);
-            let first = http_body_util::Full::new(body_bytes).map_err(|never| match never {});
+            let first =
+                http_body_util::Full::new(Bytes::from(body_bytes)).map_err(|never| match never {});
             let chained = Chain {
                 first: Some(first),
                 rest,
@@ -223,7 +224,7 @@ impl Gateway {
         view: &View<'_>,
         status: StatusCode,
         headers: HeaderMap,
-        body: Bytes,
+        body: Vec<u8>,
         parts: &http::request::Parts,
         request_time: SystemTime,
         response_time: SystemTime,
@@ -335,36 +336,32 @@ pub(super) fn overrides(
     }
 }
 
-/// Reads a body up to `max` bytes. Returns the bytes and, when the body is
-/// longer, the unread rest (the bytes returned are then a prefix).
+/// Reads a body up to `max` bytes, into a buffer of exactly the announced
+/// length when there is one. Returns the bytes and, when the body is longer,
+/// the unread rest (the bytes returned are then a prefix).
 pub(super) async fn collect_up_to(
     mut body: ResponseBody,
     max: usize,
-) -> Result<(Bytes, Option<ResponseBody>), ProxyError> {
-    // A stored body is held for a long time: give it exactly its size, and
-    // never keep the read buffers it arrived in.
+) -> Result<(Vec<u8>, Option<ResponseBody>), ProxyError> {
+    // A stored body is held for a long time: it is collected once into the
+    // buffer the entry keeps, never kept in the read buffers it arrived in.
     let expected = body
         .size_hint()
         .exact()
         .and_then(|n| usize::try_from(n).ok())
         .filter(|&n| n <= max);
-    let mut buf = BytesMut::with_capacity(expected.unwrap_or(0));
+    let mut buf = Vec::with_capacity(expected.unwrap_or(0));
     while let Some(frame) = body.frame().await {
         let frame =
             frame.map_err(|e| ProxyError::BadGateway(format!("reading the origin's body: {e}")))?;
         if let Ok(data) = frame.into_data() {
             buf.extend_from_slice(&data);
             if buf.len() > max {
-                return Ok((buf.freeze(), Some(body)));
+                return Ok((buf, Some(body)));
             }
         }
     }
-    let bytes = if buf.capacity() - buf.len() > 1024 {
-        Bytes::copy_from_slice(&buf)
-    } else {
-        buf.freeze()
-    };
-    Ok((bytes, None))
+    Ok((buf, None))
 }
 
 /// A body that yields a buffered prefix, then the rest of a stream.
