@@ -19,4 +19,4 @@ pub use config::{
     Timeouts, UpstreamTls,
 };
 pub use conn::PooledBody;
-pub use pool::{InFlight, Pool, UpstreamError};
+pub use pool::{Pool, UpstreamError};

@@ -733,22 +733,28 @@ async fn requests_and_probes_use_origin_form_with_a_host() {
 }
 
 #[tokio::test]
-async fn in_flight_count_lasts_while_the_response_is_held() {
+async fn in_flight_count_lasts_while_the_body_is_unread() {
     bounded(async {
         let a = Origin::start("a").await;
         let pool = Pool::new(&backend(vec![a.server()])).unwrap();
-        let req = Request::get("/x").body(Empty::<Bytes>::new()).unwrap();
-        let resp = pool.send(req, None, Limits::default()).await.unwrap();
+        let send = || {
+            let req = Request::get("/x").body(Empty::<Bytes>::new()).unwrap();
+            pool.send(req, None, Limits::default())
+        };
+        let resp = send().await.unwrap();
         assert_eq!(pool.in_flight(0), 1);
-        assert_eq!(
-            resp.extensions()
-                .get::<portico::upstream::InFlight>()
-                .unwrap()
-                .server(),
-            0
-        );
+        assert_eq!(resp.body().server(), Some(0));
         drop(resp);
         assert_eq!(pool.in_flight(0), 0);
+
+        // Read to its end, the body ends the count even while still held.
+        let mut body = send().await.unwrap().into_body();
+        assert_eq!(pool.in_flight(0), 1);
+        while let Some(frame) = body.frame().await {
+            frame.unwrap();
+        }
+        assert_eq!(pool.in_flight(0), 0);
+        assert_eq!(body.server(), None);
     })
     .await
     .unwrap();

@@ -35,7 +35,7 @@ use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::BodyExt as _;
 use hyper::body::Body as _;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 
 /// The name in `Cache-Status` (RFC 9211 section 2).
@@ -547,7 +547,13 @@ fn build_upstream(
         .path_and_query()
         .cloned()
         .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
-    let mut headers = parts.headers.clone();
+    // Room for the forwarding fields added below (X-Forwarded-For, -Proto,
+    // -Host, Via, Host), so that no insert has to grow the map: cheaper than
+    // a clone of the client's map that then grows, often twice.
+    let mut headers = HeaderMap::with_capacity(parts.headers.len() + 5);
+    for (name, value) in &parts.headers {
+        headers.append(name.clone(), value.clone());
+    }
     if !headers.contains_key(header::HOST) {
         if let Some(a) = parts.uri.authority() {
             if let Ok(v) = HeaderValue::from_str(a.as_str()) {
@@ -652,6 +658,24 @@ fn error_detail(e: &ProxyError) -> &'static str {
 }
 
 fn set_cache_status(headers: &mut HeaderMap, status: &CacheStatus<'_>) {
+    // A request the cache does not handle (every pass-through request) gets
+    // one of a few values, each rendered once.
+    if let CacheStatus::Forward {
+        reason: Forward::Bypass,
+        status: Some(code @ 100..=599),
+        stored: false,
+        collapsed: false,
+        detail: None,
+    } = *status
+    {
+        static BYPASS: [OnceLock<HeaderValue>; 500] = [const { OnceLock::new() }; 500];
+        // At most one short text per status code is kept for good; a
+        // static value is cloned without touching a reference count.
+        let value = BYPASS[usize::from(code - 100)]
+            .get_or_init(|| HeaderValue::from_static(String::leak(status.render(CACHE_NAME))));
+        headers.insert(CACHE_STATUS, value.clone());
+        return;
+    }
     // The rendered text becomes the value without another copy.
     if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(status.render(CACHE_NAME))) {
         headers.insert(CACHE_STATUS, v);
@@ -671,6 +695,24 @@ fn json(status: StatusCode, text: String) -> Response<ResponseBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bypass_statuses_render_as_any_other() {
+        for code in [200, 404, 200, 503, 599, 100] {
+            for detail in [None, Some("why")] {
+                let status = CacheStatus::Forward {
+                    reason: Forward::Bypass,
+                    status: Some(code),
+                    stored: false,
+                    collapsed: false,
+                    detail,
+                };
+                let mut headers = HeaderMap::new();
+                set_cache_status(&mut headers, &status);
+                assert_eq!(headers[CACHE_STATUS], status.render(CACHE_NAME));
+            }
+        }
+    }
 
     #[test]
     fn hosts_lose_ports_and_case() {

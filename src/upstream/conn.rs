@@ -258,6 +258,9 @@ pub struct PooledBody {
     /// Armed the first time the body has to wait for the server, so a body
     /// that arrives with its head costs no timer.
     timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// Counts this exchange in the server's load until the body ends or is
+    /// dropped (least-connections and two-choices balancing).
+    load: Option<super::balance::InFlightGuard>,
 }
 
 impl std::fmt::Debug for PooledBody {
@@ -275,7 +278,22 @@ impl PooledBody {
             held,
             end_by: None,
             timer: None,
+            load: None,
         }
+    }
+
+    /// Counts the exchange in its server's load for as long as the body
+    /// lasts.
+    pub(super) fn hold_load(&mut self, guard: super::balance::InFlightGuard) {
+        self.load = Some(guard);
+    }
+
+    /// Index of the server that answered, in the backend's server list,
+    /// while the body is still being read.
+    pub fn server(&self) -> Option<usize> {
+        self.load
+            .as_ref()
+            .map(super::balance::InFlightGuard::server)
     }
 
     /// Fails the body if it has not ended by `deadline`.
@@ -284,6 +302,7 @@ impl PooledBody {
     }
 
     fn release(&mut self) {
+        self.load = None;
         if let Some(h) = self.held.take() {
             h.home.checkin(h.server, h.conn);
         }

@@ -30,7 +30,7 @@ use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
-use super::balance::{self, InFlightGuard, Load, Selector};
+use super::balance::{self, Load, Selector};
 use super::config::{BackendConfig, HealthConfig, Limits, Timeouts, UpstreamTls};
 use super::conn::{self, Connections, ExchangeError, PooledBody};
 use super::health::{HealthChecker, HealthState, ProbeFuture};
@@ -134,19 +134,6 @@ impl UpstreamError {
             UpstreamError::BadResponse { .. } => "bad_response",
             UpstreamError::Config { .. } => "config",
         }
-    }
-}
-
-/// Held in a response's extensions while it is in flight: dropping the
-/// response (its parts) ends the server's in-flight count used by
-/// least-connections and two-choices balancing.
-#[derive(Debug, Clone)]
-pub struct InFlight(Arc<InFlightGuard>);
-
-impl InFlight {
-    /// Index of the server that answered, in the backend's server list.
-    pub fn server(&self) -> usize {
-        self.0.server()
     }
 }
 
@@ -279,7 +266,8 @@ impl Pool {
     /// consistent hashing) and returns the response head with its streaming
     /// body. The request's path and query, method and headers are kept; the
     /// scheme and authority become the server's; the version is HTTP/1.1.
-    /// The response's extensions hold an [`InFlight`] naming the server.
+    /// The body counts in the server's load until it ends and names the
+    /// server ([`PooledBody::server`]).
     ///
     /// `limits` replace the backend's own time limits where set. The total
     /// limit bounds the body too: a body still streaming when it runs out
@@ -384,7 +372,7 @@ impl Pool {
                 Ok(Ok(mut resp)) => {
                     self.health.record_success(i);
                     resp.body_mut().end_by(end);
-                    resp.extensions_mut().insert(InFlight(Arc::new(guard)));
+                    resp.body_mut().hold_load(guard);
                     return Ok(resp);
                 }
                 Ok(Err(e)) => e,
