@@ -473,27 +473,64 @@ where
         shared.limits.idle_timeout
     ));
     let mut stop = pin!(shared.shutdown.triggered());
+    // The idle timer and the shutdown signal get a waker of their own, so
+    // they are polled again only when one of them woke the task, not on each
+    // of the several wakes of every request.
+    let side = Arc::new(SideWake::default());
+    let side_waker = std::task::Waker::from(Arc::clone(&side));
     let mut closing = false;
-    loop {
-        tokio::select! {
-            // The connection first: it is what wakes the task nearly always.
-            biased;
-            result = conn.as_mut() => {
-                if let Err(e) = result {
-                    debug!(%client_addr, error = %e, "connection ended with an error");
-                }
-                return;
+    std::future::poll_fn(|cx| loop {
+        // The connection first: it is what wakes the task nearly always.
+        if let Poll::Ready(result) = conn.as_mut().poll(cx) {
+            if let Err(e) = result {
+                debug!(%client_addr, error = %e, "connection ended with an error");
             }
-            () = &mut idle, if !closing => {
-                debug!(%client_addr, "closing idle connection");
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
-            () = &mut stop, if !closing => {
-                conn.as_mut().graceful_shutdown();
-                closing = true;
-            }
+            return Poll::Ready(());
         }
+        if closing {
+            return Poll::Pending;
+        }
+        // Registered before the flag is read: a wake in between is not lost.
+        side.task.register(cx.waker());
+        if !side.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let mut side_cx = Context::from_waker(&side_waker);
+        if idle.as_mut().poll(&mut side_cx).is_ready() {
+            debug!(%client_addr, "closing idle connection");
+        } else if stop.as_mut().poll(&mut side_cx).is_pending() {
+            return Poll::Pending;
+        }
+        conn.as_mut().graceful_shutdown();
+        closing = true;
+    })
+    .await;
+}
+
+/// Wakes a connection's task for its idle timer or the shutdown signal, and
+/// says so. Starts woken, so that both are polled (and armed) once.
+struct SideWake {
+    woken: AtomicBool,
+    task: futures_util::task::AtomicWaker,
+}
+
+impl Default for SideWake {
+    fn default() -> Self {
+        Self {
+            woken: AtomicBool::new(true),
+            task: futures_util::task::AtomicWaker::new(),
+        }
+    }
+}
+
+impl std::task::Wake for SideWake {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
     }
 }
 
