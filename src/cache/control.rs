@@ -906,14 +906,23 @@ pub fn vary_names(response: &HeaderMap) -> Result<Vec<HeaderName>, NotStorable> 
 /// with `,` and trimmed, `Accept-Encoding` reduced to the coding this cache
 /// would serve ([`preferred_encoding`]). Empty when `names` is empty.
 pub fn secondary_key(names: &[HeaderName], request: &HeaderMap) -> String {
+    secondary_key_of(names.iter().map(HeaderName::as_str), request)
+}
+
+/// [`secondary_key`] for names given as lowercase text, as a stored entry
+/// keeps them: nothing is parsed or allocated per name.
+pub fn secondary_key_of<'a>(
+    names: impl IntoIterator<Item = &'a str>,
+    request: &HeaderMap,
+) -> String {
     let mut key = String::new();
     for name in names {
         if !key.is_empty() {
             key.push('\n');
         }
-        key.push_str(name.as_str());
+        key.push_str(name);
         key.push(':');
-        if *name == header::ACCEPT_ENCODING {
+        if name == header::ACCEPT_ENCODING.as_str() {
             key.push_str(preferred_encoding(request));
             continue;
         }

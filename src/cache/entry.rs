@@ -556,14 +556,20 @@ impl Entry {
 
     /// The `Vary` names of the response, lowercase and sorted.
     pub fn vary(&self) -> Vec<HeaderName> {
+        self.vary_names()
+            .filter_map(|n| HeaderName::from_bytes(n.as_bytes()).ok())
+            .collect()
+    }
+
+    /// The `Vary` names as stored text, without parsing them (checked when
+    /// the entry was made or read).
+    pub fn vary_names(&self) -> impl Iterator<Item = &str> + '_ {
         let mut r = self.section(self.layout.vary, self.layout.secondary_key);
         let count = r.u32().unwrap_or(0);
-        (0..count)
-            .map_while(|_| {
-                let len = r.u16().ok()?;
-                HeaderName::from_bytes(r.take(len).ok()?).ok()
-            })
-            .collect()
+        (0..count).map_while(move |_| {
+            let len = r.u16().ok()?;
+            std::str::from_utf8(r.take(len).ok()?).ok()
+        })
     }
 
     /// Whether the response has no `Vary` names.
@@ -936,6 +942,7 @@ mod tests {
         assert!(entry.has_validator());
         assert_eq!(entry.tags().collect::<Vec<_>>(), ["product-1", "home"]);
         assert_eq!(entry.vary(), [header::ACCEPT_ENCODING]);
+        assert_eq!(entry.vary_names().collect::<Vec<_>>(), ["accept-encoding"]);
         assert!(!entry.vary_is_empty());
         assert_eq!(entry.secondary_key(), "accept-encoding:gzip");
         // The body is shared, not copied, each time it is asked for.

@@ -41,7 +41,7 @@ use foyer::{
 };
 use http::HeaderMap;
 
-use super::control::secondary_key;
+use super::control::secondary_key_of;
 use super::entry::{Entry, EntryKind};
 
 /// Space reserved in a disk block besides the encoded entry: foyer's entry
@@ -436,7 +436,7 @@ impl Store {
         if root.kind == EntryKind::Response {
             return Lookup::Hit(root);
         }
-        let secondary = secondary_key(&root.vary(), request);
+        let secondary = secondary_key_of(root.vary_names(), request);
         match self
             .get(&variant_key(primary, root.generation, &secondary))
             .await
