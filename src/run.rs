@@ -95,6 +95,10 @@ pub fn backend_config(model: &Model, id: usize) -> BackendConfig {
             consecutive_failures: spec.eject_after,
             cooldown: spec.eject_for,
         },
+        keepalive: upstream::KeepAlive {
+            idle_max: spec.keepalive,
+            idle_timeout: spec.keepalive_timeout,
+        },
         timeouts: upstream::Timeouts {
             connect: spec.connect_timeout,
             first_byte: spec.first_byte_timeout,
@@ -590,5 +594,24 @@ rule default {
         let limits = server_limits(&policy);
         assert_eq!(limits.max_connections, 3);
         assert_eq!(limits.idle_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn keepalive_settings_reach_the_pool_config() {
+        let text = |settings: &str| {
+            format!(
+                "backend app {{\n  server \"127.0.0.1:9000\"\n{settings}\n}}\nrule default {{\n  route app\n}}\n"
+            )
+        };
+        let policy =
+            policy::load(&text("  keepalive 4\n  keepalive_timeout 3s"), "t.policy").unwrap();
+        let cfg = backend_config(&policy.model, 0);
+        assert_eq!(cfg.keepalive.idle_max, 4);
+        assert_eq!(cfg.keepalive.idle_timeout, Duration::from_secs(3));
+        let policy = policy::load(&text(""), "t.policy").unwrap();
+        assert_eq!(
+            backend_config(&policy.model, 0).keepalive,
+            upstream::KeepAlive::default()
+        );
     }
 }

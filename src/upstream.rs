@@ -15,8 +15,8 @@ pub mod pool;
 pub mod static_files;
 
 pub use config::{
-    BackendConfig, Balance, EjectConfig, HealthConfig, Limits, ServerConfig, StaticConfig,
-    Timeouts, UpstreamTls,
+    BackendConfig, Balance, EjectConfig, HealthConfig, KeepAlive, Limits, ServerConfig,
+    StaticConfig, Timeouts, UpstreamTls,
 };
 pub use conn::PooledBody;
 pub use pool::{Pool, UpstreamError};

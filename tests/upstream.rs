@@ -15,8 +15,8 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use portico::upstream::{
-    BackendConfig, EjectConfig, HealthConfig, Limits, Pool, ServerConfig, Timeouts, UpstreamError,
-    UpstreamTls,
+    BackendConfig, EjectConfig, HealthConfig, KeepAlive, Limits, Pool, ServerConfig, Timeouts,
+    UpstreamError, UpstreamTls,
 };
 use tokio::io::AsyncReadExt;
 use tokio::net::{TcpListener, TcpStream};
@@ -531,6 +531,47 @@ async fn keep_alive_connections_are_reused() {
             0,
             "finished responses release their count"
         );
+    })
+    .await
+    .unwrap();
+}
+
+/// Sends `n` requests at once and waits for all of their bodies.
+async fn burst(pool: &Arc<Pool>, n: usize) {
+    let mut set = JoinSet::new();
+    for _ in 0..n {
+        let pool = Arc::clone(pool);
+        set.spawn(async move { get(&pool, "/x").await.unwrap() });
+    }
+    while let Some(answer) = set.join_next().await {
+        assert_eq!(answer.unwrap(), "a");
+    }
+}
+
+#[tokio::test]
+async fn idle_connections_past_the_keepalive_cap_are_closed() {
+    bounded(async {
+        for (idle_max, expected) in [(32, 5), (2, 8), (0, 10)] {
+            let a = Origin::start("a").await;
+            // Slow answers keep all five requests of a burst in flight at once.
+            a.behaviour.delay_ms.store(150, Ordering::SeqCst);
+            let mut cfg = backend(vec![a.server()]);
+            cfg.keepalive = KeepAlive {
+                idle_max,
+                ..KeepAlive::default()
+            };
+            let pool = Arc::new(Pool::new(&cfg).unwrap());
+            burst(&pool, 5).await;
+            assert_eq!(a.connections.load(Ordering::SeqCst), 5);
+            // The second burst finds at most `idle_max` connections kept.
+            burst(&pool, 5).await;
+            assert_eq!(
+                a.connections.load(Ordering::SeqCst),
+                expected,
+                "keepalive {idle_max}"
+            );
+            assert_eq!(a.requests(), 10);
+        }
     })
     .await
     .unwrap();

@@ -258,6 +258,8 @@ const BACKEND: &[(&str, Kind)] = &[
     ("total_timeout", Kind::Duration),
     ("eject_after", Kind::Number),
     ("eject_for", Kind::Duration),
+    ("keepalive", Kind::Number),
+    ("keepalive_timeout", Kind::Duration),
     ("tls", Kind::Flag),
     ("ca_file", Kind::Str),
     ("tls_server_name", Kind::Str),

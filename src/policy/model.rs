@@ -185,6 +185,10 @@ pub struct BackendSpec {
     pub eject_after: u32,
     /// Passive ejection: how long it stays out.
     pub eject_for: Duration,
+    /// Idle keep-alive connections kept per server.
+    pub keepalive: usize,
+    /// How long an idle connection is kept.
+    pub keepalive_timeout: Duration,
     pub tls: bool,
     pub ca_file: Option<PathBuf>,
     pub tls_server_name: Option<String>,

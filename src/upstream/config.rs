@@ -22,6 +22,8 @@ pub struct BackendConfig {
     pub eject: EjectConfig,
     /// Time limits of one upstream exchange.
     pub timeouts: Timeouts,
+    /// How many idle connections are kept per server, and for how long.
+    pub keepalive: KeepAlive,
     /// TLS to the servers; `None` means plain HTTP/1.1.
     pub tls: Option<UpstreamTls>,
     /// Serve files from a directory instead of proxying.
@@ -171,6 +173,30 @@ impl Default for Timeouts {
             connect: Duration::from_secs(5),
             first_byte: Duration::from_secs(30),
             total: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Idle keep-alive connections kept per server.
+///
+/// An idle connection holds its read and write buffers (about 32 KiB), so
+/// a burst of traffic would otherwise leave every connection it opened
+/// sitting on that memory until the timeout. Past `idle_max`, the
+/// connection idle the longest is closed, as NGINX's `keepalive` does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeepAlive {
+    /// Idle connections kept per server; 0 closes each connection after
+    /// its exchange. Default: 32.
+    pub idle_max: usize,
+    /// How long an idle connection is kept. Default: 60 s.
+    pub idle_timeout: Duration,
+}
+
+impl Default for KeepAlive {
+    fn default() -> Self {
+        Self {
+            idle_max: 32,
+            idle_timeout: Duration::from_secs(60),
         }
     }
 }

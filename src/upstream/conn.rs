@@ -18,11 +18,14 @@
 //! the exchange, so an upgrade gets a new connection driven by a task of its
 //! own, and it is never pooled.
 
+use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::{Duration, Instant};
+
+use super::config::KeepAlive;
 
 use bytes::Bytes;
 use http::{Request, Response};
@@ -33,11 +36,6 @@ use rustls_pki_types::ServerName;
 use tokio::net::TcpStream;
 
 use super::pool::{BoxError, TlsSetup, UpstreamBody, UpstreamError, UpstreamStream};
-
-/// How long an unused connection is kept.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-/// Most idle connections kept per server; more are closed when they finish.
-const MAX_IDLE_PER_SERVER: usize = 1024;
 
 /// One open connection: the handle requests are sent through and the state
 /// machine that does the reading and writing. It is large and always boxed,
@@ -51,17 +49,22 @@ pub(super) struct Conn {
 
 /// The idle connections of each server of one backend, and how to open more.
 pub(super) struct Connections {
-    // Boxed on purpose: a connection leaves the list by pointer.
-    #[allow(clippy::vec_box)]
-    idle: Box<[Mutex<Vec<Box<Conn>>>]>,
+    /// Per server, oldest first: checkout takes the most recently used
+    /// (its buffers are the likeliest to be in cache), the cap and the
+    /// timeout close from the front. Boxed on purpose: a connection leaves
+    /// the list by pointer.
+    idle: Box<[Mutex<VecDeque<Box<Conn>>>]>,
+    keepalive: KeepAlive,
     tls: Option<TlsSetup>,
 }
 
 impl Connections {
-    /// Idle lists for `servers` servers; `tls` wraps every new connection.
-    pub(super) fn new(servers: usize, tls: Option<TlsSetup>) -> Arc<Self> {
+    /// Idle lists for `servers` servers, kept as `keepalive` says; `tls`
+    /// wraps every new connection.
+    pub(super) fn new(servers: usize, tls: Option<TlsSetup>, keepalive: KeepAlive) -> Arc<Self> {
         Arc::new(Self {
-            idle: (0..servers).map(|_| Mutex::new(Vec::new())).collect(),
+            idle: (0..servers).map(|_| Mutex::new(VecDeque::new())).collect(),
+            keepalive,
             tls,
         })
     }
@@ -71,8 +74,8 @@ impl Connections {
     /// dropped.
     pub(super) fn checkout(&self, i: usize) -> Option<Box<Conn>> {
         loop {
-            let mut conn = self.idle[i].lock().ok()?.pop()?;
-            if conn.idle_since.elapsed() > IDLE_TIMEOUT {
+            let mut conn = self.idle[i].lock().ok()?.pop_back()?;
+            if conn.idle_since.elapsed() > self.keepalive.idle_timeout {
                 continue;
             }
             // One poll without a waker notices a close or reset the server
@@ -102,16 +105,23 @@ impl Connections {
             return;
         };
         let now = Instant::now();
-        if idle
-            .first()
-            .is_some_and(|c| now.duration_since(c.idle_since) > IDLE_TIMEOUT)
+        let timeout = self.keepalive.idle_timeout;
+        while idle
+            .front()
+            .is_some_and(|c| now.duration_since(c.idle_since) > timeout)
         {
-            idle.retain(|c| now.duration_since(c.idle_since) <= IDLE_TIMEOUT);
+            idle.pop_front();
         }
-        if idle.len() < MAX_IDLE_PER_SERVER {
-            conn.idle_since = now;
-            idle.push(conn);
+        if self.keepalive.idle_max == 0 {
+            return;
         }
+        if idle.len() >= self.keepalive.idle_max {
+            // Closing it here, under the lock, is a shutdown of a socket
+            // and the release of its buffers: short.
+            idle.pop_front();
+        }
+        conn.idle_since = now;
+        idle.push_back(conn);
     }
 
     /// Opens a connection to `addr` (`host:port`), TLS included, within

@@ -210,7 +210,7 @@ impl Pool {
             Some(tls) => Some(tls_connector(tls).map_err(config_error)?),
             None => None,
         };
-        let conns = Connections::new(servers.len(), tls);
+        let conns = Connections::new(servers.len(), tls, cfg.keepalive);
 
         let (rise, fall) = cfg.health.as_ref().map_or((1, 1), |h| (h.rise, h.fall));
         let health = HealthState::new(servers.len(), rise, fall, cfg.eject);

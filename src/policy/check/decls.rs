@@ -2,6 +2,7 @@
 //! sections, backends and limiters.
 
 use super::*;
+use crate::upstream::KeepAlive;
 
 impl Checker<'_> {
     // ------------------------------------------------------------ declarations
@@ -208,6 +209,8 @@ impl Checker<'_> {
             total_timeout: Duration::from_secs(120),
             eject_after: 5,
             eject_for: Duration::from_secs(10),
+            keepalive: KeepAlive::default().idle_max,
+            keepalive_timeout: KeepAlive::default().idle_timeout,
             tls: false,
             ca_file: None,
             tls_server_name: None,
@@ -386,6 +389,12 @@ impl Checker<'_> {
         }
         if let Some((Val::Duration(d), _)) = v.remove("eject_for") {
             spec.eject_for = d;
+        }
+        if let Some((Val::Number(n), _)) = v.remove("keepalive") {
+            spec.keepalive = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some((Val::Duration(d), _)) = v.remove("keepalive_timeout") {
+            spec.keepalive_timeout = d;
         }
         spec.tls = v.remove("tls").is_some();
         if let Some((Val::Str(s), _)) = v.remove("ca_file") {
