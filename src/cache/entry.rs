@@ -9,11 +9,17 @@
 //! body, of exactly its length, and one block holding the encoded fields,
 //! tags, `Vary` names and secondary key. A response is collected straight
 //! into the body's buffer, so storing it copies the body once, from the
-//! origin's read buffers; a hit shares the body and slices of the fields out
-//! of the block without copying them. The same bytes are what the disk tier
-//! writes. (Kept apart, a body of a round size such as 16 KiB fills an
-//! allocator size class exactly, where the fields appended to it would push
-//! it into the next class.)
+//! origin's read buffers. The same bytes are what the disk tier writes.
+//! (Kept apart, a body of a round size such as 16 KiB fills an allocator
+//! size class exactly, where the fields appended to it would push it into
+//! the next class.)
+//!
+//! Entries are shared as `Arc<Entry>`, and the fixed part is kept to 112
+//! bytes so that the `Arc` fits a 128-byte allocation. The body and the
+//! block are plain boxed slices, not reference-counted buffers: a hit hands
+//! them out as [`Bytes`] that own a clone of the `Arc` ([`Entry::body`],
+//! [`Entry::fields`]), so nothing is copied and no stored entry carries
+//! reference counts of its own.
 //!
 //! Encoding on disk (all integers little-endian): magic `PTCE`, format
 //! version, kind, flags, status, times and durations in milliseconds,
@@ -27,6 +33,7 @@
 //! inconsistency: a partially valid entry is never produced.
 
 use std::io::{Read, Write};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -104,6 +111,9 @@ struct Layout {
 }
 
 /// A stored response and the facts that decide its reuse.
+///
+/// Durations are kept in milliseconds, as on disk: that keeps the entry
+/// small (see the module doc).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Entry {
     /// Response or vary marker.
@@ -114,14 +124,14 @@ pub struct Entry {
     pub request_time_ms: u64,
     /// When the response arrived, Unix milliseconds.
     pub response_time_ms: u64,
-    /// Corrected initial age (RFC 9111 section 4.2.3).
-    pub initial_age: Duration,
-    /// Freshness lifetime (RFC 9111 section 4.2.1).
-    pub freshness: Duration,
-    /// stale-while-revalidate window (RFC 5861 section 3).
-    pub swr: Duration,
-    /// stale-if-error window (RFC 5861 section 4).
-    pub sie: Duration,
+    /// Corrected initial age (RFC 9111 section 4.2.3), milliseconds.
+    initial_age_ms: u64,
+    /// Freshness lifetime (RFC 9111 section 4.2.1), milliseconds.
+    freshness_ms: u64,
+    /// stale-while-revalidate window (RFC 5861 section 3), milliseconds.
+    swr_ms: u64,
+    /// stale-if-error window (RFC 5861 section 4), milliseconds.
+    sie_ms: u64,
     /// Stale copies need validation (`must-revalidate` and the like).
     pub revalidate_when_stale: bool,
     /// Marked stale by a soft purge: served only as stale.
@@ -132,10 +142,28 @@ pub struct Entry {
     /// that the entry packs into fewer bytes).
     has_validator: bool,
     /// The body.
-    body: Bytes,
+    body: Box<[u8]>,
     /// The encoded fields, tags, vary names and secondary key.
-    block: Bytes,
+    block: Box<[u8]>,
     layout: Layout,
+}
+
+/// The body of a shared entry, as the owner of a [`Bytes`].
+struct BodyOf(Arc<Entry>);
+
+impl AsRef<[u8]> for BodyOf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.body
+    }
+}
+
+/// The block of a shared entry, as the owner of a [`Bytes`].
+struct BlockOf(Arc<Entry>);
+
+impl AsRef<[u8]> for BlockOf {
+    fn as_ref(&self) -> &[u8] {
+        &self.0.block
+    }
 }
 
 /// The variable part of a new entry, for [`Entry::new`].
@@ -243,8 +271,13 @@ fn put_u32(out: &mut Vec<u8>, n: usize) {
 }
 
 /// Encodes the fields, tags, vary names and secondary key into one block,
-/// and returns the body and the block with its layout.
-fn assemble(content: Content<'_>) -> Result<(Bytes, Bytes, Layout, bool), EntryError> {
+/// and makes the entry of the body and the block; every other fact starts at
+/// zero.
+fn assemble(
+    kind: EntryKind,
+    status: StatusCode,
+    content: Content<'_>,
+) -> Result<Entry, EntryError> {
     let Content {
         headers,
         mut body,
@@ -304,7 +337,8 @@ fn assemble(content: Content<'_>) -> Result<(Bytes, Bytes, Layout, bool), EntryE
     put_u32(&mut block, secondary_key.len());
     block.extend_from_slice(secondary_key.as_bytes());
     debug_assert_eq!(block.len(), len);
-    // Kept for as long as the entry lives: no spare capacity.
+    // Kept for as long as the entry lives: no spare capacity (a no-op when
+    // the body was collected into a buffer of exactly its length).
     body.shrink_to_fit();
     let at = |n: usize| u32::try_from(n).expect("checked above");
     let layout = Layout {
@@ -313,12 +347,36 @@ fn assemble(content: Content<'_>) -> Result<(Bytes, Bytes, Layout, bool), EntryE
         vary: at(vary_at),
         secondary_key: at(key_at),
     };
-    Ok((Bytes::from(body), Bytes::from(block), layout, has_validator))
+    Ok(Entry {
+        kind,
+        status,
+        request_time_ms: 0,
+        response_time_ms: 0,
+        initial_age_ms: 0,
+        freshness_ms: 0,
+        swr_ms: 0,
+        sie_ms: 0,
+        revalidate_when_stale: false,
+        soft_purged: false,
+        generation: 0,
+        has_validator,
+        body: body.into_boxed_slice(),
+        block: block.into_boxed_slice(),
+        layout,
+    })
+}
+
+/// Whether `bytes` may be a field value (what `HeaderValue` accepts:
+/// visible characters, spaces, tabs and obs-text).
+fn valid_value(bytes: &[u8]) -> bool {
+    bytes
+        .iter()
+        .all(|&b| b == b'\t' || (b >= 0x20 && b != 0x7f))
 }
 
 /// Checks every section of a block read back from disk and finds where
 /// they start.
-fn parse_layout(data: &Bytes) -> Result<(Layout, bool), EntryError> {
+fn parse_layout(data: &[u8]) -> Result<(Layout, bool), EntryError> {
     if u32::try_from(data.len()).is_err() {
         return Err(EntryError::Length);
     }
@@ -335,8 +393,9 @@ fn parse_layout(data: &Bytes) -> Result<(Layout, bool), EntryError> {
         let len = r.u32()?;
         let start = r.pos;
         r.take(len)?;
-        HeaderValue::from_maybe_shared(data.slice(start..r.pos))
-            .map_err(|_| EntryError::Invalid("header value"))?;
+        if !valid_value(&data[start..r.pos]) {
+            return Err(EntryError::Invalid("header value"));
+        }
     }
     let tags = r.pos;
     for _ in 0..r.u32()? {
@@ -368,7 +427,9 @@ fn parse_layout(data: &Bytes) -> Result<(Layout, bool), EntryError> {
 #[derive(Debug, Clone)]
 pub struct Fields<'a> {
     reader: Reader<'a>,
-    owner: &'a Bytes,
+    /// The block as shared bytes, sliced for each value; `None` copies
+    /// each value instead.
+    owner: Option<Bytes>,
     left: usize,
 }
 
@@ -385,9 +446,11 @@ impl Iterator for Fields<'_> {
         let len = self.reader.u32().ok()?;
         let start = self.reader.pos;
         self.reader.take(len).ok()?;
-        let value =
-            HeaderValue::from_maybe_shared(self.owner.slice(start..self.reader.pos)).ok()?;
-        Some((name, value))
+        let value = match &self.owner {
+            Some(owner) => HeaderValue::from_maybe_shared(owner.slice(start..self.reader.pos)),
+            None => HeaderValue::from_bytes(&self.reader.data[start..self.reader.pos]),
+        };
+        Some((name, value.ok()?))
     }
 
     fn size_hint(&self) -> (usize, Option<usize>) {
@@ -403,24 +466,7 @@ impl Entry {
         status: StatusCode,
         content: Content<'_>,
     ) -> Result<Entry, EntryError> {
-        let (body, block, layout, has_validator) = assemble(content)?;
-        Ok(Entry {
-            kind,
-            status,
-            request_time_ms: 0,
-            response_time_ms: 0,
-            initial_age: Duration::ZERO,
-            freshness: Duration::ZERO,
-            swr: Duration::ZERO,
-            sie: Duration::ZERO,
-            revalidate_when_stale: false,
-            soft_purged: false,
-            generation: 0,
-            has_validator,
-            body,
-            block,
-            layout,
-        })
+        assemble(kind, status, content)
     }
 
     /// Builds the entry for a response that [`super::control::storable`]
@@ -465,10 +511,7 @@ impl Entry {
             Entry::new(EntryKind::Response, status, content).map_err(|_| NotStorable::TooLarge)?;
         entry.request_time_ms = unix_millis(request_time);
         entry.response_time_ms = unix_millis(response_time);
-        entry.initial_age = initial_age;
-        entry.freshness = freshness;
-        entry.swr = swr;
-        entry.sie = sie;
+        entry.set_windows(initial_age, freshness, swr, sie);
         entry.revalidate_when_stale =
             directives.revalidate_when_stale() && !overrides.ignore_origin;
         Ok(entry)
@@ -489,17 +532,43 @@ impl Entry {
             .expect("names that fitted in the entry fit in the marker");
         marker.request_time_ms = entry.request_time_ms;
         marker.response_time_ms = entry.response_time_ms;
-        marker.initial_age = entry.initial_age;
-        marker.freshness = entry.freshness;
-        marker.swr = entry.swr;
-        marker.sie = entry.sie;
+        marker.initial_age_ms = entry.initial_age_ms;
+        marker.freshness_ms = entry.freshness_ms;
+        marker.swr_ms = entry.swr_ms;
+        marker.sie_ms = entry.sie_ms;
         marker.generation = generation;
         marker
     }
 
-    /// The body, shared with the entry.
-    pub fn body(&self) -> Bytes {
-        self.body.clone()
+    /// Sets the corrected initial age, the freshness lifetime and the
+    /// stale-while-revalidate and stale-if-error windows (kept to the
+    /// millisecond).
+    pub fn set_windows(
+        &mut self,
+        initial_age: Duration,
+        freshness: Duration,
+        swr: Duration,
+        sie: Duration,
+    ) {
+        self.initial_age_ms = millis(initial_age);
+        self.freshness_ms = millis(freshness);
+        self.swr_ms = millis(swr);
+        self.sie_ms = millis(sie);
+    }
+
+    /// The corrected initial age (RFC 9111 section 4.2.3).
+    pub fn initial_age(&self) -> Duration {
+        Duration::from_millis(self.initial_age_ms)
+    }
+
+    /// The body, sharing the entry: the [`Bytes`] keeps it alive.
+    pub fn body(self: &Arc<Self>) -> Bytes {
+        Bytes::from_owner(BodyOf(Arc::clone(self)))
+    }
+
+    /// The body, borrowed.
+    pub fn body_slice(&self) -> &[u8] {
+        &self.body
     }
 
     /// Length of the body in bytes.
@@ -516,11 +585,22 @@ impl Entry {
         }
     }
 
-    /// The stored fields; values are shared with the entry.
-    pub fn fields(&self) -> Fields<'_> {
+    /// The stored fields; values share the entry (one [`Bytes`] owning a
+    /// clone of the `Arc`, sliced for each value).
+    pub fn fields(self: &Arc<Self>) -> Fields<'_> {
         Fields {
             reader: self.section(4, self.layout.tags),
-            owner: &self.block,
+            owner: Some(Bytes::from_owner(BlockOf(Arc::clone(self)))),
+            left: self.field_count(),
+        }
+    }
+
+    /// The stored fields, each value copied: for entries not shared yet,
+    /// and for uses off the hit path.
+    pub fn fields_copied(&self) -> Fields<'_> {
+        Fields {
+            reader: self.section(4, self.layout.tags),
+            owner: None,
             left: self.field_count(),
         }
     }
@@ -530,10 +610,10 @@ impl Entry {
         self.layout.field_count as usize
     }
 
-    /// The stored fields as a map.
+    /// The stored fields as a map, values copied.
     pub fn headers(&self) -> HeaderMap {
         let mut map = HeaderMap::with_capacity(self.field_count());
-        for (name, value) in self.fields() {
+        for (name, value) in self.fields_copied() {
             map.append(name, value);
         }
         map
@@ -604,17 +684,17 @@ impl Entry {
             freshness: if self.soft_purged {
                 Duration::ZERO
             } else {
-                self.freshness
+                Duration::from_millis(self.freshness_ms)
             },
-            swr: self.swr,
-            sie: self.sie,
+            swr: Duration::from_millis(self.swr_ms),
+            sie: Duration::from_millis(self.sie_ms),
             revalidate_when_stale: self.revalidate_when_stale,
         }
     }
 
     /// Current age at `now` (RFC 9111 section 4.2.3).
     pub fn age_at(&self, now: SystemTime) -> Duration {
-        current_age(self.initial_age, self.response_time(), now)
+        current_age(self.initial_age(), self.response_time(), now)
     }
 
     /// Where the entry stands at `now`.
@@ -661,10 +741,10 @@ impl Entry {
         let numbers = [
             self.request_time_ms,
             self.response_time_ms,
-            millis(self.initial_age),
-            millis(self.freshness),
-            millis(self.swr),
-            millis(self.sie),
+            self.initial_age_ms,
+            self.freshness_ms,
+            self.swr_ms,
+            self.sie_ms,
             self.generation,
             self.body.len() as u64,
         ];
@@ -730,28 +810,30 @@ impl Entry {
             .map_err(|_| EntryError::Invalid("status"))?;
         let request_time_ms = r.u64()?;
         let response_time_ms = r.u64()?;
-        let initial_age = Duration::from_millis(r.u64()?);
-        let freshness = Duration::from_millis(r.u64()?);
-        let swr = Duration::from_millis(r.u64()?);
-        let sie = Duration::from_millis(r.u64()?);
+        let initial_age_ms = r.u64()?;
+        let freshness_ms = r.u64()?;
+        let swr_ms = r.u64()?;
+        let sie_ms = r.u64()?;
         let generation = r.u64()?;
         let body_len = usize::try_from(r.u64()?).map_err(|_| EntryError::Length)?;
         let end = data.len() - CHECKSUM_LEN;
         if body_len > end - FIXED_LEN {
             return Err(EntryError::Length);
         }
-        let body = data.slice(FIXED_LEN..FIXED_LEN + body_len);
-        let block = data.slice(FIXED_LEN + body_len..end);
+        // Copied out of the read buffer, each at its exact size: an entry
+        // read from disk then costs in memory what a fresh one does.
+        let block: Box<[u8]> = data[FIXED_LEN + body_len..end].into();
         let (layout, has_validator) = parse_layout(&block)?;
+        let body: Box<[u8]> = data[FIXED_LEN..FIXED_LEN + body_len].into();
         Ok(Entry {
             kind,
             status,
             request_time_ms,
             response_time_ms,
-            initial_age,
-            freshness,
-            swr,
-            sie,
+            initial_age_ms,
+            freshness_ms,
+            swr_ms,
+            sie_ms,
             revalidate_when_stale: flags & FLAG_REVALIDATE != 0,
             soft_purged: flags & FLAG_SOFT_PURGED != 0,
             generation,
@@ -877,7 +959,7 @@ mod tests {
             vary: &[],
             secondary_key: "",
         };
-        let entry = Entry::new(EntryKind::Response, StatusCode::OK, content).unwrap();
+        let entry = Arc::new(Entry::new(EntryKind::Response, StatusCode::OK, content).unwrap());
         assert_eq!(entry.headers(), received);
         assert_eq!(
             entry
@@ -910,10 +992,12 @@ mod tests {
         let mut entry = Entry::new(EntryKind::Response, StatusCode::OK, content).unwrap();
         entry.request_time_ms = 1_700_000_000_000;
         entry.response_time_ms = 1_700_000_000_250;
-        entry.initial_age = Duration::from_secs(3);
-        entry.freshness = Duration::from_secs(60);
-        entry.swr = Duration::from_secs(30);
-        entry.sie = Duration::from_secs(600);
+        entry.set_windows(
+            Duration::from_secs(3),
+            Duration::from_secs(60),
+            Duration::from_secs(30),
+            Duration::from_secs(600),
+        );
         entry.revalidate_when_stale = true;
         entry.soft_purged = true;
         entry.generation = 42;
@@ -921,8 +1005,32 @@ mod tests {
     }
 
     #[test]
+    fn a_shared_entry_fits_a_128_byte_allocation() {
+        // An `Arc` adds its two counts, 16 bytes, to the entry.
+        let size = std::mem::size_of::<Entry>();
+        assert!(size + 16 <= 128, "Entry is {size} bytes");
+    }
+
+    #[test]
+    fn a_shared_entry_hands_out_body_and_fields_without_copying() {
+        let entry = Arc::new(sample());
+        let body = entry.body();
+        assert_eq!(body.as_ptr(), entry.body_slice().as_ptr());
+        let fields: Vec<(HeaderName, HeaderValue)> = entry.fields().collect();
+        let block = entry.block.as_ptr_range();
+        assert!(fields
+            .iter()
+            .all(|(_, v)| block.contains(&v.as_bytes().as_ptr())));
+        // The body and the values keep the entry alive, not copies of it.
+        assert_eq!(Arc::strong_count(&entry), 3);
+        drop(body);
+        drop(fields);
+        assert_eq!(Arc::strong_count(&entry), 1);
+    }
+
+    #[test]
     fn the_sections_read_back_as_stored() {
-        let entry = sample();
+        let entry = Arc::new(sample());
         assert_eq!(&entry.body()[..], b"<h1>hello</h1>");
         assert_eq!(entry.body_len(), 14);
         let fields: Vec<(HeaderName, HeaderValue)> = entry.fields().collect();
@@ -954,7 +1062,7 @@ mod tests {
         assert_eq!(marker.generation, 7);
         assert_eq!(marker.body_len(), 0);
         assert!(!marker.has_validator());
-        assert_eq!(marker.freshness, entry.freshness);
+        assert_eq!(marker.freshness_ms, entry.freshness_ms);
 
         let plain = Entry::new(
             EntryKind::Response,
@@ -970,7 +1078,7 @@ mod tests {
         .unwrap();
         assert!(plain.vary_is_empty());
         assert!(!plain.same_vary(&entry));
-        assert_eq!(plain.fields().count(), 0);
+        assert_eq!(plain.fields_copied().count(), 0);
         assert_eq!(plain.tags().count(), 0);
     }
 
@@ -1164,9 +1272,9 @@ mod tests {
             Duration::from_secs(86_400),
         )
         .unwrap();
-        assert_eq!(entry.freshness, Duration::from_secs(100));
-        assert_eq!(entry.swr, Duration::from_secs(10));
-        assert_eq!(entry.initial_age, Duration::from_secs(6));
+        assert_eq!(entry.lifetime().freshness, Duration::from_secs(100));
+        assert_eq!(entry.lifetime().swr, Duration::from_secs(10));
+        assert_eq!(entry.initial_age(), Duration::from_secs(6));
         assert_eq!(entry.tags().collect::<Vec<_>>(), ["a", "b", "c"]);
         assert_eq!(entry.vary(), [header::ACCEPT_ENCODING]);
         assert_eq!(entry.secondary_key(), "accept-encoding:gzip");

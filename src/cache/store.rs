@@ -287,7 +287,7 @@ fn is_useless(entry: &Entry, now: SystemTime) -> bool {
 
 /// When an entry stops being of any use, Unix milliseconds.
 fn useless_after_ms(entry: &Entry) -> u64 {
-    let life = useful_for(entry).saturating_sub(entry.initial_age);
+    let life = useful_for(entry).saturating_sub(entry.initial_age());
     entry
         .response_time_ms
         .saturating_add(u64::try_from(life.as_millis()).unwrap_or(u64::MAX))
@@ -398,6 +398,11 @@ impl Store {
     /// Stores an entry under a full key. Returns false (and stores nothing)
     /// when its encoding exceeds `max_object_bytes`.
     pub fn insert(&self, key: String, entry: Entry) -> bool {
+        self.insert_shared(key, Arc::new(entry))
+    }
+
+    /// [`Store::insert`] for an entry that is already shared.
+    fn insert_shared(&self, key: String, entry: Arc<Entry>) -> bool {
         if entry.encoded_len() > self.max_object_bytes {
             metrics::counter!("portico_cache_stores_total", "result" => "too-large").increment(1);
             return false;
@@ -408,7 +413,7 @@ impl Store {
             index.removed.remove(&key);
             index.add(&key, &entry);
         }
-        self.cache.insert(key, Stored(Arc::new(entry)));
+        self.cache.insert(key, Stored(entry));
         metrics::counter!("portico_cache_stores_total", "result" => "stored").increment(1);
         true
     }
@@ -455,15 +460,27 @@ impl Store {
     /// Stores a response under `primary`, as the plain response when it
     /// does not vary, else as a variant (writing or extending the vary
     /// marker). Returns false when it was too large to store.
-    pub async fn store_response(&self, primary: &str, mut entry: Entry) -> bool {
+    pub async fn store_response(&self, primary: &str, entry: Entry) -> bool {
+        self.store_response_shared(primary, entry).await.1
+    }
+
+    /// [`Store::store_response`], also returning the entry as stored, shared
+    /// with the store (a response served from it costs no second copy).
+    pub async fn store_response_shared(
+        &self,
+        primary: &str,
+        mut entry: Entry,
+    ) -> (Arc<Entry>, bool) {
         let root = root_key(primary);
         if entry.vary_is_empty() {
             entry.generation = 0;
-            return self.insert(root, entry);
+            let entry = Arc::new(entry);
+            return (Arc::clone(&entry), self.insert_shared(root, entry));
         }
         if entry.encoded_len() > self.max_object_bytes {
             // Refused (and counted) by `insert`, before any marker is written.
-            return self.insert(root, entry);
+            let entry = Arc::new(entry);
+            return (Arc::clone(&entry), self.insert_shared(root, entry));
         }
         let marker = match self.get(&root).await {
             Some(m) if m.kind == EntryKind::VaryMarker && m.same_vary(&entry) => Some(m),
@@ -481,7 +498,8 @@ impl Store {
             let marker = Entry::vary_marker(&entry, generation);
             self.insert(root, marker);
         }
-        self.insert(key, entry)
+        let entry = Arc::new(entry);
+        (Arc::clone(&entry), self.insert_shared(key, entry))
     }
 
     fn new_generation(&self) -> u64 {

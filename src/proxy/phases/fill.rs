@@ -103,14 +103,13 @@ impl Gateway {
                     &view,
                     entry.status,
                     headers,
-                    entry.body().to_vec(),
+                    entry.body_slice().to_vec(),
                     parts,
                     request_time,
                     response_time,
                 );
                 if let Ok(e) = refreshed {
-                    let e = Arc::new(e);
-                    self.inner.store.store_response(key, Entry::clone(&e)).await;
+                    let (e, _) = self.inner.store.store_response_shared(key, e).await;
                     return Ok(Filled::Stored(e, 304, Vec::new()));
                 }
                 // The refreshed copy may no longer be stored: pass the old body once.
@@ -202,12 +201,7 @@ impl Gateway {
                     )));
                 }
             };
-        let entry = Arc::new(entry);
-        let stored = self
-            .inner
-            .store
-            .store_response(key, Entry::clone(&entry))
-            .await;
+        let (entry, stored) = self.inner.store.store_response_shared(key, entry).await;
         if !stored {
             metrics::counter!("portico_cache_not_stored_total", "reason" => "store-refused")
                 .increment(1);
