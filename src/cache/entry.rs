@@ -47,7 +47,7 @@ use super::control::{
 /// Magic bytes at the start of every encoded entry.
 pub const MAGIC: [u8; 4] = *b"PTCE";
 /// Current encoding version; entries of other versions are refused.
-pub const FORMAT_VERSION: u8 = 2;
+pub const FORMAT_VERSION: u8 = 3;
 
 const FLAG_SOFT_PURGED: u8 = 1;
 const FLAG_REVALIDATE: u8 = 2;
