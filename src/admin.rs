@@ -92,11 +92,14 @@ impl Admin {
             }
         }
         let store = self.gateway.store();
-        let (kind, count) = match (url, prefix, tag) {
+        // Whether entries on disk from before the last restart are reached
+        // when read, by a ban (exact hard purges need none).
+        let bans = store.keeps_bans();
+        let (kind, count, deferred) = match (url, prefix, tag) {
             (Some(url), None, None) => match self.gateway.key_for_url(&url) {
-                Ok(Some(key)) if soft => ("url", store.soft_purge(&key).await),
-                Ok(Some(key)) => ("url", store.purge(&key)),
-                Ok(None) => ("url", 0),
+                Ok(Some(key)) if soft => ("url", store.soft_purge(&key).await, bans),
+                Ok(Some(key)) => ("url", store.purge(&key), false),
+                Ok(None) => ("url", 0, false),
                 Err(e) => {
                     return json(
                         StatusCode::BAD_REQUEST,
@@ -105,9 +108,9 @@ impl Admin {
                 }
             },
             (None, Some(prefix), None) => match self.gateway.key_for_url(&prefix) {
-                Ok(Some(key)) if soft => ("prefix", store.soft_purge_prefix(&key).await),
-                Ok(Some(key)) => ("prefix", store.purge_prefix(&key)),
-                Ok(None) => ("prefix", 0),
+                Ok(Some(key)) if soft => ("prefix", store.soft_purge_prefix(&key).await, bans),
+                Ok(Some(key)) => ("prefix", store.purge_prefix(&key), bans),
+                Ok(None) => ("prefix", 0, false),
                 Err(e) => {
                     return json(
                         StatusCode::BAD_REQUEST,
@@ -115,8 +118,8 @@ impl Admin {
                     )
                 }
             },
-            (None, None, Some(tag)) if soft => ("tag", store.soft_purge_tag(&tag).await),
-            (None, None, Some(tag)) => ("tag", store.purge_tag(&tag)),
+            (None, None, Some(tag)) if soft => ("tag", store.soft_purge_tag(&tag).await, bans),
+            (None, None, Some(tag)) => ("tag", store.purge_tag(&tag), bans),
             _ => {
                 return json(
                     StatusCode::BAD_REQUEST,
@@ -124,10 +127,10 @@ impl Admin {
                 )
             }
         };
-        tracing::info!(kind, count, soft, "purge");
+        tracing::info!(kind, count, soft, deferred, "purge");
         json(
             StatusCode::OK,
-            format!(r#"{{"purged":{count},"kind":"{kind}","soft":{soft}}}"#),
+            format!(r#"{{"purged":{count},"kind":"{kind}","soft":{soft},"deferred":{deferred}}}"#),
         )
     }
 }

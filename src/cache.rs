@@ -14,6 +14,7 @@
 //! [`coalesce::Coalescer`] to the origin, then stores what
 //! [`control::storable`] allows.
 
+pub mod bans;
 pub mod coalesce;
 pub mod control;
 pub mod date;

@@ -71,6 +71,53 @@ async fn a_purged_object_stays_purged_after_a_restart() {
 }
 
 #[tokio::test]
+async fn a_tag_purge_after_a_restart_reaches_objects_stored_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    bounded(async {
+        let origin = Origin::start(|req| {
+            let tag = if req.uri.path().starts_with("/red") {
+                "red"
+            } else {
+                "blue"
+            };
+            reply(
+                200,
+                &[("cache-control", "max-age=600"), ("surrogate-key", tag)],
+                "x",
+            )
+        })
+        .await;
+        let p = start(origin.addr, dir.path()).await;
+        for path in ["/red/1", "/red/2", "/blue/1"] {
+            get(addr(&p), path, &[]).await;
+        }
+        p.shutdown().await;
+        tokio::time::sleep(Duration::from_millis(5)).await;
+
+        // Nothing was read since the restart: no object is known yet, the
+        // ban reaches them when they are read.
+        let p = start(origin.addr, dir.path()).await;
+        let r = admin(&p, "POST", "/purge?tag=red", Some("secret")).await;
+        assert_eq!(r.status, 200);
+        assert!(r.text().contains("\"purged\":0"), "{}", r.text());
+        assert!(r.text().contains("\"deferred\":true"), "{}", r.text());
+        let red = get(addr(&p), "/red/1", &[]).await;
+        assert!(!red.is_hit(), "{}", red.cache_status());
+        assert!(get(addr(&p), "/blue/1", &[]).await.is_hit());
+        p.shutdown().await;
+
+        // A third run: the ban was kept with the cache.
+        let p = start(origin.addr, dir.path()).await;
+        let red = get(addr(&p), "/red/2", &[]).await;
+        assert!(!red.is_hit(), "{}", red.cache_status());
+        assert_eq!(origin.count_path("/red/2"), 2);
+        assert_eq!(origin.count_path("/blue/1"), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn corrupt_cache_files_are_dropped_and_fetched_again() {
     let dir = tempfile::tempdir().unwrap();
     bounded(async {

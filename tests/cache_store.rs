@@ -450,3 +450,75 @@ async fn garbage_over_all_disk_files_opens_empty_without_panic() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn prefix_and_tag_purges_reach_entries_stored_before_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let none = HeaderMap::new();
+    let with_tag = |tag: &'static str, body: &'static str| {
+        response(
+            "max-age=3600, stale-while-revalidate=3600",
+            &[("surrogate-key", tag)],
+            Bytes::from_static(body.as_bytes()),
+            &HeaderMap::new(),
+        )
+    };
+    bounded(async {
+        let store = Store::open(config(dir.path(), 1 << 20)).await.unwrap();
+        store.store_response("/shop/1", with_tag("red", "s1")).await;
+        store.store_response("/shop/2", with_tag("red", "s2")).await;
+        store
+            .store_response("/blog/1", with_tag("blue", "b1"))
+            .await;
+        store
+            .store_response("/blog/2", with_tag("news", "b2"))
+            .await;
+        store
+            .store_response("/keep/1", with_tag("green", "k1"))
+            .await;
+        store.close().await.unwrap();
+    })
+    .await;
+    // The next store opens strictly later than these entries arrived.
+    tokio::time::sleep(Duration::from_millis(5)).await;
+
+    bounded(async {
+        let store = Store::open(config(dir.path(), 1 << 20)).await.unwrap();
+        // Nothing was read since the restart: the index knows no entry.
+        assert_eq!(store.purge_prefix("/shop/"), 0);
+        assert_eq!(store.purge_tag("blue"), 0);
+        assert_eq!(store.soft_purge_tag("news").await, 0);
+        assert!(store.keeps_bans());
+        assert!(matches!(store.lookup("/shop/1", &none).await, Lookup::Miss));
+        assert!(matches!(store.lookup("/blog/1", &none).await, Lookup::Miss));
+        let soft = hit(store.lookup("/blog/2", &none).await).unwrap();
+        assert!(soft.soft_purged, "a soft ban marks the entry stale");
+        assert_eq!(soft.body_slice(), b"b2");
+        assert_eq!(
+            hit(store.lookup("/keep/1", &none).await)
+                .unwrap()
+                .body_slice(),
+            b"k1"
+        );
+        // Stored after the bans: untouched by them.
+        store.store_response("/shop/3", with_tag("red", "s3")).await;
+        assert!(hit(store.lookup("/shop/3", &none).await).is_some());
+        store.close().await.unwrap();
+    })
+    .await;
+
+    bounded(async {
+        let store = Store::open(config(dir.path(), 1 << 20)).await.unwrap();
+        // Never read in the second run: the ban, kept on disk, still holds.
+        assert!(matches!(store.lookup("/shop/2", &none).await, Lookup::Miss));
+        assert!(
+            hit(store.lookup("/blog/2", &none).await)
+                .unwrap()
+                .soft_purged
+        );
+        assert!(hit(store.lookup("/keep/1", &none).await).is_some());
+        assert!(hit(store.lookup("/shop/3", &none).await).is_some());
+        store.close().await.unwrap();
+    })
+    .await;
+}

@@ -25,8 +25,9 @@
 //! Purge index. Purge by prefix and by tag needs to enumerate keys; the
 //! store keeps an in-memory index (key to tags, tag to keys, ordered keys)
 //! of every entry inserted or read since it was opened. It is not persisted:
-//! after a restart, prefix and tag purges reach only the entries read or
-//! written since. Exact-key purges are unaffected (see above).
+//! the entries on disk from before a restart are reached by bans instead
+//! ([`super::bans`]), tested when such an entry is read. Exact-key purges
+//! need neither (see above).
 //!
 //! Durability. The disk tier writes on insertion, keeps a tombstone log so
 //! that removals survive a restart, and recovers quietly: a corrupt entry on
@@ -47,6 +48,7 @@ use foyer::{
 };
 use http::HeaderMap;
 
+use super::bans::{Ban, Bans, Target, Verdict};
 use super::control::secondary_key_of;
 use super::entry::{Entry, EntryKind};
 
@@ -223,6 +225,11 @@ pub struct Store {
     last_generation: AtomicU64,
     /// When the latest removal happened, Unix milliseconds (see [`Index::removed`]).
     last_removal_ms: AtomicU64,
+    /// When the store opened, Unix milliseconds: entries that arrived
+    /// before are the ones the index may not know.
+    opened_ms: u64,
+    /// Bans for those entries; kept only with a disk tier.
+    bans: Option<Mutex<Bans>>,
     reads: Reads,
 }
 
@@ -272,6 +279,10 @@ pub fn variant_key(primary: &str, generation: u64, secondary: &str) -> String {
 
 fn now() -> SystemTime {
     SystemTime::now()
+}
+
+fn unix_ms(t: SystemTime) -> u64 {
+    u64::try_from(t.duration_since(UNIX_EPOCH).unwrap_or_default().as_millis()).unwrap_or(u64::MAX)
 }
 
 /// How long an entry is kept past its windows (see the module doc).
@@ -352,12 +363,19 @@ impl Store {
                     .await?
             }
         };
+        let opened_ms = unix_ms(now());
+        let bans = config
+            .disk_dir
+            .as_ref()
+            .map(|dir| Mutex::new(Bans::load(dir, opened_ms)));
         Ok(Store {
             cache,
             index: Mutex::new(Index::default()),
             max_object_bytes: config.max_object_bytes,
             last_generation: AtomicU64::new(0),
             last_removal_ms: AtomicU64::new(0),
+            opened_ms,
+            bans,
             reads: Reads::new(),
         })
     }
@@ -403,12 +421,68 @@ impl Store {
             self.remove(key);
             return None;
         }
+        let entry = if from_disk && entry.response_time_ms < self.opened_ms {
+            match self.judge(key, &entry) {
+                Verdict::Keep => entry,
+                Verdict::Purge => {
+                    self.reads.purged.increment(1);
+                    self.remove(key);
+                    return None;
+                }
+                Verdict::Stale if entry.soft_purged => entry,
+                Verdict::Stale => {
+                    let mut marked = Entry::clone(&entry);
+                    marked.soft_purged = true;
+                    let marked = Arc::new(marked);
+                    self.insert_shared(key.to_owned(), Arc::clone(&marked));
+                    marked
+                }
+            }
+        } else {
+            entry
+        };
         self.reads.hit.increment(1);
         // What is in memory was indexed when it was stored or read from disk.
         if from_disk {
             self.index().add(key, &entry);
         }
         Some(entry)
+    }
+
+    /// What the bans say of an entry from before the store opened.
+    fn judge(&self, key: &str, entry: &Entry) -> Verdict {
+        let Some(bans) = &self.bans else {
+            return Verdict::Keep;
+        };
+        let bans = bans.lock().unwrap_or_else(|p| p.into_inner());
+        if bans.is_empty() {
+            return Verdict::Keep;
+        }
+        let tags: Vec<&str> = entry.tags().collect();
+        bans.judge(key, entry.response_time_ms, &tags)
+    }
+
+    /// Whether prefix and tag purges also leave bans for the entries on disk
+    /// from before the store opened (see [`super::bans`]): true with a disk
+    /// tier.
+    pub fn keeps_bans(&self) -> bool {
+        self.bans.is_some()
+    }
+
+    /// Records a ban for the entries on disk from before the store opened.
+    fn ban(&self, soft: bool, target: Target) {
+        let Some(bans) = &self.bans else {
+            return;
+        };
+        let ban = Ban {
+            before_ms: self.opened_ms,
+            soft,
+            target,
+        };
+        let mut bans = bans.lock().unwrap_or_else(|p| p.into_inner());
+        if let Err(error) = bans.add(ban) {
+            tracing::error!(%error, "cache ban not saved: it holds until the next restart only");
+        }
     }
 
     /// Stores an entry under a full key. Returns false (and stores nothing)
@@ -552,15 +626,18 @@ impl Store {
         self.remove_all(keys, "key")
     }
 
-    /// Removes every known key that starts with `prefix` (see the module
-    /// doc for what "known" means after a restart).
+    /// Removes every key that starts with `prefix`. Returns how many known
+    /// keys were removed; entries on disk from before the store opened are
+    /// removed when read (see the module doc).
     pub fn purge_prefix(&self, prefix: &str) -> usize {
+        self.ban(false, Target::Prefix(prefix.to_owned()));
         let keys = self.index().with_prefix(prefix);
         self.remove_all(keys, "prefix")
     }
 
-    /// Removes every known entry tagged `tag`.
+    /// Removes every entry tagged `tag`, as [`Store::purge_prefix`] does.
     pub fn purge_tag(&self, tag: &str) -> usize {
+        self.ban(false, Target::Tag(tag.to_owned()));
         let keys = self.index().with_tag(tag);
         self.remove_all(keys, "tag")
     }
@@ -578,6 +655,8 @@ impl Store {
     /// windows). Returns how many entries were marked.
     pub async fn soft_purge(&self, primary: &str) -> usize {
         let root = root_key(primary);
+        // Variants on disk from before the store opened are not known.
+        self.ban(true, Target::Prefix(root.clone()));
         let mut keys = self.index().with_prefix(&root);
         if !keys.contains(&root) {
             keys.push(root);
@@ -587,12 +666,14 @@ impl Store {
 
     /// Marks every known entry tagged `tag` stale.
     pub async fn soft_purge_tag(&self, tag: &str) -> usize {
+        self.ban(true, Target::Tag(tag.to_owned()));
         let keys = self.index().with_tag(tag);
         self.soft_purge_all(keys).await
     }
 
     /// Marks every entry whose key starts with `prefix` stale.
     pub async fn soft_purge_prefix(&self, prefix: &str) -> usize {
+        self.ban(true, Target::Prefix(prefix.to_owned()));
         let keys = self.index().with_prefix(prefix);
         self.soft_purge_all(keys).await
     }
