@@ -14,8 +14,8 @@
 //! size class exactly, where the fields appended to it would push it into
 //! the next class.)
 //!
-//! Entries are shared as `Arc<Entry>`, and the fixed part is kept to 112
-//! bytes so that the `Arc` fits a 128-byte allocation. The body and the
+//! Entries are shared as `Arc<Entry>`, and the fixed part is kept to 96
+//! bytes so that the `Arc` fits a 112-byte allocation. The body and the
 //! block are plain boxed slices, not reference-counted buffers: a hit hands
 //! them out as [`Bytes`] that own a clone of the `Arc` ([`Entry::body`],
 //! [`Entry::fields`]), so nothing is copied and no stored entry carries
@@ -47,12 +47,12 @@ use super::control::{
 /// Magic bytes at the start of every encoded entry.
 pub const MAGIC: [u8; 4] = *b"PTCE";
 /// Current encoding version; entries of other versions are refused.
-pub const FORMAT_VERSION: u8 = 3;
+pub const FORMAT_VERSION: u8 = 4;
 
 const FLAG_SOFT_PURGED: u8 = 1;
 const FLAG_REVALIDATE: u8 = 2;
-/// magic, version, kind, flags, status, 7 u64 fields, body length.
-const FIXED_LEN: usize = 4 + 1 + 1 + 1 + 2 + 8 * 8;
+/// magic, version, kind, flags, status, 6 u64 fields, body length.
+const FIXED_LEN: usize = 4 + 1 + 1 + 1 + 2 + 7 * 8;
 const CHECKSUM_LEN: usize = 4;
 
 /// Field names stored as one byte (their position plus one): the ones most
@@ -101,11 +101,11 @@ pub enum EntryKind {
     VaryMarker,
 }
 
-/// Where the sections of an entry's block start (the fields at 0).
+/// Where the last sections of an entry's block start. The field count is
+/// the block's first four bytes and the tags follow the fields: both are
+/// read from the block, so that the entry stays small.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Layout {
-    field_count: u32,
-    tags: u32,
     vary: u32,
     secondary_key: u32,
 }
@@ -120,8 +120,6 @@ pub struct Entry {
     pub kind: EntryKind,
     /// Response status.
     pub status: StatusCode,
-    /// When the request to the origin was sent, Unix milliseconds.
-    pub request_time_ms: u64,
     /// When the response arrived, Unix milliseconds.
     pub response_time_ms: u64,
     /// Corrected initial age (RFC 9111 section 4.2.3), milliseconds.
@@ -341,16 +339,14 @@ fn assemble(
     // the body was collected into a buffer of exactly its length).
     body.shrink_to_fit();
     let at = |n: usize| u32::try_from(n).expect("checked above");
+    debug_assert_eq!(tags_at, fields_end(&block));
     let layout = Layout {
-        field_count: at(headers.len()),
-        tags: at(tags_at),
         vary: at(vary_at),
         secondary_key: at(key_at),
     };
     Ok(Entry {
         kind,
         status,
-        request_time_ms: 0,
         response_time_ms: 0,
         initial_age_ms: 0,
         freshness_ms: 0,
@@ -364,6 +360,33 @@ fn assemble(
         block: block.into_boxed_slice(),
         layout,
     })
+}
+
+/// Where the fields of a well-formed block end (and its tags start).
+fn fields_end(block: &[u8]) -> usize {
+    let mut r = Reader {
+        data: block,
+        pos: 0,
+        end: block.len(),
+    };
+    let count = r.u32().unwrap_or(0);
+    // Checked when the entry was made or read: the names are skipped, not
+    // parsed.
+    let mut skip = || -> Result<(), EntryError> {
+        if r.u8()? == 0 {
+            let len = r.u16()?;
+            r.take(len)?;
+        }
+        let len = r.u32()?;
+        r.take(len)?;
+        Ok(())
+    };
+    for _ in 0..count {
+        if skip().is_err() {
+            break;
+        }
+    }
+    r.pos
 }
 
 /// Whether `bytes` may be a field value (what `HeaderValue` accepts:
@@ -414,9 +437,8 @@ fn parse_layout(data: &[u8]) -> Result<(Layout, bool), EntryError> {
         return Err(EntryError::Length);
     }
     let at = |n: usize| u32::try_from(n).map_err(|_| EntryError::Length);
+    debug_assert_eq!(tags, fields_end(data));
     let layout = Layout {
-        field_count: at(field_count)?,
-        tags: at(tags)?,
         vary: at(vary)?,
         secondary_key: at(secondary_key)?,
     };
@@ -509,7 +531,6 @@ impl Entry {
         };
         let mut entry =
             Entry::new(EntryKind::Response, status, content).map_err(|_| NotStorable::TooLarge)?;
-        entry.request_time_ms = unix_millis(request_time);
         entry.response_time_ms = unix_millis(response_time);
         entry.set_windows(initial_age, freshness, swr, sie);
         entry.revalidate_when_stale =
@@ -530,7 +551,6 @@ impl Entry {
         };
         let mut marker = Entry::new(EntryKind::VaryMarker, entry.status, content)
             .expect("names that fitted in the entry fit in the marker");
-        marker.request_time_ms = entry.request_time_ms;
         marker.response_time_ms = entry.response_time_ms;
         marker.initial_age_ms = entry.initial_age_ms;
         marker.freshness_ms = entry.freshness_ms;
@@ -589,7 +609,7 @@ impl Entry {
     /// clone of the `Arc`, sliced for each value).
     pub fn fields(self: &Arc<Self>) -> Fields<'_> {
         Fields {
-            reader: self.section(4, self.layout.tags),
+            reader: self.section(4, self.layout.vary),
             owner: Some(Bytes::from_owner(BlockOf(Arc::clone(self)))),
             left: self.field_count(),
         }
@@ -599,7 +619,7 @@ impl Entry {
     /// and for uses off the hit path.
     pub fn fields_copied(&self) -> Fields<'_> {
         Fields {
-            reader: self.section(4, self.layout.tags),
+            reader: self.section(4, self.layout.vary),
             owner: None,
             left: self.field_count(),
         }
@@ -607,7 +627,8 @@ impl Entry {
 
     /// How many fields are stored.
     pub fn field_count(&self) -> usize {
-        self.layout.field_count as usize
+        let count: [u8; 4] = self.block[..4].try_into().expect("a block has a count");
+        u32::from_le_bytes(count) as usize
     }
 
     /// The stored fields as a map, values copied.
@@ -626,7 +647,7 @@ impl Entry {
 
     /// Purge tags from `Surrogate-Key` and `Cache-Tag`.
     pub fn tags(&self) -> impl Iterator<Item = &str> + '_ {
-        let mut r = self.section(self.layout.tags, self.layout.vary);
+        let mut r = self.section(fields_end(&self.block) as u32, self.layout.vary);
         let count = r.u32().unwrap_or(0);
         (0..count).map_while(move |_| {
             let len = r.u32().ok()?;
@@ -739,7 +760,6 @@ impl Entry {
         out[6] = flags;
         out[7..9].copy_from_slice(&self.status.as_u16().to_le_bytes());
         let numbers = [
-            self.request_time_ms,
             self.response_time_ms,
             self.initial_age_ms,
             self.freshness_ms,
@@ -808,7 +828,6 @@ impl Entry {
         }
         let status = StatusCode::from_u16(u16::from_le_bytes(r.array()?))
             .map_err(|_| EntryError::Invalid("status"))?;
-        let request_time_ms = r.u64()?;
         let response_time_ms = r.u64()?;
         let initial_age_ms = r.u64()?;
         let freshness_ms = r.u64()?;
@@ -828,7 +847,6 @@ impl Entry {
         Ok(Entry {
             kind,
             status,
-            request_time_ms,
             response_time_ms,
             initial_age_ms,
             freshness_ms,
@@ -990,7 +1008,6 @@ mod tests {
             secondary_key: "accept-encoding:gzip",
         };
         let mut entry = Entry::new(EntryKind::Response, StatusCode::OK, content).unwrap();
-        entry.request_time_ms = 1_700_000_000_000;
         entry.response_time_ms = 1_700_000_000_250;
         entry.set_windows(
             Duration::from_secs(3),
@@ -1005,10 +1022,11 @@ mod tests {
     }
 
     #[test]
-    fn a_shared_entry_fits_a_128_byte_allocation() {
-        // An `Arc` adds its two counts, 16 bytes, to the entry.
+    fn a_shared_entry_fits_a_112_byte_allocation() {
+        // An `Arc` adds its two counts, 16 bytes, to the entry; 112 bytes is
+        // one of jemalloc's size classes.
         let size = std::mem::size_of::<Entry>();
-        assert!(size + 16 <= 128, "Entry is {size} bytes");
+        assert!(size + 16 <= 112, "Entry is {size} bytes");
     }
 
     #[test]
