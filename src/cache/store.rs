@@ -230,6 +230,8 @@ pub struct Store {
     opened_ms: u64,
     /// Bans for those entries; kept only with a disk tier.
     bans: Option<Mutex<Bans>>,
+    /// How many bans this store has added (see [`Store::get`]).
+    bans_added: AtomicU64,
     reads: Reads,
 }
 
@@ -376,6 +378,7 @@ impl Store {
             last_removal_ms: AtomicU64::new(0),
             opened_ms,
             bans,
+            bans_added: AtomicU64::new(0),
             reads: Reads::new(),
         })
     }
@@ -421,23 +424,10 @@ impl Store {
             self.remove(key);
             return None;
         }
-        let entry = if from_disk && entry.response_time_ms < self.opened_ms {
-            match self.judge(key, &entry) {
-                Verdict::Keep => entry,
-                Verdict::Purge => {
-                    self.reads.purged.increment(1);
-                    self.remove(key);
-                    return None;
-                }
-                Verdict::Stale if entry.soft_purged => entry,
-                Verdict::Stale => {
-                    let mut marked = Entry::clone(&entry);
-                    marked.soft_purged = true;
-                    let marked = Arc::new(marked);
-                    self.insert_shared(key.to_owned(), Arc::clone(&marked));
-                    marked
-                }
-            }
+        let before_open = from_disk && entry.response_time_ms < self.opened_ms;
+        let bans_seen = self.bans_added.load(Ordering::Acquire);
+        let entry = if before_open {
+            self.apply_bans(key, entry)?
         } else {
             entry
         };
@@ -445,8 +435,34 @@ impl Store {
         // What is in memory was indexed when it was stored or read from disk.
         if from_disk {
             self.index().add(key, &entry);
+            // A purge that left its ban after the verdict above listed the
+            // index before this entry was in it: judge again.
+            if before_open && self.bans_added.load(Ordering::Acquire) != bans_seen {
+                return self.apply_bans(key, entry);
+            }
         }
         Some(entry)
+    }
+
+    /// The entry as the bans leave it: itself, a copy marked stale (stored
+    /// in its place), or none (removed).
+    fn apply_bans(&self, key: &str, entry: Arc<Entry>) -> Option<Arc<Entry>> {
+        match self.judge(key, &entry) {
+            Verdict::Keep => Some(entry),
+            Verdict::Stale if entry.soft_purged => Some(entry),
+            Verdict::Stale => {
+                let mut marked = Entry::clone(&entry);
+                marked.soft_purged = true;
+                let marked = Arc::new(marked);
+                self.insert_shared(key.to_owned(), Arc::clone(&marked));
+                Some(marked)
+            }
+            Verdict::Purge => {
+                self.reads.purged.increment(1);
+                self.remove(key);
+                None
+            }
+        }
     }
 
     /// What the bans say of an entry from before the store opened.
@@ -483,6 +499,8 @@ impl Store {
         if let Err(error) = bans.add(ban) {
             tracing::error!(%error, "cache ban not saved: it holds until the next restart only");
         }
+        // Before the purge lists the index (see `get`).
+        self.bans_added.fetch_add(1, Ordering::AcqRel);
     }
 
     /// Stores an entry under a full key. Returns false (and stores nothing)
