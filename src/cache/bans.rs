@@ -140,7 +140,22 @@ impl Bans {
 
     /// Adds a ban and writes the file. Past [`MAX_BANS`], the oldest bans
     /// become the floor.
+    /// A repeat of a kept ban (same target, same store) adds nothing; a
+    /// hard repeat of a soft ban hardens it. Sites that purge the same tag
+    /// on every publish then keep one ban per tag and restart, not one per
+    /// purge.
     pub fn add(&mut self, ban: Ban) -> std::io::Result<()> {
+        if let Some(kept) = self
+            .bans
+            .iter_mut()
+            .find(|b| b.before_ms == ban.before_ms && b.target == ban.target)
+        {
+            if kept.soft && !ban.soft {
+                kept.soft = false;
+                return self.save();
+            }
+            return Ok(());
+        }
         self.bans.push(ban);
         if self.bans.len() > MAX_BANS {
             let folded = self.bans.len() - MAX_BANS;
@@ -171,7 +186,12 @@ impl Bans {
         let mut out = std::fs::File::create(&aside)?;
         out.write_all(text.as_bytes())?;
         out.sync_all()?;
-        std::fs::rename(&aside, file)
+        std::fs::rename(&aside, file)?;
+        // The rename itself must reach the disk, or a crash loses the ban.
+        if let Some(dir) = file.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
     }
 }
 
@@ -254,6 +274,27 @@ mod tests {
             assert_eq!(bans.judge(key, *at, tags), *want, "{key} {at}");
         }
         assert_eq!(bans.judge("x", 1, &[]), Verdict::Keep);
+    }
+
+    #[test]
+    fn repeated_bans_are_kept_once_and_a_hard_repeat_hardens() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bans = Bans::load(dir.path(), 1_000);
+        for _ in 0..3 {
+            bans.add(ban(100, true, Target::Tag("news".into())))
+                .unwrap();
+        }
+        assert_eq!(bans.len(), 1);
+        assert_eq!(bans.judge("k", 50, &["news"]), Verdict::Stale);
+        bans.add(ban(100, false, Target::Tag("news".into())))
+            .unwrap();
+        assert_eq!(bans.len(), 1);
+        assert_eq!(bans.judge("k", 50, &["news"]), Verdict::Purge);
+        // A ban of a later store is another ban.
+        bans.add(ban(200, false, Target::Tag("news".into())))
+            .unwrap();
+        assert_eq!(bans.len(), 2);
+        assert_eq!(Bans::load(dir.path(), 3_000).len(), 2);
     }
 
     #[test]

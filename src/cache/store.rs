@@ -449,10 +449,20 @@ impl Store {
     fn apply_bans(&self, key: &str, entry: Arc<Entry>) -> Option<Arc<Entry>> {
         match self.judge(key, &entry) {
             Verdict::Keep => Some(entry),
-            Verdict::Stale if entry.soft_purged => Some(entry),
+            // As a soft purge does: markers and marked entries stay.
+            Verdict::Stale if entry.kind != EntryKind::Response || entry.soft_purged => Some(entry),
             Verdict::Stale => {
                 let mut marked = Entry::clone(&entry);
                 marked.soft_purged = true;
+                if is_useless(&marked, now()) {
+                    self.remove(key);
+                    return None;
+                }
+                // A purge of the key since it was read wins: the marked
+                // copy must not bring it back.
+                if self.index().removed_since(key, entry.response_time_ms) {
+                    return None;
+                }
                 let marked = Arc::new(marked);
                 self.insert_shared(key.to_owned(), Arc::clone(&marked));
                 Some(marked)
