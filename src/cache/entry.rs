@@ -888,8 +888,8 @@ impl foyer::Code for Entry {
         reader
             .read_to_end(&mut buf)
             .map_err(foyer::Error::io_error)?;
-        // The entry keeps this buffer for as long as it lives.
-        buf.shrink_to_fit();
+        // Body and block are copied out at their exact sizes; this buffer
+        // is dropped.
         Entry::decode_bytes(Bytes::from(buf)).map_err(EntryError::into_foyer)
     }
 
