@@ -8,6 +8,7 @@
 //! [`config`] holds the plain data the compiled policy fills in.
 
 pub mod balance;
+mod codec;
 pub mod config;
 mod conn;
 pub mod health;

@@ -1,50 +1,259 @@
 //! Keep-alive HTTP/1.1 connections to a backend's servers, driven by the
 //! request that holds them.
 //!
-//! A general-purpose pooled client drives every connection on a task of its
-//! own and returns a connection to its pool from yet another task, so one
-//! proxied request wakes three tasks. Here the request's own task drives the
-//! connection: it polls it while the request is written and the response
-//! head awaited ([`exchange`]), then the response body ([`PooledBody`])
-//! polls it while the body is read and puts it back in the server's idle list
-//! the moment the body ends. No task is spawned and no other task is woken.
+//! Portico speaks HTTP/1.1 to its backends itself (the wire format is in
+//! [`super::codec`]). A general-purpose client puts a channel between the
+//! request and its connection: the request is a message sent to the
+//! connection's state machine and the response a message sent back, and
+//! each costs a queue, a oneshot and their wake-ups. A proxy needs none of
+//! that: the request's own task writes the request head straight from the
+//! field map into the connection's buffer, reads the response head into
+//! fields that are slices of the read buffer ([`exchange`]), and the
+//! response body ([`PooledBody`]) reads the body from the same buffer and
+//! puts the connection back in the server's idle list the moment the body
+//! ends. No task is spawned and no other task is woken.
 //!
 //! An idle connection is not polled. Before one is reused, it is polled once
 //! without a waker: a connection the server closed, or one that sat idle too
-//! long, is dropped instead. A request that the connection never took (it
-//! closed first) comes back and goes out on a new connection.
+//! long, is dropped instead. A request that the connection never took (the
+//! first write failed), and an idempotent request without a body on a reused
+//! connection that closed before any byte of the answer (the server's idle
+//! timer and the request crossed), come back and go out on a new connection
+//! (RFC 9112 §9.3.1).
 //!
-//! Protocol upgrades (101 Switching Protocols) need the connection to outlive
-//! the exchange, so an upgrade gets a new connection driven by a task of its
-//! own, and it is never pooled.
+//! Protocol upgrades (101 Switching Protocols) hand the connection over to
+//! the two peers, so an upgrade gets a new connection run by hyper on a task
+//! of its own, and it is never pooled.
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
+use std::io;
 use std::pin::{pin, Pin};
 use std::sync::{Arc, Mutex};
-use std::task::{Context, Poll, Waker};
+use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
 
+use super::codec::{self, BodyEncoder, Decoded, Decoder, Parsed, ProtocolError, ResponseHead};
 use super::config::KeepAlive;
 
-use bytes::Bytes;
-use http::{Request, Response};
+use bytes::{Bytes, BytesMut};
+use http::{Method, Request, Response};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use rustls_pki_types::ServerName;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_rustls::client::TlsStream;
 
-use super::pool::{BoxError, TlsSetup, UpstreamBody, UpstreamError, UpstreamStream};
+use super::pool::{BoxError, TlsSetup, UpstreamBody, UpstreamError};
 
-/// One open connection: the handle requests are sent through and the state
-/// machine that does the reading and writing. It is large and always boxed,
-/// so that handing it between the idle list, the exchange and the response
+/// Bytes the read buffer is grown by when it is nearly full: a small
+/// response arrives in one read, and the rest of the buffer serves the
+/// next responses on the connection without another allocation.
+const READ_CHUNK: usize = 8 * 1024;
+/// Most bytes reserved for one read of a body of known length.
+const MAX_READ: usize = 256 * 1024;
+
+/// A connection to a server, plain or TLS.
+pub(super) enum UpstreamStream {
+    Plain(TcpStream),
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+impl AsyncRead for UpstreamStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for UpstreamStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        match self.get_mut() {
+            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+        }
+    }
+}
+
+/// Why an exchange on a connection failed.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum ConnError {
+    /// The server closed the connection before the response was complete.
+    #[error("the connection closed before the response was complete")]
+    Closed,
+    /// Reading or writing failed.
+    #[error(transparent)]
+    Io(#[from] io::Error),
+    /// The server's bytes are not HTTP/1.1 (or the request body broke its
+    /// own framing).
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+    /// The request body failed while it was being sent.
+    #[error("request body: {0}")]
+    RequestBody(#[source] BoxError),
+    /// An upgrade exchange, run by hyper, failed.
+    #[error(transparent)]
+    Upgrade(#[from] hyper::Error),
+}
+
+impl ConnError {
+    /// Sorts the error into a reset (the connection was lost) or a bad
+    /// response, for the retry rules and the client's status.
+    pub(super) fn classify(self, server: &str) -> UpstreamError {
+        let server = server.to_owned();
+        let reset = match &self {
+            ConnError::Closed | ConnError::Protocol(ProtocolError::Incomplete) => true,
+            ConnError::Io(e) => is_reset(e.kind()),
+            ConnError::Upgrade(e) => {
+                e.is_incomplete_message()
+                    || e.is_canceled()
+                    || e.is_closed()
+                    || io_source(e).is_some_and(|io| is_reset(io.kind()))
+            }
+            ConnError::Protocol(_) | ConnError::RequestBody(_) => false,
+        };
+        if reset {
+            UpstreamError::Reset {
+                server,
+                source: Box::new(self),
+            }
+        } else {
+            UpstreamError::BadResponse {
+                server,
+                source: Box::new(self),
+            }
+        }
+    }
+}
+
+fn is_reset(kind: io::ErrorKind) -> bool {
+    matches!(
+        kind,
+        io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+            | io::ErrorKind::UnexpectedEof
+    )
+}
+
+fn io_source<'a>(e: &'a (dyn std::error::Error + 'static)) -> Option<&'a io::Error> {
+    let mut source = e.source();
+    while let Some(err) = source {
+        if let Some(io) = err.downcast_ref::<io::Error>() {
+            return Some(io);
+        }
+        source = err.source();
+    }
+    None
+}
+
+/// One open connection: the stream, what was read from it and not yet
+/// taken, and the buffer requests are written from. It is always boxed, so
+/// that handing it between the idle list, the exchange and the response
 /// body moves a pointer.
 pub(super) struct Conn {
-    sender: http1::SendRequest<UpstreamBody>,
-    driver: http1::Connection<UpstreamStream, UpstreamBody>,
+    io: UpstreamStream,
+    read: BytesMut,
+    write: Vec<u8>,
     idle_since: Instant,
+    /// Exchanges begun on this connection.
+    uses: u32,
+}
+
+impl Conn {
+    /// Reads what the server has sent into the read buffer, growing it by
+    /// at least `want` bytes when it is nearly full. `Ok(0)` is the end of
+    /// the connection.
+    fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
+        if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
+            self.read.reserve(want.clamp(READ_CHUNK, MAX_READ));
+        }
+        pin!(self.io.read_buf(&mut self.read)).poll(cx)
+    }
+
+    /// Whether an idle connection can carry a request: one poll without a
+    /// waker, which notices a close, a reset, or bytes nobody asked for.
+    fn still_open(&mut self) -> bool {
+        let mut cx = Context::from_waker(Waker::noop());
+        self.poll_fill(&mut cx, READ_CHUNK).is_pending()
+    }
+
+    /// Writes the write buffer from `*at` on; Pending when the socket is
+    /// full.
+    fn poll_write_out(&mut self, cx: &mut Context<'_>, at: &mut usize) -> Poll<io::Result<()>> {
+        while *at < self.write.len() {
+            let n = ready!(Pin::new(&mut self.io).poll_write(cx, &self.write[*at..]))?;
+            if n == 0 {
+                return Poll::Ready(Err(io::ErrorKind::WriteZero.into()));
+            }
+            *at += n;
+        }
+        Poll::Ready(Ok(()))
+    }
+
+    /// Whether the server has already begun its final answer (it may answer
+    /// before it has read the whole request body, say with 413). Interim
+    /// answers (100 Continue) are skipped.
+    fn poll_early_answer(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
+        loop {
+            match ready!(self.poll_fill(cx, READ_CHUNK)) {
+                Ok(0) => return Poll::Ready(Err(ConnError::Closed)),
+                Ok(_) => {}
+                Err(e) => return Poll::Ready(Err(e.into())),
+            }
+            // Peek: a final head stays in the buffer for `read_head`.
+            while let Some(len) = interim_head_len(&self.read)? {
+                let _ = self.read.split_to(len);
+            }
+            if !self.read.is_empty() {
+                return Poll::Ready(Ok(()));
+            }
+        }
+    }
+}
+
+/// The length of the interim (1xx) head at the start of `buf`, if one is
+/// there whole.
+fn interim_head_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
+    let mut fields = [httparse::EMPTY_HEADER; codec::MAX_FIELDS];
+    let mut response = httparse::Response::new(&mut fields);
+    match response.parse(buf) {
+        Ok(httparse::Status::Complete(len))
+            if response
+                .code
+                .is_some_and(|c| (100..200).contains(&c) && c != 101) =>
+        {
+            Ok(Some(len))
+        }
+        Ok(_) => Ok(None),
+        Err(e) => Err(ProtocolError::Head(e)),
+    }
 }
 
 /// The idle connections of each server of one backend, and how to open more.
@@ -70,37 +279,22 @@ impl Connections {
     }
 
     /// The most recently used idle connection to server `i` that is still
-    /// open and ready, if any. Closed and expired ones met on the way are
-    /// dropped.
+    /// open, if any. Closed and expired ones met on the way are dropped.
     pub(super) fn checkout(&self, i: usize) -> Option<Box<Conn>> {
         loop {
             let mut conn = self.idle[i].lock().ok()?.pop_back()?;
             if conn.idle_since.elapsed() > self.keepalive.idle_timeout {
                 continue;
             }
-            // One poll without a waker notices a close or reset the server
-            // sent while the connection sat idle.
-            let mut cx = Context::from_waker(Waker::noop());
-            if Pin::new(&mut conn.driver).poll(&mut cx).is_ready() {
-                continue;
-            }
-            if conn.sender.is_ready() {
+            if conn.still_open() {
                 return Some(conn);
             }
         }
     }
 
-    /// Puts a connection whose exchange is over back in server `i`'s list,
-    /// if it can take another request.
+    /// Puts a connection whose exchange is over, with nothing left unread,
+    /// back in server `i`'s list.
     fn checkin(&self, i: usize, mut conn: Box<Conn>) {
-        // The connection settles into keep-alive (or closes) when polled
-        // after the last byte of the response. No waker: an idle connection
-        // must not hold on to (and later wake) the task that last used it;
-        // checkout polls it again.
-        let mut cx = Context::from_waker(Waker::noop());
-        if Pin::new(&mut conn.driver).poll(&mut cx).is_ready() || !conn.sender.is_ready() {
-            return;
-        }
         let Ok(mut idle) = self.idle[i].lock() else {
             return;
         };
@@ -147,8 +341,8 @@ impl Connections {
         // Small requests and responses must not wait for Nagle's algorithm.
         tcp.set_nodelay(true)
             .map_err(|e| connect_error(Box::new(e)))?;
-        let stream = match &self.tls {
-            None => UpstreamStream::Plain(TokioIo::new(tcp)),
+        let io = match &self.tls {
+            None => UpstreamStream::Plain(tcp),
             Some(tls) => {
                 let name = match &tls.server_name {
                     Some(n) => n.clone(),
@@ -160,110 +354,316 @@ impl Connections {
                     .await
                     .map_err(|_| timed_out())?
                     .map_err(|e| connect_error(Box::new(e)))?;
-                UpstreamStream::Tls(Box::new(TokioIo::new(stream)))
+                UpstreamStream::Tls(Box::new(stream))
             }
         };
-        let (sender, driver) = http1::Builder::new()
-            .handshake(stream)
-            .await
-            .map_err(|e| connect_error(Box::new(e)))?;
         Ok(Box::new(Conn {
-            sender,
-            driver,
+            io,
+            read: BytesMut::new(),
+            write: Vec::new(),
             idle_since: Instant::now(),
+            uses: 0,
         }))
     }
 }
 
 /// How an exchange on a connection failed.
 pub(super) enum ExchangeError {
-    /// The connection closed before it took the request, which comes back
-    /// unsent.
-    Unsent(Box<Request<UpstreamBody>>, hyper::Error),
+    /// The request did not reach the server, or may go again (see the
+    /// module doc); it comes back to be sent on a new connection.
+    Unsent(Box<Request<UpstreamBody>>, ConnError),
     /// The request was (perhaps partly) sent.
-    Failed(hyper::Error),
+    Failed(ConnError),
 }
 
-/// Sends `req` on `conn`, driving the connection from this task until the
-/// response head arrives. The response body goes on driving it and returns
-/// it to server `server`'s idle list of `home` when it ends.
+/// Sends `req` on `conn` and reads the response head. The response body
+/// goes on reading from the connection and returns it to server `server`'s
+/// idle list of `home` when it ends. `resendable` says whether the request
+/// may go out again when a reused connection closes before answering
+/// (idempotent, no body).
 pub(super) async fn exchange(
     mut conn: Box<Conn>,
     req: Request<UpstreamBody>,
     home: &Arc<Connections>,
     server: usize,
+    resendable: bool,
 ) -> Result<Response<PooledBody>, ExchangeError> {
-    let mut response = pin!(conn.sender.try_send_request(req));
-    let mut conn = Some(conn);
-    let head = poll_fn(|cx| {
-        if let Poll::Ready(r) = response.as_mut().poll(cx) {
-            return Poll::Ready(r);
+    let (parts, mut body) = req.into_parts();
+    let head_request = parts.method == Method::HEAD;
+    let empty = body.is_end_stream();
+    let framing = codec::request_framing(&parts.method, empty, body.size_hint().exact());
+    let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    conn.write.clear();
+    codec::encode_request_head(
+        &mut conn.write,
+        &parts.method,
+        target,
+        &parts.headers,
+        framing,
+    );
+    let reused = conn.uses > 0;
+    conn.uses += 1;
+
+    let mut encoder = BodyEncoder::new(framing);
+    let mut body_done = empty;
+    if empty {
+        // Nothing to write after the head but the end of a chunked body.
+        if let Err(e) = encoder.finish(&mut conn.write) {
+            return Err(ExchangeError::Failed(e.into()));
         }
-        if let Some(c) = conn.as_mut() {
-            if Pin::new(&mut c.driver).poll(cx).is_ready() {
-                // Closed: dropping the connection answers the request with
-                // its error if the connection has not already done so.
-                conn = None;
+    }
+    let mut at = 0;
+    // The whole request went out (Ok(true)), or the server answered before
+    // it had all of it (Ok(false)).
+    let sent = poll_fn(|cx| loop {
+        match conn.poll_write_out(cx, &mut at) {
+            Poll::Ready(Ok(())) => {}
+            Poll::Ready(Err(e)) => return Poll::Ready(Err((at == 0, ConnError::Io(e)))),
+            Poll::Pending => {
+                return match conn.poll_early_answer(cx) {
+                    Poll::Ready(Ok(())) => Poll::Ready(Ok(false)),
+                    Poll::Ready(Err(e)) => Poll::Ready(Err((false, e))),
+                    Poll::Pending => Poll::Pending,
+                }
             }
         }
-        response.as_mut().poll(cx)
+        conn.write.clear();
+        at = 0;
+        if body_done {
+            return match ready!(Pin::new(&mut conn.io).poll_flush(cx)) {
+                Ok(()) => Poll::Ready(Ok(true)),
+                Err(e) => Poll::Ready(Err((false, e.into()))),
+            };
+        }
+        match Pin::new(&mut body).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                // Request trailers are not forwarded.
+                if let Ok(data) = frame.into_data() {
+                    if let Err(e) = encoder.data(&data, &mut conn.write) {
+                        return Poll::Ready(Err((false, e.into())));
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(e))) => {
+                return Poll::Ready(Err((false, ConnError::RequestBody(e))))
+            }
+            Poll::Ready(None) => {
+                if let Err(e) = encoder.finish(&mut conn.write) {
+                    return Poll::Ready(Err((false, e.into())));
+                }
+                body_done = true;
+            }
+            Poll::Pending => {
+                // Waiting for the client: what was written must reach the
+                // server meanwhile, and the server may answer early.
+                if let Poll::Ready(Err(e)) = Pin::new(&mut conn.io).poll_flush(cx) {
+                    return Poll::Ready(Err((false, e.into())));
+                }
+                return match conn.poll_early_answer(cx) {
+                    Poll::Ready(Ok(())) => Poll::Ready(Ok(false)),
+                    Poll::Ready(Err(e)) => Poll::Ready(Err((false, e))),
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+        }
     })
     .await;
-    let resp = match head {
-        Ok(resp) => resp,
-        Err(mut e) => {
-            return Err(match e.take_message() {
-                Some(req) => ExchangeError::Unsent(Box::new(req), e.into_error()),
-                None => ExchangeError::Failed(e.into_error()),
-            })
+    let whole = match sent {
+        Ok(whole) => whole,
+        Err((true, e)) => {
+            return Err(ExchangeError::Unsent(
+                Box::new(Request::from_parts(parts, body)),
+                e,
+            ))
+        }
+        Err((false, e)) => return Err(ExchangeError::Failed(e)),
+    };
+    drop(body);
+
+    let mut answered = false;
+    let head = poll_fn(|cx| read_head(&mut conn, cx, head_request, &mut answered)).await;
+    let head = match head {
+        Ok(head) => head,
+        Err(e) => {
+            let lost = matches!(&e, ConnError::Closed)
+                || matches!(&e, ConnError::Io(io) if is_reset(io.kind()));
+            if lost && reused && !answered && resendable && empty {
+                return Err(ExchangeError::Unsent(
+                    Box::new(Request::from_parts(parts, codec_empty_body())),
+                    e,
+                ));
+            }
+            return Err(ExchangeError::Failed(e));
         }
     };
-    let held = conn.map(|conn| Held {
-        conn,
-        home: Arc::clone(home),
-        server,
-    });
-    let (parts, inner) = resp.into_parts();
-    let mut body = PooledBody::new(inner, held);
-    if body.inner.is_end_stream() {
-        // No body (HEAD, 204, 304, or a zero length): the connection is
-        // free now, whether or not the caller ever polls the body.
-        body.release();
-    }
-    Ok(Response::from_parts(parts, body))
+    let ResponseHead {
+        status,
+        version,
+        fields,
+        body: decoder,
+        keep_alive,
+    } = *head;
+    // A request body the server did not wait for leaves the connection in
+    // no state to carry another request.
+    let keep_alive = keep_alive && whole;
+    let mut body = PooledBody::new(Source::Own(Own {
+        conn: Some(conn),
+        decoder,
+        ready: None,
+        keep_alive,
+        home: Some((Arc::clone(home), server)),
+    }));
+    body.take_buffered();
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.version_mut() = version;
+    *resp.headers_mut() = fields;
+    Ok(resp)
 }
 
-/// Sends an upgrade request on a new connection driven by a task of its
-/// own, so that the connection can switch protocols after the response.
+/// An empty request body, for a request that goes out once more.
+fn codec_empty_body() -> UpstreamBody {
+    use http_body_util::{BodyExt, Empty};
+    Empty::new().map_err(|never| match never {}).boxed_unsync()
+}
+
+/// Reads until a final response head is in the buffer; `answered` turns
+/// true with the first byte of any answer.
+fn read_head(
+    conn: &mut Conn,
+    cx: &mut Context<'_>,
+    head_request: bool,
+    answered: &mut bool,
+) -> Poll<Result<Box<ResponseHead>, ConnError>> {
+    loop {
+        if !conn.read.is_empty() {
+            *answered = true;
+            match codec::parse_response_head(&mut conn.read, head_request)? {
+                Parsed::Final(head) => return Poll::Ready(Ok(head)),
+                Parsed::Interim => continue,
+                Parsed::Partial => {}
+            }
+        }
+        match ready!(conn.poll_fill(cx, READ_CHUNK)) {
+            Ok(0) => return Poll::Ready(Err(ConnError::Closed)),
+            Ok(_) => {}
+            Err(e) => return Poll::Ready(Err(e.into())),
+        }
+    }
+}
+
+/// Sends an upgrade request on a new connection run by hyper on a task of
+/// its own, so that the connection can switch protocols after the response.
 pub(super) async fn exchange_upgrade(
     conn: Box<Conn>,
     req: Request<UpstreamBody>,
-) -> Result<Response<PooledBody>, hyper::Error> {
-    let Conn {
-        mut sender, driver, ..
-    } = *conn;
+) -> Result<Response<PooledBody>, ConnError> {
+    let Conn { io, .. } = *conn;
+    let (mut sender, driver) = http1::Builder::new()
+        .handshake::<_, UpstreamBody>(TokioIo::new(io))
+        .await?;
     tokio::spawn(async move {
         if let Err(e) = driver.with_upgrades().await {
             tracing::debug!(error = %e, "upgraded upstream connection ended");
         }
     });
     let resp = sender.send_request(req).await?;
-    Ok(resp.map(|inner| PooledBody::new(inner, None)))
+    Ok(resp.map(|inner| PooledBody::new(Source::Hyper(inner))))
 }
 
-struct Held {
-    conn: Box<Conn>,
-    home: Arc<Connections>,
-    server: usize,
+/// A body read from one of Portico's connections.
+struct Own {
+    /// None once the body has ended or failed.
+    conn: Option<Box<Conn>>,
+    decoder: Decoder,
+    /// The whole body, taken from the buffer when it came with the head.
+    ready: Option<Bytes>,
+    /// Whether the connection may carry another request once the body ends.
+    keep_alive: bool,
+    /// The idle list the connection goes back to, and its server's index.
+    home: Option<(Arc<Connections>, usize)>,
 }
 
-/// A response body from a server. Reading it drives its connection, which
+impl Own {
+    /// Gives the connection back (or closes it) once the body has ended.
+    fn release(&mut self) {
+        let Some(conn) = self.conn.take() else {
+            return;
+        };
+        // Bytes past the body's end are a server error: never reuse that.
+        if self.keep_alive && self.decoder.is_done() && conn.read.is_empty() {
+            if let Some((home, server)) = self.home.take() {
+                home.checkin(server, conn);
+            }
+        }
+    }
+
+    fn poll_frame(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, ConnError>>> {
+        if let Some(data) = self.ready.take() {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        }
+        loop {
+            let Some(conn) = self.conn.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match self.decoder.decode(&mut conn.read) {
+                Ok(Decoded::Data(data)) => {
+                    if self.decoder.is_done() {
+                        self.release();
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Ok(Decoded::Trailers(fields)) => {
+                    self.release();
+                    return Poll::Ready(Some(Ok(Frame::trailers(fields))));
+                }
+                Ok(Decoded::End) => {
+                    self.release();
+                    return Poll::Ready(None);
+                }
+                Ok(Decoded::More) => {}
+                Err(e) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+            let want = self
+                .decoder
+                .remaining()
+                .map_or(READ_CHUNK, |n| usize::try_from(n).unwrap_or(MAX_READ));
+            match ready!(conn.poll_fill(cx, want)) {
+                Ok(0) => {
+                    self.conn = None;
+                    return match self.decoder.at_eof() {
+                        Ok(()) => Poll::Ready(None),
+                        Err(e) => Poll::Ready(Some(Err(e.into()))),
+                    };
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    self.conn = None;
+                    return Poll::Ready(Some(Err(e.into())));
+                }
+            }
+        }
+    }
+}
+
+enum Source {
+    Own(Own),
+    /// The body of an upgrade exchange, read by hyper.
+    Hyper(Incoming),
+}
+
+/// A response body from a server. Reading it reads its connection, which
 /// goes back to the idle list when the body ends; a body dropped before its
 /// end closes the connection. A body that has not ended by its deadline
 /// fails with a timeout.
 pub struct PooledBody {
-    inner: Incoming,
-    held: Option<Held>,
+    source: Source,
     end_by: Option<tokio::time::Instant>,
     /// Armed the first time the body has to wait for the server, so a body
     /// that arrives with its head costs no timer.
@@ -275,21 +675,48 @@ pub struct PooledBody {
 
 impl std::fmt::Debug for PooledBody {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let pooled = match &self.source {
+            Source::Own(own) => own.conn.is_some(),
+            Source::Hyper(_) => false,
+        };
         f.debug_struct("PooledBody")
-            .field("pooled", &self.held.is_some())
+            .field("pooled", &pooled)
             .finish_non_exhaustive()
     }
 }
 
 impl PooledBody {
-    fn new(inner: Incoming, held: Option<Held>) -> Self {
+    fn new(source: Source) -> Self {
         Self {
-            inner,
-            held,
+            source,
             end_by: None,
             timer: None,
             load: None,
         }
+    }
+
+    /// When the body is already whole in the read buffer (it came with the
+    /// head, or there is none), takes it and frees the connection now,
+    /// whether or not the caller ever reads the body.
+    fn take_buffered(&mut self) {
+        let Source::Own(own) = &mut self.source else {
+            return;
+        };
+        let Some(conn) = own.conn.as_mut() else {
+            return;
+        };
+        let whole = match own.decoder {
+            Decoder::Done => true,
+            Decoder::Length(n) => conn.read.len() as u64 >= n,
+            _ => false,
+        };
+        if !whole {
+            return;
+        }
+        if let Ok(Decoded::Data(data)) = own.decoder.decode(&mut conn.read) {
+            own.ready = Some(data);
+        }
+        own.release();
     }
 
     /// Counts the exchange in its server's load for as long as the body
@@ -311,41 +738,19 @@ impl PooledBody {
         self.end_by = Some(deadline);
     }
 
-    fn release(&mut self) {
-        self.load = None;
-        if let Some(h) = self.held.take() {
-            h.home.checkin(h.server, h.conn);
+    /// Whether the deadline has passed (arming its timer on first use).
+    fn late(&mut self, cx: &mut Context<'_>) -> bool {
+        let Some(deadline) = self.end_by else {
+            return false;
+        };
+        let timer = self
+            .timer
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if timer.as_mut().poll(cx).is_ready() {
+            self.end_by = None;
+            return true;
         }
-    }
-
-    fn settle(
-        &mut self,
-        polled: Poll<Option<Result<Frame<Bytes>, hyper::Error>>>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match &polled {
-            Poll::Ready(Some(Ok(_))) if self.inner.is_end_stream() => self.release(),
-            Poll::Ready(None) => self.release(),
-            Poll::Ready(Some(Err(_))) => self.held = None,
-            Poll::Pending => {
-                if let Some(deadline) = self.end_by {
-                    let timer = self
-                        .timer
-                        .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-                    if timer.as_mut().poll(cx).is_ready() {
-                        self.held = None;
-                        self.end_by = None;
-                        let late = std::io::Error::new(
-                            std::io::ErrorKind::TimedOut,
-                            "the response body ran past the total time limit",
-                        );
-                        return Poll::Ready(Some(Err(Box::new(late))));
-                    }
-                }
-            }
-            _ => {}
-        }
-        polled.map_err(Into::into)
+        false
     }
 }
 
@@ -358,25 +763,60 @@ impl Body for PooledBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = self.get_mut();
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        if polled.is_ready() {
-            return this.settle(polled, cx);
-        }
-        // Nothing buffered: let the connection read more, then look again.
-        if let Some(h) = this.held.as_mut() {
-            if Pin::new(&mut h.conn.driver).poll(cx).is_ready() {
-                this.held = None;
+        let polled = match &mut this.source {
+            Source::Own(own) => own.poll_frame(cx).map_err(BoxError::from),
+            Source::Hyper(inner) => Pin::new(inner).poll_frame(cx).map_err(BoxError::from),
+        };
+        match polled {
+            Poll::Ready(None) | Poll::Ready(Some(Err(_))) => {
+                this.load = None;
+                polled
+            }
+            Poll::Ready(Some(Ok(frame))) => {
+                if this.is_end_stream() {
+                    this.load = None;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Pending => {
+                if this.late(cx) {
+                    this.load = None;
+                    if let Source::Own(own) = &mut this.source {
+                        own.conn = None;
+                        own.decoder = Decoder::Done;
+                    }
+                    let late = io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        "the response body ran past the total time limit",
+                    );
+                    return Poll::Ready(Some(Err(Box::new(late))));
+                }
+                Poll::Pending
             }
         }
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
-        this.settle(polled, cx)
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        match &self.source {
+            Source::Own(own) => own.ready.is_none() && own.decoder.is_done(),
+            Source::Hyper(inner) => inner.is_end_stream(),
+        }
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        match &self.source {
+            Source::Own(own) => {
+                let ready = own.ready.as_ref().map_or(0, |b| b.len() as u64);
+                match own.decoder.remaining() {
+                    Some(n) => SizeHint::with_exact(n + ready),
+                    None => {
+                        let mut hint = SizeHint::new();
+                        hint.set_lower(ready);
+                        hint
+                    }
+                }
+            }
+            Source::Hyper(inner) => inner.size_hint(),
+        }
     }
 }

@@ -10,7 +10,6 @@
 //! answered with the error: a non-idempotent request is never sent twice.
 
 use std::error::Error as StdError;
-use std::io;
 use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -23,11 +22,8 @@ use http::{Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body, Frame, SizeHint};
-use hyper_util::rt::TokioIo;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::net::TcpStream;
-use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
 use super::balance::{self, Load, Selector};
@@ -426,24 +422,25 @@ impl Pool {
             let fresh = self.conns.open(&server.addr, &server.host, connect).await?;
             return conn::exchange_upgrade(fresh, req)
                 .await
-                .map_err(|e| classify(e, &server.addr));
+                .map_err(|e| e.classify(&server.addr));
         }
         let mut req = req;
+        let resendable = is_idempotent(req.method()) && req.body().is_end_stream();
         if let Some(idle) = self.conns.checkout(i) {
-            match conn::exchange(idle, req, &self.conns, i).await {
+            match conn::exchange(idle, req, &self.conns, i, resendable).await {
                 Ok(resp) => return Ok(resp),
                 Err(ExchangeError::Unsent(back, e)) => {
                     tracing::debug!(server = %server.addr, error = %e, "idle connection closed; sending on a new one");
                     req = *back;
                 }
-                Err(ExchangeError::Failed(e)) => return Err(classify(e, &server.addr)),
+                Err(ExchangeError::Failed(e)) => return Err(e.classify(&server.addr)),
             }
         }
         let fresh = self.conns.open(&server.addr, &server.host, connect).await?;
-        match conn::exchange(fresh, req, &self.conns, i).await {
+        match conn::exchange(fresh, req, &self.conns, i, resendable).await {
             Ok(resp) => Ok(resp),
             Err(ExchangeError::Unsent(_, e) | ExchangeError::Failed(e)) => {
-                Err(classify(e, &server.addr))
+                Err(e.classify(&server.addr))
             }
         }
     }
@@ -455,45 +452,6 @@ fn is_idempotent(m: &Method) -> bool {
         *m,
         Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
     )
-}
-
-/// Sorts an exchange's error into reset or bad response.
-fn classify(e: hyper::Error, server: &str) -> UpstreamError {
-    let server = server.to_owned();
-    let hyper_reset = e.is_incomplete_message() || e.is_canceled() || e.is_closed();
-    let io_reset = chain_has_io(&e, |k| {
-        matches!(
-            k,
-            io::ErrorKind::ConnectionReset
-                | io::ErrorKind::ConnectionAborted
-                | io::ErrorKind::BrokenPipe
-                | io::ErrorKind::UnexpectedEof
-        )
-    });
-    if hyper_reset || io_reset {
-        UpstreamError::Reset {
-            server,
-            source: Box::new(e),
-        }
-    } else {
-        UpstreamError::BadResponse {
-            server,
-            source: Box::new(e),
-        }
-    }
-}
-
-fn chain_has_io(e: &(dyn StdError + 'static), want: impl Fn(io::ErrorKind) -> bool) -> bool {
-    let mut source: Option<&(dyn StdError + 'static)> = Some(e);
-    while let Some(err) = source {
-        if let Some(io) = err.downcast_ref::<io::Error>() {
-            if want(io.kind()) {
-                return true;
-            }
-        }
-        source = err.source();
-    }
-    false
 }
 
 type BodySlot<B> = Arc<Mutex<Option<B>>>;
@@ -617,52 +575,6 @@ pub(super) struct TlsSetup {
     pub(super) server_name: Option<ServerName<'static>>,
 }
 
-/// A connection to a server, plain or TLS.
-pub(super) enum UpstreamStream {
-    Plain(TokioIo<TcpStream>),
-    Tls(Box<TokioIo<TlsStream<TcpStream>>>),
-}
-
-impl hyper::rt::Read for UpstreamStream {
-    fn poll_read(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: hyper::rt::ReadBufCursor<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-        }
-    }
-}
-
-impl hyper::rt::Write for UpstreamStream {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
-        }
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_flush(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-        }
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            UpstreamStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            UpstreamStream::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-        }
-    }
-}
-
 /// Sends active health probes over the pool's connections.
 struct Prober {
     method: Method,
@@ -710,6 +622,7 @@ impl Prober {
         req.headers_mut().insert(http::header::HOST, host_field);
         let conns = Arc::clone(&self.conns);
         let (expect, connect) = (self.expect, self.connect);
+        let resendable = is_idempotent(&self.method);
         let backend = self.backend.clone();
         Box::pin(async move {
             let sent = async {
@@ -717,7 +630,7 @@ impl Prober {
                     Some(c) => c,
                     None => conns.open(&addr, &host, connect).await?,
                 };
-                match conn::exchange(c, req, &conns, i).await {
+                match conn::exchange(c, req, &conns, i, resendable).await {
                     Ok(resp) => {
                         let status = resp.status().as_u16();
                         // Read the (small) body so the connection can be reused.
@@ -725,7 +638,7 @@ impl Prober {
                         Ok(status)
                     }
                     Err(ExchangeError::Unsent(_, e) | ExchangeError::Failed(e)) => {
-                        Err(classify(e, &addr))
+                        Err(e.classify(&addr))
                     }
                 }
             };

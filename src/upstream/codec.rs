@@ -1,0 +1,865 @@
+//! HTTP/1.1 on the wire to a backend (RFC 9112): the request head Portico
+//! writes, the response head it reads, and the framing of both bodies.
+//!
+//! Pure functions over byte buffers; the connection that moves the bytes is
+//! [`super::conn`]. Parsing is httparse's; what is Portico's own is the
+//! framing rules of RFC 9112 §6 and the chunked coding of §7.1, and writing
+//! response fields as slices of the read buffer rather than copies.
+
+use bytes::{Bytes, BytesMut};
+use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
+use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
+
+/// Most fields a response head may carry (as many as hyper allows, and some).
+pub(super) const MAX_FIELDS: usize = 128;
+/// Largest response head, and largest trailer section, accepted.
+pub(super) const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Longest chunk-size line (size and extensions) accepted.
+const MAX_CHUNK_LINE: usize = 4096;
+
+/// What is wrong with the bytes a backend sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProtocolError {
+    /// The response head does not parse.
+    #[error("malformed response head: {0}")]
+    Head(httparse::Error),
+    /// The response head is larger than [`MAX_HEAD_BYTES`].
+    #[error("response head larger than {MAX_HEAD_BYTES} bytes")]
+    HeadTooLarge,
+    /// A field name or value that `http` does not accept.
+    #[error("invalid response field")]
+    Field,
+    /// Content-Length that is not one non-negative integer (RFC 9112 §6.3).
+    #[error("invalid Content-Length")]
+    ContentLength,
+    /// A 101 answer to a request that asked for no upgrade.
+    #[error("101 Switching Protocols without an upgrade request")]
+    UnexpectedUpgrade,
+    /// A chunk-size line that is not hexadecimal digits and extensions.
+    #[error("invalid chunk size")]
+    ChunkSize,
+    /// Chunk data not followed by CRLF.
+    #[error("chunk data not followed by CRLF")]
+    ChunkEnd,
+    /// A trailer section that does not parse or is too large.
+    #[error("invalid trailer section")]
+    Trailers,
+    /// The connection closed before the body's end.
+    #[error("the connection closed before the response body ended")]
+    Incomplete,
+    /// A request body that is not as long as its Content-Length says.
+    #[error("request body length differs from its Content-Length")]
+    RequestLength,
+}
+
+/// How a request body is framed on the wire.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum RequestFraming {
+    /// No body, and no framing field.
+    None,
+    /// `Content-Length: n`.
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked,
+}
+
+/// The framing of a request body: none when it is empty and its method
+/// gives a body no meaning, its length when known, chunked otherwise. An
+/// empty body of a method that defines one (POST, PUT, PATCH) says
+/// `Content-Length: 0` (RFC 9110 §8.6).
+pub(super) fn request_framing(method: &Method, empty: bool, exact: Option<u64>) -> RequestFraming {
+    if empty || exact == Some(0) {
+        return if matches!(*method, Method::POST | Method::PUT | Method::PATCH) {
+            RequestFraming::Length(0)
+        } else {
+            RequestFraming::None
+        };
+    }
+    match exact {
+        Some(n) => RequestFraming::Length(n),
+        None => RequestFraming::Chunked,
+    }
+}
+
+/// Appends a request head to `out`: the request line in origin-form, every
+/// field but the framing ones (which come from `framing`, whatever the
+/// client sent), and the empty line.
+pub(super) fn encode_request_head(
+    out: &mut Vec<u8>,
+    method: &Method,
+    target: &str,
+    fields: &HeaderMap,
+    framing: RequestFraming,
+) {
+    out.reserve(64 + target.len() + fields.len() * 32);
+    out.extend_from_slice(method.as_str().as_bytes());
+    out.push(b' ');
+    out.extend_from_slice(target.as_bytes());
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+    for (name, value) in fields {
+        if name == CONTENT_LENGTH || name == TRANSFER_ENCODING {
+            continue;
+        }
+        out.extend_from_slice(name.as_str().as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(value.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    match framing {
+        RequestFraming::None => {}
+        RequestFraming::Length(n) => {
+            out.extend_from_slice(b"content-length: ");
+            out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+            out.extend_from_slice(b"\r\n");
+        }
+        RequestFraming::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Writes request body data under its framing and checks its length.
+#[derive(Debug)]
+pub(super) struct BodyEncoder {
+    framing: RequestFraming,
+    /// Bytes still owed under `Content-Length`.
+    owed: u64,
+}
+
+impl BodyEncoder {
+    pub(super) fn new(framing: RequestFraming) -> Self {
+        let owed = match framing {
+            RequestFraming::Length(n) => n,
+            _ => 0,
+        };
+        Self { framing, owed }
+    }
+
+    /// Appends `data` to `out`, framed.
+    pub(super) fn data(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match self.framing {
+            RequestFraming::None => return Err(ProtocolError::RequestLength),
+            RequestFraming::Length(_) => {
+                let len = data.len() as u64;
+                if len > self.owed {
+                    return Err(ProtocolError::RequestLength);
+                }
+                self.owed -= len;
+                out.extend_from_slice(data);
+            }
+            RequestFraming::Chunked => {
+                out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                out.extend_from_slice(data);
+                out.extend_from_slice(b"\r\n");
+            }
+        }
+        Ok(())
+    }
+
+    /// Appends the end of the body to `out`; fails if a length was promised
+    /// and not met.
+    pub(super) fn finish(&mut self, out: &mut Vec<u8>) -> Result<(), ProtocolError> {
+        match self.framing {
+            RequestFraming::Chunked => out.extend_from_slice(b"0\r\n\r\n"),
+            RequestFraming::Length(_) if self.owed > 0 => return Err(ProtocolError::RequestLength),
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
+/// A parsed final response head.
+#[derive(Debug)]
+pub(super) struct ResponseHead {
+    pub(super) status: StatusCode,
+    pub(super) version: Version,
+    pub(super) fields: HeaderMap,
+    /// How its body is delimited.
+    pub(super) body: Decoder,
+    /// Whether the connection may carry another request after this
+    /// response's body (RFC 9112 §9.3).
+    pub(super) keep_alive: bool,
+}
+
+/// What [`parse_response_head`] found at the start of the buffer.
+#[derive(Debug)]
+pub(super) enum Parsed {
+    /// More bytes are needed.
+    Partial,
+    /// An interim (1xx) response, taken from the buffer and dropped.
+    Interim,
+    /// The final response head, taken from the buffer.
+    Final(Box<ResponseHead>),
+}
+
+/// Parses the response head at the start of `buf`, taking its bytes when it
+/// is complete. Field values are slices of the head's bytes, not copies.
+/// `head_request` says whether the request was HEAD (no body follows).
+pub(super) fn parse_response_head(
+    buf: &mut BytesMut,
+    head_request: bool,
+) -> Result<Parsed, ProtocolError> {
+    // Where each field's name and value lie in the head, as offsets, so the
+    // values can be sliced out once the head is frozen.
+    let mut spans = [[0u32; 4]; MAX_FIELDS];
+    let (len, code, version, count) = {
+        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
+        let mut response = httparse::Response::new(&mut fields);
+        let len = match response.parse(buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
+                return Err(ProtocolError::HeadTooLarge)
+            }
+            Ok(httparse::Status::Partial) => return Ok(Parsed::Partial),
+            Err(e) => return Err(ProtocolError::Head(e)),
+        };
+        if len > MAX_HEAD_BYTES {
+            return Err(ProtocolError::HeadTooLarge);
+        }
+        let base = buf.as_ptr() as usize;
+        let count = response.headers.len();
+        for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
+            // Offsets within a head of at most MAX_HEAD_BYTES fit in u32.
+            let name = field.name.as_ptr() as usize - base;
+            let value = field.value.as_ptr() as usize - base;
+            *span = [
+                name as u32,
+                field.name.len() as u32,
+                value as u32,
+                field.value.len() as u32,
+            ];
+        }
+        let code = response.code.unwrap_or(0);
+        let version = if response.version == Some(0) {
+            Version::HTTP_10
+        } else {
+            Version::HTTP_11
+        };
+        (len, code, version, count)
+    };
+    let status =
+        StatusCode::from_u16(code).map_err(|_| ProtocolError::Head(httparse::Error::Status))?;
+    if status == StatusCode::SWITCHING_PROTOCOLS {
+        return Err(ProtocolError::UnexpectedUpgrade);
+    }
+    let head = buf.split_to(len).freeze();
+    if status.is_informational() {
+        return Ok(Parsed::Interim);
+    }
+    let mut fields = HeaderMap::with_capacity(count);
+    for &[name_at, name_len, value_at, value_len] in &spans[..count] {
+        let name = &head[name_at as usize..(name_at + name_len) as usize];
+        let name = HeaderName::from_bytes(name).map_err(|_| ProtocolError::Field)?;
+        let value = head.slice(value_at as usize..(value_at + value_len) as usize);
+        let value = HeaderValue::from_maybe_shared(value).map_err(|_| ProtocolError::Field)?;
+        fields.append(name, value);
+    }
+    let (body, mut keep_alive) = response_framing(status, head_request, &mut fields)?;
+    keep_alive &= connection_persists(version, &fields);
+    Ok(Parsed::Final(Box::new(ResponseHead {
+        status,
+        version,
+        fields,
+        body,
+        keep_alive,
+    })))
+}
+
+/// The framing of a response body (RFC 9112 §6.3), and false when the
+/// framing itself forbids reusing the connection afterwards. A response
+/// with both Transfer-Encoding and Content-Length loses the latter, which
+/// it must not have sent (§6.1), so it cannot reach the client.
+fn response_framing(
+    status: StatusCode,
+    head_request: bool,
+    fields: &mut HeaderMap,
+) -> Result<(Decoder, bool), ProtocolError> {
+    if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
+        return Ok((Decoder::Done, true));
+    }
+    if fields.contains_key(TRANSFER_ENCODING) {
+        let chunked_last = fields
+            .get_all(TRANSFER_ENCODING)
+            .iter()
+            .next_back()
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.rsplit(',').next())
+            .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
+        let both = fields.remove(CONTENT_LENGTH).is_some();
+        return Ok(if chunked_last {
+            (Decoder::Chunked(Chunk::Size), !both)
+        } else {
+            (Decoder::Close, false)
+        });
+    }
+    if fields.contains_key(CONTENT_LENGTH) {
+        let mut length: Option<u64> = None;
+        for value in fields.get_all(CONTENT_LENGTH) {
+            let text = value.to_str().map_err(|_| ProtocolError::ContentLength)?;
+            for part in text.split(',') {
+                let part = part.trim();
+                if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(ProtocolError::ContentLength);
+                }
+                let n: u64 = part.parse().map_err(|_| ProtocolError::ContentLength)?;
+                if length.is_some_and(|l| l != n) {
+                    return Err(ProtocolError::ContentLength);
+                }
+                length = Some(n);
+            }
+        }
+        return Ok(match length {
+            Some(0) => (Decoder::Done, true),
+            Some(n) => (Decoder::Length(n), true),
+            None => return Err(ProtocolError::ContentLength),
+        });
+    }
+    Ok((Decoder::Close, false))
+}
+
+/// Whether the connection stays open after the response (RFC 9112 §9.3):
+/// HTTP/1.1 unless `Connection: close`, HTTP/1.0 only with `keep-alive`.
+fn connection_persists(version: Version, fields: &HeaderMap) -> bool {
+    let has = |token: &str| {
+        fields.get_all(CONNECTION).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if version == Version::HTTP_10 {
+        has("keep-alive")
+    } else {
+        !has("close")
+    }
+}
+
+/// Where a chunked body's decoding stands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Chunk {
+    /// At a chunk-size line.
+    Size,
+    /// Inside chunk data, this many bytes to go.
+    Data(u64),
+    /// After chunk data, at its CRLF.
+    DataEnd,
+    /// After the last chunk, at the trailer section.
+    Trailers,
+}
+
+/// Takes a response body out of the read buffer, frame by frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Decoder {
+    /// This many bytes to go (`Content-Length`).
+    Length(u64),
+    /// `Transfer-Encoding: chunked`.
+    Chunked(Chunk),
+    /// Everything until the server closes the connection.
+    Close,
+    /// The body has ended.
+    Done,
+}
+
+/// One step of [`Decoder::decode`].
+#[derive(Debug, PartialEq)]
+pub(super) enum Decoded {
+    /// Body data.
+    Data(Bytes),
+    /// The trailer fields; the body has ended.
+    Trailers(HeaderMap),
+    /// The body has ended.
+    End,
+    /// More bytes are needed.
+    More,
+}
+
+impl Decoder {
+    /// Whether the body has ended.
+    pub(super) fn is_done(&self) -> bool {
+        *self == Decoder::Done
+    }
+
+    /// The exact number of body bytes still to come, when known.
+    pub(super) fn remaining(&self) -> Option<u64> {
+        match self {
+            Decoder::Length(n) => Some(*n),
+            Decoder::Done => Some(0),
+            _ => None,
+        }
+    }
+
+    /// Takes the next piece of the body from `buf`. Data is sliced out of
+    /// the buffer, never copied.
+    pub(super) fn decode(&mut self, buf: &mut BytesMut) -> Result<Decoded, ProtocolError> {
+        loop {
+            match *self {
+                Decoder::Done => return Ok(Decoded::End),
+                Decoder::Length(left) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let left = left - take as u64;
+                    *self = if left == 0 {
+                        Decoder::Done
+                    } else {
+                        Decoder::Length(left)
+                    };
+                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                }
+                Decoder::Close => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    return Ok(Decoded::Data(buf.split().freeze()));
+                }
+                Decoder::Chunked(Chunk::Size) => {
+                    let Some(line_end) = buf.iter().position(|&b| b == b'\n') else {
+                        if buf.len() > MAX_CHUNK_LINE {
+                            return Err(ProtocolError::ChunkSize);
+                        }
+                        return Ok(Decoded::More);
+                    };
+                    if line_end > MAX_CHUNK_LINE {
+                        return Err(ProtocolError::ChunkSize);
+                    }
+                    let size = chunk_size(&buf[..line_end])?;
+                    let _ = buf.split_to(line_end + 1);
+                    *self = Decoder::Chunked(if size == 0 {
+                        Chunk::Trailers
+                    } else {
+                        Chunk::Data(size)
+                    });
+                }
+                Decoder::Chunked(Chunk::Data(left)) => {
+                    if buf.is_empty() {
+                        return Ok(Decoded::More);
+                    }
+                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+                    let left = left - take as u64;
+                    *self = Decoder::Chunked(if left == 0 {
+                        Chunk::DataEnd
+                    } else {
+                        Chunk::Data(left)
+                    });
+                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                }
+                Decoder::Chunked(Chunk::DataEnd) => match line_break(buf) {
+                    Some(Ok(n)) => {
+                        let _ = buf.split_to(n);
+                        *self = Decoder::Chunked(Chunk::Size);
+                    }
+                    Some(Err(())) => return Err(ProtocolError::ChunkEnd),
+                    None => return Ok(Decoded::More),
+                },
+                Decoder::Chunked(Chunk::Trailers) => {
+                    if let Some(found) = line_break(buf) {
+                        if let Ok(n) = found {
+                            let _ = buf.split_to(n);
+                            *self = Decoder::Done;
+                            return Ok(Decoded::End);
+                        }
+                    } else {
+                        return Ok(Decoded::More);
+                    }
+                    let mut fields = [httparse::EMPTY_HEADER; 32];
+                    let (len, trailers) = match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((len, parsed))) => {
+                            let mut map = HeaderMap::with_capacity(parsed.len());
+                            for f in parsed {
+                                let name = HeaderName::from_bytes(f.name.as_bytes())
+                                    .map_err(|_| ProtocolError::Trailers)?;
+                                let value = HeaderValue::from_bytes(f.value)
+                                    .map_err(|_| ProtocolError::Trailers)?;
+                                map.append(name, value);
+                            }
+                            (len, map)
+                        }
+                        Ok(httparse::Status::Partial) if buf.len() <= MAX_HEAD_BYTES => {
+                            return Ok(Decoded::More)
+                        }
+                        _ => return Err(ProtocolError::Trailers),
+                    };
+                    let _ = buf.split_to(len);
+                    *self = Decoder::Done;
+                    return Ok(Decoded::Trailers(trailers));
+                }
+            }
+        }
+    }
+
+    /// What the end of the connection means here: the end of a body that
+    /// runs until close, or a body cut short.
+    pub(super) fn at_eof(&mut self) -> Result<(), ProtocolError> {
+        match self {
+            Decoder::Close | Decoder::Done => {
+                *self = Decoder::Done;
+                Ok(())
+            }
+            _ => Err(ProtocolError::Incomplete),
+        }
+    }
+}
+
+/// A CRLF (or a bare LF, RFC 9112 §2.2) at the start of `buf`: its length,
+/// an error for anything else, or none when more bytes are needed.
+fn line_break(buf: &[u8]) -> Option<Result<usize, ()>> {
+    match buf {
+        [] | [b'\r'] => None,
+        [b'\n', ..] => Some(Ok(1)),
+        [b'\r', b'\n', ..] => Some(Ok(2)),
+        _ => Some(Err(())),
+    }
+}
+
+/// The size in a chunk-size line (without its LF): hexadecimal digits, then
+/// optional whitespace and extensions, which are ignored (RFC 9112 §7.1.1).
+fn chunk_size(line: &[u8]) -> Result<u64, ProtocolError> {
+    let line = line.strip_suffix(b"\r").unwrap_or(line);
+    let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
+    if digits == 0 || digits > 16 {
+        return Err(ProtocolError::ChunkSize);
+    }
+    let rest = &line[digits..];
+    let rest = rest.trim_ascii_start();
+    if !rest.is_empty() && rest[0] != b';' {
+        return Err(ProtocolError::ChunkSize);
+    }
+    let text = std::str::from_utf8(&line[..digits]).map_err(|_| ProtocolError::ChunkSize)?;
+    u64::from_str_radix(text, 16).map_err(|_| ProtocolError::ChunkSize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn head(text: &str, head_request: bool) -> Result<Parsed, ProtocolError> {
+        parse_response_head(&mut BytesMut::from(text), head_request)
+    }
+
+    fn final_head(text: &str) -> ResponseHead {
+        match head(text, false) {
+            Ok(Parsed::Final(h)) => *h,
+            other => panic!("{text:?}: {other:?}"),
+        }
+    }
+
+    /// Decodes all of `wire` in pieces of `step` bytes, as reads would
+    /// bring it: the data, the trailers, and whether the body ended.
+    fn decode_all(
+        mut decoder: Decoder,
+        wire: &[u8],
+        step: usize,
+    ) -> Result<(Vec<u8>, Option<HeaderMap>, bool), ProtocolError> {
+        let mut buf = BytesMut::new();
+        let mut data = Vec::new();
+        let mut trailers = None;
+        let mut pieces = wire.chunks(step.max(1));
+        loop {
+            match decoder.decode(&mut buf)? {
+                Decoded::Data(d) => data.extend_from_slice(&d),
+                Decoded::Trailers(t) => trailers = Some(t),
+                Decoded::End => return Ok((data, trailers, true)),
+                Decoded::More => match pieces.next() {
+                    Some(p) => buf.extend_from_slice(p),
+                    None => return Ok((data, trailers, false)),
+                },
+            }
+        }
+    }
+
+    #[test]
+    fn request_heads_are_origin_form_with_framing_of_our_own() {
+        let mut fields = HeaderMap::new();
+        fields.insert("host", HeaderValue::from_static("a.example"));
+        fields.insert(CONTENT_LENGTH, HeaderValue::from_static("99"));
+        fields.insert(TRANSFER_ENCODING, HeaderValue::from_static("gzip"));
+        fields.append("x-two", HeaderValue::from_static("1"));
+        fields.append("x-two", HeaderValue::from_static("2"));
+        let mut out = Vec::new();
+        encode_request_head(
+            &mut out,
+            &Method::POST,
+            "/p?q=1",
+            &fields,
+            RequestFraming::Length(5),
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "POST /p?q=1 HTTP/1.1\r\nhost: a.example\r\nx-two: 1\r\nx-two: 2\r\ncontent-length: 5\r\n\r\n"
+        );
+        let mut out = Vec::new();
+        encode_request_head(
+            &mut out,
+            &Method::GET,
+            "/",
+            &HeaderMap::new(),
+            RequestFraming::None,
+        );
+        assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
+    }
+
+    #[test]
+    fn request_framing_follows_the_body_and_method() {
+        use RequestFraming::{Chunked, Length};
+        let table = [
+            (Method::GET, true, Some(0), RequestFraming::None),
+            (Method::GET, false, Some(0), RequestFraming::None),
+            (Method::DELETE, true, None, RequestFraming::None),
+            (Method::POST, true, Some(0), Length(0)),
+            (Method::PUT, false, Some(0), Length(0)),
+            (Method::POST, false, Some(12), Length(12)),
+            (Method::POST, false, None, Chunked),
+            (Method::GET, false, None, Chunked),
+        ];
+        for (method, empty, exact, want) in table {
+            assert_eq!(
+                request_framing(&method, empty, exact),
+                want,
+                "{method} {empty} {exact:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn request_bodies_are_framed_and_their_length_checked() {
+        let mut out = Vec::new();
+        let mut chunked = BodyEncoder::new(RequestFraming::Chunked);
+        chunked.data(b"hello world, ", &mut out).unwrap();
+        chunked.data(b"", &mut out).unwrap();
+        chunked.data(b"bye", &mut out).unwrap();
+        chunked.finish(&mut out).unwrap();
+        assert_eq!(out, b"d\r\nhello world, \r\n3\r\nbye\r\n0\r\n\r\n");
+
+        let mut out = Vec::new();
+        let mut sized = BodyEncoder::new(RequestFraming::Length(4));
+        sized.data(b"ab", &mut out).unwrap();
+        assert_eq!(
+            sized.finish(&mut Vec::new()),
+            Err(ProtocolError::RequestLength)
+        );
+        assert_eq!(
+            sized.data(b"abc", &mut out),
+            Err(ProtocolError::RequestLength)
+        );
+        sized.data(b"cd", &mut out).unwrap();
+        sized.finish(&mut out).unwrap();
+        assert_eq!(out, b"abcd");
+        assert_eq!(
+            BodyEncoder::new(RequestFraming::None).data(b"x", &mut Vec::new()),
+            Err(ProtocolError::RequestLength)
+        );
+    }
+
+    #[test]
+    fn response_heads_parse_into_fields_and_framing() {
+        let h = final_head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: one\r\nx-a: two \r\n\r\n");
+        assert_eq!(h.status, StatusCode::OK);
+        assert_eq!(h.version, Version::HTTP_11);
+        assert_eq!(h.body, Decoder::Length(5));
+        assert!(h.keep_alive);
+        let values: Vec<_> = h.fields.get_all("x-a").iter().collect();
+        assert_eq!(values, ["one", "two"]);
+
+        let table: [(&str, Decoder, bool); 9] = [
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Decoder::Chunked(Chunk::Size),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                Decoder::Chunked(Chunk::Size),
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+                Decoder::Close,
+                false,
+            ),
+            // Both: Content-Length is dropped and the connection not reused.
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Decoder::Chunked(Chunk::Size),
+                false,
+            ),
+            ("HTTP/1.1 200 OK\r\n\r\n", Decoder::Close, false),
+            ("HTTP/1.1 204 No Content\r\n\r\n", Decoder::Done, true),
+            (
+                "HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n",
+                Decoder::Done,
+                true,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                Decoder::Done,
+                false,
+            ),
+            (
+                "HTTP/1.0 200 OK\r\nContent-Length: 2\r\nConnection: Keep-Alive\r\n\r\n",
+                Decoder::Length(2),
+                true,
+            ),
+        ];
+        for (text, body, keep_alive) in table {
+            let h = final_head(text);
+            assert_eq!((h.body, h.keep_alive), (body, keep_alive), "{text:?}");
+            if text.contains("chunked") {
+                assert!(!h.fields.contains_key(CONTENT_LENGTH), "{text:?}");
+            }
+        }
+        assert!(!final_head("HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n").keep_alive);
+        assert!(
+            !final_head("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: foo, close\r\n\r\n")
+                .keep_alive
+        );
+        match head("HTTP/1.1 200 OK\r\nContent-Length: 7\r\n\r\n", true) {
+            Ok(Parsed::Final(h)) => assert_eq!(h.body, Decoder::Done),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn response_heads_that_are_bad_are_refused() {
+        let bad = [
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n",
+                ProtocolError::ContentLength,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+                ProtocolError::ContentLength,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+                ProtocolError::ContentLength,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: +1\r\n\r\n",
+                ProtocolError::ContentLength,
+            ),
+            (
+                "HTTP/1.1 200 OK\r\nContent-Length: 99999999999999999999999\r\n\r\n",
+                ProtocolError::ContentLength,
+            ),
+            (
+                "HTTP/1.1 101 Switching Protocols\r\n\r\n",
+                ProtocolError::UnexpectedUpgrade,
+            ),
+        ];
+        for (text, want) in bad {
+            assert_eq!(head(text, false).unwrap_err(), want, "{text:?}");
+        }
+        assert!(matches!(
+            head("HTTP/1.1 2000 OK\r\n\r\n", false),
+            Err(ProtocolError::Head(_))
+        ));
+        assert!(matches!(
+            head("SMTP ready\r\n\r\n", false),
+            Err(ProtocolError::Head(_))
+        ));
+        // Equal repeats are one length.
+        assert_eq!(
+            final_head("HTTP/1.1 200 OK\r\nContent-Length: 4, 4\r\n\r\n").body,
+            Decoder::Length(4)
+        );
+        let huge = format!("HTTP/1.1 200 OK\r\nX: {}\r\n", "a".repeat(MAX_HEAD_BYTES));
+        assert_eq!(head(&huge, false).unwrap_err(), ProtocolError::HeadTooLarge);
+        let many: String = (0..MAX_FIELDS + 1)
+            .map(|i| format!("x-{i}: 1\r\n"))
+            .collect();
+        let many = format!("HTTP/1.1 200 OK\r\n{many}\r\n");
+        assert!(matches!(
+            head(&many, false),
+            Err(ProtocolError::Head(httparse::Error::TooManyHeaders))
+        ));
+    }
+
+    #[test]
+    fn partial_and_interim_heads_take_nothing_or_themselves() {
+        let mut buf = BytesMut::from("HTTP/1.1 200 OK\r\nContent-Le");
+        assert!(matches!(
+            parse_response_head(&mut buf, false),
+            Ok(Parsed::Partial)
+        ));
+        assert_eq!(buf.len(), 27);
+        let mut buf = BytesMut::from("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nhi");
+        assert!(matches!(
+            parse_response_head(&mut buf, false),
+            Ok(Parsed::Interim)
+        ));
+        assert!(matches!(
+            parse_response_head(&mut buf, false),
+            Ok(Parsed::Interim)
+        ));
+        match parse_response_head(&mut buf, false) {
+            Ok(Parsed::Final(h)) => assert_eq!(h.status, StatusCode::OK),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(&buf[..], b"hi");
+    }
+
+    #[test]
+    fn chunked_bodies_decode_however_the_bytes_arrive() {
+        let wire = b"5\r\nhello\r\nB;ext=1\r\n, chunked!!\r\n0\r\nX-Sum: 9\r\n\r\n";
+        for step in [1, 2, 3, 7, 64] {
+            let (data, trailers, ended) =
+                decode_all(Decoder::Chunked(Chunk::Size), wire, step).unwrap();
+            assert_eq!(data, b"hello, chunked!!", "step {step}");
+            assert!(ended);
+            assert_eq!(trailers.unwrap()["x-sum"], "9");
+        }
+        // No trailers; bare LF line ends; upper-case hex.
+        let (data, trailers, ended) =
+            decode_all(Decoder::Chunked(Chunk::Size), b"A\nabcdefghij\n0\n\n", 4).unwrap();
+        assert_eq!(
+            (data.as_slice(), trailers, ended),
+            (&b"abcdefghij"[..], None, true)
+        );
+        // Cut short: not ended.
+        let (_, _, ended) = decode_all(Decoder::Chunked(Chunk::Size), b"5\r\nhel", 2).unwrap();
+        assert!(!ended);
+    }
+
+    #[test]
+    fn bad_chunks_are_errors() {
+        let bad: [(&[u8], ProtocolError); 5] = [
+            (b"x\r\n", ProtocolError::ChunkSize),
+            (b"\r\n", ProtocolError::ChunkSize),
+            (b"5 x\r\nhello\r\n", ProtocolError::ChunkSize),
+            (b"11111111111111111\r\n", ProtocolError::ChunkSize),
+            (b"2\r\nhiXX", ProtocolError::ChunkEnd),
+        ];
+        for (wire, want) in bad {
+            assert_eq!(
+                decode_all(Decoder::Chunked(Chunk::Size), wire, 64).unwrap_err(),
+                want,
+                "{wire:?}"
+            );
+        }
+        let long = vec![b'1'; MAX_CHUNK_LINE + 10];
+        assert_eq!(
+            decode_all(Decoder::Chunked(Chunk::Size), &long, 64).unwrap_err(),
+            ProtocolError::ChunkSize
+        );
+    }
+
+    #[test]
+    fn sized_and_close_delimited_bodies() {
+        let (data, _, ended) = decode_all(Decoder::Length(5), b"helloEXTRA", 3).unwrap();
+        assert_eq!((data.as_slice(), ended), (&b"hello"[..], true));
+        let (data, _, ended) = decode_all(Decoder::Close, b"until the end", 4).unwrap();
+        assert_eq!((data.as_slice(), ended), (&b"until the end"[..], false));
+        let mut close = Decoder::Close;
+        assert_eq!(close.at_eof(), Ok(()));
+        assert!(close.is_done());
+        assert_eq!(Decoder::Length(3).at_eof(), Err(ProtocolError::Incomplete));
+        assert_eq!(
+            Decoder::Chunked(Chunk::Data(1)).at_eof(),
+            Err(ProtocolError::Incomplete)
+        );
+        assert_eq!(Decoder::Length(7).remaining(), Some(7));
+        assert_eq!(Decoder::Close.remaining(), None);
+    }
+}
