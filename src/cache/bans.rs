@@ -117,8 +117,9 @@ impl Bans {
     }
 
     /// The verdict for an entry stored under `key` that arrived at
-    /// `arrived_ms` with `tags`.
-    pub fn judge(&self, key: &str, arrived_ms: u64, tags: &[&str]) -> Verdict {
+    /// `arrived_ms`; `has_tag` tells whether it carries a tag (asked only
+    /// of tag bans, so that an entry's tags need not be collected).
+    pub fn judge(&self, key: &str, arrived_ms: u64, has_tag: impl Fn(&str) -> bool) -> Verdict {
         if arrived_ms < self.floor_ms {
             return Verdict::Purge;
         }
@@ -126,7 +127,7 @@ impl Bans {
         for ban in self.bans.iter().filter(|b| arrived_ms < b.before_ms) {
             let hit = match &ban.target {
                 Target::Prefix(prefix) => key.starts_with(prefix.as_str()),
-                Target::Tag(tag) => tags.contains(&tag.as_str()),
+                Target::Tag(tag) => has_tag(tag),
             };
             if hit {
                 if !ban.soft {
@@ -246,6 +247,12 @@ fn unhex(hex: &str) -> Option<String> {
 mod tests {
     use super::*;
 
+    impl Bans {
+        fn judge_tags(&self, key: &str, arrived_ms: u64, tags: &[&str]) -> Verdict {
+            self.judge(key, arrived_ms, |tag| tags.contains(&tag))
+        }
+    }
+
     fn ban(before_ms: u64, soft: bool, target: Target) -> Ban {
         Ban {
             before_ms,
@@ -271,9 +278,9 @@ mod tests {
             ("a.example/shop/2\0", 50, &["news"], Verdict::Purge),
         ];
         for (key, at, tags, want) in table {
-            assert_eq!(bans.judge(key, *at, tags), *want, "{key} {at}");
+            assert_eq!(bans.judge_tags(key, *at, tags), *want, "{key} {at}");
         }
-        assert_eq!(bans.judge("x", 1, &[]), Verdict::Keep);
+        assert_eq!(bans.judge_tags("x", 1, &[]), Verdict::Keep);
     }
 
     #[test]
@@ -285,11 +292,11 @@ mod tests {
                 .unwrap();
         }
         assert_eq!(bans.len(), 1);
-        assert_eq!(bans.judge("k", 50, &["news"]), Verdict::Stale);
+        assert_eq!(bans.judge_tags("k", 50, &["news"]), Verdict::Stale);
         bans.add(ban(100, false, Target::Tag("news".into())))
             .unwrap();
         assert_eq!(bans.len(), 1);
-        assert_eq!(bans.judge("k", 50, &["news"]), Verdict::Purge);
+        assert_eq!(bans.judge_tags("k", 50, &["news"]), Verdict::Purge);
         // A ban of a later store is another ban.
         bans.add(ban(200, false, Target::Tag("news".into())))
             .unwrap();
@@ -319,8 +326,8 @@ mod tests {
         // The two oldest bans (500 and 600) were folded: everything that
         // arrived before 600 is purged, whatever its key or tags.
         assert_eq!(many.floor_ms, 600);
-        assert_eq!(many.judge("any", 599, &[]), Verdict::Purge);
-        assert_eq!(many.judge("any", 600, &[]), Verdict::Keep);
+        assert_eq!(many.judge_tags("any", 599, &[]), Verdict::Purge);
+        assert_eq!(many.judge_tags("any", 600, &[]), Verdict::Keep);
         assert_eq!(Bans::load(dir.path(), 3_000).floor_ms, 600);
     }
 
@@ -329,7 +336,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join(FILE_NAME), "ban 5 2 prefix zz\n").unwrap();
         let bans = Bans::load(dir.path(), 1_234);
-        assert_eq!(bans.judge("k", 1_233, &[]), Verdict::Purge);
-        assert_eq!(bans.judge("k", 1_234, &[]), Verdict::Keep);
+        assert_eq!(bans.judge_tags("k", 1_233, &[]), Verdict::Purge);
+        assert_eq!(bans.judge_tags("k", 1_234, &[]), Verdict::Keep);
     }
 }

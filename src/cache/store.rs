@@ -38,8 +38,8 @@
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::ops::Bound;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use foyer::{
@@ -228,8 +228,13 @@ pub struct Store {
     /// When the store opened, Unix milliseconds: entries that arrived
     /// before are the ones the index may not know.
     opened_ms: u64,
-    /// Bans for those entries; kept only with a disk tier.
-    bans: Option<Mutex<Bans>>,
+    /// Bans for those entries; kept only with a disk tier. A lock that
+    /// readers share: every read of such an entry is judged while bans
+    /// exist.
+    bans: Option<RwLock<Bans>>,
+    /// Whether any ban (or a floor) exists: until one does, reads skip the
+    /// bans without taking their lock. Never goes back to false.
+    bans_present: AtomicBool,
     /// How many bans this store has added (see [`Store::get`]).
     bans_added: AtomicU64,
     reads: Reads,
@@ -369,7 +374,8 @@ impl Store {
         let bans = config
             .disk_dir
             .as_ref()
-            .map(|dir| Mutex::new(Bans::load(dir, opened_ms)));
+            .map(|dir| Bans::load(dir, opened_ms));
+        let bans_present = bans.as_ref().is_some_and(|b| !b.is_empty());
         Ok(Store {
             cache,
             index: Mutex::new(Index::default()),
@@ -377,7 +383,8 @@ impl Store {
             last_generation: AtomicU64::new(0),
             last_removal_ms: AtomicU64::new(0),
             opened_ms,
-            bans,
+            bans: bans.map(RwLock::new),
+            bans_present: AtomicBool::new(bans_present),
             bans_added: AtomicU64::new(0),
             reads: Reads::new(),
         })
@@ -424,9 +431,15 @@ impl Store {
             self.remove(key);
             return None;
         }
-        let before_open = from_disk && entry.response_time_ms < self.opened_ms;
+        // Judged whatever foyer's source: foyer puts an entry read from
+        // disk into memory before it is judged here, so a concurrent read
+        // can find it in memory unjudged, and an entry read before a ban
+        // stays in memory after it.
+        let before_open = entry.response_time_ms < self.opened_ms;
+        // Read before the bans are looked at: a ban added after this shows
+        // as a change below.
         let bans_seen = self.bans_added.load(Ordering::Acquire);
-        let entry = if before_open {
+        let entry = if before_open && self.bans_present.load(Ordering::Acquire) {
             self.apply_bans(key, entry)?
         } else {
             entry
@@ -480,12 +493,12 @@ impl Store {
         let Some(bans) = &self.bans else {
             return Verdict::Keep;
         };
-        let bans = bans.lock().unwrap_or_else(|p| p.into_inner());
-        if bans.is_empty() {
-            return Verdict::Keep;
-        }
-        let tags: Vec<&str> = entry.tags().collect();
-        bans.judge(key, entry.response_time_ms, &tags)
+        // Bans are only ever added whole: a panicking holder leaves them
+        // usable.
+        let bans = bans.read().unwrap_or_else(PoisonError::into_inner);
+        bans.judge(key, entry.response_time_ms, |tag| {
+            entry.tags().any(|t| t == tag)
+        })
     }
 
     /// Whether prefix and tag purges also leave bans for the entries on disk
@@ -505,10 +518,11 @@ impl Store {
             soft,
             target,
         };
-        let mut bans = bans.lock().unwrap_or_else(|p| p.into_inner());
+        let mut bans = bans.write().unwrap_or_else(PoisonError::into_inner);
         if let Err(error) = bans.add(ban) {
             tracing::error!(%error, "cache ban not saved: it holds until the next restart only");
         }
+        self.bans_present.store(true, Ordering::Release);
         // Before the purge lists the index (see `get`).
         self.bans_added.fetch_add(1, Ordering::AcqRel);
     }
@@ -738,6 +752,99 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::control::{response_directives, Overrides, DEFAULT_HEURISTIC_MAX};
+    use crate::cache::entry::Received;
+    use http::{header, HeaderValue, StatusCode};
+    use std::path::Path;
+
+    fn on_disk(dir: &Path) -> StoreConfig {
+        StoreConfig {
+            memory_bytes: 1 << 20,
+            disk_dir: Some(dir.to_path_buf()),
+            disk_bytes: 64 << 20,
+            max_object_bytes: 1 << 20,
+        }
+    }
+
+    /// A response fresh for an hour (and usable stale for another), tagged.
+    fn tagged(tag: &str) -> Entry {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("max-age=3600, stale-while-revalidate=3600"),
+        );
+        headers.insert("surrogate-key", HeaderValue::from_str(tag).unwrap());
+        let directives = response_directives(&headers, &[]);
+        let now = SystemTime::now();
+        Entry::from_response(
+            Received {
+                status: StatusCode::OK,
+                headers,
+                body: tag.as_bytes().to_vec(),
+                request_headers: &HeaderMap::new(),
+                request_time: now,
+                response_time: now,
+            },
+            &directives,
+            &Overrides::default(),
+            DEFAULT_HEURISTIC_MAX,
+        )
+        .unwrap()
+    }
+
+    /// A store over `dir` holding `entries` (key, tag) from before it
+    /// opened.
+    async fn reopened(dir: &Path, entries: &[(&str, &str)]) -> Store {
+        let store = Store::open(on_disk(dir)).await.unwrap();
+        for (key, tag) in entries {
+            assert!(store.insert(root_key(key), tagged(tag)));
+        }
+        store.close().await.unwrap();
+        drop(store);
+        // The next store opens strictly later than these entries arrived.
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        Store::open(on_disk(dir)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn entries_from_before_opening_are_judged_when_foyer_serves_them_from_memory() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = reopened(
+            dir.path(),
+            &[
+                ("/shop/1", "red"),
+                ("/blog/1", "news"),
+                ("/keep/1", "green"),
+            ],
+        )
+        .await;
+        // Nothing was read since opening: the purges reach no indexed
+        // entry and leave bans.
+        assert_eq!(store.purge_prefix("/shop/"), 0);
+        assert_eq!(store.soft_purge_tag("news").await, 0);
+        // foyer moves what it reads from disk into memory before `get` has
+        // judged it; a concurrent read then finds it in memory. Reading
+        // through foyer alone stages that gap.
+        for key in ["/shop/1", "/blog/1"] {
+            let digest = digest(&root_key(key));
+            let first = store.cache.get(&digest).await.unwrap().unwrap();
+            assert_ne!(first.source(), foyer::Source::Memory, "{key}");
+            drop(first);
+            let again = store.cache.get(&digest).await.unwrap().unwrap();
+            assert_eq!(again.source(), foyer::Source::Memory, "{key}");
+        }
+        assert!(store.get(&root_key("/shop/1")).await.is_none());
+        let soft = store.get(&root_key("/blog/1")).await.unwrap();
+        assert!(soft.soft_purged, "a soft ban marks the entry stale");
+
+        // Read (and so indexed, and in memory) before a ban that reaches
+        // it only as a ban, as when the purge listed the index before this
+        // read added the entry.
+        assert!(store.get(&root_key("/keep/1")).await.is_some());
+        store.ban(false, Target::Tag("green".into()));
+        assert!(store.get(&root_key("/keep/1")).await.is_none());
+        store.close().await.unwrap();
+    }
 
     #[test]
     fn digests_are_sha256_truncated_and_stable() {
