@@ -522,3 +522,55 @@ async fn prefix_and_tag_purges_reach_entries_stored_before_a_restart() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn bans_added_just_before_closing_hold_after_reopening() {
+    let dir = tempfile::tempdir().unwrap();
+    let none = HeaderMap::new();
+    let tagged = |tag: &'static str| {
+        response(
+            "max-age=3600",
+            &[("surrogate-key", tag)],
+            Bytes::from_static(tag.as_bytes()),
+            &HeaderMap::new(),
+        )
+    };
+    bounded(async {
+        let store = Store::open(config(dir.path(), 1 << 20)).await.unwrap();
+        for i in 0..8 {
+            store
+                .store_response(&format!("/p/{i}"), tagged("kept"))
+                .await;
+        }
+        store.store_response("/t/1", tagged("gone")).await;
+        store.close().await.unwrap();
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(5)).await;
+
+    bounded(async {
+        // The ban file is written off the purge's thread; closing right
+        // after the purges must still leave all of them on disk.
+        let store = Store::open(config(dir.path(), 1 << 20)).await.unwrap();
+        for i in 0..8 {
+            assert_eq!(store.purge_prefix(&format!("/p/{i}")), 0);
+        }
+        assert_eq!(store.purge_tag("gone"), 0);
+        store.close().await.unwrap();
+    })
+    .await;
+
+    bounded(async {
+        let store = Store::open(config(dir.path(), 1 << 20)).await.unwrap();
+        for i in 0..8 {
+            let path = format!("/p/{i}");
+            assert!(
+                matches!(store.lookup(&path, &none).await, Lookup::Miss),
+                "{path}"
+            );
+        }
+        assert!(matches!(store.lookup("/t/1", &none).await, Lookup::Miss));
+        store.close().await.unwrap();
+    })
+    .await;
+}

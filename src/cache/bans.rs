@@ -12,11 +12,17 @@
 //!
 //! Bans are kept in a small file in the cache directory, rewritten whole
 //! (written aside, synced, renamed) on every new ban, so they outlive the
-//! next restart too. Nothing tells when the last entry a ban could match is
-//! gone, so bans are kept up to [`MAX_BANS`]; past that, the oldest are
-//! folded into a floor: every entry stored before it counts as purged. That
-//! purges more than was asked, never less. A ban file that cannot be read
-//! is treated the same way, with the floor at the time the store opened.
+//! next restart too. The bans are changed in memory under the store's
+//! lock; the file is written from a [`Snapshot`] taken there, by a
+//! [`Writer`] after the lock is released, so that reads judged against the
+//! bans never wait for the disk. Snapshots carry a generation: a slow write
+//! of an older one never replaces a newer file.
+//!
+//! Nothing tells when the last entry a ban could match is gone, so bans
+//! are kept up to [`MAX_BANS`]; past that, the oldest are folded into a
+//! floor: every entry stored before it counts as purged. That purges more
+//! than was asked, never less. A ban file that cannot be read is treated
+//! the same way, with the floor at the time the store opened.
 //!
 //! File format, one item per line: `floor MS` and
 //! `ban BEFORE_MS SOFT prefix|tag HEX`, where `BEFORE_MS` is when the store
@@ -26,6 +32,7 @@
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 
 /// Most bans kept before the oldest are folded into the floor.
 pub const MAX_BANS: usize = 1024;
@@ -72,6 +79,64 @@ pub struct Bans {
     floor_ms: u64,
     bans: Vec<Ban>,
     file: Option<PathBuf>,
+    /// Bumped on every change since the bans were loaded (see [`Snapshot`]).
+    generation: u64,
+}
+
+/// The bans as their file is to hold them, taken under the lock that
+/// guards them and written after it is released (see [`Writer`]).
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    /// Which change of the bans this is; a later one is greater.
+    generation: u64,
+    text: String,
+    file: PathBuf,
+}
+
+/// Writes [`Snapshot`]s of one ban file, in order: a snapshot older than
+/// the one last written is skipped, so a write that was overtaken never
+/// replaces newer bans with older ones.
+#[derive(Debug, Default)]
+pub struct Writer {
+    /// Generation of the snapshot last written. The lock is held across
+    /// the write, so writes never interleave.
+    written: Mutex<u64>,
+}
+
+impl Writer {
+    /// Writes `snapshot` unless a snapshot as new or newer was written
+    /// already. Blocks on disk I/O: call it off the async threads.
+    pub fn write(&self, snapshot: &Snapshot) -> std::io::Result<()> {
+        // The generation is only set after a whole write, so it is right
+        // even when a writer panicked mid-write.
+        let mut written = self.written.lock().unwrap_or_else(PoisonError::into_inner);
+        if snapshot.generation <= *written {
+            return Ok(());
+        }
+        snapshot.write_file()?;
+        *written = snapshot.generation;
+        Ok(())
+    }
+}
+
+impl Snapshot {
+    /// Which change of the bans this snapshot holds.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    fn write_file(&self) -> std::io::Result<()> {
+        let aside = self.file.with_extension("new");
+        let mut out = std::fs::File::create(&aside)?;
+        out.write_all(self.text.as_bytes())?;
+        out.sync_all()?;
+        std::fs::rename(&aside, &self.file)?;
+        // The rename itself must reach the disk, or a crash loses the ban.
+        if let Some(dir) = self.file.parent() {
+            std::fs::File::open(dir)?.sync_all()?;
+        }
+        Ok(())
+    }
 }
 
 impl Bans {
@@ -139,13 +204,14 @@ impl Bans {
         verdict
     }
 
-    /// Adds a ban and writes the file. Past [`MAX_BANS`], the oldest bans
-    /// become the floor.
+    /// Adds a ban in memory. Past [`MAX_BANS`], the oldest bans become
+    /// the floor. Returns what the file is to hold now, when the bans
+    /// changed and are kept in a file; write it with a [`Writer`].
     /// A repeat of a kept ban (same target, same store) adds nothing; a
     /// hard repeat of a soft ban hardens it. Sites that purge the same tag
     /// on every publish then keep one ban per tag and restart, not one per
     /// purge.
-    pub fn add(&mut self, ban: Ban) -> std::io::Result<()> {
+    pub fn record(&mut self, ban: Ban) -> Option<Snapshot> {
         if let Some(kept) = self
             .bans
             .iter_mut()
@@ -153,9 +219,10 @@ impl Bans {
         {
             if kept.soft && !ban.soft {
                 kept.soft = false;
-                return self.save();
+                self.generation += 1;
+                return self.snapshot();
             }
-            return Ok(());
+            return None;
         }
         self.bans.push(ban);
         if self.bans.len() > MAX_BANS {
@@ -164,13 +231,17 @@ impl Bans {
                 self.floor_ms = self.floor_ms.max(old.before_ms);
             }
         }
-        self.save()
+        self.generation += 1;
+        self.snapshot()
     }
 
-    fn save(&self) -> std::io::Result<()> {
-        let Some(file) = &self.file else {
-            return Ok(());
-        };
+    /// What the file is to hold now; none when the bans are not kept in a
+    /// file or have not changed since they were loaded.
+    pub fn snapshot(&self) -> Option<Snapshot> {
+        let file = self.file.as_ref()?;
+        if self.generation == 0 {
+            return None;
+        }
         let mut text = format!("floor {}\n", self.floor_ms);
         for ban in &self.bans {
             let (kind, value) = match &ban.target {
@@ -183,16 +254,11 @@ impl Bans {
             }
             text.push('\n');
         }
-        let aside = file.with_extension("new");
-        let mut out = std::fs::File::create(&aside)?;
-        out.write_all(text.as_bytes())?;
-        out.sync_all()?;
-        std::fs::rename(&aside, file)?;
-        // The rename itself must reach the disk, or a crash loses the ban.
-        if let Some(dir) = file.parent() {
-            std::fs::File::open(dir)?.sync_all()?;
-        }
-        Ok(())
+        Some(Snapshot {
+            generation: self.generation,
+            text,
+            file: file.clone(),
+        })
     }
 }
 
@@ -248,6 +314,14 @@ mod tests {
     use super::*;
 
     impl Bans {
+        /// [`Bans::record`] and a write in place.
+        fn add(&mut self, ban: Ban) -> std::io::Result<()> {
+            match self.record(ban) {
+                Some(snapshot) => snapshot.write_file(),
+                None => Ok(()),
+            }
+        }
+
         fn judge_tags(&self, key: &str, arrived_ms: u64, tags: &[&str]) -> Verdict {
             self.judge(key, arrived_ms, |tag| tags.contains(&tag))
         }
@@ -338,5 +412,31 @@ mod tests {
         let bans = Bans::load(dir.path(), 1_234);
         assert_eq!(bans.judge_tags("k", 1_233, &[]), Verdict::Purge);
         assert_eq!(bans.judge_tags("k", 1_234, &[]), Verdict::Keep);
+    }
+
+    #[test]
+    fn a_snapshot_overtaken_by_a_newer_one_is_not_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut bans = Bans::load(dir.path(), 1_000);
+        assert!(bans.snapshot().is_none(), "nothing changed since loading");
+        let older = bans
+            .record(ban(100, false, Target::Prefix("a/".into())))
+            .unwrap();
+        let newer = bans
+            .record(ban(100, false, Target::Tag("t".into())))
+            .unwrap();
+        assert!(newer.generation() > older.generation());
+        assert!(
+            bans.record(ban(100, false, Target::Tag("t".into())))
+                .is_none(),
+            "a repeat changes nothing"
+        );
+        let writer = Writer::default();
+        writer.write(&newer).unwrap();
+        // The older write arrives late, as a slow blocking task would.
+        writer.write(&older).unwrap();
+        let again = Bans::load(dir.path(), 2_000);
+        assert_eq!(again.bans, bans.bans);
+        assert_eq!(again.judge_tags("k", 50, &["t"]), Verdict::Purge);
     }
 }

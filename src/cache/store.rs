@@ -48,7 +48,7 @@ use foyer::{
 };
 use http::HeaderMap;
 
-use super::bans::{Ban, Bans, Target, Verdict};
+use super::bans::{Ban, Bans, Snapshot, Target, Verdict, Writer};
 use super::control::secondary_key_of;
 use super::entry::{Entry, EntryKind};
 
@@ -93,6 +93,10 @@ pub enum StoreError {
     /// foyer failed to build, recover or close.
     #[error("cache store: {0}")]
     Foyer(#[from] foyer::Error),
+    /// The bans could not be written when the store closed: those added
+    /// since the last write that succeeded hold until the restart only.
+    #[error("cache bans not saved: {0}")]
+    Bans(std::io::Error),
 }
 
 /// The value type held by foyer: an entry shared without copying.
@@ -237,6 +241,8 @@ pub struct Store {
     bans_present: AtomicBool,
     /// How many bans this store has added (see [`Store::get`]).
     bans_added: AtomicU64,
+    /// Writes the ban file off the lock above (see [`Store::ban`]).
+    ban_writer: Arc<Writer>,
     reads: Reads,
 }
 
@@ -386,6 +392,7 @@ impl Store {
             bans: bans.map(RwLock::new),
             bans_present: AtomicBool::new(bans_present),
             bans_added: AtomicU64::new(0),
+            ban_writer: Arc::new(Writer::default()),
             reads: Reads::new(),
         })
     }
@@ -509,6 +516,8 @@ impl Store {
     }
 
     /// Records a ban for the entries on disk from before the store opened.
+    /// The ban holds from now on; its file is written after the lock is
+    /// released, off the async threads (see [`Store::save_bans`]).
     fn ban(&self, soft: bool, target: Target) {
         let Some(bans) = &self.bans else {
             return;
@@ -518,13 +527,59 @@ impl Store {
             soft,
             target,
         };
-        let mut bans = bans.write().unwrap_or_else(PoisonError::into_inner);
-        if let Err(error) = bans.add(ban) {
-            tracing::error!(%error, "cache ban not saved: it holds until the next restart only");
-        }
-        self.bans_present.store(true, Ordering::Release);
+        let snapshot = {
+            let mut bans = bans.write().unwrap_or_else(PoisonError::into_inner);
+            let snapshot = bans.record(ban);
+            self.bans_present.store(true, Ordering::Release);
+            snapshot
+        };
         // Before the purge lists the index (see `get`).
         self.bans_added.fetch_add(1, Ordering::AcqRel);
+        if let Some(snapshot) = snapshot {
+            self.save_bans(snapshot);
+        }
+    }
+
+    /// Writes the ban file from `snapshot` on tokio's blocking threads,
+    /// or in place outside a runtime. Not awaited: [`Store::close`] writes
+    /// whatever is still pending.
+    fn save_bans(&self, snapshot: Snapshot) {
+        let writer = Arc::clone(&self.ban_writer);
+        let write = move || {
+            if let Err(error) = writer.write(&snapshot) {
+                tracing::error!(%error, "cache ban not saved: it holds until the next restart only");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn_blocking(write)),
+            Err(_) => write(),
+        }
+    }
+
+    /// Writes the latest bans unless they are on disk already, waiting
+    /// for a write in progress.
+    async fn flush_bans(&self) -> Result<(), StoreError> {
+        let Some(bans) = &self.bans else {
+            return Ok(());
+        };
+        // The guard goes before the write is awaited.
+        let snapshot = bans
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .snapshot();
+        let Some(snapshot) = snapshot else {
+            return Ok(());
+        };
+        let writer = Arc::clone(&self.ban_writer);
+        let write = move || writer.write(&snapshot);
+        let written = match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => runtime
+                .spawn_blocking(write)
+                .await
+                .unwrap_or_else(|e| Err(std::io::Error::other(e))),
+            Err(_) => write(),
+        };
+        written.map_err(StoreError::Bans)
     }
 
     /// Stores an entry under a full key. Returns false (and stores nothing)
@@ -742,16 +797,18 @@ impl Store {
         count
     }
 
-    /// Flushes the memory tier to disk and closes the store.
+    /// Flushes the memory tier and the bans to disk and closes the store.
     pub async fn close(&self) -> Result<(), StoreError> {
+        let bans = self.flush_bans().await;
         self.cache.close().await?;
-        Ok(())
+        bans
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::cache::bans;
     use crate::cache::control::{response_directives, Overrides, DEFAULT_HEURISTIC_MAX};
     use crate::cache::entry::Received;
     use http::{header, HeaderValue, StatusCode};
@@ -843,6 +900,28 @@ mod tests {
         assert!(store.get(&root_key("/keep/1")).await.is_some());
         store.ban(false, Target::Tag("green".into()));
         assert!(store.get(&root_key("/keep/1")).await.is_none());
+        store.close().await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn closing_writes_bans_whose_write_has_not_run_yet() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = reopened(dir.path(), &[("/a", "x")]).await;
+        // As `ban` does, with the write it hands to a blocking thread not
+        // run yet.
+        let ban = Ban {
+            before_ms: store.opened_ms,
+            soft: false,
+            target: Target::Prefix("/a".into()),
+        };
+        let pending = store.bans.as_ref().unwrap().write().unwrap().record(ban);
+        assert!(pending.is_some());
+        store.close().await.unwrap();
+        drop(store);
+        let bans = bans::Bans::load(dir.path(), unix_ms(now()));
+        assert_eq!(bans.len(), 1);
+        let store = Store::open(on_disk(dir.path())).await.unwrap();
+        assert!(store.get(&root_key("/a")).await.is_none());
         store.close().await.unwrap();
     }
 
