@@ -38,7 +38,8 @@ enum Step {
     Hang,
     /// Answers right after the head, without reading the body, and closes.
     AnswerBeforeBody(&'static [u8]),
-    /// Sends `100 Continue` after the head, then reads the body and answers.
+    /// Sends `100 Continue` (in two pieces) after the head, then reads the
+    /// body and answers.
     ContinueThenAnswer(&'static [u8]),
 }
 
@@ -126,7 +127,11 @@ async fn serve(mut tcp: TcpStream, steps: Arc<Mutex<VecDeque<Step>>>, log: Arc<M
                 return;
             }
             Step::ContinueThenAnswer(bytes) => {
-                let _ = tcp.write_all(b"HTTP/1.1 100 Continue\r\n\r\n").await;
+                // In two pieces: a partial interim head must not pass for
+                // an early final answer.
+                let _ = tcp.write_all(b"HTTP/1.1 100 Cont").await;
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                let _ = tcp.write_all(b"inue\r\n\r\n").await;
                 let body = read_body(&mut tcp, &mut buf, &head).await;
                 log.lock().unwrap().push(Seen { head, body });
                 let _ = tcp.write_all(bytes).await;

@@ -205,9 +205,16 @@ pub(super) fn parse_response_head(
     // values can be sliced out once the head is frozen.
     let mut spans = [[0u32; 4]; MAX_FIELDS];
     let (len, code, version, count) = {
-        let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
-        let mut response = httparse::Response::new(&mut fields);
-        let len = match response.parse(buf) {
+        // Left uninitialised: httparse writes only the fields it finds, and
+        // a full array would be 4 KiB of writes per response.
+        let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_FIELDS];
+        let mut response = httparse::Response::new(&mut []);
+        let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+            &mut response,
+            buf,
+            &mut fields,
+        );
+        let len = match parsed {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() > MAX_HEAD_BYTES => {
                 return Err(ProtocolError::HeadTooLarge)

@@ -217,41 +217,63 @@ impl Conn {
         Poll::Ready(Ok(()))
     }
 
-    /// Whether the server has already begun its final answer (it may answer
-    /// before it has read the whole request body, say with 413). Interim
-    /// answers (100 Continue) are skipped.
+    /// Whether the server has already sent the head of its final answer
+    /// (it may answer before it has read the whole request body, say with
+    /// 413). Interim answers (100 Continue) are taken and dropped; a head
+    /// still arriving is waited for, so that a partial `100 Continue` does
+    /// not stop the upload.
     fn poll_early_answer(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
         loop {
+            loop {
+                match peek_head(&self.read)? {
+                    Peek::Interim(len) => {
+                        let _ = self.read.split_to(len);
+                    }
+                    // The final head stays in the buffer for `read_head`.
+                    Peek::Final => return Poll::Ready(Ok(())),
+                    Peek::Partial => break,
+                }
+            }
             match ready!(self.poll_fill(cx, READ_CHUNK)) {
                 Ok(0) => return Poll::Ready(Err(ConnError::Closed)),
                 Ok(_) => {}
                 Err(e) => return Poll::Ready(Err(e.into())),
             }
-            // Peek: a final head stays in the buffer for `read_head`.
-            while let Some(len) = interim_head_len(&self.read)? {
-                let _ = self.read.split_to(len);
-            }
-            if !self.read.is_empty() {
-                return Poll::Ready(Ok(()));
-            }
         }
     }
 }
 
-/// The length of the interim (1xx) head at the start of `buf`, if one is
-/// there whole.
-fn interim_head_len(buf: &[u8]) -> Result<Option<usize>, ProtocolError> {
+/// What a look at the start of the read buffer finds.
+enum Peek {
+    /// A whole interim (1xx) head of this length.
+    Interim(usize),
+    /// A whole final head.
+    Final,
+    /// Nothing whole yet.
+    Partial,
+}
+
+fn peek_head(buf: &[u8]) -> Result<Peek, ProtocolError> {
+    if buf.is_empty() {
+        return Ok(Peek::Partial);
+    }
     let mut fields = [httparse::EMPTY_HEADER; codec::MAX_FIELDS];
     let mut response = httparse::Response::new(&mut fields);
     match response.parse(buf) {
-        Ok(httparse::Status::Complete(len))
+        Ok(httparse::Status::Complete(len)) => Ok(
             if response
                 .code
-                .is_some_and(|c| (100..200).contains(&c) && c != 101) =>
-        {
-            Ok(Some(len))
+                .is_some_and(|c| (100..200).contains(&c) && c != 101)
+            {
+                Peek::Interim(len)
+            } else {
+                Peek::Final
+            },
+        ),
+        Ok(httparse::Status::Partial) if buf.len() > codec::MAX_HEAD_BYTES => {
+            Err(ProtocolError::HeadTooLarge)
         }
-        Ok(_) => Ok(None),
+        Ok(httparse::Status::Partial) => Ok(Peek::Partial),
         Err(e) => Err(ProtocolError::Head(e)),
     }
 }
@@ -313,6 +335,11 @@ impl Connections {
             // Closing it here, under the lock, is a shutdown of a socket
             // and the release of its buffers: short.
             idle.pop_front();
+        }
+        if conn.read.capacity() > 2 * READ_CHUNK {
+            // A large body's buffer is not kept for an idle connection; the
+            // next request starts a small one.
+            conn.read = BytesMut::new();
         }
         conn.idle_since = now;
         idle.push_back(conn);
