@@ -38,6 +38,12 @@ enum Step {
     Hang,
     /// Answers right after the head, without reading the body, and closes.
     AnswerBeforeBody(&'static [u8]),
+    /// Sends these bytes right after the head, reads the body, then sends
+    /// the rest and keeps the connection.
+    AnswerWhileReading(&'static [u8], &'static [u8]),
+    /// Reads the head, then resets the connection (SO_LINGER 0) while the
+    /// body is still coming.
+    ResetAfterHead,
     /// Sends `100 Continue` (in two pieces) after the head, then reads the
     /// body and answers.
     ContinueThenAnswer(&'static [u8]),
@@ -124,6 +130,20 @@ async fn serve(mut tcp: TcpStream, steps: Arc<Mutex<VecDeque<Step>>>, log: Arc<M
                     body: Vec::new(),
                 });
                 let _ = tcp.write_all(bytes).await;
+                return;
+            }
+            Step::AnswerWhileReading(first, rest) => {
+                let _ = tcp.write_all(first).await;
+                let body = read_body(&mut tcp, &mut buf, &head).await;
+                log.lock().unwrap().push(Seen { head, body });
+                let _ = tcp.write_all(rest).await;
+            }
+            Step::ResetAfterHead => {
+                log.lock().unwrap().push(Seen {
+                    head,
+                    body: Vec::new(),
+                });
+                let _ = tcp.set_linger(Some(Duration::ZERO));
                 return;
             }
             Step::ContinueThenAnswer(bytes) => {
@@ -536,6 +556,63 @@ async fn head_answers_have_no_body_whatever_their_length() {
         // The connection is free for the next request at once.
         assert_eq!(get(&pool).await.unwrap().1, b"ok");
         assert_eq!(origin.connections.load(Ordering::SeqCst), 1);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_2xx_answer_that_begins_during_an_upload_lets_the_upload_finish() {
+    bounded(async {
+        let origin = Origin::start(vec![Step::AnswerWhileReading(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n4\r\nread\r\n",
+            b"0\r\n\r\n",
+        )])
+        .await;
+        let pool = origin.pool();
+        let (body, tx) = streamed(b"part one, ");
+        let req = Request::post("/stream").body(body).unwrap();
+        let sending = tokio::spawn(async move {
+            // Long enough for the origin's head to arrive first.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            tx.send(Bytes::from_static(b"part two")).await.unwrap();
+        });
+        let resp = pool.send(req, None, Limits::default()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&bytes[..], b"read");
+        sending.await.unwrap();
+        assert_eq!(origin.seen()[0].body, b"part one, part two");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn an_upload_cut_off_on_a_reused_connection_is_not_sent_again() {
+    bounded(async {
+        let ok: &'static [u8] = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok";
+        for _ in 0..3 {
+            let origin = Origin::start(vec![
+                Step::Answer(vec![ok]),
+                Step::ResetAfterHead,
+                Step::Answer(vec![ok]),
+            ])
+            .await;
+            let pool = origin.pool();
+            assert_eq!(get(&pool).await.unwrap().1, b"ok");
+            // Many small frames, all ready: the reset is met by a write
+            // that begins a frame, after the head and earlier frames went out.
+            let frames =
+                (0..4096).map(|_| Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; 1024]))));
+            let body = StreamBody::new(futures_util::stream::iter(frames));
+            let req = Request::put("/big").body(body).unwrap();
+            let err = pool.send(req, None, Limits::default()).await.unwrap_err();
+            assert!(matches!(err, UpstreamError::Reset { .. }), "{err}");
+            // The origin saw the GET and the PUT's head, and nothing more.
+            assert_eq!(origin.seen().len(), 2);
+            assert_eq!(origin.connections.load(Ordering::SeqCst), 1);
+        }
     })
     .await
     .unwrap();

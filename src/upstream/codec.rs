@@ -263,7 +263,7 @@ pub(super) fn parse_response_head(
         let value = HeaderValue::from_maybe_shared(value).map_err(|_| ProtocolError::Field)?;
         fields.append(name, value);
     }
-    let (body, mut keep_alive) = response_framing(status, head_request, &mut fields)?;
+    let (body, mut keep_alive) = response_framing(status, version, head_request, &mut fields)?;
     keep_alive &= connection_persists(version, &fields);
     Ok(Parsed::Final(Box::new(ResponseHead {
         status,
@@ -277,9 +277,11 @@ pub(super) fn parse_response_head(
 /// The framing of a response body (RFC 9112 §6.3), and false when the
 /// framing itself forbids reusing the connection afterwards. A response
 /// with both Transfer-Encoding and Content-Length loses the latter, which
-/// it must not have sent (§6.1), so it cannot reach the client.
+/// it must not have sent (§6.1), so it cannot reach the client; so does
+/// an HTTP/1.0 one with Transfer-Encoding, whose framing is suspect (§6.1).
 fn response_framing(
     status: StatusCode,
+    version: Version,
     head_request: bool,
     fields: &mut HeaderMap,
 ) -> Result<(Decoder, bool), ProtocolError> {
@@ -295,8 +297,9 @@ fn response_framing(
             .and_then(|v| v.rsplit(',').next())
             .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
         let both = fields.remove(CONTENT_LENGTH).is_some();
+        let suspect = both || version == Version::HTTP_10;
         return Ok(if chunked_last {
-            (Decoder::Chunked(Chunk::Size), !both)
+            (Decoder::Chunked(Chunk::Size), !suspect)
         } else {
             (Decoder::Close, false)
         });
@@ -524,16 +527,32 @@ fn line_break(buf: &[u8]) -> Option<Result<usize, ()>> {
 /// optional whitespace and extensions, which are ignored (RFC 9112 §7.1.1).
 fn chunk_size(line: &[u8]) -> Result<u64, ProtocolError> {
     let line = line.strip_suffix(b"\r").unwrap_or(line);
+    // A CR anywhere else is not a line end and not allowed in extensions.
+    if line.contains(&b'\r') {
+        return Err(ProtocolError::ChunkSize);
+    }
     let digits = line.iter().take_while(|b| b.is_ascii_hexdigit()).count();
-    if digits == 0 || digits > 16 {
+    if digits == 0 {
         return Err(ProtocolError::ChunkSize);
     }
     let rest = &line[digits..];
-    let rest = rest.trim_ascii_start();
-    if !rest.is_empty() && rest[0] != b';' {
+    let spaces = rest
+        .iter()
+        .take_while(|&&b| b == b' ' || b == b'\t')
+        .count();
+    if rest.get(spaces).is_some_and(|&b| b != b';') {
         return Err(ProtocolError::ChunkSize);
     }
-    let text = std::str::from_utf8(&line[..digits]).map_err(|_| ProtocolError::ChunkSize)?;
+    // Leading zeros are allowed however many; the value must fit 64 bits.
+    let first = line[..digits]
+        .iter()
+        .position(|&b| b != b'0')
+        .unwrap_or(digits - 1);
+    let significant = &line[first..digits];
+    if significant.len() > 16 {
+        return Err(ProtocolError::ChunkSize);
+    }
+    let text = std::str::from_utf8(significant).map_err(|_| ProtocolError::ChunkSize)?;
     u64::from_str_radix(text, 16).map_err(|_| ProtocolError::ChunkSize)
 }
 
@@ -717,6 +736,9 @@ mod tests {
             }
         }
         assert!(!final_head("HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n").keep_alive);
+        let chunked_10 =
+            "HTTP/1.0 200 OK\r\nTransfer-Encoding: chunked\r\nConnection: keep-alive\r\n\r\n";
+        assert!(!final_head(chunked_10).keep_alive);
         assert!(
             !final_head("HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: foo, close\r\n\r\n")
                 .keep_alive
@@ -824,6 +846,10 @@ mod tests {
             (data.as_slice(), trailers, ended),
             (&b"abcdefghij"[..], None, true)
         );
+        // Leading zeros, however many; spaces before an extension.
+        let wire = b"00000000000000000003 ;x=y\r\nabc\r\n0\r\n\r\n";
+        let (data, _, ended) = decode_all(Decoder::Chunked(Chunk::Size), wire, 5).unwrap();
+        assert_eq!((data.as_slice(), ended), (&b"abc"[..], true));
         // Cut short: not ended.
         let (_, _, ended) = decode_all(Decoder::Chunked(Chunk::Size), b"5\r\nhel", 2).unwrap();
         assert!(!ended);
@@ -831,12 +857,14 @@ mod tests {
 
     #[test]
     fn bad_chunks_are_errors() {
-        let bad: [(&[u8], ProtocolError); 5] = [
+        let bad: [(&[u8], ProtocolError); 7] = [
             (b"x\r\n", ProtocolError::ChunkSize),
             (b"\r\n", ProtocolError::ChunkSize),
             (b"5 x\r\nhello\r\n", ProtocolError::ChunkSize),
             (b"11111111111111111\r\n", ProtocolError::ChunkSize),
             (b"2\r\nhiXX", ProtocolError::ChunkEnd),
+            (b"5;a\rb\r\nhello\r\n", ProtocolError::ChunkSize),
+            (b"5\r\r\nhello\r\n", ProtocolError::ChunkSize),
         ];
         for (wire, want) in bad {
             assert_eq!(

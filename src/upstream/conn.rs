@@ -217,11 +217,15 @@ impl Conn {
         Poll::Ready(Ok(()))
     }
 
-    /// Whether the server has already sent the head of its final answer
-    /// (it may answer before it has read the whole request body, say with
-    /// 413). Interim answers (100 Continue) are taken and dropped; a head
-    /// still arriving is waited for, so that a partial `100 Continue` does
-    /// not stop the upload.
+    /// Whether the server has already sent the head of a final answer that
+    /// ends the upload: 300 or more (say 413), which it may send before it
+    /// has read the whole request body. A 2xx head waits in the buffer while
+    /// the body goes on (a streaming server may answer as it reads); interim
+    /// answers (100 Continue) are taken and dropped; a head still arriving is
+    /// waited for, so that a partial `100 Continue` does not stop the upload.
+    ///
+    /// Called only when writing or the request body is pending, so a
+    /// Pending here always has a waker registered on that side too.
     fn poll_early_answer(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
         loop {
             loop {
@@ -230,7 +234,9 @@ impl Conn {
                         let _ = self.read.split_to(len);
                     }
                     // The final head stays in the buffer for `read_head`.
-                    Peek::Final => return Poll::Ready(Ok(())),
+                    Peek::Final(status) if status >= 300 => return Poll::Ready(Ok(())),
+                    // Nothing more is read until the request is sent.
+                    Peek::Final(_) => return Poll::Pending,
                     Peek::Partial => break,
                 }
             }
@@ -247,8 +253,8 @@ impl Conn {
 enum Peek {
     /// A whole interim (1xx) head of this length.
     Interim(usize),
-    /// A whole final head.
-    Final,
+    /// A whole final head with this status.
+    Final(u16),
     /// Nothing whole yet.
     Partial,
 }
@@ -260,16 +266,10 @@ fn peek_head(buf: &[u8]) -> Result<Peek, ProtocolError> {
     let mut fields = [httparse::EMPTY_HEADER; codec::MAX_FIELDS];
     let mut response = httparse::Response::new(&mut fields);
     match response.parse(buf) {
-        Ok(httparse::Status::Complete(len)) => Ok(
-            if response
-                .code
-                .is_some_and(|c| (100..200).contains(&c) && c != 101)
-            {
-                Peek::Interim(len)
-            } else {
-                Peek::Final
-            },
-        ),
+        Ok(httparse::Status::Complete(len)) => Ok(match response.code.unwrap_or(0) {
+            code @ 100..=199 if code != 101 => Peek::Interim(len),
+            code => Peek::Final(code),
+        }),
         Ok(httparse::Status::Partial) if buf.len() > codec::MAX_HEAD_BYTES => {
             Err(ProtocolError::HeadTooLarge)
         }
@@ -340,6 +340,10 @@ impl Connections {
             // A large body's buffer is not kept for an idle connection; the
             // next request starts a small one.
             conn.read = BytesMut::new();
+        }
+        if conn.write.capacity() > 2 * READ_CHUNK {
+            // Nor a large upload's.
+            conn.write = Vec::new();
         }
         conn.idle_since = now;
         idle.push_back(conn);
@@ -439,13 +443,28 @@ pub(super) async fn exchange(
             return Err(ExchangeError::Failed(e.into()));
         }
     }
+    // Bytes of the write buffer written, and whether any byte of this
+    // request went out at all (only a request of which none did may go out
+    // again whatever its method).
     let mut at = 0;
+    let mut wrote_any = false;
     // The whole request went out (Ok(true)), or the server answered before
     // it had all of it (Ok(false)).
     let sent = poll_fn(|cx| loop {
-        match conn.poll_write_out(cx, &mut at) {
+        let written = conn.poll_write_out(cx, &mut at);
+        wrote_any |= at > 0;
+        match written {
             Poll::Ready(Ok(())) => {}
-            Poll::Ready(Err(e)) => return Poll::Ready(Err((at == 0, ConnError::Io(e)))),
+            Poll::Ready(Err(e)) => {
+                // A server that refuses the rest of a body (say with 413)
+                // often closes at once: its answer may already be here.
+                if wrote_any {
+                    if let Poll::Ready(Ok(())) = conn.poll_early_answer(cx) {
+                        return Poll::Ready(Ok(false));
+                    }
+                }
+                return Poll::Ready(Err((!wrote_any, ConnError::Io(e))));
+            }
             Poll::Pending => {
                 return match conn.poll_early_answer(cx) {
                     Poll::Ready(Ok(())) => Poll::Ready(Ok(false)),
