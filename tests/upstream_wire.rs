@@ -143,7 +143,7 @@ async fn serve(mut tcp: TcpStream, steps: Arc<Mutex<VecDeque<Step>>>, log: Arc<M
                     head,
                     body: Vec::new(),
                 });
-                let _ = tcp.set_linger(Some(Duration::ZERO));
+                let _ = tcp.set_zero_linger();
                 return;
             }
             Step::ContinueThenAnswer(bytes) => {
