@@ -184,6 +184,9 @@ pub(super) struct Conn {
     idle_since: Instant,
     /// Exchanges begun on this connection.
     uses: u32,
+    /// Whether the read buffer was last grown past the usual size (for a
+    /// large body): such a buffer is not kept while the connection idles.
+    large_read: bool,
 }
 
 impl Conn {
@@ -192,7 +195,9 @@ impl Conn {
     /// the connection.
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
         if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
-            self.read.reserve(want.clamp(READ_CHUNK, MAX_READ));
+            let grow = want.clamp(READ_CHUNK, MAX_READ);
+            self.large_read |= grow > 2 * READ_CHUNK;
+            self.read.reserve(grow);
         }
         pin!(self.io.read_buf(&mut self.read)).poll(cx)
     }
@@ -336,10 +341,12 @@ impl Connections {
             // and the release of its buffers: short.
             idle.pop_front();
         }
-        if conn.read.capacity() > 2 * READ_CHUNK {
-            // A large body's buffer is not kept for an idle connection; the
+        if conn.large_read {
+            // A large body's buffer is not kept for an idle connection (its
+            // capacity left says nothing of the allocation behind it); the
             // next request starts a small one.
             conn.read = BytesMut::new();
+            conn.large_read = false;
         }
         if conn.write.capacity() > 2 * READ_CHUNK {
             // Nor a large upload's.
@@ -394,6 +401,7 @@ impl Connections {
             write: Vec::new(),
             idle_since: Instant::now(),
             uses: 0,
+            large_read: false,
         }))
     }
 }
@@ -864,5 +872,77 @@ impl Body for PooledBody {
             }
             Source::Hyper(inner) => inner.size_hint(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Empty};
+    use tokio::io::AsyncWriteExt;
+    use tokio::net::TcpListener;
+
+    /// An origin on 127.0.0.1 that answers each request on one connection
+    /// with a body of the next of `sizes` bytes.
+    async fn origin(sizes: Vec<usize>) -> (String, tokio::task::JoinHandle<()>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut chunk = [0u8; 4096];
+            for size in sizes {
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match tcp.read(&mut chunk).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&chunk[..n]),
+                    }
+                }
+                let answer = format!("HTTP/1.1 200 OK\r\ncontent-length: {size}\r\n\r\n");
+                tcp.write_all(answer.as_bytes()).await.unwrap();
+                tcp.write_all(&vec![b'x'; size]).await.unwrap();
+            }
+        });
+        (addr, task)
+    }
+
+    #[tokio::test]
+    async fn an_idle_connection_keeps_no_large_read_buffer() {
+        let sizes = vec![300 * 1024, 1024];
+        let (addr, task) = origin(sizes.clone()).await;
+        let conns = Connections::new(1, None, KeepAlive::default());
+        for size in sizes {
+            let conn = match conns.checkout(0) {
+                Some(conn) => conn,
+                None => conns
+                    .open(&addr, "127.0.0.1", Duration::from_secs(2))
+                    .await
+                    .unwrap(),
+            };
+            let empty = Empty::new().map_err(|never| match never {}).boxed_unsync();
+            let req = Request::get("/").body(empty).unwrap();
+            let Ok(resp) = exchange(conn, req, &conns, 0, true).await else {
+                panic!("exchange failed");
+            };
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(body.len(), size);
+            drop(body);
+            let mut idle = conns.idle[0].lock().unwrap();
+            let conn = idle.back_mut().expect("the connection went back idle");
+            if size > 2 * READ_CHUNK {
+                // The large allocation was let go: a buffer still holding
+                // it would take it back in place and report its size.
+                conn.read.reserve(1);
+                assert!(
+                    conn.read.capacity() <= 2 * READ_CHUNK,
+                    "{}",
+                    conn.read.capacity()
+                );
+            } else {
+                // A small one is kept for the next response.
+                assert!(conn.read.capacity() > 0);
+            }
+        }
+        task.abort();
     }
 }
