@@ -15,6 +15,7 @@ pub mod health;
 pub mod pool;
 pub mod static_files;
 
+pub use codec::{decode_response, DecodedResponse, ProtocolError};
 pub use config::{
     BackendConfig, Balance, EjectConfig, HealthConfig, KeepAlive, Limits, ServerConfig,
     StaticConfig, Timeouts, UpstreamTls,

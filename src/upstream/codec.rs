@@ -475,6 +475,9 @@ impl Decoder {
                     }
                     let mut fields = [httparse::EMPTY_HEADER; 32];
                     let (len, trailers) = match httparse::parse_headers(buf, &mut fields) {
+                        Ok(httparse::Status::Complete((len, _))) if len > MAX_HEAD_BYTES => {
+                            return Err(ProtocolError::Trailers)
+                        }
                         Ok(httparse::Status::Complete((len, parsed))) => {
                             let mut map = HeaderMap::with_capacity(parsed.len());
                             for f in parsed {
@@ -510,6 +513,76 @@ impl Decoder {
             _ => Err(ProtocolError::Incomplete),
         }
     }
+}
+
+/// What Portico's client makes of one response: see [`decode_response`].
+#[derive(Debug, PartialEq)]
+pub struct DecodedResponse {
+    /// The final status (interim answers skipped).
+    pub status: StatusCode,
+    /// The response fields.
+    pub fields: HeaderMap,
+    /// The body, de-chunked.
+    pub body: Vec<u8>,
+    /// The trailer fields of a chunked body.
+    pub trailers: Option<HeaderMap>,
+    /// Whether the body reached its end (for a body delimited by the
+    /// connection's end, the end of `wire` counts as that end).
+    pub complete: bool,
+    /// Whether the connection could carry another request afterwards.
+    pub keep_alive: bool,
+}
+
+/// Decodes the response in `wire` as Portico's client does, fed to it in
+/// pieces of `step` bytes as reads would bring them; the end of `wire` is
+/// the end of the connection. The answer must not depend on `step`. For
+/// fuzzing and tests: the client itself decodes from its connection's
+/// buffer as bytes arrive.
+pub fn decode_response(
+    wire: &[u8],
+    head_request: bool,
+    step: usize,
+) -> Result<DecodedResponse, ProtocolError> {
+    let mut pieces = wire.chunks(step.max(1));
+    let mut buf = BytesMut::new();
+    let head = loop {
+        match parse_response_head(&mut buf, head_request)? {
+            Parsed::Final(head) => break head,
+            Parsed::Interim => continue,
+            Parsed::Partial => match pieces.next() {
+                Some(piece) => buf.extend_from_slice(piece),
+                None => return Err(ProtocolError::Incomplete),
+            },
+        }
+    };
+    let ResponseHead {
+        status,
+        fields,
+        body: mut decoder,
+        keep_alive,
+        ..
+    } = *head;
+    let mut body = Vec::new();
+    let mut trailers = None;
+    let complete = loop {
+        match decoder.decode(&mut buf)? {
+            Decoded::Data(data) => body.extend_from_slice(&data),
+            Decoded::Trailers(fields) => trailers = Some(fields),
+            Decoded::End => break true,
+            Decoded::More => match pieces.next() {
+                Some(piece) => buf.extend_from_slice(piece),
+                None => break decoder.at_eof().is_ok(),
+            },
+        }
+    };
+    Ok(DecodedResponse {
+        status,
+        fields,
+        body,
+        trailers,
+        complete,
+        keep_alive: keep_alive && complete && buf.is_empty() && pieces.next().is_none(),
+    })
 }
 
 /// A CRLF (or a bare LF, RFC 9112 §2.2) at the start of `buf`: its length,
@@ -896,5 +969,44 @@ mod tests {
         );
         assert_eq!(Decoder::Length(7).remaining(), Some(7));
         assert_eq!(Decoder::Close.remaining(), None);
+    }
+
+    proptest::proptest! {
+        /// However the bytes of a response are split into reads, it
+        /// decodes to the same thing, and a chunked body to its data.
+        #[test]
+        fn decoding_does_not_depend_on_how_the_bytes_arrive(
+            chunks in proptest::collection::vec(proptest::collection::vec(proptest::num::u8::ANY, 1..40), 0..6),
+            trailer in proptest::option::of("[a-z]{1,8}"),
+            ext in proptest::bool::ANY,
+            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..20),
+            step in 1usize..50,
+        ) {
+            let mut wire = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            let mut data = Vec::new();
+            for chunk in &chunks {
+                let ext = if ext { ";x=1" } else { "" };
+                wire.extend_from_slice(format!("{:x}{ext}\r\n", chunk.len()).as_bytes());
+                wire.extend_from_slice(chunk);
+                wire.extend_from_slice(b"\r\n");
+                data.extend_from_slice(chunk);
+            }
+            wire.extend_from_slice(b"0\r\n");
+            if let Some(t) = &trailer {
+                wire.extend_from_slice(format!("x-t: {t}\r\n").as_bytes());
+            }
+            wire.extend_from_slice(b"\r\n");
+            let whole = decode_response(&wire, false, wire.len()).unwrap();
+            proptest::prop_assert_eq!(&whole.body, &data);
+            proptest::prop_assert!(whole.complete && whole.keep_alive);
+            proptest::prop_assert_eq!(whole.trailers.is_some(), trailer.is_some());
+            proptest::prop_assert_eq!(decode_response(&wire, false, step).unwrap(), whole);
+            // Whatever follows: the same answer at every split too.
+            wire.extend_from_slice(&tail);
+            proptest::prop_assert_eq!(
+                decode_response(&wire, false, step),
+                decode_response(&wire, false, wire.len())
+            );
+        }
     }
 }
