@@ -4,7 +4,9 @@
 //! ([`balance`]), tracks their health by active probes and passive ejection
 //! ([`health`]), and sends over pooled keep-alive HTTP/1.1 connections, plain
 //! or TLS, with connect, first-byte and total time limits and safe failover
-//! ([`pool`]). A backend may instead be a directory ([`static_files`]).
+//! ([`pool`]). The HTTP/1.1 spoken to the servers is Portico's own: the
+//! wire format in `codec` ([`decode_response`] shows what it makes of a
+//! response), the connections and response bodies in `conn`. A backend may instead be a directory ([`static_files`]).
 //! [`config`] holds the plain data the compiled policy fills in.
 
 pub mod balance;

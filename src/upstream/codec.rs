@@ -23,7 +23,7 @@ pub enum ProtocolError {
     /// The response head does not parse.
     #[error("malformed response head: {0}")]
     Head(httparse::Error),
-    /// The response head is larger than [`MAX_HEAD_BYTES`].
+    /// The response head is larger than 64 KiB.
     #[error("response head larger than {MAX_HEAD_BYTES} bytes")]
     HeadTooLarge,
     /// A field name or value that `http` does not accept.
