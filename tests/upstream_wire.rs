@@ -425,6 +425,27 @@ fn tokio_stream_from(
     futures_util::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|b| (b, rx)) })
 }
 
+/// POSTs `part one, ` at once and `part two` 100 ms later, long enough for
+/// the origin to have answered something first; the answer's status and
+/// body.
+async fn upload_in_two_parts(pool: &Pool, fields: &[(&str, &str)]) -> (StatusCode, Bytes) {
+    let (body, tx) = streamed(b"part one, ");
+    let mut req = Request::post("/upload");
+    for (name, value) in fields {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(body).unwrap();
+    let sending = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        tx.send(Bytes::from_static(b"part two")).await.unwrap();
+    });
+    let resp = pool.send(req, None, Limits::default()).await.unwrap();
+    let status = resp.status();
+    let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+    sending.await.unwrap();
+    (status, bytes)
+}
+
 #[tokio::test]
 async fn request_bodies_are_sized_or_chunked() {
     bounded(async {
@@ -508,22 +529,10 @@ async fn an_interim_answer_during_an_upload_does_not_stop_it() {
             b"HTTP/1.1 200 OK\r\ncontent-length: 3\r\n\r\ngot",
         )])
         .await;
-        let pool = origin.pool();
-        let (body, tx) = streamed(b"part one, ");
-        let req = Request::post("/upload")
-            .header("expect", "100-continue")
-            .body(body)
-            .unwrap();
-        let sending = tokio::spawn(async move {
-            // Long enough for the origin's 100 Continue to arrive first.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            tx.send(Bytes::from_static(b"part two")).await.unwrap();
-        });
-        let resp = pool.send(req, None, Limits::default()).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let (status, bytes) =
+            upload_in_two_parts(&origin.pool(), &[("expect", "100-continue")]).await;
+        assert_eq!(status, StatusCode::OK);
         assert_eq!(&bytes[..], b"got");
-        sending.await.unwrap();
         assert_eq!(origin.seen()[0].body, b"part one, part two");
     })
     .await
@@ -569,19 +578,9 @@ async fn a_2xx_answer_that_begins_during_an_upload_lets_the_upload_finish() {
             b"0\r\n\r\n",
         )])
         .await;
-        let pool = origin.pool();
-        let (body, tx) = streamed(b"part one, ");
-        let req = Request::post("/stream").body(body).unwrap();
-        let sending = tokio::spawn(async move {
-            // Long enough for the origin's head to arrive first.
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            tx.send(Bytes::from_static(b"part two")).await.unwrap();
-        });
-        let resp = pool.send(req, None, Limits::default()).await.unwrap();
-        assert_eq!(resp.status(), StatusCode::OK);
-        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let (status, bytes) = upload_in_two_parts(&origin.pool(), &[]).await;
+        assert_eq!(status, StatusCode::OK);
         assert_eq!(&bytes[..], b"read");
-        sending.await.unwrap();
         assert_eq!(origin.seen()[0].body, b"part one, part two");
     })
     .await

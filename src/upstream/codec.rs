@@ -6,6 +6,8 @@
 //! framing rules of RFC 9112 §6 and the chunked coding of §7.1, and writing
 //! response fields as slices of the read buffer rather than copies.
 
+use std::io::Write as _;
+
 use bytes::{Bytes, BytesMut};
 use http::header::{CONNECTION, CONTENT_LENGTH, TRANSFER_ENCODING};
 use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
@@ -150,7 +152,8 @@ impl BodyEncoder {
                 out.extend_from_slice(data);
             }
             RequestFraming::Chunked => {
-                out.extend_from_slice(format!("{:x}\r\n", data.len()).as_bytes());
+                // No allocation: writing to a Vec cannot fail.
+                let _ = write!(out, "{:x}\r\n", data.len());
                 out.extend_from_slice(data);
                 out.extend_from_slice(b"\r\n");
             }
@@ -409,14 +412,13 @@ impl Decoder {
                     if buf.is_empty() {
                         return Ok(Decoded::More);
                     }
-                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-                    let left = left - take as u64;
+                    let (data, left) = take_up_to(buf, left);
                     *self = if left == 0 {
                         Decoder::Done
                     } else {
                         Decoder::Length(left)
                     };
-                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                    return Ok(Decoded::Data(data));
                 }
                 Decoder::Close => {
                     if buf.is_empty() {
@@ -446,14 +448,13 @@ impl Decoder {
                     if buf.is_empty() {
                         return Ok(Decoded::More);
                     }
-                    let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
-                    let left = left - take as u64;
+                    let (data, left) = take_up_to(buf, left);
                     *self = Decoder::Chunked(if left == 0 {
                         Chunk::DataEnd
                     } else {
                         Chunk::Data(left)
                     });
-                    return Ok(Decoded::Data(buf.split_to(take).freeze()));
+                    return Ok(Decoded::Data(data));
                 }
                 Decoder::Chunked(Chunk::DataEnd) => match line_break(buf) {
                     Some(Ok(n)) => {
@@ -513,6 +514,13 @@ impl Decoder {
             _ => Err(ProtocolError::Incomplete),
         }
     }
+}
+
+/// Takes at most `left` bytes from the front of a non-empty `buf`: the
+/// bytes, and how many are still to come after them.
+fn take_up_to(buf: &mut BytesMut, left: u64) -> (Bytes, u64) {
+    let take = usize::try_from(left).unwrap_or(usize::MAX).min(buf.len());
+    (buf.split_to(take).freeze(), left - take as u64)
 }
 
 /// What Portico's client makes of one response: see [`decode_response`].

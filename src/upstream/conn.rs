@@ -268,9 +268,14 @@ fn peek_head(buf: &[u8]) -> Result<Peek, ProtocolError> {
     if buf.is_empty() {
         return Ok(Peek::Partial);
     }
-    let mut fields = [httparse::EMPTY_HEADER; codec::MAX_FIELDS];
-    let mut response = httparse::Response::new(&mut fields);
-    match response.parse(buf) {
+    let mut fields = [const { std::mem::MaybeUninit::uninit() }; codec::MAX_FIELDS];
+    let mut response = httparse::Response::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_response_with_uninit_headers(
+        &mut response,
+        buf,
+        &mut fields,
+    );
+    match parsed {
         Ok(httparse::Status::Complete(len)) => Ok(match response.code.unwrap_or(0) {
             code @ 100..=199 if code != 101 => Peek::Interim(len),
             code => Peek::Final(code),
