@@ -2,6 +2,7 @@
 //! HTTP/1.1, HTTP/2 and TLS clients, rcgen certificates written to files.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,6 +28,7 @@ const BOUND: Duration = Duration::from_secs(10);
 /// reports that it started and waits for `release`; an upgrade request is
 /// relayed to `origin`.
 struct TestHandler {
+    abandoned: Arc<AtomicUsize>,
     errors: ErrorPages,
     started: mpsc::UnboundedSender<()>,
     release: Arc<Notify>,
@@ -59,8 +61,19 @@ impl Handler for TestHandler {
             }
             "/hold" => {
                 let _ = self.started.send(());
+                let guard = Abandoned(Arc::clone(&self.abandoned));
                 self.release.notified().await;
+                std::mem::forget(guard);
                 Response::new(body::full("released"))
+            }
+            "/stream" => {
+                // Two frames and no known length.
+                let frames = futures_util::stream::iter(["part one, ", "part two"].map(|s| {
+                    Ok::<_, portico::proxy::BoxError>(hyper::body::Frame::data(Bytes::from(s)))
+                }));
+                Response::new(http_body_util::BodyExt::boxed_unsync(
+                    http_body_util::StreamBody::new(frames),
+                ))
             }
             path => Response::new(body::full(format!(
                 "{} {} {:?} sni={}",
@@ -70,6 +83,15 @@ impl Handler for TestHandler {
                 conn.sni.as_deref().unwrap_or("-")
             ))),
         }
+    }
+}
+
+/// Counts a `/hold` request dropped before it was released.
+struct Abandoned(Arc<AtomicUsize>);
+
+impl Drop for Abandoned {
+    fn drop(&mut self) {
+        self.0.fetch_add(1, Ordering::SeqCst);
     }
 }
 
@@ -130,6 +152,7 @@ async fn relay_upgrade(
 }
 
 struct Edge {
+    abandoned: Arc<AtomicUsize>,
     handle: ListenerHandle,
     addr: SocketAddr,
     started: mpsc::UnboundedReceiver<()>,
@@ -143,7 +166,9 @@ async fn start_with(
 ) -> Edge {
     let (started_tx, started) = mpsc::unbounded_channel();
     let release = Arc::new(Notify::new());
+    let abandoned = Arc::new(AtomicUsize::new(0));
     let handler = Arc::new(TestHandler {
+        abandoned: Arc::clone(&abandoned),
         errors: ErrorPages::new(),
         started: started_tx,
         release: Arc::clone(&release),
@@ -154,6 +179,7 @@ async fn start_with(
         .unwrap();
     let handle = listener.spawn(handler, limits, ErrorPages::new(), Shutdown::new());
     Edge {
+        abandoned,
         addr: handle.local_addr(),
         handle,
         started,
@@ -871,5 +897,170 @@ async fn at_the_connection_cap_new_clients_wait_for_a_free_slot() {
     })
     .await
     .unwrap();
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+/// Reads one response (head and a Content-Length body) from `stream`.
+async fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> (String, String) {
+    loop {
+        if let Some(end) = pending.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8(pending[..end + 4].to_vec()).unwrap();
+            let len: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length: "))
+                .map_or(0, |v| v.trim().parse().unwrap());
+            if pending.len() >= end + 4 + len {
+                let body = String::from_utf8(pending[end + 4..end + 4 + len].to_vec()).unwrap();
+                pending.drain(..end + 4 + len);
+                return (head, body);
+            }
+        }
+        let mut chunk = [0u8; 4096];
+        let n = timeout(BOUND, stream.read(&mut chunk))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            n > 0,
+            "closed before a whole response: {:?}",
+            String::from_utf8_lossy(pending)
+        );
+        pending.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_are_answered_in_order_and_close_when_asked() {
+    let edge = start(ServerLimits::default()).await;
+    let out = raw_exchange(
+        edge.addr,
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let a = out.find("GET /a HTTP/1.1").expect("first answered");
+    let b = out.find("GET /b HTTP/1.1").expect("second answered");
+    assert!(a < b, "{out}");
+    assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 2, "{out}");
+    // Only the last says it closes; every response has a date.
+    assert_eq!(out.matches("connection: close\r\n").count(), 1, "{out}");
+    assert_eq!(out.matches("\r\ndate: ").count(), 2, "{out}");
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn http_1_0_is_kept_alive_only_when_it_asks() {
+    let edge = start(ServerLimits::default()).await;
+    // Without keep-alive the answer is HTTP/1.0 and the connection ends.
+    let out = raw_exchange(edge.addr, b"GET /old HTTP/1.0\r\n\r\n").await;
+    assert!(out.starts_with("HTTP/1.0 200 OK\r\n"), "{out}");
+    assert!(out.contains("connection: close\r\n"), "{out}");
+    assert!(out.ends_with("GET /old HTTP/1.0 sni=-"), "{out}");
+    // With it, the answer says so and a second request follows.
+    let mut stream = TcpStream::connect(edge.addr).await.unwrap();
+    let mut pending = Vec::new();
+    for path in ["/one", "/two"] {
+        let req = format!("GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
+        stream.write_all(req.as_bytes()).await.unwrap();
+        let (head, body) = read_response(&mut stream, &mut pending).await;
+        assert!(head.contains("connection: keep-alive\r\n"), "{head}");
+        assert_eq!(body, format!("GET {path} HTTP/1.0 sni=-"));
+    }
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_request_with_a_body_between_plain_ones_is_answered_on_the_same_connection() {
+    let edge = start(ServerLimits::default()).await;
+    let out = raw_exchange(
+        edge.addr,
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n\
+          POST /body HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nhello\
+          POST /body HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n\
+          GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!(out.matches("HTTP/1.1 200 OK\r\n").count(), 4, "{out}");
+    let at = |needle: &str| {
+        out.find(needle)
+            .unwrap_or_else(|| panic!("{needle}: {out}"))
+    };
+    assert!(at("GET /a HTTP/1.1") < at("\r\n\r\n5"), "{out}");
+    assert!(at("\r\n\r\n5") < at("\r\n\r\n3"), "{out}");
+    assert!(at("\r\n\r\n3") < at("GET /c HTTP/1.1"), "{out}");
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn malformed_heads_get_400_also_after_a_served_request() {
+    let edge = start(ServerLimits::default()).await;
+    for prefix in ["", "GET /first HTTP/1.1\r\nHost: x\r\n\r\n"] {
+        let request = format!("{prefix}GET / HTTP/1.1\r\nbad name: x\r\n\r\n");
+        let out = raw_exchange(edge.addr, request.as_bytes()).await;
+        assert!(out.contains("HTTP/1.1 400 Bad Request\r\n"), "{out}");
+        assert_eq!(out.contains("GET /first"), !prefix.is_empty(), "{out}");
+    }
+    let fields: String = (0..120).map(|i| format!("X-{i}: v\r\n")).collect();
+    let request = format!("GET /a HTTP/1.1\r\nHost: x\r\n\r\nGET /b HTTP/1.1\r\n{fields}\r\n");
+    let out = raw_exchange(edge.addr, request.as_bytes()).await;
+    assert!(out.contains("GET /a HTTP/1.1"), "{out}");
+    assert!(
+        out.contains("HTTP/1.1 431 Request Header Fields Too Large\r\n"),
+        "{out}"
+    );
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_cancels_its_request() {
+    let mut edge = start(ServerLimits::default()).await;
+    let mut stream = TcpStream::connect(edge.addr).await.unwrap();
+    stream
+        .write_all(b"GET /hold HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    timeout(BOUND, edge.started.recv()).await.unwrap().unwrap();
+    assert_eq!(edge.abandoned.load(Ordering::SeqCst), 0);
+    drop(stream);
+    timeout(BOUND, async {
+        while edge.abandoned.load(Ordering::SeqCst) == 0 {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("the handler was dropped when its client left");
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn head_has_no_body_and_unknown_lengths_are_chunked_or_closed() {
+    let edge = start(ServerLimits::default()).await;
+    let out = raw_exchange(
+        edge.addr,
+        b"HEAD /h HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    let body = "HEAD /h HTTP/1.1 sni=-";
+    assert!(
+        out.contains(&format!("content-length: {}\r\n", body.len())),
+        "{out}"
+    );
+    assert!(out.ends_with("\r\n\r\n"), "{out}");
+
+    let out = raw_exchange(
+        edge.addr,
+        b"GET /stream HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(out.contains("transfer-encoding: chunked\r\n"), "{out}");
+    assert!(
+        out.ends_with("\r\n\r\na\r\npart one, \r\n8\r\npart two\r\n0\r\n\r\n"),
+        "{out}"
+    );
+    let out = raw_exchange(edge.addr, b"GET /stream HTTP/1.0\r\n\r\n").await;
+    assert!(!out.contains("transfer-encoding"), "{out}");
+    assert!(out.ends_with("\r\n\r\npart one, part two"), "{out}");
+    // hyper's client reads the chunked answer too, on a kept-alive connection.
+    let resp = h1_get(edge.addr, "/stream").await;
+    assert_eq!(text(resp).await, "part one, part two");
     timeout(BOUND, edge.handle.stop()).await.unwrap();
 }

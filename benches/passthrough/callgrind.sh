@@ -20,13 +20,13 @@ for tool in valgrind callgrind_control h2load curl; do
   command -v "$tool" >/dev/null || { echo "missing $tool" >&2; exit 1; }
 done
 [[ -x $ceiling ]] || { echo "build the upstream first: benches/passthrough/run.sh" >&2; exit 1; }
-out=$(mktemp)
+out=${CALLGRIND_OUT:-$(mktemp)}
 "$ceiling" 127.0.0.1:8095 >/dev/null 2>&1 &
 upstream=$!
 RUST_LOG=warn valgrind --tool=callgrind --instr-atstart=no --callgrind-out-file="$out" \
   "$portico" run "$here/portico.policy" --threads 1 --log-format plain >/dev/null 2>&1 &
 proxy=$!
-trap 'kill $proxy $upstream 2>/dev/null || true; rm -f "$out"' EXIT
+trap 'kill $proxy $upstream 2>/dev/null || true; [[ -n ${CALLGRIND_OUT:-} ]] || rm -f "$out"' EXIT
 for _ in $(seq 150); do
   curl -s -o /dev/null "http://127.0.0.1:8184$path" && break
   sleep 0.2

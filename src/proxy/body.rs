@@ -51,10 +51,11 @@ pub enum BodyError {
 }
 
 /// A request body that fails with [`BodyError::TooLarge`] once more than
-/// `limit` bytes of data have been read.
+/// `limit` bytes of data have been read. A request that came with no body
+/// (most do) has none to read.
 #[derive(Debug)]
 pub struct RequestBody {
-    inner: Incoming,
+    inner: Option<Incoming>,
     remaining: u64,
     limit: u64,
 }
@@ -63,7 +64,16 @@ impl RequestBody {
     /// Wraps `inner`, allowing at most `limit` bytes of data.
     pub fn new(inner: Incoming, limit: u64) -> Self {
         Self {
-            inner,
+            inner: Some(inner),
+            remaining: limit,
+            limit,
+        }
+    }
+
+    /// The body of a request that has none, under the limit `limit`.
+    pub fn empty(limit: u64) -> Self {
+        Self {
+            inner: None,
             remaining: limit,
             limit,
         }
@@ -74,10 +84,13 @@ impl RequestBody {
         self.limit
     }
 
-    /// The wrapped body, without the cap (for streaming to an origin that
-    /// enforces its own).
-    pub fn into_inner(self) -> Incoming {
-        self.inner
+    /// The same body under a new limit, counted afresh.
+    pub fn with_limit(self, limit: u64) -> Self {
+        Self {
+            inner: self.inner,
+            remaining: limit,
+            limit,
+        }
     }
 }
 
@@ -90,7 +103,10 @@ impl Body for RequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyError>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let len = data.len() as u64;
@@ -109,12 +125,14 @@ impl Body for RequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
         // The inner hint stays truthful: a body over the limit errors
         // rather than being cut short.
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }

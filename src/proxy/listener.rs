@@ -46,6 +46,8 @@ use tracing::{debug, info, warn};
 use super::body::{BoxError, RequestBody, ResponseBody};
 use super::errors::{ErrorPages, ProxyError};
 
+mod h1;
+
 /// Client-side limits of one listener. Every field has a production default.
 #[derive(Debug, Clone)]
 pub struct ServerLimits {
@@ -418,6 +420,7 @@ async fn accept<H: Handler>(
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%client_addr, error = %e, "set_nodelay failed");
     }
+    let opened = Instant::now();
     let mut info = ConnInfo {
         client_addr,
         local_addr: shared.local_addr,
@@ -425,13 +428,15 @@ async fn accept<H: Handler>(
         sni: None,
     };
     match tls {
-        None => serve_connection(stream, info, shared).await,
+        None => serve_connection(stream, info, shared, opened, false).await,
         Some(acceptor) => {
             let handshake = acceptor.accept(stream);
             match tokio::time::timeout(shared.limits.header_read_timeout, handshake).await {
                 Ok(Ok(stream)) => {
-                    info.sni = stream.get_ref().1.server_name().map(str::to_owned);
-                    serve_connection(stream, info, shared).await;
+                    let tls = stream.get_ref().1;
+                    info.sni = tls.server_name().map(str::to_owned);
+                    let h2 = tls.alpn_protocol() == Some(b"h2");
+                    serve_connection(stream, info, shared, opened, h2).await;
                 }
                 Ok(Err(e)) => debug!(%client_addr, error = %e, "TLS handshake failed"),
                 Err(_) => debug!(%client_addr, "TLS handshake timed out"),
@@ -440,13 +445,38 @@ async fn accept<H: Handler>(
     }
 }
 
-async fn serve_connection<IO, H>(io: IO, info: ConnInfo, shared: Arc<Shared<H>>)
+/// Serves one connection: HTTP/1.1 requests without a body by Portico's
+/// own loop ([`h1`]), everything from the first request that needs more
+/// (and HTTP/2 from the start) by hyper.
+async fn serve_connection<IO, H>(
+    mut io: IO,
+    info: ConnInfo,
+    shared: Arc<Shared<H>>,
+    opened: Instant,
+    h2: bool,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    H: Handler,
+{
+    let info = Arc::new(info);
+    let prefix = if h2 {
+        Bytes::new()
+    } else {
+        match h1::serve(&mut io, &shared, &info, opened).await {
+            Some(prefix) => prefix,
+            None => return,
+        }
+    };
+    serve_hyper(h1::Rewind::new(prefix, io), info, shared).await;
+}
+
+/// Serves the rest of a connection with hyper.
+async fn serve_hyper<IO, H>(io: IO, info: Arc<ConnInfo>, shared: Arc<Shared<H>>)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
 {
     let client_addr = info.client_addr;
-    let info = Arc::new(info);
     let activity = Arc::new(Activity::new());
     let service = {
         let shared = Arc::clone(&shared);
@@ -456,6 +486,8 @@ where
             let shared = Arc::clone(&shared);
             let info = Arc::clone(&info);
             async move {
+                let limit = shared.limits.max_body_bytes;
+                let req = req.map(|body| RequestBody::new(body, limit));
                 let response = respond(&shared, req, info).await;
                 Ok::<_, Infallible>(response.map(|inner| GuardedBody {
                     inner,
@@ -537,7 +569,7 @@ impl std::task::Wake for SideWake {
 /// Applies the listener's own checks, then calls the handler.
 async fn respond<H: Handler>(
     shared: &Shared<H>,
-    req: Request<Incoming>,
+    req: Request<RequestBody>,
     info: Arc<ConnInfo>,
 ) -> Response<ResponseBody> {
     let limit = shared.limits.max_body_bytes;
@@ -547,7 +579,6 @@ async fn respond<H: Handler>(
             .errors
             .respond(&ProxyError::PayloadTooLarge { limit }, Some(req.headers()))
     } else {
-        let req = req.map(|body| RequestBody::new(body, limit));
         shared.handler.handle(req, info).await
     };
     // After 413 the rest of the body is unread, so the HTTP/1 connection

@@ -229,7 +229,7 @@ impl Gateway {
         }
         // A body without a declared length is counted while it streams.
         let req_body = match rule.limits.max_body {
-            Some(max) if max < req_body.limit() => RequestBody::new(req_body.into_inner(), max),
+            Some(max) if max < req_body.limit() => req_body.with_limit(max),
             _ => req_body,
         };
 

@@ -360,7 +360,7 @@ const MONTHS: [&str; 12] = [
 ];
 
 /// Formats seconds since the epoch as an IMF-fixdate (RFC 9110 §5.6.7).
-fn http_date(secs: u64) -> String {
+pub(crate) fn http_date(secs: u64) -> String {
     let days = secs / 86_400;
     let rem = secs % 86_400;
     let (y, m, d) = civil_from_days(days as i64);
