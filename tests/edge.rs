@@ -66,6 +66,28 @@ impl Handler for TestHandler {
                 std::mem::forget(guard);
                 Response::new(body::full("released"))
             }
+            "/trailers" => {
+                let mut trailers = http::HeaderMap::new();
+                trailers.insert("x-sum", "abc".parse().unwrap());
+                trailers.insert("content-length", "999".parse().unwrap());
+                trailers.insert("set-cookie", "s=1".parse().unwrap());
+                let frames = futures_util::stream::iter([
+                    Ok::<_, portico::proxy::BoxError>(hyper::body::Frame::data(Bytes::from(
+                        "data",
+                    ))),
+                    Ok(hyper::body::Frame::trailers(trailers)),
+                ]);
+                Response::builder()
+                    .header("trailer", "x-sum, content-length, set-cookie")
+                    .body(http_body_util::BodyExt::boxed_unsync(
+                        http_body_util::StreamBody::new(frames),
+                    ))
+                    .unwrap()
+            }
+            "/interim" => Response::builder()
+                .status(StatusCode::from_u16(103).unwrap())
+                .body(body::empty())
+                .unwrap(),
             "/stream" => {
                 // Two frames and no known length.
                 let frames = futures_util::stream::iter(["part one, ", "part two"].map(|s| {
@@ -1062,5 +1084,67 @@ async fn head_has_no_body_and_unknown_lengths_are_chunked_or_closed() {
     // hyper's client reads the chunked answer too, on a kept-alive connection.
     let resp = h1_get(edge.addr, "/stream").await;
     assert_eq!(text(resp).await, "part one, part two");
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn trailers_go_only_to_clients_that_accept_them_and_never_framing_fields() {
+    let edge = start(ServerLimits::default()).await;
+    let asked = raw_exchange(
+        edge.addr,
+        b"GET /trailers HTTP/1.1\r\nHost: x\r\nTE: trailers\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        asked.contains("trailer: x-sum, content-length, set-cookie\r\n"),
+        "{asked}"
+    );
+    assert!(
+        asked.ends_with("\r\n4\r\ndata\r\n0\r\nx-sum: abc\r\n\r\n"),
+        "{asked}"
+    );
+    let not_asked = raw_exchange(
+        edge.addr,
+        b"GET /trailers HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        not_asked.ends_with("\r\n4\r\ndata\r\n0\r\n\r\n"),
+        "{not_asked}"
+    );
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn an_interim_status_from_the_handler_becomes_500() {
+    let edge = start(ServerLimits::default()).await;
+    let out = raw_exchange(
+        edge.addr,
+        b"GET /interim HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert!(
+        out.starts_with("HTTP/1.1 500 Internal Server Error\r\n"),
+        "{out}"
+    );
+    assert!(!out.contains(" 103 "), "{out}");
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn http2_preface_after_an_http1_exchange_is_not_http2() {
+    let edge = start(ServerLimits::default()).await;
+    let out = raw_exchange(
+        edge.addr,
+        b"GET /a HTTP/1.1\r\nHost: x\r\n\r\nPRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0",
+    )
+    .await;
+    let first = out.find("GET /a HTTP/1.1 sni=-").expect("first answered") + 21;
+    let rest = &out[first..];
+    // hyper's HTTP/1.1 refuses the line; no HTTP/2 frame follows.
+    assert!(
+        rest.is_empty() || rest.starts_with("HTTP/1.1 4"),
+        "{rest:?}"
+    );
     timeout(BOUND, edge.handle.stop()).await.unwrap();
 }

@@ -1,6 +1,11 @@
 //! Listeners: accept TCP (optionally TLS) connections, speak HTTP/1.1 and
 //! HTTP/2 on them, enforce the client-side limits, and drain on shutdown.
 //!
+//! HTTP/1.1 requests without a body are served by Portico's own loop
+//! ([`h1`]); a connection goes to hyper from its first request that needs
+//! more (a body, an upgrade, a head that does not parse), and HTTP/2 goes to
+//! hyper from the start.
+//!
 //! Each listener is one task with its own [`Shutdown`]; adding or removing a
 //! listener at run time (a reload that changes the listen set) is spawning a
 //! new [`Listener`] or stopping one [`ListenerHandle`], without touching the
@@ -275,6 +280,7 @@ impl Listener {
         let current = limits.borrow_and_update().clone();
         let mut shared = Arc::new(Shared {
             builder: builder(&current),
+            builder_h1: builder_h1(&current),
             handler,
             errors,
             limits: current,
@@ -314,6 +320,7 @@ impl Listener {
                     info!(addr = %self.local_addr, "listener limits updated");
                     shared = Arc::new(Shared {
                         builder: builder(&next),
+                        builder_h1: builder_h1(&next),
                         handler: Arc::clone(&shared.handler),
                         errors: shared.errors.clone(),
                         limits: next,
@@ -384,6 +391,9 @@ impl ListenerHandle {
 
 struct Shared<H> {
     builder: auto::Builder<TokioExecutor>,
+    /// The same, HTTP/1.1 only: for connections that began here with an
+    /// HTTP/1.1 exchange.
+    builder_h1: hyper::server::conn::http1::Builder,
     handler: Arc<H>,
     errors: ErrorPages,
     limits: ServerLimits,
@@ -407,6 +417,18 @@ fn builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
         .max_concurrent_streams(limits.max_concurrent_streams)
         // WebSocket over HTTP/2 (RFC 8441).
         .enable_connect_protocol();
+    builder
+}
+
+/// hyper's HTTP/1.1 alone, set as [`builder`]'s HTTP/1.1 side.
+fn builder_h1(limits: &ServerLimits) -> hyper::server::conn::http1::Builder {
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout)
+        .max_buf_size(limits.max_header_bytes.max(MIN_H1_BUF))
+        .max_headers(limits.max_headers)
+        .keep_alive(true);
     builder
 }
 
@@ -459,19 +481,21 @@ async fn serve_connection<IO, H>(
     H: Handler,
 {
     let info = Arc::new(info);
-    let prefix = if h2 {
-        Bytes::new()
+    let (prefix, served) = if h2 {
+        (Bytes::new(), false)
     } else {
         match h1::serve(&mut io, &shared, &info, opened).await {
-            Some(prefix) => prefix,
+            Some(rest) => rest,
             None => return,
         }
     };
-    serve_hyper(h1::Rewind::new(prefix, io), info, shared).await;
+    // After an HTTP/1.1 exchange the connection stays HTTP/1.1: HTTP/2's
+    // preface is recognised only at its start.
+    serve_hyper(h1::Rewind::new(prefix, io), info, shared, served).await;
 }
 
 /// Serves the rest of a connection with hyper.
-async fn serve_hyper<IO, H>(io: IO, info: Arc<ConnInfo>, shared: Arc<Shared<H>>)
+async fn serve_hyper<IO, H>(io: IO, info: Arc<ConnInfo>, shared: Arc<Shared<H>>, h1_only: bool)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     H: Handler,
@@ -496,10 +520,45 @@ where
             }
         })
     };
-    let conn = shared
-        .builder
-        .serve_connection_with_upgrades(TokioIo::new(io), service);
-    let mut conn = pin!(conn);
+    let io = TokioIo::new(io);
+    if h1_only {
+        let conn = shared
+            .builder_h1
+            .serve_connection(io, service)
+            .with_upgrades();
+        drive(
+            pin!(conn),
+            |c| c.graceful_shutdown(),
+            &activity,
+            &shared,
+            client_addr,
+        )
+        .await;
+    } else {
+        let conn = shared.builder.serve_connection_with_upgrades(io, service);
+        drive(
+            pin!(conn),
+            |c| c.graceful_shutdown(),
+            &activity,
+            &shared,
+            client_addr,
+        )
+        .await;
+    }
+}
+
+/// Runs a hyper connection until it ends, shutting it down gracefully when
+/// it has been idle too long or the listener stops.
+async fn drive<C, E, H>(
+    mut conn: Pin<&mut C>,
+    mut graceful_shutdown: impl FnMut(Pin<&mut C>),
+    activity: &Activity,
+    shared: &Shared<H>,
+    client_addr: SocketAddr,
+) where
+    C: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
     let mut idle = pin!(activity.idle(
         shared.limits.header_read_timeout,
         shared.limits.idle_timeout
@@ -533,7 +592,7 @@ where
         } else if stop.as_mut().poll(&mut side_cx).is_pending() {
             return Poll::Pending;
         }
-        conn.as_mut().graceful_shutdown();
+        graceful_shutdown(conn.as_mut());
         closing = true;
     })
     .await;

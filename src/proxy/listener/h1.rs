@@ -38,7 +38,10 @@ use std::task::{ready, Context, Poll, Waker};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::header::{CONNECTION, CONTENT_LENGTH, DATE, TRAILER, TRANSFER_ENCODING};
+use http::header::{
+    AUTHORIZATION, CACHE_CONTROL, CONNECTION, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE,
+    CONTENT_TYPE, DATE, HOST, MAX_FORWARDS, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING,
+};
 use http::response::Parts;
 use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use hyper::body::{Body, SizeHint};
@@ -47,6 +50,7 @@ use tracing::debug;
 
 use super::{respond, ConnInfo, Handler, Shared, SideWake};
 use crate::proxy::body::{RequestBody, ResponseBody};
+use crate::proxy::errors::ProxyError;
 
 /// Most fields a request head may carry here; a head with more (or a
 /// listener allowing more) goes to hyper.
@@ -64,6 +68,8 @@ pub(super) struct Head {
     pub(super) request: Request<()>,
     /// Whether the client wants the connection kept open (RFC 9112 §9.3).
     pub(super) keep_alive: bool,
+    /// Whether the client accepts trailer fields (`TE: trailers`).
+    pub(super) trailers: bool,
 }
 
 /// What the start of the read buffer holds.
@@ -91,7 +97,7 @@ pub(super) fn parse_head(buf: &mut BytesMut, max_fields: usize, max_bytes: usize
     // values can be sliced out once the head is frozen. Left uninitialised
     // like httparse's slots: only the first `count` are written and read.
     let mut spans = [const { MaybeUninit::<[u32; 4]>::uninit() }; MAX_FIELDS];
-    let (len, method, path, version, count, keep_alive) = {
+    let (len, method, path, version, count, keep_alive, trailers) = {
         let mut fields = [const { MaybeUninit::uninit() }; MAX_FIELDS];
         let mut req = httparse::Request::new(&mut []);
         let slots = &mut fields[..max_fields.min(MAX_FIELDS)];
@@ -115,6 +121,7 @@ pub(super) fn parse_head(buf: &mut BytesMut, max_fields: usize, max_bytes: usize
         };
         let mut close = false;
         let mut keep = false;
+        let mut trailers = false;
         let base = buf.as_ptr() as usize;
         for (span, field) in spans.iter_mut().zip(req.headers.iter()) {
             let name = field.name.as_bytes();
@@ -133,6 +140,12 @@ pub(super) fn parse_head(buf: &mut BytesMut, max_fields: usize, max_bytes: usize
                         close |= token.eq_ignore_ascii_case(b"close");
                         keep |= token.eq_ignore_ascii_case(b"keep-alive");
                     }
+                }
+                2 if name.eq_ignore_ascii_case(b"te") => {
+                    trailers |= value.split(|&b| b == b',').any(|t| {
+                        let t = t.split(|&b| b == b';').next().unwrap_or_default();
+                        t.trim_ascii().eq_ignore_ascii_case(b"trailers")
+                    });
                 }
                 _ => {}
             }
@@ -153,7 +166,15 @@ pub(super) fn parse_head(buf: &mut BytesMut, max_fields: usize, max_bytes: usize
         } else {
             keep && !close
         };
-        (len, method, path, version, req.headers.len(), keep_alive)
+        (
+            len,
+            method,
+            path,
+            version,
+            req.headers.len(),
+            keep_alive,
+            trailers,
+        )
     };
     let head = buf.split_to(len).freeze();
     let Ok(uri) =
@@ -187,6 +208,7 @@ pub(super) fn parse_head(buf: &mut BytesMut, max_fields: usize, max_bytes: usize
     Parsed::Head(Head {
         request,
         keep_alive,
+        trailers,
     })
 }
 
@@ -218,6 +240,8 @@ pub(super) struct Asked {
     pub(super) version: Version,
     pub(super) head: bool,
     pub(super) keep_alive: bool,
+    /// Whether trailer fields may be sent (`TE: trailers`).
+    pub(super) trailers: bool,
 }
 
 /// Appends the response head to `out` and says how the body is framed and
@@ -234,16 +258,59 @@ pub(super) fn encode_head(
 ) -> (Framing, bool) {
     let status = parts.status;
     let fields = &parts.headers;
+    out.reserve(96 + fields.len() * 64);
+    out.extend_from_slice(if asked.version == Version::HTTP_10 {
+        b"HTTP/1.0 "
+    } else {
+        b"HTTP/1.1 "
+    });
+    out.extend_from_slice(status.as_str().as_bytes());
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+    out.extend_from_slice(b"\r\n");
+    // One pass writes the fields and notes what decides the framing.
+    let mut has_date = false;
+    let mut says_close = false;
+    let mut has_trailer = false;
+    let mut has_connection = false;
+    let mut lengths = 0;
+    let mut declared = None;
+    for (name, value) in fields {
+        match *name {
+            // Framing is this function's to write.
+            CONTENT_LENGTH => {
+                lengths += 1;
+                declared = std::str::from_utf8(value.as_bytes())
+                    .ok()
+                    .and_then(|v| v.parse::<u64>().ok());
+                continue;
+            }
+            TRANSFER_ENCODING => continue,
+            // Written only with a chunked body, below.
+            TRAILER => {
+                has_trailer = true;
+                continue;
+            }
+            DATE => has_date = true,
+            // Written below with the connection's fate.
+            CONNECTION => {
+                says_close |= value
+                    .as_bytes()
+                    .split(|&b| b == b',')
+                    .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"));
+                has_connection = true;
+                continue;
+            }
+            _ => {}
+        }
+        put_field(out, name.as_str().as_bytes(), value.as_bytes());
+    }
+    // Only one valid Content-Length counts.
+    let declared = declared.filter(|_| lengths == 1);
     let no_body = asked.head
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
         || status == StatusCode::NOT_MODIFIED;
-    let says_close = fields.get_all(CONNECTION).iter().any(|v| {
-        v.as_bytes()
-            .split(|&b| b == b',')
-            .any(|t| t.trim_ascii().eq_ignore_ascii_case(b"close"))
-    });
-    let declared = single_length(fields);
     let framing = if no_body {
         Framing::None
     } else if let Some(n) = size.exact() {
@@ -260,33 +327,16 @@ pub(super) fn encode_head(
         && !says_close
         && framing != Framing::Close
         && !status.is_informational();
-
-    out.extend_from_slice(if asked.version == Version::HTTP_10 {
-        b"HTTP/1.0 "
-    } else {
-        b"HTTP/1.1 "
-    });
-    out.extend_from_slice(status.as_str().as_bytes());
-    out.extend_from_slice(b" ");
-    out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
-    out.extend_from_slice(b"\r\n");
-    let mut has_date = false;
-    for (name, value) in fields {
-        match *name {
-            // Framing is this function's to write.
-            CONTENT_LENGTH | TRANSFER_ENCODING => continue,
-            TRAILER if framing != Framing::Chunked => continue,
-            DATE => has_date = true,
-            _ => {}
-        }
-        out.extend_from_slice(name.as_str().as_bytes());
-        out.extend_from_slice(b": ");
-        out.extend_from_slice(value.as_bytes());
-        out.extend_from_slice(b"\r\n");
-    }
     match framing {
         Framing::Length(n) => put_length(out, n),
-        Framing::Chunked => out.extend_from_slice(b"transfer-encoding: chunked\r\n"),
+        Framing::Chunked => {
+            out.extend_from_slice(b"transfer-encoding: chunked\r\n");
+            if has_trailer {
+                for value in fields.get_all(TRAILER) {
+                    put_field(out, b"trailer", value.as_bytes());
+                }
+            }
+        }
         // HEAD keeps the length a GET would have had.
         Framing::None if asked.head => {
             if let Some(n) = declared.or(size.exact().filter(|&n| n > 0)) {
@@ -295,10 +345,17 @@ pub(super) fn encode_head(
         }
         Framing::None | Framing::Close => {}
     }
-    if !keep_alive && !says_close {
+    if !keep_alive {
         out.extend_from_slice(b"connection: close\r\n");
-    } else if keep_alive && asked.version == Version::HTTP_10 {
-        out.extend_from_slice(b"connection: keep-alive\r\n");
+    } else {
+        if has_connection {
+            for value in fields.get_all(CONNECTION) {
+                put_field(out, b"connection", value.as_bytes());
+            }
+        }
+        if asked.version == Version::HTTP_10 {
+            out.extend_from_slice(b"connection: keep-alive\r\n");
+        }
     }
     if !has_date {
         out.extend_from_slice(b"date: ");
@@ -309,21 +366,17 @@ pub(super) fn encode_head(
     (framing, keep_alive)
 }
 
+fn put_field(out: &mut BytesMut, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
 fn put_length(out: &mut BytesMut, n: u64) {
     out.extend_from_slice(b"content-length: ");
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
     out.extend_from_slice(b"\r\n");
-}
-
-/// The one Content-Length among `fields`, when there is exactly one value
-/// and it is a number.
-fn single_length(fields: &HeaderMap) -> Option<u64> {
-    let mut values = fields.get_all(CONTENT_LENGTH).iter();
-    let first = values.next()?;
-    if values.next().is_some() {
-        return None;
-    }
-    std::str::from_utf8(first.as_bytes()).ok()?.parse().ok()
 }
 
 thread_local! {
@@ -546,15 +599,31 @@ fn put_trailers(out: &mut BytesMut, fields: &HeaderMap, allowed: Option<&HeaderV
         return;
     };
     for (name, value) in fields {
+        // Fields that frame, route or authorise a message never come as
+        // trailers (RFC 9110 §6.5.1), whatever was announced.
+        if matches!(
+            *name,
+            AUTHORIZATION
+                | CACHE_CONTROL
+                | CONTENT_ENCODING
+                | CONTENT_LENGTH
+                | CONTENT_RANGE
+                | CONTENT_TYPE
+                | HOST
+                | MAX_FORWARDS
+                | SET_COOKIE
+                | TRAILER
+                | TRANSFER_ENCODING
+                | TE
+        ) {
+            continue;
+        }
         let announced = allowed.as_bytes().split(|&b| b == b',').any(|t| {
             t.trim_ascii()
                 .eq_ignore_ascii_case(name.as_str().as_bytes())
         });
         if announced {
-            out.extend_from_slice(name.as_str().as_bytes());
-            out.extend_from_slice(b": ");
-            out.extend_from_slice(value.as_bytes());
-            out.extend_from_slice(b"\r\n");
+            put_field(out, name.as_str().as_bytes(), value.as_bytes());
         }
     }
 }
@@ -578,15 +647,31 @@ fn poll_read_buf<IO: AsyncRead + Unpin>(
     Poll::Ready(Ok(n))
 }
 
+/// Whether `bytes` hold the empty line that ends a head (CRLF CRLF, or the
+/// bare LF LF that parsers accept).
+fn ends_head(bytes: &[u8]) -> bool {
+    let mut from = 0;
+    while let Some(at) = bytes[from..].iter().position(|&b| b == b'\n') {
+        let next = from + at + 1;
+        match bytes.get(next..next + 2) {
+            Some([b'\n', _]) | Some([b'\r', b'\n']) => return true,
+            _ if bytes.get(next) == Some(&b'\n') => return true,
+            _ => from = next,
+        }
+    }
+    false
+}
+
 /// Serves requests on `io` until the connection ends (None) or a request
-/// needs hyper: then the bytes read and not yet answered are returned, and
-/// the caller hands them and `io` to hyper.
+/// needs hyper: then the bytes read and not yet answered are returned, with
+/// whether any request was served here, and the caller hands them and `io`
+/// to hyper.
 pub(super) async fn serve<IO, H>(
     io: &mut IO,
     shared: &Shared<H>,
     info: &Arc<ConnInfo>,
     opened: Instant,
-) -> Option<Bytes>
+) -> Option<(Bytes, bool)>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     H: Handler,
@@ -608,6 +693,7 @@ where
     // their own, so they are polled only when one of them fired.
     let side = Arc::new(SideWake::default());
     let side_waker = Waker::from(Arc::clone(&side));
+    let mut served = false;
     loop {
         // ---- receive
         if armed > due {
@@ -617,12 +703,22 @@ where
             armed = due;
             side.woken.store(true, Ordering::Release);
         }
+        // How much of the buffer is known to hold no end of a head: a head
+        // arriving in many small reads is parsed again only once its end
+        // may have come, not on every read.
+        let mut checked: usize = 0;
         let head = loop {
-            match parse_head(&mut read, limits.max_headers, max_bytes) {
-                Parsed::Head(head) => break head,
-                Parsed::HandOff => return Some(read.freeze()),
-                Parsed::Partial => {}
+            let may_end = checked == 0
+                || read.len() >= max_bytes
+                || ends_head(&read[checked.saturating_sub(3)..]);
+            if may_end {
+                match parse_head(&mut read, limits.max_headers, max_bytes) {
+                    Parsed::Head(head) => break head,
+                    Parsed::HandOff => return Some((read.freeze(), served)),
+                    Parsed::Partial => {}
+                }
             }
+            checked = read.len();
             let got = poll_fn(|cx| {
                 if let Poll::Ready(r) = poll_read_buf(io, &mut read, cx) {
                     return Poll::Ready(Some(r));
@@ -662,6 +758,7 @@ where
             version: head.request.version(),
             head: head.request.method() == Method::HEAD,
             keep_alive: head.keep_alive,
+            trailers: head.trailers,
         };
         let request = head
             .request
@@ -693,17 +790,25 @@ where
             })
             .await
         };
-        let Some(response) = response else {
+        let Some(mut response) = response else {
             debug!(%client_addr, "client closed while its request was handled");
             return None;
         };
+        served = true;
+        if response.status().is_informational() {
+            // An interim status cannot be the answer (hyper too sends 500).
+            let e = ProxyError::Internal("an interim status as the final answer".into());
+            response = shared.errors.respond(&e, None);
+        }
 
         // ---- deliver
         let (parts, body) = response.into_parts();
         let (framing, keep_alive) =
             encode_head(&mut out.scratch, &parts, &body.size_hint(), asked, stopping);
         out.push_scratch();
-        let trailers = parts.headers.get(TRAILER);
+        // Trailer fields go only to a client that accepts them, and only
+        // those the response announced.
+        let trailers = parts.headers.get(TRAILER).filter(|_| asked.trailers);
         if let Err(e) = send_body(io, &mut out, body, framing, trailers).await {
             debug!(%client_addr, error = %e, "response not sent whole; closing");
             return None;
@@ -868,6 +973,7 @@ mod tests {
         version: Version::HTTP_11,
         head: false,
         keep_alive: true,
+        trailers: false,
     };
 
     #[test]
@@ -900,8 +1006,7 @@ mod tests {
 
         let old = Asked {
             version: Version::HTTP_10,
-            head: false,
-            keep_alive: true,
+            ..GET11
         };
         let (text, framing, keep) = head_of(&parts(200, &[]), SizeHint::new(), old, false);
         assert_eq!(framing, Framing::Close);
@@ -961,6 +1066,16 @@ mod tests {
             false,
         );
         assert_eq!(text.matches("date: ").count(), 1, "{text}");
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_found_in_either_line_ending() {
+        assert!(ends_head(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(ends_head(b"\n\r\n"));
+        assert!(ends_head(b"GET / HTTP/1.1\nHost: x\n\n"));
+        assert!(!ends_head(b"GET / HTTP/1.1\r\nHost: x\r\n"));
+        assert!(!ends_head(b"GET / HTTP/1.1\r\nHost: x\r\n\r"));
+        assert!(!ends_head(b""));
     }
 
     #[test]
