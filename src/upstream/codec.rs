@@ -206,8 +206,10 @@ pub(super) fn parse_response_head(
 ) -> Result<Parsed, ProtocolError> {
     // Where each field's name and value lie in the head, as offsets, so the
     // values can be sliced out once the head is frozen.
-    let mut spans = [[0u32; 4]; MAX_FIELDS];
-    let (len, code, version, count) = {
+    // Left uninitialised like httparse's slots: only the first `count` are
+    // written and read.
+    let mut spans = [const { std::mem::MaybeUninit::<[u32; 4]>::uninit() }; MAX_FIELDS];
+    let (len, code, version, count, seen) = {
         // Left uninitialised: httparse writes only the fields it finds, and
         // a full array would be 4 KiB of writes per response.
         let mut fields = [const { std::mem::MaybeUninit::uninit() }; MAX_FIELDS];
@@ -230,16 +232,18 @@ pub(super) fn parse_response_head(
         }
         let base = buf.as_ptr() as usize;
         let count = response.headers.len();
+        let mut seen = Seen::default();
         for (span, field) in spans.iter_mut().zip(response.headers.iter()) {
+            seen.note(field.name.as_bytes());
             // Offsets within a head of at most MAX_HEAD_BYTES fit in u32.
             let name = field.name.as_ptr() as usize - base;
             let value = field.value.as_ptr() as usize - base;
-            *span = [
+            span.write([
                 name as u32,
                 field.name.len() as u32,
                 value as u32,
                 field.value.len() as u32,
-            ];
+            ]);
         }
         let code = response.code.unwrap_or(0);
         let version = if response.version == Some(0) {
@@ -247,7 +251,7 @@ pub(super) fn parse_response_head(
         } else {
             Version::HTTP_11
         };
-        (len, code, version, count)
+        (len, code, version, count, seen)
     };
     let status =
         StatusCode::from_u16(code).map_err(|_| ProtocolError::Head(httparse::Error::Status))?;
@@ -259,15 +263,27 @@ pub(super) fn parse_response_head(
         return Ok(Parsed::Interim);
     }
     let mut fields = HeaderMap::with_capacity(count);
-    for &[name_at, name_len, value_at, value_len] in &spans[..count] {
+    let mut seen = seen;
+    for span in &spans[..count] {
+        // SAFETY: the loop above wrote the first `count` spans.
+        let [name_at, name_len, value_at, value_len] = unsafe { span.assume_init() };
         let name = &head[name_at as usize..(name_at + name_len) as usize];
+        let value_range = value_at as usize..(value_at + value_len) as usize;
+        if seen.content_length && name.eq_ignore_ascii_case(b"content-length") {
+            add_length(&head[value_range.clone()], &mut seen.length)?;
+        }
         let name = HeaderName::from_bytes(name).map_err(|_| ProtocolError::Field)?;
-        let value = head.slice(value_at as usize..(value_at + value_len) as usize);
+        let value = head.slice(value_range);
         let value = HeaderValue::from_maybe_shared(value).map_err(|_| ProtocolError::Field)?;
         fields.append(name, value);
     }
-    let (body, mut keep_alive) = response_framing(status, version, head_request, &mut fields)?;
-    keep_alive &= connection_persists(version, &fields);
+    let (body, mut keep_alive) =
+        response_framing(status, version, head_request, seen, &mut fields)?;
+    keep_alive &= if seen.connection {
+        connection_persists(version, &fields)
+    } else {
+        version == Version::HTTP_11
+    };
     Ok(Parsed::Final(Box::new(ResponseHead {
         status,
         version,
@@ -286,12 +302,13 @@ fn response_framing(
     status: StatusCode,
     version: Version,
     head_request: bool,
+    seen: Seen,
     fields: &mut HeaderMap,
 ) -> Result<(Decoder, bool), ProtocolError> {
     if head_request || status == StatusCode::NO_CONTENT || status == StatusCode::NOT_MODIFIED {
         return Ok((Decoder::Done, true));
     }
-    if fields.contains_key(TRANSFER_ENCODING) {
+    if seen.transfer_encoding {
         let chunked_last = fields
             .get_all(TRANSFER_ENCODING)
             .iter()
@@ -307,29 +324,53 @@ fn response_framing(
             (Decoder::Close, false)
         });
     }
-    if fields.contains_key(CONTENT_LENGTH) {
-        let mut length: Option<u64> = None;
-        for value in fields.get_all(CONTENT_LENGTH) {
-            let text = value.to_str().map_err(|_| ProtocolError::ContentLength)?;
-            for part in text.split(',') {
-                let part = part.trim();
-                if part.is_empty() || !part.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(ProtocolError::ContentLength);
-                }
-                let n: u64 = part.parse().map_err(|_| ProtocolError::ContentLength)?;
-                if length.is_some_and(|l| l != n) {
-                    return Err(ProtocolError::ContentLength);
-                }
-                length = Some(n);
-            }
-        }
-        return Ok(match length {
+    if seen.content_length {
+        return Ok(match seen.length {
             Some(0) => (Decoder::Done, true),
             Some(n) => (Decoder::Length(n), true),
             None => return Err(ProtocolError::ContentLength),
         });
     }
     Ok((Decoder::Close, false))
+}
+
+/// One Content-Length field value, a list of equal lengths or one
+/// (RFC 9110 §8.6), folded into what earlier fields said: they must agree.
+fn add_length(value: &[u8], length: &mut Option<u64>) -> Result<(), ProtocolError> {
+    for part in value.split(|&b| b == b',') {
+        let part = part.trim_ascii();
+        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+            return Err(ProtocolError::ContentLength);
+        }
+        let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
+        if length.is_some_and(|l| l != n) {
+            return Err(ProtocolError::ContentLength);
+        }
+        *length = Some(n);
+    }
+    Ok(())
+}
+
+/// Which framing fields a head carries, noted while it is parsed, so that
+/// a response without them (most) costs no lookup for them; and the
+/// length its Content-Length fields give.
+#[derive(Debug, Clone, Copy, Default)]
+struct Seen {
+    transfer_encoding: bool,
+    content_length: bool,
+    connection: bool,
+    length: Option<u64>,
+}
+
+impl Seen {
+    fn note(&mut self, name: &[u8]) {
+        match name.len() {
+            17 => self.transfer_encoding |= name.eq_ignore_ascii_case(b"transfer-encoding"),
+            14 => self.content_length |= name.eq_ignore_ascii_case(b"content-length"),
+            10 => self.connection |= name.eq_ignore_ascii_case(b"connection"),
+            _ => {}
+        }
+    }
 }
 
 /// Whether the connection stays open after the response (RFC 9112 §9.3):
