@@ -11,6 +11,7 @@
 
 pub mod balance;
 mod codec;
+pub(crate) use codec::FieldNames;
 pub mod config;
 mod conn;
 pub mod health;

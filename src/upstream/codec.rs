@@ -204,6 +204,16 @@ pub(super) fn parse_response_head(
     buf: &mut BytesMut,
     head_request: bool,
 ) -> Result<Parsed, ProtocolError> {
+    parse_response_head_with(buf, head_request, &mut FieldNames::default())
+}
+
+/// [`parse_response_head`], taking field names from `names` when they are
+/// the ones the connection's previous head had at the same places.
+pub(super) fn parse_response_head_with(
+    buf: &mut BytesMut,
+    head_request: bool,
+    names: &mut FieldNames,
+) -> Result<Parsed, ProtocolError> {
     // Where each field's name and value lie in the head, as offsets, so the
     // values can be sliced out once the head is frozen.
     // Left uninitialised like httparse's slots: only the first `count` are
@@ -264,7 +274,7 @@ pub(super) fn parse_response_head(
     }
     let mut fields = HeaderMap::with_capacity(count);
     let mut seen = seen;
-    for span in &spans[..count] {
+    for (at, span) in spans[..count].iter().enumerate() {
         // SAFETY: the loop above wrote the first `count` spans.
         let [name_at, name_len, value_at, value_len] = unsafe { span.assume_init() };
         let name = &head[name_at as usize..(name_at + name_len) as usize];
@@ -272,7 +282,7 @@ pub(super) fn parse_response_head(
         if seen.content_length && name.eq_ignore_ascii_case(b"content-length") {
             add_length(&head[value_range.clone()], &mut seen.length)?;
         }
-        let name = HeaderName::from_bytes(name).map_err(|_| ProtocolError::Field)?;
+        let name = names.name(at, name).ok_or(ProtocolError::Field)?;
         let value = head.slice(value_range);
         let value = HeaderValue::from_maybe_shared(value).map_err(|_| ProtocolError::Field)?;
         fields.append(name, value);
@@ -332,6 +342,37 @@ fn response_framing(
         });
     }
     Ok((Decoder::Close, false))
+}
+
+/// The field names of a connection's last head, by position: a peer sends
+/// the same names in the same order head after head, and a name found
+/// where it was last time is taken without being parsed and validated
+/// again (a comparison instead of `HeaderName::from_bytes`).
+#[derive(Debug, Default)]
+pub(crate) struct FieldNames {
+    names: Vec<(Box<[u8]>, HeaderName)>,
+}
+
+/// Most names remembered per connection.
+const REMEMBERED_NAMES: usize = 24;
+
+impl FieldNames {
+    /// The name `raw`, the `at`-th field of a head; None when it is not a
+    /// valid field name.
+    pub(crate) fn name(&mut self, at: usize, raw: &[u8]) -> Option<HeaderName> {
+        if let Some((seen, name)) = self.names.get(at) {
+            if **seen == *raw {
+                return Some(name.clone());
+            }
+        }
+        let name = HeaderName::from_bytes(raw).ok()?;
+        if at < self.names.len() {
+            self.names[at] = (raw.into(), name.clone());
+        } else if at == self.names.len() && at < REMEMBERED_NAMES {
+            self.names.push((raw.into(), name.clone()));
+        }
+        Some(name)
+    }
 }
 
 /// One Content-Length field value, a list of equal lengths or one
@@ -681,6 +722,21 @@ fn chunk_size(line: &[u8]) -> Result<u64, ProtocolError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn remembered_names_are_the_names_at_their_place() {
+        let mut names = FieldNames::default();
+        assert_eq!(names.name(0, b"Content-Type").unwrap(), "content-type");
+        assert_eq!(names.name(1, b"X-Custom").unwrap(), "x-custom");
+        // Found again where they were, and not taken for another name.
+        assert_eq!(names.name(0, b"Content-Type").unwrap(), "content-type");
+        assert_eq!(names.name(1, b"X-Other").unwrap(), "x-other");
+        assert_eq!(names.name(1, b"X-Other").unwrap(), "x-other");
+        assert!(names.name(0, b"bad name").is_none());
+        assert_eq!(names.name(0, b"Content-Type").unwrap(), "content-type");
+        // Beyond what is kept, names are still parsed.
+        assert_eq!(names.name(40, b"Late").unwrap(), "late");
+    }
 
     fn head(text: &str, head_request: bool) -> Result<Parsed, ProtocolError> {
         parse_response_head(&mut BytesMut::from(text), head_request)

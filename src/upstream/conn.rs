@@ -187,6 +187,8 @@ pub(super) struct Conn {
     /// Whether the read buffer was last grown past the usual size (for a
     /// large body): such a buffer is not kept while the connection idles.
     large_read: bool,
+    /// The field names of the last response head.
+    names: codec::FieldNames,
 }
 
 impl Conn {
@@ -407,6 +409,7 @@ impl Connections {
             idle_since: Instant::now(),
             uses: 0,
             large_read: false,
+            names: codec::FieldNames::default(),
         }))
     }
 }
@@ -597,7 +600,7 @@ fn read_head(
     loop {
         if !conn.read.is_empty() {
             *answered = true;
-            match codec::parse_response_head(&mut conn.read, head_request)? {
+            match codec::parse_response_head_with(&mut conn.read, head_request, &mut conn.names)? {
                 Parsed::Final(head) => return Poll::Ready(Ok(head)),
                 Parsed::Interim => continue,
                 Parsed::Partial => {}

@@ -43,7 +43,7 @@ use http::header::{
     CONTENT_TYPE, DATE, HOST, MAX_FORWARDS, SET_COOKIE, TE, TRAILER, TRANSFER_ENCODING,
 };
 use http::response::Parts;
-use http::{HeaderMap, HeaderName, HeaderValue, Method, Request, StatusCode, Uri, Version};
+use http::{HeaderMap, HeaderValue, Method, Request, StatusCode, Uri, Version};
 use hyper::body::{Body, SizeHint};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tracing::debug;
@@ -51,6 +51,7 @@ use tracing::debug;
 use super::{respond, ConnInfo, Handler, Shared, SideWake};
 use crate::proxy::body::{RequestBody, ResponseBody};
 use crate::proxy::errors::ProxyError;
+use crate::upstream::FieldNames;
 
 /// Most fields a request head may carry here; a head with more (or a
 /// listener allowing more) goes to hyper.
@@ -89,7 +90,12 @@ pub(super) enum Parsed {
 /// Parses the request head at the start of `buf`. A head that is whole and
 /// within bounds and asks for nothing this loop leaves to hyper is taken
 /// from the buffer; anything else leaves the buffer untouched.
-pub(super) fn parse_head(buf: &mut BytesMut, max_fields: usize, max_bytes: usize) -> Parsed {
+pub(super) fn parse_head(
+    buf: &mut BytesMut,
+    max_fields: usize,
+    max_bytes: usize,
+    names: &mut FieldNames,
+) -> Parsed {
     if buf.is_empty() {
         return Parsed::Partial;
     }
@@ -184,15 +190,13 @@ pub(super) fn parse_head(buf: &mut BytesMut, max_fields: usize, max_bytes: usize
         return Parsed::HandOff;
     };
     let mut fields = HeaderMap::with_capacity(count);
-    for span in &spans[..count] {
+    for (at, span) in spans[..count].iter().enumerate() {
         // SAFETY: the loop above wrote the first `count` spans.
         let [name_at, name_len, value_at, value_len] = unsafe { span.assume_init() };
         let name = &head[name_at as usize..(name_at + name_len) as usize];
         let value = head.slice(value_at as usize..(value_at + value_len) as usize);
-        let (Ok(name), Ok(value)) = (
-            HeaderName::from_bytes(name),
-            HeaderValue::from_maybe_shared(value),
-        ) else {
+        let (Some(name), Ok(value)) = (names.name(at, name), HeaderValue::from_maybe_shared(value))
+        else {
             // A head that is hyper's after all goes to it whole.
             drop(fields);
             restore(buf, head);
@@ -681,6 +685,7 @@ where
     let max_bytes = limits.max_header_bytes.max(READ_BUF);
     let keep_alive_wait = limits.header_read_timeout.min(limits.idle_timeout);
     let mut read = BytesMut::with_capacity(READ_BUF);
+    let mut names = FieldNames::default();
     let mut out = Out::new();
     // The first request, like the TLS handshake before it, must arrive
     // within the header timeout of the connection's opening.
@@ -712,7 +717,7 @@ where
                 || read.len() >= max_bytes
                 || ends_head(&read[checked.saturating_sub(3)..]);
             if may_end {
-                match parse_head(&mut read, limits.max_headers, max_bytes) {
+                match parse_head(&mut read, limits.max_headers, max_bytes, &mut names) {
                     Parsed::Head(head) => break head,
                     Parsed::HandOff => return Some((read.freeze(), served)),
                     Parsed::Partial => {}
@@ -885,7 +890,7 @@ mod tests {
 
     fn parse(text: &str) -> (Parsed, BytesMut) {
         let mut buf = BytesMut::from(text);
-        let parsed = parse_head(&mut buf, 100, 64 * 1024);
+        let parsed = parse_head(&mut buf, 100, 64 * 1024, &mut FieldNames::default());
         (parsed, buf)
     }
 
@@ -936,18 +941,33 @@ mod tests {
     #[test]
     fn heads_over_the_limits_go_to_hyper_and_partial_ones_wait() {
         let mut buf = BytesMut::from("GET / HTTP/1.1\r\nHost: x\r\n");
-        assert!(matches!(parse_head(&mut buf, 100, 8192), Parsed::Partial));
+        assert!(matches!(
+            parse_head(&mut buf, 100, 8192, &mut FieldNames::default()),
+            Parsed::Partial
+        ));
         let long = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(9000));
         let mut buf = BytesMut::from(long.as_str());
-        assert!(matches!(parse_head(&mut buf, 100, 8192), Parsed::HandOff));
+        assert!(matches!(
+            parse_head(&mut buf, 100, 8192, &mut FieldNames::default()),
+            Parsed::HandOff
+        ));
         let mut buf = BytesMut::from(&long.as_bytes()[..8500]);
-        assert!(matches!(parse_head(&mut buf, 100, 8192), Parsed::HandOff));
+        assert!(matches!(
+            parse_head(&mut buf, 100, 8192, &mut FieldNames::default()),
+            Parsed::HandOff
+        ));
         let many: String = (0..5).map(|i| format!("X-{i}: v\r\n")).collect();
         let text = format!("GET / HTTP/1.1\r\n{many}\r\n");
         let mut buf = BytesMut::from(text.as_str());
-        assert!(matches!(parse_head(&mut buf, 4, 8192), Parsed::HandOff));
+        assert!(matches!(
+            parse_head(&mut buf, 4, 8192, &mut FieldNames::default()),
+            Parsed::HandOff
+        ));
         let mut buf = BytesMut::from(text.as_str());
-        assert!(matches!(parse_head(&mut buf, 5, 8192), Parsed::Head(_)));
+        assert!(matches!(
+            parse_head(&mut buf, 5, 8192, &mut FieldNames::default()),
+            Parsed::Head(_)
+        ));
     }
 
     fn head_of(
