@@ -1098,6 +1098,88 @@ mod tests {
         assert!(!ends_head(b""));
     }
 
+    /// What the receive loop makes of `bytes` arriving in reads of `step`
+    /// bytes, with its guard against parsing again before a head can end.
+    fn receive(bytes: &[u8], step: usize) -> (String, Vec<u8>) {
+        let mut names = FieldNames::default();
+        let mut buf = BytesMut::new();
+        let mut checked: usize = 0;
+        let step = step.max(1);
+        for (i, piece) in bytes.chunks(step).enumerate() {
+            buf.extend_from_slice(piece);
+            // What is left: the buffer and what has not arrived yet.
+            let left =
+                |buf: &BytesMut| [&buf[..], &bytes[((i + 1) * step).min(bytes.len())..]].concat();
+            let may_end =
+                checked == 0 || buf.len() >= 8192 || ends_head(&buf[checked.saturating_sub(3)..]);
+            if may_end {
+                match parse_head(&mut buf, 100, 8192, &mut names) {
+                    Parsed::Head(head) => {
+                        let r = &head.request;
+                        let seen = format!(
+                            "{} {} {:?} {:?}",
+                            r.method(),
+                            r.uri(),
+                            r.version(),
+                            r.headers()
+                        );
+                        return (seen, left(&buf));
+                    }
+                    Parsed::HandOff => return ("hand off".into(), left(&buf)),
+                    Parsed::Partial => {}
+                }
+            }
+            checked = buf.len();
+        }
+        ("partial".into(), buf.to_vec())
+    }
+
+    proptest::proptest! {
+        /// However a head is split into reads, the loop finds the same
+        /// request and leaves the same bytes; what it hands to hyper is
+        /// every byte.
+        #[test]
+        fn reads_of_any_size_give_the_same_request(
+            path in "/[a-z0-9/?=&%.-]{0,30}",
+            fields in proptest::collection::vec(("[A-Za-z-]{1,12}", "[ -~]{0,20}"), 0..8),
+            bare_lf in proptest::bool::ANY,
+            extra in "(Content-Length: 3|Transfer-Encoding: chunked|Expect: 100-continue|Upgrade: h2c|bad name: x)?",
+            tail in proptest::collection::vec(proptest::num::u8::ANY, 0..20),
+            step in 1usize..64,
+        ) {
+            let eol = if bare_lf { "\n" } else { "\r\n" };
+            let mut text = format!("GET {path} HTTP/1.1{eol}");
+            for (name, value) in &fields {
+                text.push_str(&format!("{name}: {value}{eol}"));
+            }
+            if !extra.is_empty() {
+                text.push_str(&format!("{extra}{eol}"));
+            }
+            text.push_str(eol);
+            let mut bytes = text.into_bytes();
+            bytes.extend_from_slice(&tail);
+            let whole = receive(&bytes, bytes.len());
+            let split = receive(&bytes, step);
+            proptest::prop_assert_eq!(&whole, &split);
+            if whole.0 == "hand off" {
+                proptest::prop_assert_eq!(&whole.1, &bytes);
+            }
+        }
+
+        /// Arbitrary bytes never panic, and a head taken leaves exactly the
+        /// bytes after it.
+        #[test]
+        fn arbitrary_bytes_are_taken_or_left_whole(
+            bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..300),
+        ) {
+            let mut buf = BytesMut::from(&bytes[..]);
+            match parse_head(&mut buf, 100, 8192, &mut FieldNames::default()) {
+                Parsed::Head(_) => proptest::prop_assert!(bytes.ends_with(&buf)),
+                Parsed::HandOff | Parsed::Partial => proptest::prop_assert_eq!(&buf[..], &bytes[..]),
+            }
+        }
+    }
+
     #[test]
     fn chunk_sizes_are_hexadecimal() {
         assert_eq!(hex_len(0).as_bytes(), b"0");
