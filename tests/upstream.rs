@@ -211,7 +211,7 @@ async fn send(
         .uri(path)
         .body(Full::new(body))
         .unwrap();
-    let resp = pool.send(req, None, Limits::default()).await?;
+    let resp = pool.send(req, b"", None, Limits::default()).await?;
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     Ok(String::from_utf8(bytes.to_vec()).unwrap())
 }
@@ -502,6 +502,7 @@ async fn a_rule_connect_limit_replaces_the_backend_one() {
         let err = pool
             .send(
                 req,
+                b"",
                 None,
                 Limits {
                     connect: Some(Duration::from_millis(200)),
@@ -584,7 +585,7 @@ async fn bodiless_responses_free_their_connection_unread() {
         let pool = Pool::new(&backend(vec![a.server()])).unwrap();
         for _ in 0..5 {
             let req = Request::head("/x").body(Empty::<Bytes>::new()).unwrap();
-            let resp = pool.send(req, None, Limits::default()).await.unwrap();
+            let resp = pool.send(req, b"", None, Limits::default()).await.unwrap();
             assert_eq!(resp.status(), StatusCode::OK);
             // The body is never read: a HEAD response has none.
             drop(resp);
@@ -682,7 +683,7 @@ async fn the_total_limit_bounds_a_stalled_body() {
             total: Some(Duration::from_millis(300)),
             ..Limits::default()
         };
-        let resp = pool.send(req, None, limits).await.unwrap();
+        let resp = pool.send(req, b"", None, limits).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         let err = resp.into_body().collect().await.unwrap_err();
         assert!(err.to_string().contains("total time limit"), "{err}");
@@ -749,7 +750,7 @@ async fn requests_and_probes_use_origin_form_with_a_host() {
             .header("host", "shop.example")
             .body(Empty::<Bytes>::new())
             .unwrap();
-        let resp = pool.send(req, None, Limits::default()).await.unwrap();
+        let resp = pool.send(req, b"", None, Limits::default()).await.unwrap();
         let _ = resp.into_body().collect().await.unwrap();
         wait_until("a health probe", || {
             heads.lock().unwrap().iter().any(|h| h.contains("/healthz"))
@@ -780,7 +781,7 @@ async fn in_flight_count_lasts_while_the_body_is_unread() {
         let pool = Pool::new(&backend(vec![a.server()])).unwrap();
         let send = || {
             let req = Request::get("/x").body(Empty::<Bytes>::new()).unwrap();
-            pool.send(req, None, Limits::default())
+            pool.send(req, b"", None, Limits::default())
         };
         let resp = send().await.unwrap();
         assert_eq!(pool.in_flight(0), 1);

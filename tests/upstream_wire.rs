@@ -245,7 +245,7 @@ async fn read_body(tcp: &mut TcpStream, buf: &mut Vec<u8>, head: &str) -> Vec<u8
 
 async fn get(pool: &Pool) -> Result<(StatusCode, Vec<u8>, Option<http::HeaderMap>), UpstreamError> {
     let req = Request::get("/x").body(Empty::<Bytes>::new()).unwrap();
-    let resp = pool.send(req, None, Limits::default()).await?;
+    let resp = pool.send(req, b"", None, Limits::default()).await?;
     let status = resp.status();
     let collected = resp.into_body().collect().await.unwrap();
     let trailers = collected.trailers().cloned();
@@ -354,7 +354,7 @@ async fn bodies_cut_short_or_badly_chunked_fail_and_close() {
             .await;
             let pool = origin.pool();
             let req = Request::get("/x").body(Empty::<Bytes>::new()).unwrap();
-            let resp = pool.send(req, None, Limits::default()).await.unwrap();
+            let resp = pool.send(req, b"", None, Limits::default()).await.unwrap();
             let err = resp.into_body().collect().await.unwrap_err();
             let text = String::from_utf8_lossy(answer);
             assert!(!err.to_string().is_empty(), "{text}");
@@ -397,7 +397,10 @@ async fn a_reused_connection_lost_before_answering_resends_only_an_idempotent_re
         let req = Request::post("/order")
             .body(Full::new(Bytes::from_static(b"1")))
             .unwrap();
-        let err = pool.send(req, None, Limits::default()).await.unwrap_err();
+        let err = pool
+            .send(req, b"", None, Limits::default())
+            .await
+            .unwrap_err();
         assert!(matches!(err, UpstreamError::Reset { .. }), "{err}");
         assert_eq!(origin.seen().len(), 2);
     })
@@ -439,7 +442,7 @@ async fn upload_in_two_parts(pool: &Pool, fields: &[(&str, &str)]) -> (StatusCod
         tokio::time::sleep(Duration::from_millis(100)).await;
         tx.send(Bytes::from_static(b"part two")).await.unwrap();
     });
-    let resp = pool.send(req, None, Limits::default()).await.unwrap();
+    let resp = pool.send(req, b"", None, Limits::default()).await.unwrap();
     let status = resp.status();
     let bytes = resp.into_body().collect().await.unwrap().to_bytes();
     sending.await.unwrap();
@@ -461,7 +464,7 @@ async fn request_bodies_are_sized_or_chunked() {
             .header("content-length", "5")
             .body(Full::new(Bytes::from_static(b"hello")))
             .unwrap();
-        pool.send(req, None, Limits::default()).await.unwrap();
+        pool.send(req, b"", None, Limits::default()).await.unwrap();
 
         let (body, tx) = streamed(b"ab");
         let req = Request::post("/streamed").body(body).unwrap();
@@ -470,12 +473,12 @@ async fn request_bodies_are_sized_or_chunked() {
             tx.send(Bytes::from_static(b"cd")).await.unwrap();
             // Dropping the sender ends the body.
         });
-        let resp = pool.send(req, None, Limits::default()).await.unwrap();
+        let resp = pool.send(req, b"", None, Limits::default()).await.unwrap();
         assert_eq!(resp.status(), StatusCode::OK);
         sending.await.unwrap();
 
         let req = Request::post("/empty").body(Empty::<Bytes>::new()).unwrap();
-        pool.send(req, None, Limits::default()).await.unwrap();
+        pool.send(req, b"", None, Limits::default()).await.unwrap();
 
         let seen = origin.seen();
         assert!(
@@ -513,7 +516,7 @@ async fn an_early_answer_to_an_upload_is_delivered() {
         // The body never ends: only the origin's early answer ends the exchange.
         let (body, _tx) = streamed(b"the first part of a long upload");
         let req = Request::post("/upload").body(body).unwrap();
-        let resp = pool.send(req, None, Limits::default()).await.unwrap();
+        let resp = pool.send(req, b"", None, Limits::default()).await.unwrap();
         assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
         let bytes = resp.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&bytes[..], b"too much");
@@ -553,7 +556,7 @@ async fn head_answers_have_no_body_whatever_their_length() {
             .uri("/x")
             .body(Empty::<Bytes>::new())
             .unwrap();
-        let resp = pool.send(req, None, Limits::default()).await.unwrap();
+        let resp = pool.send(req, b"", None, Limits::default()).await.unwrap();
         assert_eq!(resp.headers()["content-length"], "1000");
         assert!(resp
             .into_body()
@@ -606,12 +609,62 @@ async fn an_upload_cut_off_on_a_reused_connection_is_not_sent_again() {
                 (0..4096).map(|_| Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; 1024]))));
             let body = StreamBody::new(futures_util::stream::iter(frames));
             let req = Request::put("/big").body(body).unwrap();
-            let err = pool.send(req, None, Limits::default()).await.unwrap_err();
+            let err = pool
+                .send(req, b"", None, Limits::default())
+                .await
+                .unwrap_err();
             assert!(matches!(err, UpstreamError::Reset { .. }), "{err}");
             // The origin saw the GET and the PUT's head, and nothing more.
             assert_eq!(origin.seen().len(), 2);
             assert_eq!(origin.connections.load(Ordering::SeqCst), 1);
         }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn extra_field_lines_go_out_after_the_request_s_own_and_into_an_upgrade_s_map() {
+    bounded(async {
+        let origin = Origin::start(vec![
+            Step::Answer(vec![b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"]),
+            Step::Answer(vec![
+                b"HTTP/1.1 101 Switching Protocols\r\nconnection: upgrade\r\nupgrade: x-test\r\n\r\n",
+            ]),
+        ])
+        .await;
+        let pool = origin.pool();
+        let extra = b"x-forwarded-for: 192.0.2.1\r\nvia: 1.1 portico\r\n";
+        let req = Request::get("/plain")
+            .header("x-own", "1")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = pool.send(req, extra, None, Limits::default()).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "ok");
+        let req = Request::get("/up")
+            .header("connection", "upgrade")
+            .header("upgrade", "x-test")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let resp = pool.send(req, extra, None, Limits::default()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::SWITCHING_PROTOCOLS);
+        let seen = origin.seen();
+        assert_eq!(seen.len(), 2);
+        let plain = seen[0].head.to_ascii_lowercase();
+        let own = plain.find("x-own: 1\r\n").expect("own field");
+        let xff = plain.find("x-forwarded-for: 192.0.2.1\r\n").expect("x-forwarded-for");
+        assert!(own < xff, "{plain}");
+        assert!(plain.contains("via: 1.1 portico\r\n"), "{plain}");
+        let upgrade = seen[1].head.to_ascii_lowercase();
+        assert!(upgrade.contains("x-forwarded-for: 192.0.2.1\r\n"), "{upgrade}");
+        assert!(upgrade.contains("via: 1.1 portico\r\n"), "{upgrade}");
+        // A line that is not a field is refused, not sent.
+        let req = Request::get("/up")
+            .header("connection", "upgrade")
+            .header("upgrade", "x-test")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert!(pool.send(req, b"no colon\r\n", None, Limits::default()).await.is_err());
     })
     .await
     .unwrap();

@@ -150,20 +150,49 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
 }
 
-/// Prepares a client request for the origin: hop-by-hop fields removed,
-/// forwarding fields and `Via` added. The request's `Host` (or the URI's
-/// authority, as HTTP/2 carries it) becomes `X-Forwarded-Host`.
-pub fn prepare_upstream_request<B>(req: &mut Request<B>, ctx: &ForwardContext<'_>) {
-    let host = req.headers().get(HOST).cloned().or_else(|| {
-        req.uri()
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
-    let headers = req.headers_mut();
-    strip_hop_by_hop(headers, true);
+/// The forwarding fields a request gets on its way to the origin, worked
+/// out by [`forwarding`]. Written straight into the request head on the
+/// wire ([`Forwarded::encode`]), they cost no map insert; a request that
+/// hyper sends (an upgrade) gets them in its map ([`Forwarded::insert_into`]).
+#[derive(Debug, Clone)]
+pub struct Forwarded {
+    /// Earlier hops of `X-Forwarded-For`, kept from a trusted client.
+    chain: Option<String>,
+    client: IpAddr,
+    /// None when a trusted client's own `X-Forwarded-Proto` stays.
+    proto: Option<&'static str>,
+    /// `X-Forwarded-Host`; None when there is no host, or when a trusted
+    /// client's own field stays.
+    host: Option<HeaderValue>,
+    via: HeaderValue,
+}
 
-    let client = ip_text(ctx.client_ip);
-    let xff = if ctx.trust_forwarded {
+/// The forwarding fields the client's own take the place of, unless trusted.
+const FORWARDING: [HeaderName; 3] = [X_FORWARDED_FOR, X_FORWARDED_PROTO, X_FORWARDED_HOST];
+
+/// Readies a client's fields for the origin: hop-by-hop fields removed
+/// (`Upgrade` kept for an upgrade), and the forwarding fields worked out.
+/// The client's own `X-Forwarded-*` fields are removed unless trusted, and
+/// a trusted `X-Forwarded-For` becomes the start of the new one. `host` is
+/// the host the client asked for, which becomes `X-Forwarded-Host`.
+pub fn forwarding(
+    headers: &mut HeaderMap,
+    host: Option<HeaderValue>,
+    ctx: &ForwardContext<'_>,
+) -> Forwarded {
+    strip_hop_by_hop(headers, true);
+    let mut forwarded = Forwarded {
+        chain: None,
+        client: ctx.client_ip,
+        proto: Some(if ctx.tls { "https" } else { "http" }),
+        host,
+        via: ctx.via.clone(),
+    };
+    // One pass over the names: most requests carry none of these.
+    if !headers.keys().any(|n| FORWARDING.contains(n)) {
+        return forwarded;
+    }
+    if ctx.trust_forwarded {
         let mut chain = String::new();
         for value in headers.get_all(X_FORWARDED_FOR).iter() {
             if let Ok(v) = value.to_str() {
@@ -174,54 +203,95 @@ pub fn prepare_upstream_request<B>(req: &mut Request<B>, ctx: &ForwardContext<'_
                 }
             }
         }
-        chain.push_str(&client);
-        chain
+        headers.remove(X_FORWARDED_FOR);
+        forwarded.chain = (!chain.is_empty()).then_some(chain);
+        if headers.contains_key(X_FORWARDED_PROTO) {
+            forwarded.proto = None;
+        }
+        if headers.contains_key(X_FORWARDED_HOST) {
+            forwarded.host = None;
+        }
     } else {
-        client
-    };
-    // An IP address and ", " are always valid field-value characters, and the
-    // kept prefix came from valid values.
-    if let Ok(value) = HeaderValue::try_from(xff) {
-        headers.insert(X_FORWARDED_FOR, value);
-    }
-
-    if !(ctx.trust_forwarded && headers.contains_key(X_FORWARDED_PROTO)) {
-        let proto = if ctx.tls { "https" } else { "http" };
-        headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
-    }
-    if !(ctx.trust_forwarded && headers.contains_key(X_FORWARDED_HOST)) {
-        match host {
-            Some(host) => {
-                headers.insert(X_FORWARDED_HOST, host);
-            }
-            None => {
-                headers.remove(X_FORWARDED_HOST);
-            }
+        for name in FORWARDING {
+            headers.remove(name);
         }
     }
-    headers.append(VIA, ctx.via.clone());
+    forwarded
 }
 
-/// An address as text; IPv4, the common case, without the formatting
-/// machinery, since this runs on every forwarded request.
-fn ip_text(ip: std::net::IpAddr) -> String {
-    let std::net::IpAddr::V4(v4) = ip else {
-        return ip.to_string();
+impl Forwarded {
+    /// Appends the fields as lines of a request head, each ending in CRLF.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(b"x-forwarded-for: ");
+        if let Some(chain) = &self.chain {
+            out.extend_from_slice(chain.as_bytes());
+        }
+        write_ip(self.client, out);
+        if let Some(proto) = self.proto {
+            out.extend_from_slice(b"\r\nx-forwarded-proto: ");
+            out.extend_from_slice(proto.as_bytes());
+        }
+        if let Some(host) = &self.host {
+            out.extend_from_slice(b"\r\nx-forwarded-host: ");
+            out.extend_from_slice(host.as_bytes());
+        }
+        out.extend_from_slice(b"\r\nvia: ");
+        out.extend_from_slice(self.via.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+
+    /// Puts the fields into `headers`, `Via` after any there already.
+    pub fn insert_into(self, headers: &mut HeaderMap) {
+        let mut xff = self.chain.unwrap_or_default().into_bytes();
+        write_ip(self.client, &mut xff);
+        // An IP address and ", " are always valid field-value characters, and the
+        // kept prefix came from valid values.
+        if let Ok(value) = HeaderValue::from_bytes(&xff) {
+            headers.insert(X_FORWARDED_FOR, value);
+        }
+        if let Some(proto) = self.proto {
+            headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static(proto));
+        }
+        if let Some(host) = self.host {
+            headers.insert(X_FORWARDED_HOST, host);
+        }
+        headers.append(VIA, self.via);
+    }
+}
+
+/// Prepares a client request for the origin, in its own field map:
+/// hop-by-hop fields removed, forwarding fields and `Via` added. The
+/// request's `Host` (or the URI's authority, as HTTP/2 carries it) becomes
+/// `X-Forwarded-Host`.
+pub fn prepare_upstream_request<B>(req: &mut Request<B>, ctx: &ForwardContext<'_>) {
+    let host = req.headers().get(HOST).cloned().or_else(|| {
+        req.uri()
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
+    let forwarded = forwarding(req.headers_mut(), host, ctx);
+    forwarded.insert_into(req.headers_mut());
+}
+
+/// Appends an address as text; IPv4, the common case, without the
+/// formatting machinery, since this runs on every forwarded request.
+fn write_ip(ip: IpAddr, out: &mut Vec<u8>) {
+    let IpAddr::V4(v4) = ip else {
+        out.extend_from_slice(ip.to_string().as_bytes());
+        return;
     };
-    let mut out = String::with_capacity(15);
     for (i, octet) in v4.octets().into_iter().enumerate() {
         if i > 0 {
-            out.push('.');
+            out.push(b'.');
         }
         if octet >= 100 {
-            out.push(char::from(b'0' + octet / 100));
+            out.push(b'0' + octet / 100);
         }
         if octet >= 10 {
-            out.push(char::from(b'0' + octet / 10 % 10));
+            out.push(b'0' + octet / 10 % 10);
         }
-        out.push(char::from(b'0' + octet % 10));
+        out.push(b'0' + octet % 10);
     }
-    out
 }
 
 /// Prepares an origin response for the client: hop-by-hop fields removed
@@ -243,6 +313,12 @@ mod tests {
     use http::StatusCode;
 
     type Fields<'a> = &'a [(&'a str, &'a str)];
+
+    fn ip_text(ip: IpAddr) -> String {
+        let mut out = Vec::new();
+        write_ip(ip, &mut out);
+        String::from_utf8(out).unwrap()
+    }
 
     #[test]
     fn addresses_as_text_match_display() {
@@ -429,6 +505,27 @@ mod tests {
         for (input, trust, tls, xff, proto, host) in cases {
             let mut req = request(input);
             prepare_upstream_request(&mut req, &ctx(*trust, *tls));
+            // The same fields, written as head lines instead of put in the map.
+            let mut wired = request(input);
+            let host_field = wired.headers().get(HOST).cloned();
+            let forwarded = forwarding(wired.headers_mut(), host_field, &ctx(*trust, *tls));
+            let mut lines = Vec::new();
+            forwarded.encode(&mut lines);
+            lines.extend_from_slice(b"\r\n");
+            let mut parsed = [httparse::EMPTY_HEADER; 8];
+            let Ok(httparse::Status::Complete((_, fields))) =
+                httparse::parse_headers(&lines, &mut parsed)
+            else {
+                panic!("encoded forwarding fields do not parse: {lines:?}");
+            };
+            let mut from_wire = wired.headers().clone();
+            for f in fields {
+                from_wire.append(
+                    HeaderName::from_bytes(f.name.as_bytes()).unwrap(),
+                    HeaderValue::from_bytes(f.value).unwrap(),
+                );
+            }
+            assert_eq!(&from_wire, req.headers(), "{input:?}");
             let h = req.headers();
             assert_eq!(h[X_FORWARDED_FOR], *xff, "{input:?}");
             assert_eq!(h.get_all(X_FORWARDED_FOR).iter().count(), 1);

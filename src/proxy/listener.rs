@@ -36,7 +36,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use http::header::{HeaderValue, CONNECTION, CONTENT_LENGTH};
+use http::header::{HeaderValue, CONNECTION};
 use http::{Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -633,7 +633,10 @@ async fn respond<H: Handler>(
 ) -> Response<ResponseBody> {
     let limit = shared.limits.max_body_bytes;
     let version = req.version();
-    let mut response = if declared_length(req.headers()).is_some_and(|len| len > limit) {
+    // The body's exact size is its declared Content-Length (HTTP/1 and 2),
+    // known without looking the field up again.
+    let declared = req.body().size_hint().exact();
+    let mut response = if declared.is_some_and(|len| len > limit) {
         shared
             .errors
             .respond(&ProxyError::PayloadTooLarge { limit }, Some(req.headers()))
@@ -649,13 +652,6 @@ async fn respond<H: Handler>(
             .insert(CONNECTION, HeaderValue::from_static("close"));
     }
     response
-}
-
-fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
-    headers
-        .get(CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
 }
 
 /// Requests in flight on one connection, for the idle timer.

@@ -157,8 +157,9 @@ impl Gateway {
         log: &mut Log,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         // ---- receive
-        let host = request_host(&req).ok_or(ProxyError::BadRequest("missing Host"))?;
-        if !req.uri().path().starts_with('/') && req.method() != Method::OPTIONS {
+        let (parts, req_body) = req.into_parts();
+        let host = request_host(&parts).ok_or(ProxyError::BadRequest("missing Host"))?;
+        if !parts.uri.path().starts_with('/') && parts.method != Method::OPTIONS {
             return Err(ProxyError::BadRequest("the request target is not a path"));
         }
         let scheme = if conn.tls {
@@ -167,10 +168,13 @@ impl Gateway {
             Scheme::Http
         };
         let client_ip = conn.client_addr.ip();
-        if hygiene::is_upgrade(req.headers()) {
-            return self.upgrade(gen, req, &host, scheme, conn, log).await;
-        }
-        if req.method() == Method::CONNECT {
+        let upgrade = hygiene::is_upgrade(&parts.headers);
+        if upgrade || parts.method == Method::CONNECT {
+            let host = host.into_owned();
+            let req = Request::from_parts(parts, req_body);
+            if upgrade {
+                return self.upgrade(gen, req, &host, scheme, conn, log).await;
+            }
             // RFC 8441: a WebSocket over an HTTP/2 stream. Any other CONNECT
             // asks for a tunnel, which a reverse proxy does not offer.
             let protocol = req.extensions().get::<hyper::ext::Protocol>();
@@ -181,7 +185,6 @@ impl Gateway {
                 allow: HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
             });
         }
-        let (parts, req_body) = req.into_parts();
         let view = View {
             method: &parts.method,
             scheme,
@@ -222,7 +225,7 @@ impl Gateway {
                 });
             }
         }
-        if let (Some(max), Some(len)) = (rule.limits.max_body, content_length(&parts.headers)) {
+        if let (Some(max), Some(len)) = (rule.limits.max_body, req_body.size_hint().exact()) {
             if len > max {
                 return Err(ProxyError::PayloadTooLarge { limit: max });
             }
@@ -524,6 +527,13 @@ impl Handler for Gateway {
     }
 }
 
+/// A request on its way to a backend: its head, and its forwarding fields
+/// as head lines, sent after the head's own fields.
+pub(super) struct Outbound {
+    head: Request<()>,
+    forwarded: Vec<u8>,
+}
+
 /// The request to send upstream: the client's method, path and headers, the
 /// rule's header edits, and header hygiene. For a cache fill the method is
 /// GET and the client's own conditionals and ranges are dropped: the cache
@@ -534,7 +544,7 @@ fn build_upstream(
     conn: &ConnInfo,
     via: &HeaderValue,
     fill: bool,
-) -> Request<()> {
+) -> Outbound {
     let mut req = Request::new(());
     *req.method_mut() = if fill {
         Method::GET
@@ -547,20 +557,24 @@ fn build_upstream(
         .path_and_query()
         .cloned()
         .map_or_else(|| http::Uri::from_static("/"), http::Uri::from);
-    // Room for the forwarding fields added below (X-Forwarded-For, -Proto,
-    // -Host, Via, Host), so that no insert has to grow the map: cheaper than
-    // a clone of the client's map that then grows, often twice.
-    let mut headers = HeaderMap::with_capacity(parts.headers.len() + 5);
-    for (name, value) in &parts.headers {
-        headers.append(name.clone(), value.clone());
-    }
-    if !headers.contains_key(header::HOST) {
-        if let Some(a) = parts.uri.authority() {
-            if let Ok(v) = HeaderValue::from_str(a.as_str()) {
-                headers.insert(header::HOST, v);
+    // A clone of the client's map takes no hashing, and the forwarding
+    // fields go to the wire, not into the map, so it need not grow.
+    let mut headers = parts.headers.clone();
+    // The host the client asked for, which `X-Forwarded-Host` carries; an
+    // HTTP/2 request names it in the URI alone, and the origin needs `Host`.
+    let host = match headers.get(header::HOST) {
+        Some(h) => Some(h.clone()),
+        None => {
+            let a = parts
+                .uri
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
+            if let Some(v) = &a {
+                headers.insert(header::HOST, v.clone());
             }
+            a
         }
-    }
+    };
     if fill {
         for name in [
             header::IF_NONE_MATCH,
@@ -573,12 +587,12 @@ fn build_upstream(
             headers.remove(name);
         }
     }
-    *req.headers_mut() = headers;
     for e in &rule.request_headers {
-        e.apply(req.headers_mut());
+        e.apply(&mut headers);
     }
-    hygiene::prepare_upstream_request(
-        &mut req,
+    let forwarded = hygiene::forwarding(
+        &mut headers,
+        host,
         &ForwardContext {
             client_ip: conn.client_addr.ip(),
             tls: conn.tls,
@@ -586,37 +600,49 @@ fn build_upstream(
             via,
         },
     );
-    req
+    *req.headers_mut() = headers;
+    let mut lines = Vec::with_capacity(128);
+    forwarded.encode(&mut lines);
+    Outbound {
+        head: req,
+        forwarded: lines,
+    }
 }
 
-fn request_host<B>(req: &Request<B>) -> Option<String> {
-    // Byte searches: this runs on every request.
-    let raw = match req.uri().authority() {
-        Some(a) => a.as_str().as_bytes(),
-        None => req.headers().get(header::HOST)?.as_bytes(),
+/// The host a request names, without port or user information, in lower
+/// case; borrowed from the request unless it had to be lowered.
+fn request_host(parts: &http::request::Parts) -> Option<std::borrow::Cow<'_, str>> {
+    // Byte searches: this runs on every request. Both sources are text:
+    // an authority the URI parser took, or a field value of visible ASCII
+    // (`to_str`), so every slice below falls on a character boundary.
+    let raw = match parts.uri.authority() {
+        Some(a) => a.as_str(),
+        None => parts.headers.get(header::HOST)?.to_str().ok()?,
     };
-    let raw = match raw.iter().rposition(|&b| b == b'@') {
+    let bytes = raw.as_bytes();
+    let raw = match bytes.iter().rposition(|&b| b == b'@') {
         Some(at) => &raw[at + 1..],
         None => raw,
     };
-    let host = match raw.first() {
-        Some(b'[') => match raw.iter().position(|&b| b == b']') {
+    let bytes = raw.as_bytes();
+    let host = match bytes.first() {
+        Some(b'[') => match bytes.iter().position(|&b| b == b']') {
             Some(end) => &raw[..=end],
             None => raw,
         },
-        _ => match raw.iter().rposition(|&b| b == b':') {
-            Some(colon) if raw[colon + 1..].iter().all(u8::is_ascii_digit) => &raw[..colon],
+        _ => match bytes.iter().rposition(|&b| b == b':') {
+            Some(colon) if bytes[colon + 1..].iter().all(u8::is_ascii_digit) => &raw[..colon],
             _ => raw,
         },
     };
-    // The characters a field value may hold as text (as HeaderValue::to_str).
-    let text = |b: &u8| *b == b'\t' || (0x20..0x7f).contains(b);
-    if host.is_empty() || !host.iter().all(text) {
+    if host.is_empty() {
         return None;
     }
-    let mut lower = host.to_vec();
-    lower.make_ascii_lowercase();
-    String::from_utf8(lower).ok()
+    Some(if host.bytes().any(|b| b.is_ascii_uppercase()) {
+        std::borrow::Cow::Owned(host.to_ascii_lowercase())
+    } else {
+        std::borrow::Cow::Borrowed(host)
+    })
 }
 
 fn content_length(headers: &HeaderMap) -> Option<u64> {
@@ -714,6 +740,11 @@ mod tests {
         }
     }
 
+    fn host_of(req: Request<()>) -> Option<String> {
+        let (parts, ()) = req.into_parts();
+        request_host(&parts).map(|h| h.into_owned())
+    }
+
     #[test]
     fn hosts_lose_ports_and_case() {
         let req = Request::builder()
@@ -721,7 +752,7 @@ mod tests {
             .header("host", "Shop.Example:8080")
             .body(())
             .unwrap();
-        assert_eq!(request_host(&req).as_deref(), Some("shop.example"));
+        assert_eq!(host_of(req).as_deref(), Some("shop.example"));
         for (authority, want) in [
             ("user@Shop.Example:8080", Some("shop.example")),
             ("a@b@host", Some("host")),
@@ -735,14 +766,25 @@ mod tests {
                 .header("host", authority)
                 .body(())
                 .unwrap();
-            assert_eq!(request_host(&req).as_deref(), want, "{authority}");
+            assert_eq!(host_of(req).as_deref(), want, "{authority}");
         }
         let req = Request::builder()
             .uri("https://[::1]:8443/x")
             .body(())
             .unwrap();
-        assert_eq!(request_host(&req).as_deref(), Some("[::1]"));
+        assert_eq!(host_of(req).as_deref(), Some("[::1]"));
         let req = Request::builder().uri("/x").body(()).unwrap();
-        assert_eq!(request_host(&req), None);
+        assert_eq!(host_of(req), None);
+        // Already in lower case: borrowed, not copied.
+        let (parts, ()) = Request::builder()
+            .uri("/x")
+            .header("host", "shop.example:80")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert!(matches!(
+            request_host(&parts),
+            Some(std::borrow::Cow::Borrowed("shop.example"))
+        ));
     }
 }

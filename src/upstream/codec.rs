@@ -85,15 +85,16 @@ pub(super) fn request_framing(method: &Method, empty: bool, exact: Option<u64>) 
 
 /// Appends a request head to `out`: the request line in origin-form, every
 /// field but the framing ones (which come from `framing`, whatever the
-/// client sent), and the empty line.
+/// client sent), the field lines of `extra` as they are, and the empty line.
 pub(super) fn encode_request_head(
     out: &mut Vec<u8>,
     method: &Method,
     target: &str,
     fields: &HeaderMap,
+    extra: &[u8],
     framing: RequestFraming,
 ) {
-    out.reserve(64 + target.len() + fields.len() * 32);
+    out.reserve(64 + target.len() + fields.len() * 32 + extra.len());
     out.extend_from_slice(method.as_str().as_bytes());
     out.push(b' ');
     out.extend_from_slice(target.as_bytes());
@@ -107,6 +108,7 @@ pub(super) fn encode_request_head(
         out.extend_from_slice(value.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
+    out.extend_from_slice(extra);
     match framing {
         RequestFraming::None => {}
         RequestFraming::Length(n) => {
@@ -283,9 +285,7 @@ pub(super) fn parse_response_head_with(
             add_length(&head[value_range.clone()], &mut seen.length)?;
         }
         let name = names.name(at, name).ok_or(ProtocolError::Field)?;
-        let value = head.slice(value_range);
-        let value = HeaderValue::from_maybe_shared(value).map_err(|_| ProtocolError::Field)?;
-        fields.append(name, value);
+        fields.append(name, parsed_value(head.slice(value_range)));
     }
     let (body, mut keep_alive) =
         response_framing(status, version, head_request, seen, &mut fields)?;
@@ -373,6 +373,18 @@ impl FieldNames {
         }
         Some(name)
     }
+}
+
+/// A field value as httparse gave it, not checked again byte by byte:
+/// httparse takes in a value only HTAB, 0x20 to 0x7E and obs-text (0x80 to
+/// 0xFF), and `HeaderValue` allows every one of them (and more: it refuses
+/// only controls other than HTAB, and DEL). A property test below holds
+/// httparse to this. Debug builds check anyway.
+pub(crate) fn parsed_value(value: Bytes) -> HeaderValue {
+    // SAFETY: `HeaderValue` requires no control byte but HTAB and no DEL;
+    // httparse refuses both in values (see above), and the default
+    // configuration used here keeps obs-fold (CR LF in a value) out.
+    unsafe { HeaderValue::from_maybe_shared_unchecked(value) }
 }
 
 /// One Content-Length field value, a list of equal lengths or one
@@ -787,11 +799,12 @@ mod tests {
             &Method::POST,
             "/p?q=1",
             &fields,
+            b"via: 1.1 portico\r\n",
             RequestFraming::Length(5),
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "POST /p?q=1 HTTP/1.1\r\nhost: a.example\r\nx-two: 1\r\nx-two: 2\r\ncontent-length: 5\r\n\r\n"
+            "POST /p?q=1 HTTP/1.1\r\nhost: a.example\r\nx-two: 1\r\nx-two: 2\r\nvia: 1.1 portico\r\ncontent-length: 5\r\n\r\n"
         );
         let mut out = Vec::new();
         encode_request_head(
@@ -799,6 +812,7 @@ mod tests {
             &Method::GET,
             "/",
             &HeaderMap::new(),
+            b"",
             RequestFraming::None,
         );
         assert_eq!(out, b"GET / HTTP/1.1\r\n\r\n");
@@ -1077,6 +1091,37 @@ mod tests {
     }
 
     proptest::proptest! {
+        /// `parsed_value` skips `HeaderValue`'s own check: every value
+        /// httparse accepts, in a request or a response head, must be one
+        /// `HeaderValue` accepts too, whatever its bytes.
+        #[test]
+        fn values_httparse_accepts_are_valid_header_values(
+            // Weighted to the edges of both sets: controls, HTAB, space,
+            // DEL and obs-text, among plain letters.
+            value in proptest::collection::vec(
+                proptest::prop_oneof![0x00u8..0x21, 0x7eu8..0x82, 0xf0u8..=0xff, proptest::strategy::Just(b'a')],
+                0..64,
+            ),
+        ) {
+            let mut wire = b"x-v: ".to_vec();
+            wire.extend_from_slice(&value);
+            wire.extend_from_slice(b"\r\n\r\n");
+            let response = [b"HTTP/1.1 200 OK\r\n".as_slice(), &wire].concat();
+            let mut fields = [httparse::EMPTY_HEADER; 2];
+            let mut parsed = httparse::Response::new(&mut fields);
+            if let Ok(httparse::Status::Complete(_)) = parsed.parse(&response) {
+                let v = parsed.headers[0].value;
+                proptest::prop_assert!(HeaderValue::from_bytes(v).is_ok(), "{:?}", v);
+            }
+            let request = [b"GET / HTTP/1.1\r\n".as_slice(), &wire].concat();
+            let mut fields = [httparse::EMPTY_HEADER; 2];
+            let mut parsed = httparse::Request::new(&mut fields);
+            if let Ok(httparse::Status::Complete(_)) = parsed.parse(&request) {
+                let v = parsed.headers[0].value;
+                proptest::prop_assert!(HeaderValue::from_bytes(v).is_ok(), "{:?}", v);
+            }
+        }
+
         /// However the bytes of a response are split into reads, it
         /// decodes to the same thing, and a chunked body to its data.
         #[test]

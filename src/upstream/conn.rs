@@ -427,10 +427,12 @@ pub(super) enum ExchangeError {
 /// goes on reading from the connection and returns it to server `server`'s
 /// idle list of `home` when it ends. `resendable` says whether the request
 /// may go out again when a reused connection closes before answering
-/// (idempotent, no body).
+/// (idempotent, no body). `extra` holds field lines written after the
+/// request's own fields, each ending in CRLF.
 pub(super) async fn exchange(
     mut conn: Box<Conn>,
     req: Request<UpstreamBody>,
+    extra: &[u8],
     home: &Arc<Connections>,
     server: usize,
     resendable: bool,
@@ -446,6 +448,7 @@ pub(super) async fn exchange(
         &parts.method,
         target,
         &parts.headers,
+        extra,
         framing,
     );
     let reused = conn.uses > 0;
@@ -929,7 +932,7 @@ mod tests {
             };
             let empty = Empty::new().map_err(|never| match never {}).boxed_unsync();
             let req = Request::get("/").body(empty).unwrap();
-            let Ok(resp) = exchange(conn, req, &conns, 0, true).await else {
+            let Ok(resp) = exchange(conn, req, b"", &conns, 0, true).await else {
                 panic!("exchange failed");
             };
             let body = resp.into_body().collect().await.unwrap().to_bytes();

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery};
-use http::{Method, Request, Response, StatusCode, Uri, Version};
+use http::{Method, Request, Response, StatusCode, Uri};
 use http_body_util::combinators::UnsyncBoxBody;
 use http_body_util::{BodyExt, Empty};
 use hyper::body::{Body, Frame, SizeHint};
@@ -265,12 +265,17 @@ impl Pool {
     /// The body counts in the server's load until it ends and names the
     /// server ([`PooledBody::server`]).
     ///
+    /// `extra` holds field lines (each `name: value` and CRLF) sent after
+    /// the request's own fields, as they are: the proxy's forwarding fields,
+    /// which thus cost no map insert.
+    ///
     /// `limits` replace the backend's own time limits where set. The total
     /// limit bounds the body too: a body still streaming when it runs out
     /// ends with an error.
     pub async fn send<B>(
         &self,
         req: Request<B>,
+        extra: &[u8],
         hash_key: Option<&[u8]>,
         limits: Limits,
     ) -> Result<Response<PooledBody>, UpstreamError>
@@ -282,7 +287,10 @@ impl Pool {
         let first_byte = limits.first_byte.unwrap_or(self.timeouts.first_byte);
         let total = limits.total.unwrap_or(self.timeouts.total);
         // One timer per try, set to whichever limit runs out first.
-        let end = tokio::time::Instant::now() + total;
+        let start = tokio::time::Instant::now();
+        let end = start + total;
+        // The first try starts now; a later one reads the clock again.
+        let mut try_start = Some(start);
         let (parts, body) = req.into_parts();
         let idempotent = is_idempotent(&parts.method);
         let upgrade = parts.headers.contains_key(http::header::UPGRADE);
@@ -338,32 +346,29 @@ impl Pool {
                 );
             };
             let server = &self.servers[i];
-            let mut builder = Request::builder()
-                .method(parts.method.clone())
-                .version(Version::HTTP_11)
-                // Origin-form (RFC 9112 section 3.2.1): absolute-form is for
-                // requests to proxies, and some origins mishandle it.
-                .uri(Uri::from(path_and_query.clone()));
-            if let Some(h) = builder.headers_mut() {
-                match (single_try, headers.as_ref()) {
-                    (true, _) => *h = headers.take().unwrap_or_default(),
-                    (false, Some(fields)) => h.clone_from(fields),
-                    (false, None) => {}
-                }
-                if !h.contains_key(http::header::HOST) {
-                    h.insert(http::header::HOST, server.host_field.clone());
-                }
+            let mut upstream_req = Request::new(body);
+            *upstream_req.method_mut() = parts.method.clone();
+            // Origin-form (RFC 9112 section 3.2.1): absolute-form is for
+            // requests to proxies, and some origins mishandle it.
+            *upstream_req.uri_mut() = Uri::from(path_and_query.clone());
+            let h = upstream_req.headers_mut();
+            match (single_try, headers.as_ref()) {
+                (true, _) => *h = headers.take().unwrap_or_default(),
+                (false, Some(fields)) => h.clone_from(fields),
+                (false, None) => {}
             }
-            let upstream_req = builder.body(body).map_err(|e| UpstreamError::Config {
-                backend: self.name.clone(),
-                reason: format!("request: {e}"),
-            })?;
+            if !h.contains_key(http::header::HOST) {
+                h.insert(http::header::HOST, server.host_field.clone());
+            }
 
             let guard = self.load.enter(i);
-            let head_by = end.min(tokio::time::Instant::now() + first_byte);
-            let outcome =
-                tokio::time::timeout_at(head_by, self.exchange(i, connect, upstream_req, upgrade))
-                    .await;
+            let try_start = try_start.take().unwrap_or_else(tokio::time::Instant::now);
+            let head_by = end.min(try_start + first_byte);
+            let outcome = tokio::time::timeout_at(
+                head_by,
+                self.exchange(i, connect, upstream_req, extra, upgrade),
+            )
+            .await;
             let error = match outcome {
                 Ok(Ok(mut resp)) => {
                     self.health.record_success(i);
@@ -415,10 +420,17 @@ impl Pool {
         i: usize,
         connect: Duration,
         req: Request<UpstreamBody>,
+        extra: &[u8],
         upgrade: bool,
     ) -> Result<Response<PooledBody>, UpstreamError> {
         let server = &self.servers[i];
         if upgrade {
+            // hyper writes this request's head: the extra lines go in its map.
+            let mut req = req;
+            append_lines(req.headers_mut(), extra).map_err(|reason| UpstreamError::Config {
+                backend: self.name.clone(),
+                reason,
+            })?;
             let fresh = self.conns.open(&server.addr, &server.host, connect).await?;
             return conn::exchange_upgrade(fresh, req)
                 .await
@@ -427,7 +439,7 @@ impl Pool {
         let mut req = req;
         let resendable = is_idempotent(req.method()) && req.body().is_end_stream();
         if let Some(idle) = self.conns.checkout(i) {
-            match conn::exchange(idle, req, &self.conns, i, resendable).await {
+            match conn::exchange(idle, req, extra, &self.conns, i, resendable).await {
                 Ok(resp) => return Ok(resp),
                 Err(ExchangeError::Unsent(back, e)) => {
                     tracing::debug!(server = %server.addr, error = %e, "idle connection closed; sending on a new one");
@@ -437,13 +449,38 @@ impl Pool {
             }
         }
         let fresh = self.conns.open(&server.addr, &server.host, connect).await?;
-        match conn::exchange(fresh, req, &self.conns, i, resendable).await {
+        match conn::exchange(fresh, req, extra, &self.conns, i, resendable).await {
             Ok(resp) => Ok(resp),
             Err(ExchangeError::Unsent(_, e) | ExchangeError::Failed(e)) => {
                 Err(e.classify(&server.addr))
             }
         }
     }
+}
+
+/// Adds field lines as [`Pool::send`] takes them (`name: value` and CRLF
+/// each) to `headers`.
+fn append_lines(headers: &mut http::HeaderMap, lines: &[u8]) -> Result<(), String> {
+    for line in lines.split(|&b| b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if line.is_empty() {
+            continue;
+        }
+        let colon = line.iter().position(|&b| b == b':');
+        let field = colon.and_then(|at| {
+            let name = http::HeaderName::from_bytes(&line[..at]).ok()?;
+            let value = http::HeaderValue::from_bytes(line[at + 1..].trim_ascii()).ok()?;
+            Some((name, value))
+        });
+        let Some((name, value)) = field else {
+            return Err(format!(
+                "not a field line: {:?}",
+                String::from_utf8_lossy(line)
+            ));
+        };
+        headers.append(name, value);
+    }
+    Ok(())
 }
 
 /// Idempotent methods (RFC 9110 §9.2.2) that may be sent again after a reset.
@@ -630,7 +667,7 @@ impl Prober {
                     Some(c) => c,
                     None => conns.open(&addr, &host, connect).await?,
                 };
-                match conn::exchange(c, req, &conns, i, resendable).await {
+                match conn::exchange(c, req, b"", &conns, i, resendable).await {
                     Ok(resp) => {
                         let status = resp.status().as_u16();
                         // Read the (small) body so the connection can be reused.
@@ -777,7 +814,10 @@ mod tests {
         })
         .unwrap();
         let req = Request::get("/").body(Empty::<Bytes>::new()).unwrap();
-        let err = pool.send(req, None, Limits::default()).await.unwrap_err();
+        let err = pool
+            .send(req, b"", None, Limits::default())
+            .await
+            .unwrap_err();
         assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE);
     }
 }

@@ -51,7 +51,7 @@ use tracing::debug;
 use super::{respond, ConnInfo, Handler, Shared, SideWake};
 use crate::proxy::body::{RequestBody, ResponseBody};
 use crate::proxy::errors::ProxyError;
-use crate::upstream::FieldNames;
+use crate::upstream::{parsed_value, FieldNames};
 
 /// Most fields a request head may carry here; a head with more (or a
 /// listener allowing more) goes to hyper.
@@ -195,14 +195,13 @@ pub(super) fn parse_head(
         let [name_at, name_len, value_at, value_len] = unsafe { span.assume_init() };
         let name = &head[name_at as usize..(name_at + name_len) as usize];
         let value = head.slice(value_at as usize..(value_at + value_len) as usize);
-        let (Some(name), Ok(value)) = (names.name(at, name), HeaderValue::from_maybe_shared(value))
-        else {
+        let Some(name) = names.name(at, name) else {
             // A head that is hyper's after all goes to it whole.
             drop(fields);
             restore(buf, head);
             return Parsed::HandOff;
         };
-        fields.append(name, value);
+        fields.append(name, parsed_value(value));
     }
     let mut request = Request::new(());
     *request.method_mut() = method;
@@ -278,15 +277,13 @@ pub(super) fn encode_head(
     let mut has_trailer = false;
     let mut has_connection = false;
     let mut lengths = 0;
-    let mut declared = None;
+    let mut declared: Option<&HeaderValue> = None;
     for (name, value) in fields {
         match *name {
             // Framing is this function's to write.
             CONTENT_LENGTH => {
                 lengths += 1;
-                declared = std::str::from_utf8(value.as_bytes())
-                    .ok()
-                    .and_then(|v| v.parse::<u64>().ok());
+                declared = Some(value);
                 continue;
             }
             TRANSFER_ENCODING => continue,
@@ -309,8 +306,13 @@ pub(super) fn encode_head(
         }
         put_field(out, name.as_str().as_bytes(), value.as_bytes());
     }
-    // Only one valid Content-Length counts.
-    let declared = declared.filter(|_| lengths == 1);
+    // Only one valid Content-Length counts, and only when the body's own
+    // size is not known (it seldom is not): read it then.
+    let declared = || {
+        let v = declared.filter(|_| lengths == 1)?.as_bytes();
+        let digits = (1..=19).contains(&v.len()) && v.iter().all(u8::is_ascii_digit);
+        digits.then(|| v.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0')))
+    };
     let no_body = asked.head
         || status.is_informational()
         || status == StatusCode::NO_CONTENT
@@ -319,7 +321,7 @@ pub(super) fn encode_head(
         Framing::None
     } else if let Some(n) = size.exact() {
         Framing::Length(n)
-    } else if let Some(n) = declared {
+    } else if let Some(n) = declared() {
         Framing::Length(n)
     } else if asked.version == Version::HTTP_11 {
         Framing::Chunked
@@ -343,7 +345,7 @@ pub(super) fn encode_head(
         }
         // HEAD keeps the length a GET would have had.
         Framing::None if asked.head => {
-            if let Some(n) = declared.or(size.exact().filter(|&n| n > 0)) {
+            if let Some(n) = declared().or(size.exact().filter(|&n| n > 0)) {
                 put_length(out, n);
             }
         }

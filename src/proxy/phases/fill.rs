@@ -12,12 +12,12 @@ impl Gateway {
         backend: BackendId,
         rule: &RuleSpec,
         view: &View<'_>,
-        upstream: Request<()>,
+        upstream: Outbound,
         body: ResponseBody,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         match &gen.backends[backend] {
             BackendRuntime::Static(cfg) => {
-                let resp = static_files::serve(cfg, &upstream).await;
+                let resp = static_files::serve(cfg, &upstream.head).await;
                 Ok(resp.map(|b| b.map_err(|never| match never {}).boxed_unsync()))
             }
             BackendRuntime::Pool(pool) => {
@@ -27,7 +27,7 @@ impl Gateway {
                     crate::policy::eval::render_key(&spec.hash_key, view, &mut k);
                     k
                 });
-                let (parts, ()) = upstream.into_parts();
+                let (parts, ()) = upstream.head.into_parts();
                 let req = Request::from_parts(parts, body);
                 let limits = crate::upstream::Limits {
                     connect: rule.limits.connect_timeout,
@@ -35,7 +35,12 @@ impl Gateway {
                     total: rule.limits.total_timeout,
                 };
                 let result = pool
-                    .send(req, hash_key.as_deref().map(str::as_bytes), limits)
+                    .send(
+                        req,
+                        &upstream.forwarded,
+                        hash_key.as_deref().map(str::as_bytes),
+                        limits,
+                    )
                     .await;
                 match result {
                     Ok(resp) => Ok(resp.map(|b| b.boxed_unsync())),
@@ -65,7 +70,7 @@ impl Gateway {
         let cache = rule.cache.as_ref().expect("only cached rules fill");
         let mut upstream = build_upstream(parts, rule, conn, &self.inner.via, true);
         if let Some(entry) = stale {
-            control::add_validators(&entry.headers(), upstream.headers_mut());
+            control::add_validators(&entry.headers(), upstream.head.headers_mut());
         }
         let view = View {
             method: &parts.method,

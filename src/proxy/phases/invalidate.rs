@@ -157,6 +157,7 @@ impl Gateway {
         let mut resp = pool
             .send(
                 upstream,
+                b"",
                 None,
                 crate::upstream::Limits {
                     connect: rule.limits.connect_timeout,
