@@ -448,6 +448,48 @@ async fn time_limits_map_to_504() {
     .unwrap();
 }
 
+/// A kept connection's head timer is armed once and re-armed lazily: it
+/// must still time out a later slow answer, under a shorter limit than the
+/// one it was armed for, and must not fire for a fast answer after it
+/// lapsed while the connection sat idle.
+#[tokio::test]
+async fn a_kept_connection_times_each_answer_by_its_own_limit() {
+    bounded(async {
+        let a = Origin::start("a").await;
+        let pool = Pool::new(&backend(vec![a.server()])).unwrap();
+        let limits = |ms| Limits {
+            first_byte: Some(Duration::from_millis(ms)),
+            ..Limits::default()
+        };
+        let send = |ms| {
+            let req = Request::get("/x").body(Empty::<Bytes>::new()).unwrap();
+            pool.send(req, b"", None, limits(ms))
+        };
+        // Armed for ten seconds by the first request, which is answered at once.
+        let resp = send(10_000).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "a");
+        // A slow answer under 100 ms must fail at about 100 ms, not 10 s.
+        a.behaviour.delay_ms.store(3_000, Ordering::SeqCst);
+        let started = Instant::now();
+        let err = send(100).await.unwrap_err();
+        assert!(
+            matches!(err, UpstreamError::FirstByteTimeout { .. }),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(2));
+        // A fast answer on a kept connection whose timer lapsed while idle.
+        a.behaviour.delay_ms.store(0, Ordering::SeqCst);
+        let resp = send(100).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "a");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let resp = send(100).await.unwrap();
+        assert_eq!(resp.into_body().collect().await.unwrap().to_bytes(), "a");
+        assert!(a.connections.load(Ordering::SeqCst) <= 2);
+    })
+    .await
+    .unwrap();
+}
+
 /// A listener that never accepts, with its accept queue filled: the kernel
 /// drops further SYNs, so a connection to it is never made. Kept alive by
 /// the returned listener and the connections that filled the queue.

@@ -120,6 +120,9 @@ pub(super) enum ConnError {
     /// An upgrade exchange, run by hyper, failed.
     #[error(transparent)]
     Upgrade(#[from] hyper::Error),
+    /// No response head came by the exchange's deadline.
+    #[error("no response head in time")]
+    TimedOut,
 }
 
 impl ConnError {
@@ -136,7 +139,7 @@ impl ConnError {
                     || e.is_closed()
                     || io_source(e).is_some_and(|io| is_reset(io.kind()))
             }
-            ConnError::Protocol(_) | ConnError::RequestBody(_) => false,
+            ConnError::Protocol(_) | ConnError::RequestBody(_) | ConnError::TimedOut => false,
         };
         if reset {
             UpstreamError::Reset {
@@ -189,6 +192,42 @@ pub(super) struct Conn {
     large_read: bool,
     /// The field names of the last response head.
     names: codec::FieldNames,
+    /// The timer for the time to a response head, kept between exchanges.
+    timer: HeadTimer,
+}
+
+/// A connection's timer for the time to a response head. It is armed once
+/// and re-armed only when it fires before the exchange waiting is due, so
+/// that an exchange on a kept connection, whose deadline is later than the
+/// one the timer was armed for, costs no timer registration at all: a timer
+/// armed for the first of many requests fires once, finds the current one
+/// not yet due, and is armed again for it.
+#[derive(Default)]
+struct HeadTimer {
+    sleep: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl HeadTimer {
+    /// Ready once `due` has passed; otherwise Pending, with `cx` woken no
+    /// later than `due`.
+    fn poll_due(&mut self, cx: &mut Context<'_>, due: tokio::time::Instant) -> Poll<()> {
+        let sleep = self
+            .sleep
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(due)));
+        loop {
+            if sleep.deadline() > due {
+                // Armed for a later deadline than this one: it would wake too late.
+                sleep.as_mut().reset(due);
+            }
+            if sleep.as_mut().poll(cx).is_pending() {
+                return Poll::Pending;
+            }
+            if tokio::time::Instant::now() >= due {
+                return Poll::Ready(());
+            }
+            sleep.as_mut().reset(due);
+        }
+    }
 }
 
 impl Conn {
@@ -410,6 +449,7 @@ impl Connections {
             uses: 0,
             large_read: false,
             names: codec::FieldNames::default(),
+            timer: HeadTimer::default(),
         }))
     }
 }
@@ -428,7 +468,9 @@ pub(super) enum ExchangeError {
 /// idle list of `home` when it ends. `resendable` says whether the request
 /// may go out again when a reused connection closes before answering
 /// (idempotent, no body). `extra` holds field lines written after the
-/// request's own fields, each ending in CRLF.
+/// request's own fields, each ending in CRLF. With no response head by
+/// `due`, the exchange fails with [`ConnError::TimedOut`].
+#[allow(clippy::too_many_arguments)]
 pub(super) async fn exchange(
     mut conn: Box<Conn>,
     req: Request<UpstreamBody>,
@@ -436,7 +478,11 @@ pub(super) async fn exchange(
     home: &Arc<Connections>,
     server: usize,
     resendable: bool,
+    due: tokio::time::Instant,
 ) -> Result<Response<PooledBody>, ExchangeError> {
+    // Out of the connection while it is borrowed by the polls below; it
+    // goes back with the connection into the response body.
+    let mut timer = std::mem::take(&mut conn.timer);
     let (parts, mut body) = req.into_parts();
     let head_request = parts.method == Method::HEAD;
     let empty = body.is_end_stream();
@@ -469,7 +515,7 @@ pub(super) async fn exchange(
     let mut wrote_any = false;
     // The whole request went out (Ok(true)), or the server answered before
     // it had all of it (Ok(false)).
-    let sent = poll_fn(|cx| loop {
+    let mut send = |cx: &mut Context<'_>| loop {
         let written = conn.poll_write_out(cx, &mut at);
         wrote_any |= at > 0;
         match written {
@@ -531,6 +577,13 @@ pub(super) async fn exchange(
                 };
             }
         }
+    };
+    // A request that timed out is not sent again, whatever went out of it.
+    let sent = poll_fn(|cx| match send(cx) {
+        Poll::Pending if timer.poll_due(cx, due).is_ready() => {
+            Poll::Ready(Err((false, ConnError::TimedOut)))
+        }
+        other => other,
     })
     .await;
     let whole = match sent {
@@ -546,7 +599,15 @@ pub(super) async fn exchange(
     drop(body);
 
     let mut answered = false;
-    let head = poll_fn(|cx| read_head(&mut conn, cx, head_request, &mut answered)).await;
+    let head = poll_fn(
+        |cx| match read_head(&mut conn, cx, head_request, &mut answered) {
+            Poll::Pending if timer.poll_due(cx, due).is_ready() => {
+                Poll::Ready(Err(ConnError::TimedOut))
+            }
+            other => other,
+        },
+    )
+    .await;
     let head = match head {
         Ok(head) => head,
         Err(e) => {
@@ -571,6 +632,7 @@ pub(super) async fn exchange(
     // A request body the server did not wait for leaves the connection in
     // no state to carry another request.
     let keep_alive = keep_alive && whole;
+    conn.timer = timer;
     let mut body = PooledBody::new(Source::Own(Own {
         conn: Some(conn),
         decoder,
@@ -895,6 +957,10 @@ mod tests {
 
     /// An origin on 127.0.0.1 that answers each request on one connection
     /// with a body of the next of `sizes` bytes.
+    fn far_off() -> tokio::time::Instant {
+        tokio::time::Instant::now() + Duration::from_secs(60)
+    }
+
     async fn origin(sizes: Vec<usize>) -> (String, tokio::task::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
@@ -932,7 +998,7 @@ mod tests {
             };
             let empty = Empty::new().map_err(|never| match never {}).boxed_unsync();
             let req = Request::get("/").body(empty).unwrap();
-            let Ok(resp) = exchange(conn, req, b"", &conns, 0, true).await else {
+            let Ok(resp) = exchange(conn, req, b"", &conns, 0, true, far_off()).await else {
                 panic!("exchange failed");
             };
             let body = resp.into_body().collect().await.unwrap().to_bytes();

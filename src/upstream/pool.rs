@@ -28,7 +28,7 @@ use tokio_rustls::TlsConnector;
 
 use super::balance::{self, Load, Selector};
 use super::config::{BackendConfig, HealthConfig, Limits, Timeouts, UpstreamTls};
-use super::conn::{self, Connections, ExchangeError, PooledBody};
+use super::conn::{self, ConnError, Connections, ExchangeError, PooledBody};
 use super::health::{HealthChecker, HealthState, ProbeFuture};
 
 /// A boxed error of a body or connector.
@@ -364,24 +364,22 @@ impl Pool {
             let guard = self.load.enter(i);
             let try_start = try_start.take().unwrap_or_else(tokio::time::Instant::now);
             let head_by = end.min(try_start + first_byte);
-            let outcome = tokio::time::timeout_at(
-                head_by,
-                self.exchange(i, connect, upstream_req, extra, upgrade),
-            )
-            .await;
+            let outcome = self
+                .exchange(i, connect, upstream_req, extra, upgrade, head_by)
+                .await;
             let error = match outcome {
-                Ok(Ok(mut resp)) => {
+                Ok(mut resp) => {
                     self.health.record_success(i);
                     resp.body_mut().end_by(end);
                     resp.body_mut().hold_load(guard);
                     return Ok(resp);
                 }
-                Ok(Err(e)) => e,
-                Err(_) if head_by == end => UpstreamError::TotalTimeout {
+                Err(TryFailure::Error(e)) => e,
+                Err(TryFailure::TimedOut) if head_by == end => UpstreamError::TotalTimeout {
                     backend: self.name.clone(),
                     after: total,
                 },
-                Err(_) => UpstreamError::FirstByteTimeout {
+                Err(TryFailure::TimedOut) => UpstreamError::FirstByteTimeout {
                     server: server.addr.clone(),
                     after: first_byte,
                 },
@@ -411,10 +409,24 @@ impl Pool {
     }
 }
 
+/// How one try failed.
+enum TryFailure {
+    Error(UpstreamError),
+    /// No response head by the try's deadline.
+    TimedOut,
+}
+
+impl From<UpstreamError> for TryFailure {
+    fn from(e: UpstreamError) -> Self {
+        TryFailure::Error(e)
+    }
+}
+
 impl Pool {
     /// One try on server `i`: on an idle connection when there is one, else
     /// on a new one. A request an idle connection never took (it had just
-    /// closed) goes out once more on a new connection.
+    /// closed) goes out once more on a new connection. With no response
+    /// head by `head_by`, connecting included, the try has timed out.
     async fn exchange(
         &self,
         i: usize,
@@ -422,8 +434,27 @@ impl Pool {
         req: Request<UpstreamBody>,
         extra: &[u8],
         upgrade: bool,
-    ) -> Result<Response<PooledBody>, UpstreamError> {
+        head_by: tokio::time::Instant,
+    ) -> Result<Response<PooledBody>, TryFailure> {
         let server = &self.servers[i];
+        let failed = |e: ConnError| match e {
+            ConnError::TimedOut => TryFailure::TimedOut,
+            e => TryFailure::Error(e.classify(&server.addr)),
+        };
+        // A new connection has the connect limit, and no more than is left.
+        let open = || async {
+            let left = head_by.saturating_duration_since(tokio::time::Instant::now());
+            match self
+                .conns
+                .open(&server.addr, &server.host, connect.min(left))
+                .await
+            {
+                Err(UpstreamError::ConnectTimeout { .. }) if left < connect => {
+                    Err(TryFailure::TimedOut)
+                }
+                other => Ok(other?),
+            }
+        };
         if upgrade {
             // hyper writes this request's head: the extra lines go in its map.
             let mut req = req;
@@ -431,29 +462,29 @@ impl Pool {
                 backend: self.name.clone(),
                 reason,
             })?;
-            let fresh = self.conns.open(&server.addr, &server.host, connect).await?;
-            return conn::exchange_upgrade(fresh, req)
-                .await
-                .map_err(|e| e.classify(&server.addr));
+            let fresh = open().await?;
+            return match tokio::time::timeout_at(head_by, conn::exchange_upgrade(fresh, req)).await
+            {
+                Ok(result) => result.map_err(failed),
+                Err(_) => Err(TryFailure::TimedOut),
+            };
         }
         let mut req = req;
         let resendable = is_idempotent(req.method()) && req.body().is_end_stream();
         if let Some(idle) = self.conns.checkout(i) {
-            match conn::exchange(idle, req, extra, &self.conns, i, resendable).await {
+            match conn::exchange(idle, req, extra, &self.conns, i, resendable, head_by).await {
                 Ok(resp) => return Ok(resp),
                 Err(ExchangeError::Unsent(back, e)) => {
                     tracing::debug!(server = %server.addr, error = %e, "idle connection closed; sending on a new one");
                     req = *back;
                 }
-                Err(ExchangeError::Failed(e)) => return Err(e.classify(&server.addr)),
+                Err(ExchangeError::Failed(e)) => return Err(failed(e)),
             }
         }
-        let fresh = self.conns.open(&server.addr, &server.host, connect).await?;
-        match conn::exchange(fresh, req, extra, &self.conns, i, resendable).await {
+        let fresh = open().await?;
+        match conn::exchange(fresh, req, extra, &self.conns, i, resendable, head_by).await {
             Ok(resp) => Ok(resp),
-            Err(ExchangeError::Unsent(_, e) | ExchangeError::Failed(e)) => {
-                Err(e.classify(&server.addr))
-            }
+            Err(ExchangeError::Unsent(_, e) | ExchangeError::Failed(e)) => Err(failed(e)),
         }
     }
 }
@@ -620,6 +651,8 @@ struct Prober {
     expect: u16,
     conns: Arc<Connections>,
     connect: Duration,
+    /// A probe's whole limit.
+    timeout: Duration,
     backend: String,
 }
 
@@ -645,6 +678,7 @@ impl Prober {
             expect: h.expect_status,
             conns,
             connect: cfg.timeouts.connect.min(h.timeout),
+            timeout: h.timeout,
             backend: cfg.name.clone(),
         }
     }
@@ -658,7 +692,7 @@ impl Prober {
         *req.uri_mut() = Uri::from(self.path.clone());
         req.headers_mut().insert(http::header::HOST, host_field);
         let conns = Arc::clone(&self.conns);
-        let (expect, connect) = (self.expect, self.connect);
+        let (expect, connect, timeout) = (self.expect, self.connect, self.timeout);
         let resendable = is_idempotent(&self.method);
         let backend = self.backend.clone();
         Box::pin(async move {
@@ -667,7 +701,8 @@ impl Prober {
                     Some(c) => c,
                     None => conns.open(&addr, &host, connect).await?,
                 };
-                match conn::exchange(c, req, b"", &conns, i, resendable).await {
+                let due = tokio::time::Instant::now() + timeout;
+                match conn::exchange(c, req, b"", &conns, i, resendable, due).await {
                     Ok(resp) => {
                         let status = resp.status().as_u16();
                         // Read the (small) body so the connection can be reused.
