@@ -293,6 +293,22 @@ async fn forwarding_fields_and_via_both_ways() {
         assert_eq!(got.header("server"), Some("origin/1.0"));
         p.shutdown().await;
 
+        // A rule that rewrites Host, and one that tries to set a forwarding
+        // field: the origin gets the new Host, the client's host in
+        // X-Forwarded-Host, and Portico's own X-Forwarded-Proto, once.
+        let p = proxy(&policy_for(
+            &origin,
+            "rule all { route app cache off request_header set \"Host\" \"origin.internal\" request_header set \"X-Forwarded-Proto\" \"gopher\" }",
+        ))
+        .await;
+        get(addr(&p), "/", &[("host", "shop.test")]).await;
+        let seen = origin.seen().pop().unwrap();
+        assert_eq!(seen.headers.get("host").unwrap(), "origin.internal");
+        assert_eq!(seen.headers.get("x-forwarded-host").unwrap(), "shop.test");
+        let protos: Vec<_> = seen.headers.get_all("x-forwarded-proto").iter().collect();
+        assert_eq!(protos, ["http"]);
+        p.shutdown().await;
+
         let p = proxy(&policy_for(
             &origin,
             "http { hide_server }\nrule all { route app cache off }",
@@ -861,6 +877,17 @@ async fn echo_upgrade_origin() -> (std::net::SocketAddr, tokio::task::JoinHandle
                         "x-origin-saw-method",
                         req.method().as_str().parse().unwrap(),
                     );
+                    // What the origin saw of the forwarding fields, told back.
+                    for (field, told) in [
+                        ("host", "x-origin-saw-host"),
+                        ("x-forwarded-host", "x-origin-saw-xfh"),
+                        ("x-forwarded-for", "x-origin-saw-xff"),
+                        ("via", "x-origin-saw-via"),
+                    ] {
+                        if let Some(v) = req.headers().get(field).cloned() {
+                            resp.headers_mut().insert(told, v);
+                        }
+                    }
                     let Some(proto) = proto else {
                         *resp.status_mut() = StatusCode::BAD_REQUEST;
                         return Ok::<_, std::convert::Infallible>(resp);
@@ -894,8 +921,10 @@ async fn proxy_before_echo_origin() -> (
     tokio::net::TcpStream,
 ) {
     let (origin, task) = echo_upgrade_origin().await;
-    let policy =
-        format!("backend app {{ server \"{origin}\" }}\nrule all {{ route app cache off }}");
+    // The rule rewrites Host: X-Forwarded-Host must still say what the client asked for.
+    let policy = format!(
+        "backend app {{ server \"{origin}\" }}\nrule all {{ route app cache off request_header set \"Host\" \"origin.internal\" }}"
+    );
     let p = proxy(&policy).await;
     let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
     (p, task, stream)
@@ -935,6 +964,15 @@ async fn websocket_upgrade_passes_through_and_echoes() {
         let resp = sender.send_request(req).await.unwrap();
         assert_eq!(resp.status(), 101);
         assert_eq!(resp.headers().get("upgrade").unwrap(), "websocket");
+        let saw = |name: &str| {
+            resp.headers()
+                .get(name)
+                .map(|v| v.to_str().unwrap().to_owned())
+        };
+        assert_eq!(saw("x-origin-saw-host").as_deref(), Some("origin.internal"));
+        assert_eq!(saw("x-origin-saw-xfh").as_deref(), Some("ws.test"));
+        assert_eq!(saw("x-origin-saw-xff").as_deref(), Some("127.0.0.1"));
+        assert!(saw("x-origin-saw-via").unwrap().contains("portico"));
         let upgraded = hyper::upgrade::on(resp)
             .await
             .expect("client side switched");
@@ -984,6 +1022,12 @@ async fn websocket_over_h2_reaches_an_http1_origin_and_echoes() {
         let resp = resp.expect("extended CONNECT accepted");
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers().get("x-origin-saw-method").unwrap(), "GET");
+        // HTTP/2 names the host in :authority alone.
+        assert_eq!(resp.headers().get("x-origin-saw-xfh").unwrap(), "ws.test");
+        assert_eq!(
+            resp.headers().get("x-origin-saw-host").unwrap(),
+            "origin.internal"
+        );
         assert!(resp.headers().get("sec-websocket-accept").is_none());
         let upgraded = hyper::upgrade::on(resp)
             .await

@@ -448,6 +448,35 @@ async fn time_limits_map_to_504() {
     .unwrap();
 }
 
+/// A request that timed out may have been acted on: it never goes to a
+/// second server.
+#[tokio::test]
+async fn a_timed_out_request_is_not_tried_on_another_server() {
+    bounded(async {
+        let a = Origin::start("a").await;
+        let b = Origin::start("b").await;
+        a.behaviour.delay_ms.store(3_000, Ordering::SeqCst);
+        b.behaviour.delay_ms.store(3_000, Ordering::SeqCst);
+        let mut cfg = backend(vec![a.server(), b.server()]);
+        cfg.timeouts.first_byte = Duration::from_millis(100);
+        let pool = Pool::new(&cfg).unwrap();
+        let err = get(&pool, "/slow").await.unwrap_err();
+        assert!(
+            matches!(err, UpstreamError::FirstByteTimeout { .. }),
+            "{err}"
+        );
+        // Both origins count a request as it arrives, before their delay.
+        wait_until("the request reached an origin", || {
+            a.requests() + b.requests() >= 1
+        })
+        .await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(a.requests() + b.requests(), 1);
+    })
+    .await
+    .unwrap();
+}
+
 /// A kept connection's head timer is armed once and re-armed lazily: it
 /// must still time out a later slow answer, under a shorter limit than the
 /// one it was armed for, and must not fire for a fast answer after it

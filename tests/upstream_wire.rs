@@ -314,6 +314,33 @@ async fn interim_answers_are_skipped() {
 }
 
 #[tokio::test]
+async fn an_endless_run_of_interim_answers_is_refused() {
+    bounded(async {
+        // 32 interim heads are taken; the 33rd is one too many.
+        let flood: &'static [u8] = "HTTP/1.1 100 Continue\r\n\r\n".repeat(33).leak().as_bytes();
+        let origin = Origin::start(vec![Step::Answer(vec![
+            flood,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ])])
+        .await;
+        let err = get(&origin.pool()).await.unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY, "{err}");
+        assert!(
+            err.to_string().contains("interim") || format!("{err:?}").contains("TooManyInterim"),
+            "{err:?}"
+        );
+        let origin = Origin::start(vec![Step::Answer(vec![
+            "HTTP/1.1 100 Continue\r\n\r\n".repeat(32).leak().as_bytes(),
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ])])
+        .await;
+        assert_eq!(get(&origin.pool()).await.unwrap().1, b"ok");
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
 async fn malformed_answers_are_bad_gateway() {
     bounded(async {
         let bad: [&'static [u8]; 5] = [

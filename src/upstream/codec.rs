@@ -16,6 +16,8 @@ use http::{HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Version};
 pub(super) const MAX_FIELDS: usize = 128;
 /// Largest response head, and largest trailer section, accepted.
 pub(super) const MAX_HEAD_BYTES: usize = 64 * 1024;
+/// Most interim (1xx) heads taken before a final one.
+pub(super) const MAX_INTERIM: u32 = 32;
 /// Longest chunk-size line (size and extensions) accepted.
 const MAX_CHUNK_LINE: usize = 4096;
 
@@ -34,6 +36,9 @@ pub enum ProtocolError {
     /// Content-Length that is not one non-negative integer (RFC 9112 §6.3).
     #[error("invalid Content-Length")]
     ContentLength,
+    /// More interim (1xx) heads before the final one than anyone sends.
+    #[error("more than {MAX_INTERIM} interim responses")]
+    TooManyInterim,
     /// A 101 answer to a request that asked for no upgrade.
     #[error("101 Switching Protocols without an upgrade request")]
     UnexpectedUpgrade,

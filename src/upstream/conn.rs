@@ -219,7 +219,13 @@ impl HeadTimer {
                 // Armed for a later deadline than this one: it would wake too late.
                 sleep.as_mut().reset(due);
             }
-            if sleep.as_mut().poll(cx).is_pending() {
+            // Unconstrained: the exchange may have spent the task's budget
+            // on I/O that was always ready (say a flood of interim heads),
+            // and a constrained poll would then never see the deadline.
+            if pin!(tokio::task::coop::unconstrained(sleep.as_mut()))
+                .poll(cx)
+                .is_pending()
+            {
                 return Poll::Pending;
             }
             if tokio::time::Instant::now() >= due {
@@ -599,15 +605,17 @@ pub(super) async fn exchange(
     drop(body);
 
     let mut answered = false;
-    let head = poll_fn(
-        |cx| match read_head(&mut conn, cx, head_request, &mut answered) {
-            Poll::Pending if timer.poll_due(cx, due).is_ready() => {
-                Poll::Ready(Err(ConnError::TimedOut))
-            }
-            other => other,
-        },
-    )
-    .await;
+    let mut interim = 0;
+    let head =
+        poll_fn(
+            |cx| match read_head(&mut conn, cx, head_request, &mut answered, &mut interim) {
+                Poll::Pending if timer.poll_due(cx, due).is_ready() => {
+                    Poll::Ready(Err(ConnError::TimedOut))
+                }
+                other => other,
+            },
+        )
+        .await;
     let head = match head {
         Ok(head) => head,
         Err(e) => {
@@ -661,13 +669,20 @@ fn read_head(
     cx: &mut Context<'_>,
     head_request: bool,
     answered: &mut bool,
+    interim: &mut u32,
 ) -> Poll<Result<Box<ResponseHead>, ConnError>> {
     loop {
         if !conn.read.is_empty() {
             *answered = true;
             match codec::parse_response_head_with(&mut conn.read, head_request, &mut conn.names)? {
                 Parsed::Final(head) => return Poll::Ready(Ok(head)),
-                Parsed::Interim => continue,
+                Parsed::Interim => {
+                    *interim += 1;
+                    if *interim > codec::MAX_INTERIM {
+                        return Poll::Ready(Err(ProtocolError::TooManyInterim.into()));
+                    }
+                    continue;
+                }
                 Parsed::Partial => {}
             }
         }
@@ -955,12 +970,12 @@ mod tests {
     use tokio::io::AsyncWriteExt;
     use tokio::net::TcpListener;
 
-    /// An origin on 127.0.0.1 that answers each request on one connection
-    /// with a body of the next of `sizes` bytes.
     fn far_off() -> tokio::time::Instant {
         tokio::time::Instant::now() + Duration::from_secs(60)
     }
 
+    /// An origin on 127.0.0.1 that answers each request on one connection
+    /// with a body of the next of `sizes` bytes.
     async fn origin(sizes: Vec<usize>) -> (String, tokio::task::JoinHandle<()>) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();

@@ -696,12 +696,14 @@ impl Prober {
         let resendable = is_idempotent(&self.method);
         let backend = self.backend.clone();
         Box::pin(async move {
+            // The whole probe, connecting included, is bounded by `timeout`
+            // (by the checker too; this also ends the exchange itself).
+            let due = tokio::time::Instant::now() + timeout;
             let sent = async {
                 let c = match conns.checkout(i) {
                     Some(c) => c,
                     None => conns.open(&addr, &host, connect).await?,
                 };
-                let due = tokio::time::Instant::now() + timeout;
                 match conn::exchange(c, req, b"", &conns, i, resendable, due).await {
                     Ok(resp) => {
                         let status = resp.status().as_u16();

@@ -122,6 +122,13 @@ impl Gateway {
         };
         // An HTTP/2 WebSocket (extended CONNECT) becomes an HTTP/1.1 upgrade.
         let h2_websocket = req.method() == Method::CONNECT;
+        // `X-Forwarded-Host` is the host the client asked for, whatever the
+        // rule's edits do to `Host`: as for every other request.
+        let client_host = req.headers().get(header::HOST).cloned().or_else(|| {
+            req.uri()
+                .authority()
+                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        });
         let mut upstream = Request::new(body::empty());
         *upstream.uri_mut() = req.uri().clone();
         *upstream.headers_mut() = req.headers().clone();
@@ -145,8 +152,9 @@ impl Gateway {
         for e in &rule.request_headers {
             e.apply(upstream.headers_mut());
         }
-        hygiene::prepare_upstream_request(
-            &mut upstream,
+        let forwarded = hygiene::forwarding(
+            upstream.headers_mut(),
+            client_host,
             &ForwardContext {
                 client_ip: conn.client_addr.ip(),
                 tls: conn.tls,
@@ -154,10 +162,12 @@ impl Gateway {
                 via: &self.inner.via,
             },
         );
+        let mut lines = Vec::new();
+        forwarded.encode(&mut lines);
         let mut resp = pool
             .send(
                 upstream,
-                b"",
+                &lines,
                 None,
                 crate::upstream::Limits {
                     connect: rule.limits.connect_timeout,
