@@ -7,11 +7,17 @@
 //! connection's state machine and the response a message sent back, and
 //! each costs a queue, a oneshot and their wake-ups. A proxy needs none of
 //! that: the request's own task writes the request head straight from the
-//! field map into the connection's buffer, reads the response head into
+//! field map (and the proxy's forwarding fields, already encoded as lines)
+//! into the connection's buffer, reads the response head into
 //! fields that are slices of the read buffer ([`exchange`]), and the
 //! response body ([`PooledBody`]) reads the body from the same buffer and
 //! puts the connection back in the server's idle list the moment the body
 //! ends. No task is spawned and no other task is woken.
+//!
+//! The time to a response head is kept by a timer that belongs to the
+//! connection, not to the request: armed by the first exchange and re-armed
+//! only when it fires before the exchange then waiting is due, it costs a
+//! request on a kept connection no timer registration (see `HeadTimer`).
 //!
 //! An idle connection is not polled. Before one is reused, it is polled once
 //! without a waker: a connection the server closed, or one that sat idle too
