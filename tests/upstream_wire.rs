@@ -696,3 +696,48 @@ async fn extra_field_lines_go_out_after_the_request_s_own_and_into_an_upgrade_s_
     .await
     .unwrap();
 }
+
+/// An upload that never has to wait (a body always ready, an origin that
+/// reads as fast as it comes and never answers) spends its task's
+/// cooperative budget on ready I/O: the first-byte limit must still end it.
+#[tokio::test]
+async fn an_upload_that_never_waits_still_times_out() {
+    bounded(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = ServerConfig::new(listener.local_addr().unwrap().to_string());
+        let drain = tokio::spawn(async move {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let mut sink = tokio::io::sink();
+            let _ = tokio::io::copy(&mut tcp, &mut sink).await;
+        });
+        let pool = Pool::new(&BackendConfig {
+            name: "drain".into(),
+            servers: vec![server],
+            timeouts: Timeouts {
+                connect: Duration::from_secs(2),
+                first_byte: Duration::from_millis(300),
+                total: Duration::from_secs(10),
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        let chunk = Bytes::from(vec![b'x'; 512]);
+        let endless = futures_util::stream::repeat_with(move || {
+            Ok::<_, Infallible>(Frame::data(chunk.clone()))
+        });
+        let req = Request::post("/upload")
+            .body(StreamBody::new(endless))
+            .unwrap();
+        let err = pool
+            .send(req, b"", None, Limits::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, UpstreamError::FirstByteTimeout { .. }),
+            "{err}"
+        );
+        drain.abort();
+    })
+    .await
+    .expect("the first-byte limit ended the upload");
+}
