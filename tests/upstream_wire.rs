@@ -741,3 +741,85 @@ async fn an_upload_that_never_waits_still_times_out() {
     .await
     .expect("the first-byte limit ended the upload");
 }
+
+/// Interim heads met during an upload count toward the same cap.
+#[tokio::test]
+async fn interim_heads_during_an_upload_count_toward_the_cap() {
+    bounded(async {
+        let flood: &'static [u8] = "HTTP/1.1 100 Continue\r\n\r\n".repeat(40).leak().as_bytes();
+        let origin = Origin::start(vec![Step::AnswerWhileReading(
+            flood,
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        )])
+        .await;
+        let (body, tx) = streamed(b"part one, ");
+        let req = Request::post("/upload").body(body).unwrap();
+        let sending = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let _ = tx.send(Bytes::from_static(b"part two")).await;
+        });
+        let err = origin
+            .pool()
+            .send(req, b"", None, Limits::default())
+            .await
+            .unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY, "{err}");
+        assert!(format!("{err:?}").contains("TooManyInterim"), "{err:?}");
+        sending.abort();
+    })
+    .await
+    .unwrap();
+}
+
+/// A body that never stalls (an origin writing chunks as fast as it can,
+/// forever) still meets the total limit.
+#[tokio::test]
+async fn an_endless_fast_body_still_meets_the_total_limit() {
+    bounded(async {
+        // A thread of its own writes, so that the reader finds bytes waiting
+        // at every read however the runtime schedules its tasks.
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let server = ServerConfig::new(listener.local_addr().unwrap().to_string());
+        let flood = std::thread::spawn(move || {
+            use std::io::{Read as _, Write as _};
+            let (mut tcp, _) = listener.accept().unwrap();
+            let mut buf = vec![0u8; 4096];
+            let _ = tcp.read(&mut buf);
+            let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n");
+            let chunk = [b"4000\r\n".as_slice(), &[b'x'; 0x4000], b"\r\n"].concat();
+            let many = chunk.repeat(8);
+            // Ends when the reader, timed out, closes the connection.
+            while tcp.write_all(&many).is_ok() {}
+        });
+        let pool = Pool::new(&BackendConfig {
+            name: "flood".into(),
+            servers: vec![server],
+            ..Default::default()
+        })
+        .unwrap();
+        let req = Request::get("/endless")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        let limits = Limits {
+            total: Some(Duration::from_millis(300)),
+            ..Limits::default()
+        };
+        let resp = pool.send(req, b"", None, limits).await.unwrap();
+        let mut body = resp.into_body();
+        // Frames are read and dropped, so memory stays flat however long it runs.
+        let err = loop {
+            match body.frame().await {
+                Some(Ok(_)) => {}
+                Some(Err(e)) => break e,
+                None => panic!("an endless body ended"),
+            }
+        };
+        assert!(err.to_string().contains("total time limit"), "{err}");
+        drop(body);
+        tokio::task::spawn_blocking(move || flood.join().unwrap())
+            .await
+            .unwrap();
+    })
+    .await
+    .expect("the total limit ended the body");
+}

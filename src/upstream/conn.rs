@@ -200,6 +200,9 @@ pub(super) struct Conn {
     names: codec::FieldNames,
     /// The timer for the time to a response head, kept between exchanges.
     timer: HeadTimer,
+    /// Interim (1xx) heads taken in this exchange, during the upload or
+    /// after it: at most [`codec::MAX_INTERIM`].
+    interim: u32,
 }
 
 /// A connection's timer for the time to a response head. It is armed once
@@ -284,11 +287,21 @@ impl Conn {
     ///
     /// Called only when writing or the request body is pending, so a
     /// Pending here always has a waker registered on that side too.
+    /// Counts one more interim head; an error once there are too many.
+    fn take_interim(&mut self) -> Result<(), ProtocolError> {
+        self.interim += 1;
+        if self.interim > codec::MAX_INTERIM {
+            return Err(ProtocolError::TooManyInterim);
+        }
+        Ok(())
+    }
+
     fn poll_early_answer(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
         loop {
             loop {
                 match peek_head(&self.read)? {
                     Peek::Interim(len) => {
+                        self.take_interim()?;
                         let _ = self.read.split_to(len);
                     }
                     // The final head stays in the buffer for `read_head`.
@@ -462,6 +475,7 @@ impl Connections {
             large_read: false,
             names: codec::FieldNames::default(),
             timer: HeadTimer::default(),
+            interim: 0,
         }))
     }
 }
@@ -501,6 +515,7 @@ pub(super) async fn exchange(
     let framing = codec::request_framing(&parts.method, empty, body.size_hint().exact());
     let target = parts.uri.path_and_query().map_or("/", |p| p.as_str());
     conn.write.clear();
+    conn.interim = 0;
     codec::encode_request_head(
         &mut conn.write,
         &parts.method,
@@ -611,17 +626,15 @@ pub(super) async fn exchange(
     drop(body);
 
     let mut answered = false;
-    let mut interim = 0;
-    let head =
-        poll_fn(
-            |cx| match read_head(&mut conn, cx, head_request, &mut answered, &mut interim) {
-                Poll::Pending if timer.poll_due(cx, due).is_ready() => {
-                    Poll::Ready(Err(ConnError::TimedOut))
-                }
-                other => other,
-            },
-        )
-        .await;
+    let head = poll_fn(
+        |cx| match read_head(&mut conn, cx, head_request, &mut answered) {
+            Poll::Pending if timer.poll_due(cx, due).is_ready() => {
+                Poll::Ready(Err(ConnError::TimedOut))
+            }
+            other => other,
+        },
+    )
+    .await;
     let head = match head {
         Ok(head) => head,
         Err(e) => {
@@ -675,7 +688,6 @@ fn read_head(
     cx: &mut Context<'_>,
     head_request: bool,
     answered: &mut bool,
-    interim: &mut u32,
 ) -> Poll<Result<Box<ResponseHead>, ConnError>> {
     loop {
         if !conn.read.is_empty() {
@@ -683,10 +695,7 @@ fn read_head(
             match codec::parse_response_head_with(&mut conn.read, head_request, &mut conn.names)? {
                 Parsed::Final(head) => return Poll::Ready(Ok(head)),
                 Parsed::Interim => {
-                    *interim += 1;
-                    if *interim > codec::MAX_INTERIM {
-                        return Poll::Ready(Err(ProtocolError::TooManyInterim.into()));
-                    }
+                    conn.take_interim()?;
                     continue;
                 }
                 Parsed::Partial => {}
@@ -894,7 +903,12 @@ impl PooledBody {
         let timer = self
             .timer
             .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
-        if timer.as_mut().poll(cx).is_ready() {
+        // Unconstrained, like the head timer: a body always ready to read
+        // spends the task's budget, and the limit must still be seen.
+        if pin!(tokio::task::coop::unconstrained(timer.as_mut()))
+            .poll(cx)
+            .is_ready()
+        {
             self.end_by = None;
             return true;
         }

@@ -134,9 +134,11 @@ impl Gateway {
         *upstream.headers_mut() = req.headers().clone();
         let key = if h2_websocket {
             *upstream.method_mut() = Method::GET;
+            // The authority as the client wrote it, port included, as for
+            // any other HTTP/2 request.
             if !upstream.headers().contains_key(header::HOST) {
-                if let Ok(v) = HeaderValue::from_str(host) {
-                    upstream.headers_mut().insert(header::HOST, v);
+                if let Some(v) = &client_host {
+                    upstream.headers_mut().insert(header::HOST, v.clone());
                 }
             }
             let key = websocket::new_key()?;
