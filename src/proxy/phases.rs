@@ -149,16 +149,54 @@ impl Gateway {
         Ok(gen.policy.cache_key(&d, &view))
     }
 
-    async fn serve(
+    /// An upgrade, or a CONNECT: the request goes on whole, its extensions
+    /// (the pending upgrade) included.
+    async fn serve_switch(
         &self,
         gen: &Arc<Generation>,
         req: Request<RequestBody>,
         conn: &ConnInfo,
         log: &mut Log,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        // ---- receive
         let (parts, req_body) = req.into_parts();
-        let host = request_host(&parts).ok_or(ProxyError::BadRequest("missing Host"))?;
+        let host = request_host(&parts)
+            .ok_or(ProxyError::BadRequest("missing Host"))?
+            .into_owned();
+        if !parts.uri.path().starts_with('/') && parts.method != Method::OPTIONS {
+            return Err(ProxyError::BadRequest("the request target is not a path"));
+        }
+        let scheme = if conn.tls {
+            Scheme::Https
+        } else {
+            Scheme::Http
+        };
+        let req = Request::from_parts(parts, req_body);
+        if req.method() != Method::CONNECT {
+            return self.upgrade(gen, req, &host, scheme, conn, log).await;
+        }
+        // RFC 8441: a WebSocket over an HTTP/2 stream. Any other CONNECT
+        // asks for a tunnel, which a reverse proxy does not offer.
+        let protocol = req.extensions().get::<hyper::ext::Protocol>();
+        if protocol.is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket")) {
+            return self.upgrade(gen, req, &host, scheme, conn, log).await;
+        }
+        Err(ProxyError::MethodNotAllowed {
+            allow: HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
+        })
+    }
+
+    /// Every other request. Its head stays with the caller, which needs it
+    /// for the access log and an error page after this returns.
+    async fn serve(
+        &self,
+        gen: &Arc<Generation>,
+        parts: &http::request::Parts,
+        req_body: RequestBody,
+        conn: &ConnInfo,
+        log: &mut Log,
+    ) -> Result<Response<ResponseBody>, ProxyError> {
+        // ---- receive
+        let host = request_host(parts).ok_or(ProxyError::BadRequest("missing Host"))?;
         if !parts.uri.path().starts_with('/') && parts.method != Method::OPTIONS {
             return Err(ProxyError::BadRequest("the request target is not a path"));
         }
@@ -168,23 +206,6 @@ impl Gateway {
             Scheme::Http
         };
         let client_ip = conn.client_addr.ip();
-        let upgrade = hygiene::is_upgrade(&parts.headers);
-        if upgrade || parts.method == Method::CONNECT {
-            let host = host.into_owned();
-            let req = Request::from_parts(parts, req_body);
-            if upgrade {
-                return self.upgrade(gen, req, &host, scheme, conn, log).await;
-            }
-            // RFC 8441: a WebSocket over an HTTP/2 stream. Any other CONNECT
-            // asks for a tunnel, which a reverse proxy does not offer.
-            let protocol = req.extensions().get::<hyper::ext::Protocol>();
-            if protocol.is_some_and(|p| p.as_str().eq_ignore_ascii_case("websocket")) {
-                return self.upgrade(gen, req, &host, scheme, conn, log).await;
-            }
-            return Err(ProxyError::MethodNotAllowed {
-                allow: HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
-            });
-        }
         let view = View {
             method: &parts.method,
             scheme,
@@ -251,7 +272,7 @@ impl Gateway {
             log.cache = reason.as_str();
             log.forward = Some(reason);
             let unsafe_method = !parts.method.is_safe();
-            let upstream = build_upstream(&parts, rule, conn, &self.inner.via, false);
+            let upstream = build_upstream(parts, rule, conn, &self.inner.via, false);
             let body = req_body.map_err(BoxError::from).boxed_unsync();
             let started = Instant::now();
             let result = self.fetch(gen, backend, rule, &view, upstream, body).await;
@@ -299,18 +320,18 @@ impl Gateway {
                             ttl: entry.ttl_at(now),
                             detail: None,
                         };
-                        return Ok(self.deliver(gen, rule, &parts, &entry, &status, now));
+                        return Ok(self.deliver(gen, rule, parts, &entry, &status, now));
                     }
                     Reuse::StaleWhileRevalidate => {
                         log.cache = "stale";
                         metrics::counter!("portico_cache_results_total", "result" => "stale")
                             .increment(1);
-                        self.refresh_in_background(gen, &d, &key, &parts, conn, &host, &entry);
+                        self.refresh_in_background(gen, &d, &key, parts, conn, &host, &entry);
                         let status = CacheStatus::Hit {
                             ttl: entry.ttl_at(now),
                             detail: Some("stale-while-revalidate"),
                         };
-                        return Ok(self.deliver(gen, rule, &parts, &entry, &status, now));
+                        return Ok(self.deliver(gen, rule, parts, &entry, &status, now));
                     }
                     Reuse::Revalidate { stale_if_error } => {
                         // RFC 9211 section 2.2: `request` when a fresh copy
@@ -359,7 +380,7 @@ impl Gateway {
                         return Ok(self.deliver(
                             gen,
                             rule,
-                            &parts,
+                            parts,
                             &entry,
                             &status,
                             SystemTime::now(),
@@ -377,7 +398,7 @@ impl Gateway {
                 gen,
                 rule,
                 &key,
-                &parts,
+                parts,
                 conn,
                 &host,
                 stale.as_ref().map(|(e, _)| e),
@@ -396,7 +417,7 @@ impl Gateway {
                     collapsed: false,
                     detail: None,
                 };
-                let mut resp = self.deliver(gen, rule, &parts, &entry, &status, SystemTime::now());
+                let mut resp = self.deliver(gen, rule, parts, &entry, &status, SystemTime::now());
                 // The cookie was set for this client alone; the stored copy has none.
                 for c in cookies {
                     resp.headers_mut().append(header::SET_COOKIE, c);
@@ -414,7 +435,7 @@ impl Gateway {
                         return Ok(self.serve_stale_on_error(
                             gen,
                             rule,
-                            &parts,
+                            parts,
                             entry,
                             status.as_u16(),
                             log,
@@ -445,7 +466,7 @@ impl Gateway {
                     return Ok(self.serve_stale_on_error(
                         gen,
                         rule,
-                        &parts,
+                        parts,
                         entry,
                         e.status().as_u16(),
                         log,
@@ -465,20 +486,27 @@ impl Handler for Gateway {
     ) -> Response<ResponseBody> {
         let started = Instant::now();
         let gen = self.current();
-        // What the log and an error page need, kept before the request is consumed.
-        let method = req.method().clone();
-        let uri = req.uri().clone();
-        let host = req.headers().get(header::HOST).cloned();
-        let accept = req.headers().get(header::ACCEPT).cloned();
         let mut log = Log::default();
-        let mut resp = match self.serve(&gen, req, &conn, &mut log).await {
+        let (parts, body) = req.into_parts();
+        // An upgrade takes the request whole: what the log and an error page
+        // need of its head is kept first. Any other request lends its head
+        // to `serve` and keeps it.
+        let kept;
+        let (result, parts) =
+            if hygiene::is_upgrade(&parts.headers) || parts.method == Method::CONNECT {
+                kept = head_for_log(&parts);
+                let req = Request::from_parts(parts, body);
+                (self.serve_switch(&gen, req, &conn, &mut log).await, &kept)
+            } else {
+                (
+                    self.serve(&gen, &parts, body, &conn, &mut log).await,
+                    &parts,
+                )
+            };
+        let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => {
-                let mut fields = HeaderMap::new();
-                if let Some(v) = accept {
-                    fields.insert(header::ACCEPT, v);
-                }
-                let mut resp = self.inner.errors.respond(&e, Some(&fields));
+                let mut resp = self.inner.errors.respond(&e, Some(&parts.headers));
                 if log.cache.is_empty() {
                     log.cache = "error";
                 }
@@ -512,9 +540,14 @@ impl Handler for Gateway {
         tracing::info!(
             target: "portico::access",
             client = %conn.client_addr.ip(),
-            method = %method,
-            host = %host.as_ref().and_then(|h| h.to_str().ok()).or_else(|| uri.host()).unwrap_or("-"),
-            path = %uri.path(),
+            method = %parts.method,
+            host = %parts
+                .headers
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .or_else(|| parts.uri.host())
+                .unwrap_or("-"),
+            path = %parts.uri.path(),
             status,
             bytes,
             duration_us = elapsed.as_micros() as u64,
@@ -525,6 +558,20 @@ impl Handler for Gateway {
         );
         resp
     }
+}
+
+/// What the access log and an error page read of a request head (method,
+/// URI, `Host`, `Accept`), for a request that is handed on whole.
+fn head_for_log(parts: &http::request::Parts) -> http::request::Parts {
+    let (mut kept, ()) = Request::new(()).into_parts();
+    kept.method = parts.method.clone();
+    kept.uri = parts.uri.clone();
+    for name in [header::HOST, header::ACCEPT] {
+        for v in parts.headers.get_all(&name) {
+            kept.headers.append(name.clone(), v.clone());
+        }
+    }
+    kept
 }
 
 /// A request on its way to a backend: its head, and its forwarding fields
