@@ -755,6 +755,20 @@ async fn refused_connection_is_502_and_slow_origin_is_504() {
         let p = proxy(&policy).await;
         let got = get(addr(&p), "/", &[]).await;
         assert_eq!(got.status, 502);
+        assert!(got
+            .header("content-type")
+            .unwrap()
+            .starts_with("text/plain"));
+        // The error page follows the client's Accept, its second value too.
+        let got = get(
+            addr(&p),
+            "/",
+            &[("accept", "application/json"), ("accept", "text/html")],
+        )
+        .await;
+        assert_eq!(got.status, 502);
+        assert!(got.header("content-type").unwrap().starts_with("text/html"));
+        assert!(got.text().contains("<html>"), "{}", got.text());
         p.shutdown().await;
 
         let slow =
