@@ -159,17 +159,8 @@ impl Gateway {
         log: &mut Log,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let (parts, req_body) = req.into_parts();
-        let host = request_host(&parts)
-            .ok_or(ProxyError::BadRequest("missing Host"))?
-            .into_owned();
-        if !parts.uri.path().starts_with('/') && parts.method != Method::OPTIONS {
-            return Err(ProxyError::BadRequest("the request target is not a path"));
-        }
-        let scheme = if conn.tls {
-            Scheme::Https
-        } else {
-            Scheme::Http
-        };
+        let (host, scheme) = receive(&parts, conn)?;
+        let host = host.into_owned();
         let req = Request::from_parts(parts, req_body);
         if req.method() != Method::CONNECT {
             return self.upgrade(gen, req, &host, scheme, conn, log).await;
@@ -196,15 +187,7 @@ impl Gateway {
         log: &mut Log,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         // ---- receive
-        let host = request_host(parts).ok_or(ProxyError::BadRequest("missing Host"))?;
-        if !parts.uri.path().starts_with('/') && parts.method != Method::OPTIONS {
-            return Err(ProxyError::BadRequest("the request target is not a path"));
-        }
-        let scheme = if conn.tls {
-            Scheme::Https
-        } else {
-            Scheme::Http
-        };
+        let (host, scheme) = receive(parts, conn)?;
         let client_ip = conn.client_addr.ip();
         let view = View {
             method: &parts.method,
@@ -654,6 +637,25 @@ fn build_upstream(
         head: req,
         forwarded: lines,
     }
+}
+
+/// The receive phase's checks, for every request: the host it names and
+/// the scheme it came by; 400 without a host, or with a target that is not
+/// a path (OPTIONS may name the server itself).
+fn receive<'a>(
+    parts: &'a http::request::Parts,
+    conn: &ConnInfo,
+) -> Result<(std::borrow::Cow<'a, str>, Scheme), ProxyError> {
+    let host = request_host(parts).ok_or(ProxyError::BadRequest("missing Host"))?;
+    if !parts.uri.path().starts_with('/') && parts.method != Method::OPTIONS {
+        return Err(ProxyError::BadRequest("the request target is not a path"));
+    }
+    let scheme = if conn.tls {
+        Scheme::Https
+    } else {
+        Scheme::Http
+    };
+    Ok((host, scheme))
 }
 
 /// The host a request names, without port or user information, in lower
