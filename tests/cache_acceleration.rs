@@ -43,6 +43,46 @@ async fn concurrent_misses_for_one_key_make_one_origin_request() {
 }
 
 #[tokio::test]
+async fn coalesced_waiters_get_only_their_own_variant() {
+    bounded(async {
+        let origin = Origin::start_with_delay(Duration::from_millis(300), |seen| {
+            let lang = seen
+                .headers
+                .get("accept-language")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_string();
+            reply(
+                200,
+                &[("cache-control", "max-age=60"), ("vary", "accept-language")],
+                format!("lang={lang}"),
+            )
+        })
+        .await;
+        let p = proxy(&policy_for(&origin, CACHED)).await;
+        let at = addr(&p);
+        let tasks: Vec<_> = (0..10)
+            .map(|i| {
+                let lang = if i % 2 == 0 { "en" } else { "fr" };
+                tokio::spawn(
+                    async move { (lang, get(at, "/page", &[("accept-language", lang)]).await) },
+                )
+            })
+            .collect();
+        for t in tasks {
+            let (lang, got) = t.await.expect("request task");
+            assert_eq!(got.status, 200);
+            assert_eq!(got.text(), format!("lang={lang}"), "{}", got.cache_status());
+        }
+        // One flight per variant: the waiters for the second variant
+        // coalesce on the flight that follows the first.
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn waiters_on_an_uncacheable_response_go_to_the_origin_at_once() {
     bounded(async {
         let delay = Duration::from_millis(500);

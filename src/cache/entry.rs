@@ -693,6 +693,15 @@ impl Entry {
         std::str::from_utf8(bytes).unwrap_or_default()
     }
 
+    /// Whether this response may answer `request`: it varies on nothing, or
+    /// the request's secondary key is the one it was fetched for (RFC 9111
+    /// section 4.1). A response handed over by a request that coalesced
+    /// with this one passes this check before it is served.
+    pub fn serves(&self, request: &HeaderMap) -> bool {
+        self.vary_is_empty()
+            || super::control::secondary_key_of(self.vary_names(), request) == self.secondary_key()
+    }
+
     /// When the response arrived.
     pub fn response_time(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_millis(self.response_time_ms)

@@ -41,6 +41,10 @@ use std::time::{Duration, Instant, SystemTime};
 /// The name in `Cache-Status` (RFC 9211 section 2).
 pub const CACHE_NAME: &str = "Portico";
 const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
+/// Most flights for one key a request waits on before it goes to the origin
+/// on its own: each flight that ends with another variant than the one the
+/// request needs costs it one more.
+const MAX_JOINS: usize = 4;
 
 /// How a backend is reached.
 pub enum BackendRuntime {
@@ -346,35 +350,49 @@ impl Gateway {
         metrics::counter!("portico_cache_results_total", "result" => forward.as_str()).increment(1);
 
         // ---- fetch and store, one request per key
-        let role = self.inner.coalescer.join(&key);
-        let leader = match role {
-            Role::Leader(leader) => Some(leader),
-            Role::Follower(follower) => {
-                metrics::counter!("portico_cache_coalesced_total").increment(1);
-                match follower.wait().await {
-                    Flight::Ready(entry) => {
-                        let status = CacheStatus::Forward {
-                            reason: forward,
-                            status: Some(entry.status.as_u16()),
-                            stored: true,
-                            collapsed: true,
-                            detail: None,
-                        };
-                        return Ok(self.deliver(
-                            gen,
-                            rule,
-                            parts,
-                            &entry,
-                            &status,
-                            SystemTime::now(),
-                        ));
+        let mut leader = None;
+        let mut forward = forward;
+        for _ in 0..MAX_JOINS {
+            match self.inner.coalescer.join(&key) {
+                Role::Leader(l) => {
+                    leader = Some(l);
+                    break;
+                }
+                Role::Bypass => break,
+                Role::Follower(follower) => {
+                    metrics::counter!("portico_cache_coalesced_total").increment(1);
+                    match follower.wait().await {
+                        Flight::Ready(entry) if entry.serves(&parts.headers) => {
+                            let status = CacheStatus::Forward {
+                                reason: forward,
+                                status: Some(entry.status.as_u16()),
+                                stored: true,
+                                collapsed: true,
+                                detail: None,
+                            };
+                            return Ok(self.deliver(
+                                gen,
+                                rule,
+                                parts,
+                                &entry,
+                                &status,
+                                SystemTime::now(),
+                            ));
+                        }
+                        // Another variant (the response varies on a field
+                        // this request sends differently): wait for, or
+                        // lead, the next flight for the key.
+                        Flight::Ready(_) => {
+                            forward = Forward::VaryMiss;
+                            log.cache = forward.as_str();
+                            log.forward = Some(forward);
+                        }
+                        // Not storable, or the leader failed: each goes on its own.
+                        Flight::NotStorable | Flight::Retry => break,
                     }
-                    // Not storable, or the leader failed: each goes on its own.
-                    Flight::NotStorable | Flight::Retry => None,
                 }
             }
-            Role::Bypass => None,
-        };
+        }
         let started = Instant::now();
         let fetched = self
             .fill(
