@@ -466,6 +466,75 @@ async fn stale_entries_are_revalidated_with_etag_and_304_refreshes_them() {
 }
 
 #[tokio::test]
+async fn a_no_cache_response_is_revalidated_on_every_request() {
+    bounded(async {
+        // RFC 9111 section 5.2.2.4: stored, but never reused without a
+        // successful validation, whatever max-age says.
+        let origin = Origin::start(|s| {
+            if s.headers.contains_key("if-none-match") {
+                reply(
+                    304,
+                    &[
+                        ("cache-control", "no-cache, max-age=600"),
+                        ("etag", "\"n\""),
+                    ],
+                    "",
+                )
+            } else {
+                reply(
+                    200,
+                    &[
+                        ("cache-control", "no-cache, max-age=600"),
+                        ("etag", "\"n\""),
+                    ],
+                    "validated body",
+                )
+            }
+        })
+        .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/nc", &[]).await;
+        for n in 2..=3 {
+            let again = get(addr(&p), "/nc", &[]).await;
+            assert_eq!(again.status, 200);
+            assert_eq!(again.text(), "validated body");
+            assert!(!again.is_hit(), "{}", again.cache_status());
+            assert_eq!(origin.count(), n);
+            let seen = &origin.seen()[n - 1];
+            assert_eq!(seen.headers.get("if-none-match").unwrap(), "\"n\"");
+        }
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn max_stale_does_not_apply_to_an_s_maxage_response() {
+    bounded(async {
+        // s-maxage implies proxy-revalidate (RFC 9111 section 5.2.2.10).
+        let origin = Origin::start(|_| {
+            reply(
+                200,
+                &[
+                    ("cache-control", "s-maxage=60"),
+                    ("age", "100"),
+                    ("etag", "\"s\""),
+                ],
+                "shared",
+            )
+        })
+        .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/sm", &[]).await;
+        let asked = get(addr(&p), "/sm", &[("cache-control", "max-stale=1000")]).await;
+        assert!(!asked.is_hit(), "{}", asked.cache_status());
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn stale_entries_are_revalidated_with_last_modified() {
     let modified = http_date(std::time::SystemTime::now() - std::time::Duration::from_secs(3600));
     let lm = modified.clone();

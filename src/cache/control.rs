@@ -411,6 +411,11 @@ pub fn freshness_lifetime(
     if overrides.ignore_origin {
         return overrides.ttl.unwrap_or(Duration::ZERO);
     }
+    // Section 5.2.2.4: a no-cache response may be stored but must not be
+    // reused without a successful validation, so it is never fresh.
+    if directives.no_cache {
+        return Duration::ZERO;
+    }
     if let Some(s_maxage) = directives.s_maxage {
         return s_maxage;
     }
@@ -565,6 +570,11 @@ pub struct Lifetime {
     pub sie: Duration,
     /// The response forbids serving it stale without validation.
     pub revalidate_when_stale: bool,
+    /// The freshness came from `s-maxage`, which implies `proxy-revalidate`
+    /// (section 5.2.2.10): a client's `max-stale` cannot make a shared
+    /// cache serve it stale. The origin's own stale-while-revalidate and
+    /// stale-if-error windows (RFC 5861) still apply.
+    pub refuses_max_stale: bool,
 }
 
 /// Decides whether a stored response of current `age` can serve a request
@@ -607,7 +617,7 @@ pub fn evaluate_reuse(request: &RequestDirectives, lifetime: &Lifetime, age: Dur
     }
     // Section 5.2.1.2: the client accepts this much staleness.
     let stale_for = age.saturating_sub(lifetime.freshness);
-    if request.max_stale.is_some_and(|max| stale_for <= max) {
+    if !lifetime.refuses_max_stale && request.max_stale.is_some_and(|max| stale_for <= max) {
         return Reuse::StaleAllowed;
     }
     match staleness {
@@ -1632,6 +1642,7 @@ mod tests {
             swr: secs(30),
             sie: secs(300),
             revalidate_when_stale: false,
+            refuses_max_stale: false,
         };
         let strict = Lifetime {
             revalidate_when_stale: true,

@@ -51,6 +51,7 @@ pub const FORMAT_VERSION: u8 = 4;
 
 const FLAG_SOFT_PURGED: u8 = 1;
 const FLAG_REVALIDATE: u8 = 2;
+const FLAG_SHARED_MAX_AGE: u8 = 4;
 /// magic, version, kind, flags, status, 6 u64 fields, body length.
 const FIXED_LEN: usize = 4 + 1 + 1 + 1 + 2 + 7 * 8;
 const CHECKSUM_LEN: usize = 4;
@@ -132,6 +133,9 @@ pub struct Entry {
     sie_ms: u64,
     /// Stale copies need validation (`must-revalidate` and the like).
     pub revalidate_when_stale: bool,
+    /// The freshness came from `s-maxage`: a client's `max-stale` does not
+    /// apply (RFC 9111 section 5.2.2.10).
+    pub shared_max_age: bool,
     /// Marked stale by a soft purge: served only as stale.
     pub soft_purged: bool,
     /// Variant generation (see the store); 0 when unused.
@@ -353,6 +357,7 @@ fn assemble(
         swr_ms: 0,
         sie_ms: 0,
         revalidate_when_stale: false,
+        shared_max_age: false,
         soft_purged: false,
         generation: 0,
         has_validator,
@@ -535,6 +540,7 @@ impl Entry {
         entry.set_windows(initial_age, freshness, swr, sie);
         entry.revalidate_when_stale =
             directives.revalidate_when_stale() && !overrides.ignore_origin;
+        entry.shared_max_age = directives.s_maxage.is_some() && !overrides.ignore_origin;
         Ok(entry)
     }
 
@@ -719,6 +725,7 @@ impl Entry {
             swr: Duration::from_millis(self.swr_ms),
             sie: Duration::from_millis(self.sie_ms),
             revalidate_when_stale: self.revalidate_when_stale,
+            refuses_max_stale: self.shared_max_age,
         }
     }
 
@@ -765,6 +772,9 @@ impl Entry {
         }
         if self.revalidate_when_stale {
             flags |= FLAG_REVALIDATE;
+        }
+        if self.shared_max_age {
+            flags |= FLAG_SHARED_MAX_AGE;
         }
         out[6] = flags;
         out[7..9].copy_from_slice(&self.status.as_u16().to_le_bytes());
@@ -832,7 +842,7 @@ impl Entry {
             _ => return Err(EntryError::Invalid("kind")),
         };
         let flags = r.u8()?;
-        if flags & !(FLAG_SOFT_PURGED | FLAG_REVALIDATE) != 0 {
+        if flags & !(FLAG_SOFT_PURGED | FLAG_REVALIDATE | FLAG_SHARED_MAX_AGE) != 0 {
             return Err(EntryError::Invalid("flags"));
         }
         let status = StatusCode::from_u16(u16::from_le_bytes(r.array()?))
@@ -862,6 +872,7 @@ impl Entry {
             swr_ms,
             sie_ms,
             revalidate_when_stale: flags & FLAG_REVALIDATE != 0,
+            shared_max_age: flags & FLAG_SHARED_MAX_AGE != 0,
             soft_purged: flags & FLAG_SOFT_PURGED != 0,
             generation,
             has_validator,
