@@ -220,6 +220,43 @@ async fn stale_if_error_covers_an_origin_answering_500() {
 }
 
 #[tokio::test]
+async fn a_storable_error_does_not_replace_the_stale_copy() {
+    bounded(async {
+        // The error carries its own freshness, so it could be stored; it
+        // must not push out the stale copy that stale-if-error serves.
+        let n = Arc::new(AtomicUsize::new(0));
+        let origin = Origin::start(move |_| {
+            if n.fetch_add(1, Ordering::SeqCst) == 0 {
+                reply(
+                    200,
+                    &[
+                        ("cache-control", "max-age=10, stale-if-error=600"),
+                        ("age", "20"),
+                        ("etag", "\"good\""),
+                    ],
+                    "stale copy",
+                )
+            } else {
+                reply(503, &[("cache-control", "max-age=60")], "origin broke")
+            }
+        })
+        .await;
+        let p = proxy(&policy_for(&origin, CACHED)).await;
+        get(addr(&p), "/err", &[]).await;
+        for n in 2..=3 {
+            let r = get(addr(&p), "/err", &[]).await;
+            let cs = r.cache_status();
+            assert_eq!(r.status, 200, "{cs}");
+            assert_eq!(r.text(), "stale copy");
+            assert!(cs.contains("fwd=stale; fwd-status=503"), "{cs}");
+            assert_eq!(origin.count(), n, "the 503 was not stored");
+        }
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn stale_if_error_covers_an_origin_that_is_down() {
     bounded(async {
         for (window, served) in [(60, true), (2, false)] {

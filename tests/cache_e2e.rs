@@ -535,6 +535,46 @@ async fn max_stale_does_not_apply_to_an_s_maxage_response() {
 }
 
 #[tokio::test]
+async fn a_304_that_forbids_storing_still_delivers_the_stored_fields() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            if s.headers.contains_key("if-none-match") {
+                // The refreshed copy may not be stored any more.
+                reply(304, &[("cache-control", "no-store"), ("etag", "\"v\"")], "")
+            } else {
+                reply(
+                    200,
+                    &[
+                        ("cache-control", "max-age=60"),
+                        ("age", "100"),
+                        ("etag", "\"v\""),
+                        ("content-type", "text/x-stored"),
+                        ("content-language", "fr"),
+                    ],
+                    "stored body",
+                )
+            }
+        })
+        .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/ns", &[]).await;
+        let r = get(addr(&p), "/ns", &[]).await;
+        assert_eq!(r.status, 200);
+        assert_eq!(r.text(), "stored body");
+        assert_eq!(r.header("content-type"), Some("text/x-stored"));
+        assert_eq!(r.header("content-language"), Some("fr"));
+        assert_eq!(r.header("content-length"), Some("11"));
+        assert!(
+            r.cache_status().contains("fwd-status=304"),
+            "{}",
+            r.cache_status()
+        );
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn stale_entries_are_revalidated_with_last_modified() {
     let modified = http_date(std::time::SystemTime::now() - std::time::Duration::from_secs(3600));
     let lm = modified.clone();

@@ -425,7 +425,7 @@ impl Gateway {
                 }
                 Ok(resp)
             }
-            Ok(Filled::Passed(mut resp, detail)) => {
+            Ok(Filled::Passed(mut resp, detail, fwd_status)) => {
                 if let Some(l) = leader {
                     l.publish(Flight::NotStorable);
                 }
@@ -447,7 +447,7 @@ impl Gateway {
                     resp.headers_mut(),
                     &CacheStatus::Forward {
                         reason: forward,
-                        status: Some(status.as_u16()),
+                        status: Some(fwd_status),
                         stored: false,
                         collapsed: false,
                         detail: Some(detail),

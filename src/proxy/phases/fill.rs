@@ -107,7 +107,7 @@ impl Gateway {
                     rule,
                     &view,
                     entry.status,
-                    headers,
+                    headers.clone(),
                     entry.body_slice().to_vec(),
                     parts,
                     request_time,
@@ -117,11 +117,23 @@ impl Gateway {
                     let (e, _) = self.inner.store.store_response_shared(key, e).await;
                     return Ok(Filled::Stored(e, 304, Vec::new()));
                 }
-                // The refreshed copy may no longer be stored: pass the old body once.
-                let mut resp = Response::from_parts(head, body::full(entry.body()));
-                *resp.status_mut() = entry.status;
-                return Ok(Filled::Passed(resp, "not-storable"));
+                // The refreshed copy may no longer be stored: pass the old
+                // body once, with the stored fields as the 304 updated them
+                // (its own head describes no body).
+                head.headers = headers;
+                head.status = entry.status;
+                let resp = Response::from_parts(head, body::full(entry.body()));
+                return Ok(Filled::Passed(resp, "not-storable", 304));
             }
+        } else if stale.is_some() && head.status.is_server_error() {
+            // An error never replaces the stored copy: it stays for
+            // stale-if-error and for later revalidation (RFC 5861 section 4).
+            metrics::counter!("portico_cache_not_stored_total", "reason" => "server-error")
+                .increment(1);
+            return Ok(Filled::passed(
+                Response::from_parts(head, resp_body),
+                "server-error",
+            ));
         } else if stale.is_some() {
             metrics::counter!("portico_cache_revalidations_total", "result" => "200").increment(1);
         }
@@ -153,7 +165,7 @@ impl Gateway {
         };
         if let Err(reason) = verdict {
             metrics::counter!("portico_cache_not_stored_total", "reason" => reason).increment(1);
-            return Ok(Filled::Passed(
+            return Ok(Filled::passed(
                 Response::from_parts(head, resp_body),
                 reason,
             ));
@@ -162,7 +174,7 @@ impl Gateway {
         if content_length(&head.headers).is_some_and(|n| n > max) {
             metrics::counter!("portico_cache_not_stored_total", "reason" => "too-large")
                 .increment(1);
-            return Ok(Filled::Passed(
+            return Ok(Filled::passed(
                 Response::from_parts(head, resp_body),
                 "too-large",
             ));
@@ -178,7 +190,7 @@ impl Gateway {
                 first: Some(first),
                 rest,
             };
-            return Ok(Filled::Passed(
+            return Ok(Filled::passed(
                 Response::from_parts(head, chained.boxed_unsync()),
                 "too-large",
             ));
@@ -316,8 +328,17 @@ pub(super) enum Filled {
     /// answered, and the `Set-Cookie` values (not stored) for the client
     /// whose request filled the cache.
     Stored(Arc<Entry>, u16, Vec<HeaderValue>),
-    /// Not stored: pass the origin's response through, with the reason.
-    Passed(Response<ResponseBody>, &'static str),
+    /// Not stored: pass the response through, with the reason and the
+    /// status the origin answered.
+    Passed(Response<ResponseBody>, &'static str, u16),
+}
+
+impl Filled {
+    /// Passes the origin's own response through.
+    fn passed(resp: Response<ResponseBody>, reason: &'static str) -> Filled {
+        let status = resp.status().as_u16();
+        Filled::Passed(resp, reason, status)
+    }
 }
 
 pub(super) fn overrides(
