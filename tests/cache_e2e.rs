@@ -779,6 +779,30 @@ async fn vary_accept_encoding_is_normalised_and_vary_star_is_not_stored() {
 }
 
 #[tokio::test]
+async fn conditionals_do_not_turn_a_stored_error_into_a_304() {
+    bounded(async {
+        let origin = Origin::start(|_| {
+            reply(
+                404,
+                &[("cache-control", "max-age=60"), ("etag", "\"gone\"")],
+                "no such page",
+            )
+        })
+        .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/missing", &[]).await;
+        for condition in ["*", "\"gone\""] {
+            let r = get(addr(&p), "/missing", &[("if-none-match", condition)]).await;
+            assert_eq!(r.status, 404, "RFC 9110 section 13.2.1");
+            assert!(r.is_hit(), "{}", r.cache_status());
+            assert_eq!(r.text(), "no such page");
+        }
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn head_is_answered_from_a_stored_get() {
     bounded(async {
         let origin =
@@ -863,11 +887,33 @@ async fn ranges_are_served_from_a_stored_object() {
                 !s.headers.contains_key("range"),
                 "fills fetch whole objects"
             );
-            reply(200, &[("cache-control", "max-age=60")], "0123456789")
+            reply(
+                200,
+                &[("cache-control", "max-age=60"), ("etag", "\"new\"")],
+                "0123456789",
+            )
         })
         .await;
         let p = cached(&origin).await;
         get(addr(&p), "/r", &[]).await;
+        // If-Range (RFC 9110 section 13.1.5): the range only for the same
+        // representation, else the whole of it.
+        let same = get(
+            addr(&p),
+            "/r",
+            &[("range", "bytes=2-5"), ("if-range", "\"new\"")],
+        )
+        .await;
+        assert_eq!(same.status, 206);
+        assert_eq!(same.text(), "2345");
+        let changed = get(
+            addr(&p),
+            "/r",
+            &[("range", "bytes=2-5"), ("if-range", "\"old\"")],
+        )
+        .await;
+        assert_eq!(changed.status, 200);
+        assert_eq!(changed.text(), "0123456789");
         let part = get(addr(&p), "/r", &[("range", "bytes=2-5")]).await;
         assert_eq!(part.status, 206);
         assert_eq!(part.text(), "2345");

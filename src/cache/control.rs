@@ -627,6 +627,37 @@ pub fn evaluate_reuse(request: &RequestDirectives, lifetime: &Lifetime, age: Dur
     }
 }
 
+/// Whether a request's `Range` applies to the stored response, as far as its
+/// `If-Range` goes (RFC 9110 section 13.1.5): without one, always; with an
+/// entity tag, when it is strong and equals the stored `ETag`; with a date,
+/// when it equals the stored `Last-Modified` exactly. Otherwise the range is
+/// ignored and the whole response is sent.
+pub fn if_range_allows(request: &HeaderMap, stored: &HeaderMap) -> bool {
+    let Some(condition) = request.get(header::IF_RANGE) else {
+        return true;
+    };
+    let Ok(condition) = condition.to_str() else {
+        return false;
+    };
+    let condition = condition.trim();
+    if condition.starts_with('"') {
+        return stored
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|etag| etag.trim() == condition);
+    }
+    if condition.starts_with("W/") {
+        return false;
+    }
+    match (
+        parse_http_date(condition),
+        parse_header_date(stored.get(header::LAST_MODIFIED)),
+    ) {
+        (Some(asked), Some(modified)) => asked == modified,
+        _ => false,
+    }
+}
+
 /// Should the cache answer a client's conditional GET/HEAD with 304 from this
 /// stored response? `If-None-Match` (weak comparison) takes precedence over
 /// `If-Modified-Since`, which compares against `Last-Modified` or, without
@@ -1632,6 +1663,33 @@ mod tests {
                 (secs(*swr), secs(*sie)),
                 "{text}"
             );
+        }
+    }
+
+    #[test]
+    fn if_range_needs_a_strong_matching_validator() {
+        let stored = headers(&[
+            ("etag", "\"v2\""),
+            ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ]);
+        let weak = headers(&[("etag", "W/\"v2\"")]);
+        for (if_range, against, applies) in [
+            (None, &stored, true),
+            (Some("\"v2\""), &stored, true),
+            (Some("\"v1\""), &stored, false),
+            (Some("W/\"v2\""), &stored, false),
+            (Some("W/\"v2\""), &weak, false),
+            (Some("\"v2\""), &weak, false),
+            (Some("Sun, 06 Nov 1994 08:49:37 GMT"), &stored, true),
+            (Some("Sun, 06 Nov 1994 08:49:38 GMT"), &stored, false),
+            (Some("Sun, 06 Nov 1994 08:49:37 GMT"), &weak, false),
+            (Some("not a date"), &stored, false),
+        ] {
+            let request = match if_range {
+                Some(v) => headers(&[("if-range", v)]),
+                None => HeaderMap::new(),
+            };
+            assert_eq!(if_range_allows(&request, against), applies, "{if_range:?}");
         }
     }
 

@@ -46,7 +46,11 @@ impl Gateway {
         for (name, value) in entry.fields() {
             headers.append(name, value);
         }
-        if control::answers_not_modified(&parts.method, &parts.headers, &headers) {
+        // Preconditions apply only where the answer would be 2xx (RFC 9110
+        // section 13.2.1).
+        if entry.status.is_success()
+            && control::answers_not_modified(&parts.method, &parts.headers, &headers)
+        {
             let mut resp = Response::new(body::empty());
             *resp.status_mut() = StatusCode::NOT_MODIFIED;
             for name in [
@@ -78,6 +82,7 @@ impl Gateway {
             .headers
             .get(header::RANGE)
             .filter(|_| parts.method == Method::GET && code == StatusCode::OK)
+            .filter(|_| control::if_range_allows(&parts.headers, &headers))
             .and_then(|v| v.to_str().ok());
         if let Some(range) = range {
             match byte_range(range, payload.len() as u64) {
