@@ -779,6 +779,51 @@ async fn vary_accept_encoding_is_normalised_and_vary_star_is_not_stored() {
 }
 
 #[tokio::test]
+async fn the_origin_is_asked_for_the_coding_the_variant_key_names() {
+    bounded(async {
+        // This origin answers with the first coding the request lists, as
+        // origins that prefer newer codings do.
+        let origin = Origin::start(|s| {
+            let first = s
+                .headers
+                .get("accept-encoding")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.split(',').next())
+                .unwrap_or("identity")
+                .trim()
+                .to_string();
+            let mut r = reply(
+                200,
+                &[("cache-control", "max-age=60"), ("vary", "accept-encoding")],
+                format!("coded as {first}"),
+            );
+            if first != "identity" {
+                r.headers_mut()
+                    .insert("content-encoding", first.parse().expect("a coding"));
+            }
+            r
+        })
+        .await;
+        let p = cached(&origin).await;
+        // Keyed as br, like the next client's: the stored copy must be br.
+        let first = get(addr(&p), "/coded", &[("accept-encoding", "zstd, br, gzip")]).await;
+        assert_eq!(first.header("content-encoding"), Some("br"));
+        assert_eq!(
+            origin.seen()[0].headers.get("accept-encoding").unwrap(),
+            "br"
+        );
+        let second = get(addr(&p), "/coded", &[("accept-encoding", "gzip, br")]).await;
+        assert!(second.is_hit(), "{}", second.cache_status());
+        assert_eq!(second.header("content-encoding"), Some("br"));
+        let plain = get(addr(&p), "/coded", &[]).await;
+        assert_eq!(plain.header("content-encoding"), None);
+        assert_eq!(plain.text(), "coded as identity");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn conditionals_do_not_turn_a_stored_error_into_a_304() {
     bounded(async {
         let origin = Origin::start(|_| {

@@ -69,6 +69,21 @@ impl Gateway {
         };
         let cache = rule.cache.as_ref().expect("only cached rules fill");
         let mut upstream = build_upstream(parts, rule, conn, &self.inner.via, true);
+        // A variant's key keeps only the coding Portico prefers among those
+        // the client accepts (`br`, `gzip` or `identity`): the origin is
+        // asked for that one alone, so that what is stored under the key is
+        // what every request with that key can decode. A rule that sets the
+        // field itself keeps its value.
+        if !rule
+            .request_headers
+            .iter()
+            .any(|e| e.name == header::ACCEPT_ENCODING)
+        {
+            upstream.head.headers_mut().insert(
+                header::ACCEPT_ENCODING,
+                HeaderValue::from_static(control::preferred_encoding(&parts.headers)),
+            );
+        }
         if let Some(entry) = stale {
             control::add_validators(&entry.headers(), upstream.head.headers_mut());
         }
