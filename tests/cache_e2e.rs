@@ -988,7 +988,7 @@ async fn cache_status_is_on_every_response() {
         let miss = get(addr(&p), "/a", &[]).await;
         assert_eq!(
             miss.cache_status(),
-            "Portico; fwd=uri-miss; fwd-status=200; stored"
+            "Portico; fwd=uri-miss; fwd-status=200; ttl=60; stored"
         );
         let hit = get(addr(&p), "/a", &[]).await;
         assert!(
@@ -1009,7 +1009,7 @@ async fn cache_status_is_on_every_response() {
         let req = get(addr(&p), "/a", &[("cache-control", "no-cache")]).await;
         assert!(
             req.cache_status()
-                .contains("fwd=request; fwd-status=200; stored"),
+                .contains("fwd=request; fwd-status=200; ttl=60; stored"),
             "{}",
             req.cache_status()
         );

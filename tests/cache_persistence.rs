@@ -148,6 +148,32 @@ async fn corrupt_cache_files_are_dropped_and_fetched_again() {
 }
 
 #[tokio::test]
+async fn cache_status_does_not_say_stored_when_the_store_refused_the_entry() {
+    bounded(async {
+        // The body fits under max_object, the entry with its fields does not.
+        let body = "q".repeat((1 << 20) - 8);
+        let origin =
+            Origin::start(move |_| reply(200, &[("cache-control", "max-age=600")], body.clone()))
+                .await;
+        let p = proxy(&policy_for(
+            &origin,
+            "storage { max_object 1MiB }\nrule all { route app cache { } }",
+        ))
+        .await;
+        for n in 1..=2 {
+            let r = get(addr(&p), "/edge", &[]).await;
+            assert_eq!(r.body.len(), (1 << 20) - 8);
+            let cs = r.cache_status();
+            assert!(!cs.contains("stored"), "{cs}");
+            assert!(cs.contains("detail=store-refused"), "{cs}");
+            assert_eq!(origin.count(), n);
+        }
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_object_above_max_object_streams_through_and_is_not_stored() {
     bounded(async {
         // Known length: refused on the Content-Length.

@@ -823,6 +823,9 @@ pub enum CacheStatus<'a> {
         reason: Forward,
         /// The origin's status, when one arrived.
         status: Option<u16>,
+        /// Remaining freshness in seconds of the stored response, when one
+        /// was stored.
+        ttl: Option<i64>,
         /// The response was stored.
         stored: bool,
         /// The request waited for another request to the same key.
@@ -834,7 +837,7 @@ pub enum CacheStatus<'a> {
 
 impl CacheStatus<'_> {
     /// Renders the field member for cache `name`, for example
-    /// `Portico; hit; ttl=42` or `Portico; fwd=uri-miss; fwd-status=200; stored`.
+    /// `Portico; hit; ttl=42` or `Portico; fwd=uri-miss; fwd-status=200; ttl=3600; stored`.
     pub fn render(&self, name: &str) -> String {
         let mut out = String::with_capacity(64);
         out.push_str(name);
@@ -847,6 +850,7 @@ impl CacheStatus<'_> {
             Self::Forward {
                 reason,
                 status,
+                ttl,
                 stored,
                 collapsed,
                 detail,
@@ -855,6 +859,10 @@ impl CacheStatus<'_> {
                 if let Some(status) = status {
                     out.push_str("; fwd-status=");
                     push_int(&mut out, i64::from(*status));
+                }
+                if let Some(ttl) = ttl {
+                    out.push_str("; ttl=");
+                    push_int(&mut out, *ttl);
                 }
                 if *stored {
                     out.push_str("; stored");
@@ -1968,16 +1976,18 @@ mod tests {
                 CacheStatus::Forward {
                     reason: Forward::UriMiss,
                     status: Some(200),
+                    ttl: Some(60),
                     stored: true,
                     collapsed: false,
                     detail: None,
                 },
-                "Portico; fwd=uri-miss; fwd-status=200; stored",
+                "Portico; fwd=uri-miss; fwd-status=200; ttl=60; stored",
             ),
             (
                 CacheStatus::Forward {
                     reason: Forward::VaryMiss,
                     status: Some(200),
+                    ttl: None,
                     stored: false,
                     collapsed: true,
                     detail: Some(NotStorable::SetCookie.as_str()),
@@ -1988,6 +1998,7 @@ mod tests {
                 CacheStatus::Forward {
                     reason: Forward::Bypass,
                     status: None,
+                    ttl: None,
                     stored: false,
                     collapsed: false,
                     detail: Some("rule \"x\""),
@@ -1998,6 +2009,7 @@ mod tests {
                 CacheStatus::Forward {
                     reason: Forward::Stale,
                     status: Some(304),
+                    ttl: None,
                     stored: true,
                     collapsed: false,
                     detail: None,
@@ -2008,6 +2020,7 @@ mod tests {
                 CacheStatus::Forward {
                     reason: Forward::Request,
                     status: Some(200),
+                    ttl: None,
                     stored: false,
                     collapsed: false,
                     detail: None,
@@ -2018,6 +2031,7 @@ mod tests {
                 CacheStatus::Forward {
                     reason: Forward::Method,
                     status: Some(201),
+                    ttl: None,
                     stored: false,
                     collapsed: false,
                     detail: None,

@@ -285,6 +285,7 @@ impl Gateway {
                 &CacheStatus::Forward {
                     reason,
                     status: Some(status),
+                    ttl: None,
                     stored: false,
                     collapsed: false,
                     detail: None,
@@ -363,21 +364,16 @@ impl Gateway {
                     metrics::counter!("portico_cache_coalesced_total").increment(1);
                     match follower.wait().await {
                         Flight::Ready(entry) if entry.serves(&parts.headers) => {
+                            let now = SystemTime::now();
                             let status = CacheStatus::Forward {
                                 reason: forward,
                                 status: Some(entry.status.as_u16()),
+                                ttl: Some(entry.ttl_at(now)),
                                 stored: true,
                                 collapsed: true,
                                 detail: None,
                             };
-                            return Ok(self.deliver(
-                                gen,
-                                rule,
-                                parts,
-                                &entry,
-                                &status,
-                                SystemTime::now(),
-                            ));
+                            return Ok(self.deliver(gen, rule, parts, &entry, &status, now));
                         }
                         // Another variant (the response varies on a field
                         // this request sends differently): wait for, or
@@ -407,18 +403,20 @@ impl Gateway {
             .await;
         log.upstream = Some(started.elapsed());
         match fetched {
-            Ok(Filled::Stored(entry, fwd_status, cookies)) => {
+            Ok(Filled::Stored(entry, fwd_status, cookies, stored)) => {
                 if let Some(l) = leader {
                     l.publish(Flight::Ready(entry.clone()));
                 }
+                let now = SystemTime::now();
                 let status = CacheStatus::Forward {
                     reason: forward,
                     status: Some(fwd_status),
-                    stored: true,
+                    ttl: stored.then(|| entry.ttl_at(now)),
+                    stored,
                     collapsed: false,
-                    detail: None,
+                    detail: (!stored).then_some("store-refused"),
                 };
-                let mut resp = self.deliver(gen, rule, parts, &entry, &status, SystemTime::now());
+                let mut resp = self.deliver(gen, rule, parts, &entry, &status, now);
                 // The cookie was set for this client alone; the stored copy has none.
                 for c in cookies {
                     resp.headers_mut().append(header::SET_COOKIE, c);
@@ -448,6 +446,7 @@ impl Gateway {
                     &CacheStatus::Forward {
                         reason: forward,
                         status: Some(fwd_status),
+                        ttl: None,
                         stored: false,
                         collapsed: false,
                         detail: Some(detail),
@@ -516,6 +515,7 @@ impl Handler for Gateway {
                     &CacheStatus::Forward {
                         reason: log.forward.unwrap_or(Forward::Bypass),
                         status: None,
+                        ttl: None,
                         stored: false,
                         collapsed: false,
                         detail: Some(error_detail(&e)),
@@ -756,6 +756,7 @@ fn set_cache_status(headers: &mut HeaderMap, status: &CacheStatus<'_>) {
     if let CacheStatus::Forward {
         reason: Forward::Bypass,
         status: Some(code @ 100..=599),
+        ttl: None,
         stored: false,
         collapsed: false,
         detail: None,
@@ -796,6 +797,7 @@ mod tests {
                 let status = CacheStatus::Forward {
                     reason: Forward::Bypass,
                     status: Some(code),
+                    ttl: None,
                     stored: false,
                     collapsed: false,
                     detail,

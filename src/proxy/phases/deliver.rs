@@ -19,6 +19,7 @@ impl Gateway {
         let status = CacheStatus::Forward {
             reason: Forward::Stale,
             status: Some(fwd_status),
+            ttl: None,
             stored: false,
             collapsed: false,
             detail: Some("stale-if-error"),

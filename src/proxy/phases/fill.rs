@@ -129,8 +129,8 @@ impl Gateway {
                     response_time,
                 );
                 if let Ok(e) = refreshed {
-                    let (e, _) = self.inner.store.store_response_shared(key, e).await;
-                    return Ok(Filled::Stored(e, 304, Vec::new()));
+                    let (e, stored) = self.inner.store.store_response_shared(key, e).await;
+                    return Ok(Filled::Stored(e, 304, Vec::new(), stored));
                 }
                 // The refreshed copy may no longer be stored: pass the old
                 // body once, with the stored fields as the 304 updated them
@@ -239,7 +239,7 @@ impl Gateway {
                 .increment(1);
         }
         let status = entry.status.as_u16();
-        Ok(Filled::Stored(entry, status, cookies))
+        Ok(Filled::Stored(entry, status, cookies, stored))
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -340,9 +340,10 @@ impl Gateway {
 /// The result of filling the cache for a request.
 pub(super) enum Filled {
     /// Stored (or refreshed); deliver from the entry. The status the origin
-    /// answered, and the `Set-Cookie` values (not stored) for the client
-    /// whose request filled the cache.
-    Stored(Arc<Entry>, u16, Vec<HeaderValue>),
+    /// answered, the `Set-Cookie` values (not stored) for the client whose
+    /// request filled the cache, and whether the store took the entry (it
+    /// refuses one whose encoding exceeds the largest object).
+    Stored(Arc<Entry>, u16, Vec<HeaderValue>, bool),
     /// Not stored: pass the response through, with the reason and the
     /// status the origin answered.
     Passed(Response<ResponseBody>, &'static str, u16),
