@@ -21,7 +21,7 @@ pub mod date;
 pub mod entry;
 pub mod store;
 
-pub use coalesce::{Coalescer, Outcome, Role};
+pub use coalesce::{Coalescer, Leader, Outcome, Role};
 pub use control::{CacheStatus, Forward, NotStorable, Overrides, Reuse, Staleness};
 pub use entry::{Entry, EntryError};
 pub use store::{Lookup, Store, StoreConfig, StoreError};

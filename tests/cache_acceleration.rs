@@ -286,3 +286,133 @@ async fn stale_if_error_covers_an_origin_that_is_down() {
     })
     .await;
 }
+
+/// An origin that answers with the head and first event of an event stream
+/// of unknown length, then holds the connection open; counts requests.
+async fn event_stream_origin() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind origin");
+    let at = listener.local_addr().expect("address");
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let first = b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\n\
+                    content-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n\
+                    8\r\ndata: 1\n\r\n";
+                let _ = stream.write_all(first).await;
+                // Held open, as an event stream is, longer than the test
+                // reads (the proxy drains it on shutdown).
+                tokio::time::sleep(Duration::from_secs(3)).await;
+            });
+        }
+    });
+    (at, count)
+}
+
+/// Sends a GET over a raw connection and reads until `wanted` arrives.
+async fn read_until(at: std::net::SocketAddr, path: &str, wanted: &str) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut conn = tokio::net::TcpStream::connect(at).await.expect("connect");
+    let req = format!("GET {path} HTTP/1.1\r\nhost: test.example\r\n\r\n");
+    conn.write_all(req.as_bytes()).await.expect("send");
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    let reading = async {
+        while !String::from_utf8_lossy(&got).contains(wanted) {
+            let n = conn.read(&mut buf).await.expect("read");
+            assert!(n > 0, "closed before {wanted:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(5), reading)
+        .await
+        .unwrap_or_else(|_| panic!("no {wanted:?} yet: {}", String::from_utf8_lossy(&got)));
+    String::from_utf8_lossy(&got).into_owned()
+}
+
+#[tokio::test]
+async fn a_cacheable_stream_of_unknown_length_reaches_clients_as_it_arrives() {
+    bounded(async {
+        let (origin, count) = event_stream_origin().await;
+        let p = proxy(&format!(
+            "backend app {{\n  server \"{origin}\"\n}}\n{CACHED}\n"
+        ))
+        .await;
+        let at = addr(&p);
+        let first = read_until(at, "/events", "data: 1").await;
+        assert!(first.contains("detail=streamed"), "{first}");
+        // Others asking meanwhile are not held behind a stream that does
+        // not end: each gets its own.
+        let others: Vec<_> = (0..3)
+            .map(|_| tokio::spawn(async move { read_until(at, "/events", "data: 1").await }))
+            .collect();
+        for o in others {
+            o.await.expect("reader");
+        }
+        assert_eq!(count.load(Ordering::SeqCst), 4);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_stream_of_unknown_length_is_stored_once_it_ends() {
+    bounded(async {
+        let (raw, body) = chunked_response(100_000, "cache-control: max-age=60\r\n");
+        let origin = RawOrigin::start(raw).await;
+        let p = proxy(&format!(
+            "backend app {{\n  server \"{}\"\n}}\n{CACHED}\n",
+            origin.addr
+        ))
+        .await;
+        let first = get(addr(&p), "/chunked", &[]).await;
+        assert_eq!(first.body, body);
+        assert!(first.cache_status().contains("detail=streamed"));
+        // Stored when the last chunk went through.
+        let mut hit = get(addr(&p), "/chunked", &[]).await;
+        for _ in 0..50 {
+            if hit.is_hit() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            hit = get(addr(&p), "/chunked", &[]).await;
+        }
+        assert!(hit.is_hit(), "{}", hit.cache_status());
+        assert_eq!(hit.body, body);
+        assert_eq!(hit.header("content-length"), Some("100000"));
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn concurrent_misses_on_a_chunked_response_make_one_origin_request() {
+    bounded(async {
+        let (raw, body) = chunked_response(100_000, "cache-control: max-age=60\r\n");
+        let origin = RawOrigin::start_with_delay(raw, Duration::from_millis(300)).await;
+        let p = proxy(&format!(
+            "backend app {{\n  server \"{}\"\n}}\n{CACHED}\n",
+            origin.addr
+        ))
+        .await;
+        let all = burst(addr(&p), "/chunked", 20).await;
+        assert!(all.iter().all(|r| r.status == 200 && r.body == body));
+        assert_eq!(origin.count(), 1, "the waiters got the stored copy");
+        p.shutdown().await;
+    })
+    .await;
+}

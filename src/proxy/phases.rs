@@ -21,7 +21,7 @@ use crate::cache::control::{
     self, CacheStatus, Forward, Overrides, RequestDirectives, Reuse, Staleness,
 };
 use crate::cache::entry::{Entry, Received};
-use crate::cache::{Coalescer, Lookup, Outcome as Flight, Role, Store};
+use crate::cache::{Coalescer, Leader, Lookup, Outcome as Flight, Role, Store};
 use crate::compress;
 use crate::policy::eval::{Request as View, Response as ResponseView, Scheme};
 use crate::policy::model::{BackendId, OriginControl, Outcome, RuleSpec};
@@ -420,6 +420,28 @@ impl Gateway {
                 // The cookie was set for this client alone; the stored copy has none.
                 for c in cookies {
                     resp.headers_mut().append(header::SET_COOKIE, c);
+                }
+                Ok(resp)
+            }
+            Ok(Filled::Streaming(resp, pending, max)) => {
+                let mut resp = fill::tee(resp, pending, max, leader);
+                let status = resp.status().as_u16();
+                set_cache_status(
+                    resp.headers_mut(),
+                    &CacheStatus::Forward {
+                        reason: forward,
+                        status: Some(status),
+                        ttl: None,
+                        stored: false,
+                        collapsed: false,
+                        detail: Some("streamed"),
+                    },
+                );
+                for e in &rule.response_headers {
+                    e.apply(resp.headers_mut());
+                }
+                if parts.method == Method::HEAD {
+                    *resp.body_mut() = body::empty();
                 }
                 Ok(resp)
             }

@@ -314,6 +314,11 @@ pub struct RawOrigin {
 
 impl RawOrigin {
     pub async fn start(response: Vec<u8>) -> RawOrigin {
+        RawOrigin::start_with_delay(response, Duration::ZERO).await
+    }
+
+    /// [`RawOrigin::start`], answering each request after `delay`.
+    pub async fn start_with_delay(response: Vec<u8>, delay: Duration) -> RawOrigin {
         use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
         let addr = listener.local_addr().expect("origin address");
@@ -336,6 +341,7 @@ impl RawOrigin {
                         }
                     }
                     counter.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(delay).await;
                     let _ = stream.write_all(&response).await;
                     let _ = stream.shutdown().await;
                 });

@@ -194,6 +194,28 @@ impl Gateway {
                 "too-large",
             ));
         }
+        if resp_body.size_hint().exact().is_none() {
+            // Of unknown length (chunked, or up to the close): it may never
+            // end (an event stream), so it goes to the client as it arrives
+            // and is stored if it ends within the largest object.
+            let pending = PendingStore {
+                gateway: self.clone(),
+                key: key.to_string(),
+                status: head.status,
+                headers: head.headers.clone(),
+                request_headers: parts.headers.clone(),
+                request_time,
+                response_time,
+                directives,
+                overrides,
+                heuristic_max: storage.heuristic_max,
+            };
+            return Ok(Filled::Streaming(
+                Response::from_parts(head, resp_body),
+                Box::new(pending),
+                max as usize,
+            ));
+        }
         let (body_bytes, rest) = collect_up_to(resp_body, max as usize).await?;
         if let Some(rest) = rest {
             // Larger than the largest object: stream the rest through, store nothing.
@@ -328,6 +350,15 @@ impl Gateway {
             {
                 Ok(Filled::Stored(e, ..)) => leader.publish(Flight::Ready(e)),
                 Ok(Filled::Passed(..)) => leader.publish(Flight::NotStorable),
+                Ok(Filled::Streaming(resp, pending, max)) => {
+                    // Nobody reads it here: read it to its end, to store it.
+                    let mut body = tee(resp, pending, max, Some(leader)).into_body();
+                    while let Some(frame) = body.frame().await {
+                        if frame.is_err() {
+                            break;
+                        }
+                    }
+                }
                 Err(e) => {
                     tracing::debug!(key, error = %e, "background refresh failed");
                     drop(leader);
@@ -347,6 +378,183 @@ pub(super) enum Filled {
     /// Not stored: pass the response through, with the reason and the
     /// status the origin answered.
     Passed(Response<ResponseBody>, &'static str, u16),
+    /// Storable, of unknown length: to be streamed through [`tee`], which
+    /// stores it if it ends within the given number of bytes.
+    Streaming(Response<ResponseBody>, Box<PendingStore>, usize),
+}
+
+/// How long requests coalesced on a response of unknown length wait for it
+/// to end and be stored. One that is still streaming then (an event stream,
+/// a slow page) releases them to the origin, and the key is remembered as
+/// uncacheable for a while (hit-for-miss), so that nobody queues behind a
+/// stream that may never end.
+const STREAM_WAIT: Duration = Duration::from_secs(1);
+
+/// What storing a streamed response needs once its body is complete.
+pub(super) struct PendingStore {
+    gateway: Gateway,
+    key: String,
+    status: StatusCode,
+    headers: HeaderMap,
+    request_headers: HeaderMap,
+    request_time: SystemTime,
+    response_time: SystemTime,
+    directives: control::ResponseDirectives,
+    overrides: Overrides,
+    heuristic_max: Duration,
+}
+
+impl PendingStore {
+    /// Stores the response with its complete body; the entry when the
+    /// store took it.
+    async fn store(self, body: Vec<u8>) -> Option<Arc<Entry>> {
+        let received = Received {
+            status: self.status,
+            headers: self.headers,
+            body,
+            request_headers: &self.request_headers,
+            request_time: self.request_time,
+            response_time: self.response_time,
+        };
+        let entry = Entry::from_response(
+            received,
+            &self.directives,
+            &self.overrides,
+            self.heuristic_max,
+        )
+        .ok()?;
+        let (entry, stored) = self
+            .gateway
+            .inner
+            .store
+            .store_response_shared(&self.key, entry)
+            .await;
+        if !stored {
+            metrics::counter!("portico_cache_not_stored_total", "reason" => "store-refused")
+                .increment(1);
+        }
+        stored.then_some(entry)
+    }
+}
+
+type SharedLeader = Arc<std::sync::Mutex<Option<Leader<Arc<Entry>>>>>;
+
+/// Takes the leader out, once: whoever ends the flight first publishes.
+fn take(leader: &Option<SharedLeader>) -> Option<Leader<Arc<Entry>>> {
+    leader
+        .as_ref()
+        .and_then(|l| l.lock().unwrap_or_else(|e| e.into_inner()).take())
+}
+
+/// Streams a response of unknown length to the client while keeping a copy;
+/// when it ends within `max` bytes, the copy is stored and handed to the
+/// requests coalesced on it (see [`STREAM_WAIT`] for those that would wait
+/// longer).
+pub(super) fn tee(
+    resp: Response<ResponseBody>,
+    pending: Box<PendingStore>,
+    max: usize,
+    leader: Option<Leader<Arc<Entry>>>,
+) -> Response<ResponseBody> {
+    let leader: Option<SharedLeader> = leader.map(|l| Arc::new(std::sync::Mutex::new(Some(l))));
+    if let Some(shared) = &leader {
+        let shared = Arc::downgrade(shared);
+        tokio::spawn(async move {
+            tokio::time::sleep(STREAM_WAIT).await;
+            if let Some(l) = shared.upgrade() {
+                if let Some(l) = take(&Some(l)) {
+                    l.publish(Flight::NotStorable);
+                }
+            }
+        });
+    }
+    resp.map(|body| {
+        Tee {
+            body,
+            copy: Vec::new(),
+            max,
+            pending: Some(pending),
+            leader,
+        }
+        .boxed_unsync()
+    })
+}
+
+/// The body [`tee`] hands out.
+struct Tee {
+    body: ResponseBody,
+    copy: Vec<u8>,
+    max: usize,
+    /// Taken when the body ends complete, or dropped when it grows too large.
+    pending: Option<Box<PendingStore>>,
+    leader: Option<SharedLeader>,
+}
+
+impl hyper::body::Body for Tee {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<hyper::body::Frame<Bytes>, BoxError>>> {
+        let this = &mut *self;
+        let polled = std::pin::Pin::new(&mut this.body).poll_frame(cx);
+        match &polled {
+            std::task::Poll::Ready(Some(Ok(frame))) => {
+                if let (Some(data), Some(_)) = (frame.data_ref(), &this.pending) {
+                    if this.copy.len() + data.len() > this.max {
+                        // Larger than the largest object: it only streams.
+                        metrics::counter!("portico_cache_not_stored_total", "reason" => "too-large")
+                            .increment(1);
+                        this.pending = None;
+                        this.copy = Vec::new();
+                        if let Some(l) = take(&this.leader) {
+                            l.publish(Flight::NotStorable);
+                        }
+                    } else {
+                        this.copy.extend_from_slice(data);
+                    }
+                }
+            }
+            std::task::Poll::Ready(None) => {
+                if let Some(pending) = this.pending.take() {
+                    let copy = std::mem::take(&mut this.copy);
+                    let leader = take(&this.leader);
+                    tokio::spawn(async move {
+                        let stored = pending.store(copy).await;
+                        if let Some(l) = leader {
+                            match stored {
+                                Some(entry) => l.publish(Flight::Ready(entry)),
+                                None => l.publish(Flight::NotStorable),
+                            }
+                        }
+                    });
+                }
+            }
+            // A failed body is not stored; the leader, dropped with it,
+            // releases whoever waits.
+            std::task::Poll::Ready(Some(Err(_))) => this.pending = None,
+            std::task::Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> hyper::body::SizeHint {
+        self.body.size_hint()
+    }
+}
+
+impl Drop for Tee {
+    fn drop(&mut self) {
+        // Dropped before its end (the client went away): nothing is stored,
+        // and the waiters go to the origin themselves.
+        drop(take(&self.leader));
+    }
 }
 
 impl Filled {
