@@ -156,6 +156,7 @@ impl Handler for Admin {
         }
         match (req.method(), path) {
             (&Method::GET, "/metrics") => {
+                self.gateway.store().publish_metrics();
                 let body = install_metrics().map(|h| h.render()).unwrap_or_default();
                 text(StatusCode::OK, body)
             }

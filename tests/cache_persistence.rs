@@ -248,3 +248,71 @@ async fn expiry_is_checked_on_read_after_a_restart() {
     })
     .await;
 }
+
+/// The value of the sample `series` (name and labels as rendered) in a
+/// Prometheus text page.
+fn sample(page: &str, series: &str) -> Option<f64> {
+    page.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        l.strip_prefix(series)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test]
+async fn metrics_report_evictions_and_what_each_tier_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    bounded(async {
+        const BODY: usize = 4096;
+        const OBJECTS: usize = 40;
+        let origin =
+            Origin::start(|_| reply(200, &[("cache-control", "max-age=600")], vec![b'm'; BODY]))
+                .await;
+        let p = start(origin.addr, dir.path()).await;
+        // 40 objects of 4 KiB and more: well past the 64 KiB memory tier.
+        for i in 0..OBJECTS {
+            assert_eq!(
+                get(addr(&p), &format!("/m/{i}"), &[]).await.body.len(),
+                BODY
+            );
+        }
+        // Disk writes are in the background: wait until foyer reports some.
+        let page = loop {
+            let page = admin(&p, "GET", "/metrics", Some("secret")).await.text();
+            if sample(&page, "portico_cache_disk_objects").is_some_and(|n| n > 0.0) {
+                break page;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        let value = |series: &str| {
+            sample(&page, series).unwrap_or_else(|| panic!("no {series} in:\n{page}"))
+        };
+        assert!(value("portico_cache_evictions_total{tier=\"memory\"}") > 0.0);
+        let memory_bytes = value("portico_cache_memory_bytes");
+        let memory_objects = value("portico_cache_memory_objects");
+        assert!(
+            memory_objects >= 1.0 && memory_objects < OBJECTS as f64,
+            "{page}"
+        );
+        // Each object weighs its body and more; all of them within capacity.
+        assert!(memory_bytes >= memory_objects * BODY as f64, "{page}");
+        assert!(memory_bytes <= (64 << 10) as f64, "{page}");
+        let disk_objects = value("portico_cache_disk_objects");
+        assert!(disk_objects <= OBJECTS as f64, "{page}");
+        assert!(value("portico_cache_disk_bytes") > 0.0, "{page}");
+        assert!(
+            value("portico_cache_disk_written_bytes_total") >= disk_objects * BODY as f64,
+            "{page}"
+        );
+        for reason in ["queue-full", "buffer-full", "young"] {
+            value(&format!(
+                "portico_cache_disk_write_drops_total{{reason=\"{reason}\"}}"
+            ));
+        }
+        assert!(page.contains("# HELP portico_cache_disk_objects"), "{page}");
+        p.shutdown().await;
+    })
+    .await;
+}

@@ -52,6 +52,8 @@ use super::bans::{Ban, Bans, Snapshot, Target, Verdict, Writer};
 use super::control::secondary_key_of;
 use super::entry::{Entry, EntryKind};
 
+mod tiers;
+
 /// Space reserved in a disk block besides the encoded entry: foyer's entry
 /// header and alignment, and the key.
 const BLOCK_OVERHEAD: usize = 64 * 1024;
@@ -244,6 +246,8 @@ pub struct Store {
     /// Writes the ban file off the lock above (see [`Store::ban`]).
     ban_writer: Arc<Writer>,
     reads: Reads,
+    /// foyer's counts of its tiers, for `/metrics` (see [`Store::publish_metrics`]).
+    tiers: tiers::Tiers,
 }
 
 /// `portico_cache_reads_total` by result, registered once when the store
@@ -338,8 +342,10 @@ impl Store {
         if config.memory_bytes == 0 {
             return Err(StoreError::Config("memory_bytes must be above zero".into()));
         }
+        let tiers = tiers::Tiers::default();
         let builder = HybridCacheBuilder::new()
             .with_name("portico")
+            .with_metrics_registry(tiers.registry())
             .with_policy(HybridCachePolicy::WriteOnInsertion)
             .with_flush_on_close(true)
             .memory(config.memory_bytes)
@@ -394,6 +400,7 @@ impl Store {
             bans_added: AtomicU64::new(0),
             ban_writer: Arc::new(Writer::default()),
             reads: Reads::new(),
+            tiers,
         })
     }
 
@@ -795,6 +802,17 @@ impl Store {
         }
         metrics::counter!("portico_cache_purges_total", "kind" => "soft").increment(count as u64);
         count
+    }
+
+    /// Sets the gauges and counters of the tiers (evictions, bytes and
+    /// objects in memory and on disk, disk write drops) for a scrape of
+    /// `/metrics`: they are read from foyer here, not on the request path.
+    pub fn publish_metrics(&self) {
+        let memory = self.cache.memory();
+        self.tiers.publish(tiers::Memory {
+            bytes: memory.usage() as u64,
+            objects: memory.entries() as u64,
+        });
     }
 
     /// Flushes the memory tier and the bans to disk and closes the store.
