@@ -846,6 +846,77 @@ async fn static_files_backend_serves_validates_ranges_and_refuses_escapes() {
     .await;
 }
 
+#[tokio::test]
+async fn a_large_static_file_streams_without_being_read_whole() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    bounded(async {
+        let root = tempfile::tempdir().unwrap();
+        // 4 GiB, sparse: the disk holds only the marker in the middle.
+        const LEN: u64 = 4 << 30;
+        const MARK_AT: u64 = 2 << 30;
+        let file = std::fs::File::create(root.path().join("big.bin")).unwrap();
+        file.set_len(LEN).unwrap();
+        {
+            use std::io::{Seek, Write};
+            let mut file = &file;
+            file.seek(std::io::SeekFrom::Start(MARK_AT)).unwrap();
+            file.write_all(b"middle").unwrap();
+        }
+        drop(file);
+        let policy = format!(
+            "backend files {{ static \"{}\" }}\nrule all {{ route files cache off }}",
+            root.path().display()
+        );
+        let p = proxy(&policy).await;
+
+        // The head comes first, with the whole length, then the first
+        // bytes; the client then goes away.
+        let mut conn = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        conn.write_all(b"GET /big.bin HTTP/1.1\r\nhost: test.example\r\n\r\n")
+            .await
+            .unwrap();
+        let mut seen = Vec::new();
+        let mut buf = [0u8; 16 * 1024];
+        let body_at = loop {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(
+                n > 0,
+                "closed before the head: {:?}",
+                String::from_utf8_lossy(&seen)
+            );
+            seen.extend_from_slice(&buf[..n]);
+            if let Some(i) = seen.windows(4).position(|w| w == b"\r\n\r\n") {
+                break i + 4;
+            }
+        };
+        let head = String::from_utf8_lossy(&seen[..body_at]).to_ascii_lowercase();
+        assert!(head.starts_with("http/1.1 200"), "{head}");
+        assert!(
+            head.contains(&format!("content-length: {LEN}\r\n")),
+            "{head}"
+        );
+        while seen.len() < body_at + 1024 {
+            let n = conn.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        assert!(seen[body_at..].iter().all(|&b| b == 0));
+        drop(conn);
+
+        // A range in the middle is read from where it starts.
+        let range = format!("bytes={MARK_AT}-{}", MARK_AT + 5);
+        let got = get(addr(&p), "/big.bin", &[("range", &range)]).await;
+        assert_eq!(got.status, 206);
+        assert_eq!(got.text(), "middle");
+        assert_eq!(
+            got.header("content-range"),
+            Some(format!("bytes {MARK_AT}-{}/{LEN}", MARK_AT + 5).as_str())
+        );
+        p.shutdown().await;
+    })
+    .await;
+}
+
 // ============================================================ upgrades
 
 /// An origin that switches to any protocol asked for and echoes bytes back.

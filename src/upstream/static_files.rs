@@ -9,22 +9,110 @@
 //! a backslash or a still-encoded sequence, and the file's canonical path
 //! (symlinks resolved) must lie inside the canonical root. File access goes
 //! through `tokio::fs`, so the runtime's threads never block on the disk.
+//!
+//! The file (or range) is streamed in chunks of [`CHUNK`] bytes as the
+//! client takes them: a request holds one chunk in memory, whatever the size
+//! of the file, and a client that goes away stops the reading.
 
 use std::io::SeekFrom;
 use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::{Duration, UNIX_EPOCH};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::header::{self, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use hyper::body::{Body, Frame, SizeHint};
+use tokio::io::{AsyncRead, AsyncSeekExt, ReadBuf};
 
 use super::config::StaticConfig;
 
-/// Answers `req` from the directory of `cfg`. The response body holds the
-/// whole selected range in memory.
-pub async fn serve<B>(cfg: &StaticConfig, req: &Request<B>) -> Response<Full<Bytes>> {
+/// How much of a file is read at a time.
+pub const CHUNK: usize = 64 * 1024;
+
+/// The body of a static response: the selected bytes of an open file, read
+/// [`CHUNK`] at a time, or nothing.
+#[derive(Debug)]
+pub struct FileBody {
+    file: Option<tokio::fs::File>,
+    /// Bytes still to send.
+    remaining: u64,
+    buf: BytesMut,
+}
+
+impl FileBody {
+    /// A body with no bytes (HEAD, 304, errors).
+    pub fn empty() -> FileBody {
+        FileBody {
+            file: None,
+            remaining: 0,
+            buf: BytesMut::new(),
+        }
+    }
+
+    /// The next `count` bytes of `file` (positioned where they start).
+    fn new(file: tokio::fs::File, count: u64) -> FileBody {
+        FileBody {
+            file: Some(file),
+            remaining: count,
+            buf: BytesMut::new(),
+        }
+    }
+}
+
+impl Body for FileBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, std::io::Error>>> {
+        let this = self.get_mut();
+        let Some(file) = this.file.as_mut().filter(|_| this.remaining > 0) else {
+            this.file = None;
+            return Poll::Ready(None);
+        };
+        let want = usize::try_from(this.remaining).map_or(CHUNK, |r| r.min(CHUNK));
+        // Kept between polls: a pending read left nothing in it.
+        this.buf.resize(want, 0);
+        let mut read = ReadBuf::new(&mut this.buf[..]);
+        match Pin::new(file).poll_read(cx, &mut read) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Err(e)) => {
+                this.file = None;
+                Poll::Ready(Some(Err(e)))
+            }
+            Poll::Ready(Ok(())) => {
+                let n = read.filled().len();
+                if n == 0 {
+                    // The length was promised in the head already.
+                    this.file = None;
+                    return Poll::Ready(Some(Err(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "file shrank while being read",
+                    ))));
+                }
+                this.remaining -= n as u64;
+                this.buf.truncate(n);
+                Poll::Ready(Some(Ok(Frame::data(this.buf.split().freeze()))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        SizeHint::with_exact(self.remaining)
+    }
+}
+
+/// Answers `req` from the directory of `cfg`. The body streams the
+/// selected bytes from the file (see the module doc).
+pub async fn serve<B>(cfg: &StaticConfig, req: &Request<B>) -> Response<FileBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
         let mut resp = plain(StatusCode::METHOD_NOT_ALLOWED);
         resp.headers_mut()
@@ -81,7 +169,7 @@ async fn serve_file<B>(
     req: &Request<B>,
     path: &Path,
     meta: &std::fs::Metadata,
-) -> Response<Full<Bytes>> {
+) -> Response<FileBody> {
     let len = meta.len();
     let modified = meta.modified().unwrap_or(UNIX_EPOCH);
     let since_epoch = modified
@@ -146,17 +234,17 @@ async fn serve_file<B>(
     }
 
     let body = if req.method() == Method::HEAD {
-        Bytes::new()
+        FileBody::empty()
     } else {
-        match read_range(path, start, count).await {
-            Ok(b) => b,
+        match open_at(path, start).await {
+            Ok(file) => FileBody::new(file, count),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "static file read failed");
                 return plain(StatusCode::INTERNAL_SERVER_ERROR);
             }
         }
     };
-    let mut resp = Response::new(Full::new(body));
+    let mut resp = Response::new(body);
     *resp.status_mut() = status;
     let h = resp.headers_mut();
     h.insert(
@@ -167,39 +255,34 @@ async fn serve_file<B>(
     with_headers(resp, validators)
 }
 
-async fn read_range(path: &Path, start: u64, count: u64) -> std::io::Result<Bytes> {
+/// Opens `path` positioned at `start`. A read that then fails (or finds
+/// the file shorter than its length was) ends the body with an error, after
+/// the head: the client sees a body cut short, never wrong bytes.
+async fn open_at(path: &Path, start: u64) -> std::io::Result<tokio::fs::File> {
     let mut file = tokio::fs::File::open(path).await?;
     if start > 0 {
         file.seek(SeekFrom::Start(start)).await?;
     }
-    let mut buf = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
-    file.take(count).read_to_end(&mut buf).await?;
-    if buf.len() as u64 != count {
-        return Err(std::io::Error::new(
-            std::io::ErrorKind::UnexpectedEof,
-            "file shrank while being read",
-        ));
-    }
-    Ok(Bytes::from(buf))
+    Ok(file)
 }
 
-fn plain(status: StatusCode) -> Response<Full<Bytes>> {
-    let mut resp = Response::new(Full::new(Bytes::new()));
+fn plain(status: StatusCode) -> Response<FileBody> {
+    let mut resp = Response::new(FileBody::empty());
     *resp.status_mut() = status;
     resp
 }
 
 fn with_headers(
-    mut resp: Response<Full<Bytes>>,
+    mut resp: Response<FileBody>,
     headers: Vec<(HeaderName, HeaderValue)>,
-) -> Response<Full<Bytes>> {
+) -> Response<FileBody> {
     for (k, v) in headers {
         resp.headers_mut().insert(k, v);
     }
     resp
 }
 
-fn redirect_to_directory<B>(req: &Request<B>) -> Response<Full<Bytes>> {
+fn redirect_to_directory<B>(req: &Request<B>) -> Response<FileBody> {
     let location = match req.uri().query() {
         Some(q) => format!("{}/?{q}", req.uri().path()),
         None => format!("{}/", req.uri().path()),

@@ -18,7 +18,7 @@ impl Gateway {
         match &gen.backends[backend] {
             BackendRuntime::Static(cfg) => {
                 let resp = static_files::serve(cfg, &upstream.head).await;
-                Ok(resp.map(|b| b.map_err(|never| match never {}).boxed_unsync()))
+                Ok(resp.map(|b| b.map_err(BoxError::from).boxed_unsync()))
             }
             BackendRuntime::Pool(pool) => {
                 let spec = &gen.policy.model.backends[backend];
