@@ -238,7 +238,11 @@ pub async fn start(
     let storage = &policy.model.storage;
     let disk = match (&overrides.cache_dir, &storage.disk) {
         (Some(dir), Some((_, size))) => Some((dir.clone(), *size)),
-        (Some(dir), None) => Some((dir.clone(), 1 << 30)),
+        // 1 GiB, or what the largest object needs if that is more.
+        (Some(dir), None) => Some((
+            dir.clone(),
+            (1u64 << 30).max(StoreConfig::disk_needed(storage.max_object as usize) as u64),
+        )),
         (None, disk) => disk.clone(),
     };
     let store = Store::open(StoreConfig {

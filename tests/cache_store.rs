@@ -574,3 +574,51 @@ async fn bans_added_just_before_closing_hold_after_reopening() {
     })
     .await;
 }
+
+/// The policy check and the store agree on how large a disk tier must be: a
+/// policy that passes the check opens, one that would not open is refused
+/// with file:line:col.
+#[tokio::test]
+async fn a_disk_tier_the_check_accepts_is_one_the_store_opens() {
+    bounded(async {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let at = dir.path().display().to_string();
+        let policy = |storage: &str| {
+            format!(
+                "storage {{ {storage} }}\nbackend app {{\n  server \"127.0.0.1:9\"\n}}\n\
+                 rule all {{ route app cache {{ }} }}\n"
+            )
+        };
+        for (storage, opens) in [
+            (format!("max_object 4MiB disk \"{at}\" 16MiB"), false),
+            (format!("max_object 4MiB disk \"{at}\" 17MiB"), true),
+            (format!("disk \"{at}\" 2MiB max_object 1KiB"), false),
+            (format!("disk \"{at}\" 4MiB max_object 1KiB"), true),
+        ] {
+            let text = policy(&storage);
+            match portico::policy::load(&text, "sizes.policy") {
+                Ok(p) => {
+                    assert!(opens, "{storage}: accepted");
+                    let s = &p.model.storage;
+                    let (_, disk) = s.disk.clone().expect("a disk tier");
+                    let store = Store::open(StoreConfig {
+                        memory_bytes: 1 << 20,
+                        disk_dir: Some(dir.path().to_path_buf()),
+                        disk_bytes: disk as usize,
+                        max_object_bytes: s.max_object as usize,
+                    })
+                    .await
+                    .unwrap_or_else(|e| panic!("{storage}: {e}"));
+                    store.close().await.expect("close");
+                }
+                Err(e) => {
+                    assert!(!opens, "{storage}: {e}");
+                    let text = e.to_string();
+                    assert!(text.contains("sizes.policy:1:"), "{text}");
+                    assert!(text.contains("the disk tier needs at least"), "{text}");
+                }
+            }
+        }
+    })
+    .await;
+}

@@ -81,8 +81,20 @@ impl StoreConfig {
     /// Disk block size: room for the largest object, 4 KiB aligned, at least
     /// 1 MiB.
     pub fn block_size(&self) -> usize {
-        let want = self.max_object_bytes.saturating_add(BLOCK_OVERHEAD);
+        Self::block_size_for(self.max_object_bytes)
+    }
+
+    fn block_size_for(max_object_bytes: usize) -> usize {
+        let want = max_object_bytes.saturating_add(BLOCK_OVERHEAD);
         want.div_ceil(PAGE).saturating_mul(PAGE).max(1 << 20)
+    }
+
+    /// The smallest disk tier that can hold objects of up to
+    /// `max_object_bytes`: four blocks (see [`StoreConfig::block_size`]).
+    /// The policy check and the default size for `--cache-dir` use it, so
+    /// that a policy that passes the check opens.
+    pub fn disk_needed(max_object_bytes: usize) -> usize {
+        Self::block_size_for(max_object_bytes).saturating_mul(4)
     }
 }
 
@@ -357,7 +369,7 @@ impl Store {
             None => builder.build().await?,
             Some(dir) => {
                 let block_size = config.block_size();
-                if config.disk_bytes < 4 * block_size {
+                if config.disk_bytes < StoreConfig::disk_needed(config.max_object_bytes) {
                     return Err(StoreError::Config(format!(
                         "disk_bytes {} must hold at least 4 blocks of {block_size} bytes \
                          (the block size follows max_object_bytes)",

@@ -114,10 +114,9 @@ impl Checker<'_> {
         if let Some((Val::Size(n), _)) = v.remove("memory") {
             out.memory = n;
         }
+        let mut disk_span = None;
         if let Some((Val::PathAndSize(p, n), span)) = v.remove("disk") {
-            if n < 1 << 20 {
-                self.err("out-of-range", span, "the disk tier needs at least 1MiB");
-            }
+            disk_span = Some(span);
             out.disk = Some((p, n));
         }
         if let Some((Val::Size(n), span)) = v.remove("max_object") {
@@ -147,12 +146,21 @@ impl Checker<'_> {
         if let Some((Val::Duration(d), _)) = v.remove("hit_for_miss") {
             out.hit_for_miss = d;
         }
-        if let Some((_, n)) = &out.disk {
-            if out.max_object > *n / 4 {
+        if let (Some((_, n)), Some(span)) = (&out.disk, disk_span) {
+            // The store's own rule: four disk blocks, each holding the
+            // largest object with room to spare, of at least 1MiB.
+            let needed = crate::cache::StoreConfig::disk_needed(
+                usize::try_from(out.max_object).unwrap_or(usize::MAX),
+            ) as u64;
+            if *n < needed {
                 self.err(
                     "out-of-range",
-                    s.span,
-                    "`max_object` is larger than a quarter of the disk tier",
+                    span,
+                    format!(
+                        "the disk tier needs at least {} for objects of up to {}",
+                        show_size(needed),
+                        show_size(out.max_object)
+                    ),
                 )
                 .help = Some("raise the disk size or lower max_object".into());
             }
@@ -469,4 +477,14 @@ impl Checker<'_> {
             by,
         })
     }
+}
+
+/// A size in the largest binary unit that divides it, as policies write it.
+fn show_size(n: u64) -> String {
+    for (unit, shift) in [("GiB", 30), ("MiB", 20), ("KiB", 10)] {
+        if n >= 1 << shift && n % (1 << shift) == 0 {
+            return format!("{}{unit}", n >> shift);
+        }
+    }
+    format!("{n}B")
 }
