@@ -322,6 +322,90 @@ async fn forwarding_fields_and_via_both_ways() {
     .await;
 }
 
+#[tokio::test]
+async fn an_absolute_target_s_host_replaces_the_host_field_upstream() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"
+rule admin when host == "admin.example" { deny 403 }
+rule all { route app cache off }
+"#,
+        ))
+        .await;
+        // RFC 9112 §3.2.2: the target's authority wins over `Host`, for
+        // routing and for what the origin is told alike.
+        let answer = raw_exchange(
+            addr(&p),
+            b"GET http://www.example/page HTTP/1.1\r\nHost: admin.example\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let seen = origin.seen().pop().expect("the origin was asked");
+        assert_eq!(seen.uri, "/page");
+        assert_eq!(seen.headers.get("host").unwrap(), "www.example");
+        assert_eq!(seen.headers.get_all("host").iter().count(), 1);
+        assert_eq!(seen.headers.get("x-forwarded-host").unwrap(), "www.example");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_repeated_or_invalid_host_gets_400() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        for head in [
+            "GET / HTTP/1.1\r\nHost: www.example\r\nHost: admin.example\r\nConnection: close\r\n\r\n",
+            "GET http://www.example/ HTTP/1.1\r\nHost: www.example\r\nHost: www.example\r\nConnection: close\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: user@admin.example\r\nConnection: close\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: www.example:http\r\nConnection: close\r\n\r\n",
+            "GET http://www.example/ HTTP/1.1\r\nConnection: close\r\n\r\n",
+        ] {
+            let answer = raw_exchange(addr(&p), head.as_bytes(), Duration::from_secs(5)).await;
+            assert!(answer.starts_with("HTTP/1.1 400"), "{head:?}: {answer}");
+        }
+        assert_eq!(origin.count(), 0);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_h2_host_field_that_differs_from_the_authority_gets_400() {
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let mut statuses = Vec::new();
+        for host in ["admin.example", "WWW.example"] {
+            let req = http::Request::get("http://www.example/x")
+                .header("host", host)
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            statuses.push(resp.status().as_u16());
+            resp.into_body().collect().await.unwrap();
+        }
+        assert_eq!(statuses, [400, 200]);
+        let seen = origin.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(seen[0].headers.get("host").unwrap(), "www.example");
+        p.shutdown().await;
+    })
+    .await;
+}
+
 // ============================================================ HTTPS and HTTP/2
 
 mod tls_pki {

@@ -565,10 +565,9 @@ impl Handler for Gateway {
             client = %conn.client_addr.ip(),
             method = %parts.method,
             host = %parts
-                .headers
-                .get(header::HOST)
-                .and_then(|h| h.to_str().ok())
-                .or_else(|| parts.uri.host())
+                .uri
+                .host()
+                .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
                 .unwrap_or("-"),
             path = %parts.uri.path(),
             status,
@@ -630,21 +629,14 @@ fn build_upstream(
     // A clone of the client's map takes no hashing, and the forwarding
     // fields go to the wire, not into the map, so it need not grow.
     let mut headers = parts.headers.clone();
-    // The host the client asked for, which `X-Forwarded-Host` carries; an
-    // HTTP/2 request names it in the URI alone, and the origin needs `Host`.
-    let host = match headers.get(header::HOST) {
-        Some(h) => Some(h.clone()),
-        None => {
-            let a = parts
-                .uri
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok());
-            if let Some(v) = &a {
-                headers.insert(header::HOST, v.clone());
-            }
-            a
+    // The host the client asked for, the one the request was routed by:
+    // the origin gets it in `Host`, and `X-Forwarded-Host` carries it.
+    let host = target_authority(&parts.uri, &parts.headers);
+    if let Some(v) = &host {
+        if parts.uri.authority().is_some() {
+            headers.insert(header::HOST, v.clone());
         }
-    };
+    }
     if fill {
         for name in [
             header::IF_NONE_MATCH,
@@ -680,12 +672,14 @@ fn build_upstream(
 }
 
 /// The receive phase's checks, for every request: the host it names and
-/// the scheme it came by; 400 without a host, or with a target that is not
-/// a path (OPTIONS may name the server itself).
+/// the scheme it came by; 400 without a host, with a `Host` field that is
+/// repeated, invalid or (on HTTP/2) names another host than `:authority`,
+/// or with a target that is not a path (OPTIONS may name the server itself).
 fn receive<'a>(
     parts: &'a http::request::Parts,
     conn: &ConnInfo,
 ) -> Result<(std::borrow::Cow<'a, str>, Scheme), ProxyError> {
+    check_host_field(parts)?;
     let host = request_host(parts).ok_or(ProxyError::BadRequest("missing Host"))?;
     if !parts.uri.path().starts_with('/') && parts.method != Method::OPTIONS {
         return Err(ProxyError::BadRequest("the request target is not a path"));
@@ -696,6 +690,76 @@ fn receive<'a>(
         Scheme::Http
     };
     Ok((host, scheme))
+}
+
+/// RFC 9112 §3.2: 400 for an HTTP/1.1 request without `Host`, and for any
+/// request with more than one `Host` line or an invalid one. RFC 9113
+/// §8.3.1: on HTTP/2 a `Host` beside `:authority` must name the same
+/// host. (An HTTP/1.1 absolute-form target may name another host than
+/// `Host`: the target wins, RFC 9112 §3.2.2, and see [`target_authority`].)
+fn check_host_field(parts: &http::request::Parts) -> Result<(), ProxyError> {
+    let mut fields = parts.headers.get_all(header::HOST).iter();
+    let Some(field) = fields.next() else {
+        if parts.version == http::Version::HTTP_11 {
+            return Err(ProxyError::BadRequest("missing Host"));
+        }
+        return Ok(());
+    };
+    if fields.next().is_some() {
+        return Err(ProxyError::BadRequest("more than one Host"));
+    }
+    if !valid_host_field(field.as_bytes()) {
+        return Err(ProxyError::BadRequest("invalid Host"));
+    }
+    if parts.version == http::Version::HTTP_2 {
+        if let Some(a) = parts.uri.authority() {
+            if !field.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
+                return Err(ProxyError::BadRequest("Host differs from :authority"));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Whether a `Host` field value is `uri-host [ ":" port ]` (RFC 9110 §7.2):
+/// a non-empty host of URI characters, no user information, digits alone
+/// after its colon.
+fn valid_host_field(value: &[u8]) -> bool {
+    if value.contains(&b'@') || http::uri::Authority::try_from(value).is_err() {
+        return false;
+    }
+    let host_end = match value.first() {
+        Some(b'[') => match value.iter().position(|&b| b == b']') {
+            Some(end) => end + 1,
+            None => return false,
+        },
+        _ => value.iter().position(|&b| b == b':').unwrap_or(value.len()),
+    };
+    if host_end == 0 {
+        return false;
+    }
+    match value.get(host_end..) {
+        Some([]) | None => true,
+        Some([b':', port @ ..]) => port.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    }
+}
+
+/// The authority a request is for, as the origin is to see it in `Host`
+/// and `X-Forwarded-Host`: the target's own when it names one (an
+/// absolute-form target, or HTTP/2's `:authority`), without user
+/// information, in place of the client's `Host` (RFC 9112 §3.2.2: a proxy
+/// ignores the received `Host` then); else the client's `Host`. This is the
+/// host [`request_host`] routes by, port included.
+fn target_authority(uri: &http::Uri, headers: &HeaderMap) -> Option<HeaderValue> {
+    match uri.authority() {
+        Some(a) => {
+            let a = a.as_str();
+            let a = a.rsplit_once('@').map_or(a, |(_, host)| host);
+            HeaderValue::from_str(a).ok()
+        }
+        None => headers.get(header::HOST).cloned(),
+    }
 }
 
 /// The host a request names, without port or user information, in lower
@@ -829,6 +893,54 @@ mod tests {
                 assert_eq!(headers[CACHE_STATUS], status.render(CACHE_NAME));
             }
         }
+    }
+
+    #[test]
+    fn host_fields_are_host_and_port() {
+        for (value, valid) in [
+            ("shop.example", true),
+            ("Shop.Example:8080", true),
+            ("shop.example:", true),
+            ("[::1]", true),
+            ("[::1]:8443", true),
+            ("127.0.0.1:80", true),
+            ("", false),
+            (":80", false),
+            ("user@shop.example", false),
+            ("shop.example:http", false),
+            ("a:1:2", false),
+            ("[::1", false),
+            ("[::1]x", false),
+            ("shop example", false),
+            ("shop.example/x", false),
+        ] {
+            assert_eq!(valid_host_field(value.as_bytes()), valid, "{value:?}");
+        }
+    }
+
+    #[test]
+    fn the_target_s_authority_takes_the_place_of_host() {
+        let (parts, ()) = Request::builder()
+            .uri("http://user@www.example:8080/x")
+            .header("host", "admin.example")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert_eq!(
+            target_authority(&parts.uri, &parts.headers).unwrap(),
+            "www.example:8080"
+        );
+        assert_eq!(request_host(&parts).as_deref(), Some("www.example"));
+        let (parts, ()) = Request::builder()
+            .uri("/x")
+            .header("host", "admin.example")
+            .body(())
+            .unwrap()
+            .into_parts();
+        assert_eq!(
+            target_authority(&parts.uri, &parts.headers).unwrap(),
+            "admin.example"
+        );
     }
 
     fn host_of(req: Request<()>) -> Option<String> {

@@ -122,25 +122,22 @@ impl Gateway {
         };
         // An HTTP/2 WebSocket (extended CONNECT) becomes an HTTP/1.1 upgrade.
         let h2_websocket = req.method() == Method::CONNECT;
-        // `X-Forwarded-Host` is the host the client asked for, whatever the
-        // rule's edits do to `Host`: as for every other request.
-        let client_host = req.headers().get(header::HOST).cloned().or_else(|| {
-            req.uri()
-                .authority()
-                .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-        });
+        // The host the request was routed by goes in `Host` (an
+        // absolute-form target's or HTTP/2's authority, as the client wrote
+        // it, port included, in place of the client's `Host`), and in
+        // `X-Forwarded-Host` whatever the rule's edits do to `Host`: as for
+        // every other request.
+        let client_host = target_authority(req.uri(), req.headers());
         let mut upstream = Request::new(body::empty());
         *upstream.uri_mut() = req.uri().clone();
         *upstream.headers_mut() = req.headers().clone();
+        if req.uri().authority().is_some() {
+            if let Some(v) = &client_host {
+                upstream.headers_mut().insert(header::HOST, v.clone());
+            }
+        }
         let key = if h2_websocket {
             *upstream.method_mut() = Method::GET;
-            // The authority as the client wrote it, port included, as for
-            // any other HTTP/2 request.
-            if !upstream.headers().contains_key(header::HOST) {
-                if let Some(v) = &client_host {
-                    upstream.headers_mut().insert(header::HOST, v.clone());
-                }
-            }
             let key = websocket::new_key()?;
             let fields = upstream.headers_mut();
             fields.insert(header::CONNECTION, HeaderValue::from_static("upgrade"));
