@@ -1537,6 +1537,71 @@ async fn rule_max_body_also_bounds_a_chunked_body() {
     .await;
 }
 
+/// A backend of one server that two consecutive failures eject for a
+/// minute, behind a rule that takes at most 1 KiB of body.
+fn ejecting_after_two(origin: &Origin) -> String {
+    format!(
+        r#"
+backend app {{
+  server "{}"
+  eject_after 2
+  eject_for 60s
+}}
+rule all {{ route app cache off max_body 1KiB }}
+"#,
+        origin.addr
+    )
+}
+
+#[tokio::test]
+async fn bodies_over_the_limit_do_not_eject_a_healthy_server() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&ejecting_after_two(&origin)).await;
+        // Each outgrows the limit while it streams, after the server took
+        // the head: the try fails on the client's side.
+        let chunk = "x".repeat(4000);
+        let too_large = format!(
+            "POST /upload HTTP/1.1\r\nhost: t.test\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+            chunk.len()
+        );
+        for _ in 0..3 {
+            let answer = raw_exchange(addr(&p), too_large.as_bytes(), Duration::from_secs(5)).await;
+            assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+        }
+        let got = get(addr(&p), "/after", &[]).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        assert_eq!(origin.count_path("/after"), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn uploads_the_client_abandons_do_not_eject_a_healthy_server() {
+    use tokio::io::AsyncWriteExt as _;
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&ejecting_after_two(&origin)).await;
+        for n in 1..=2 {
+            let mut s = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+            s.write_all(b"POST /upload HTTP/1.1\r\nhost: t.test\r\ncontent-length: 1000\r\n\r\n")
+                .await
+                .unwrap();
+            s.write_all(&[b'x'; 300]).await.unwrap();
+            drop(s);
+            // The origin, sent the head and part of the body, sees the
+            // upload end when the proxy gives it up.
+            eventually("the origin to see the upload end", || origin.count() >= n).await;
+        }
+        let got = get(addr(&p), "/after", &[]).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        assert_eq!(origin.count_path("/after"), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_denied_upgrade_gets_the_rules_response_headers() {
     bounded(async {

@@ -816,6 +816,7 @@ fn upstream_error(e: &UpstreamError) -> ProxyError {
         source = err.source();
     }
     match e.status() {
+        StatusCode::BAD_REQUEST => ProxyError::BadRequest("unreadable request body"),
         StatusCode::SERVICE_UNAVAILABLE => ProxyError::ServiceUnavailable {
             retry_after_secs: Some(1),
         },

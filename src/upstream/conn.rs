@@ -132,10 +132,18 @@ pub(super) enum ConnError {
 }
 
 impl ConnError {
-    /// Sorts the error into a reset (the connection was lost) or a bad
-    /// response, for the retry rules and the client's status.
+    /// Sorts the error into the client's body failing, a reset (the
+    /// connection was lost) or a bad response, for the retry rules, the
+    /// server's health and the client's status.
     pub(super) fn classify(self, server: &str) -> UpstreamError {
         let server = server.to_owned();
+        if let ConnError::RequestBody(_) | ConnError::Protocol(ProtocolError::RequestLength) = self
+        {
+            return UpstreamError::RequestBody {
+                server,
+                source: Box::new(self),
+            };
+        }
         let reset = match &self {
             ConnError::Closed | ConnError::Protocol(ProtocolError::Incomplete) => true,
             ConnError::Io(e) => is_reset(e.kind()),

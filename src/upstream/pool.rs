@@ -91,6 +91,16 @@ pub enum UpstreamError {
         /// What the client reported.
         source: BoxError,
     },
+    /// The client's request body failed while it was being sent (the
+    /// client went away, broke its framing, or outgrew a size limit): the
+    /// client's fault, not the server's.
+    #[error("the request body to {server} failed: {source}")]
+    RequestBody {
+        /// The server's address.
+        server: String,
+        /// What the body reported.
+        source: BoxError,
+    },
     /// The backend's configuration cannot be used.
     #[error("backend `{backend}`: {reason}")]
     Config {
@@ -104,9 +114,11 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// The status the client is answered with: 503 when no server can take
     /// the request, 504 when a time limit ran out, 502 when a server failed
-    /// (RFC 9110 §15.6.3-5), 500 for a backend that could not be configured.
+    /// (RFC 9110 §15.6.3-5), 400 when the client's body failed, 500 for a
+    /// backend that could not be configured.
     pub fn status(&self) -> StatusCode {
         match self {
+            UpstreamError::RequestBody { .. } => StatusCode::BAD_REQUEST,
             UpstreamError::NoHealthyServer { .. } => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamError::ConnectTimeout { .. }
             | UpstreamError::FirstByteTimeout { .. }
@@ -128,7 +140,26 @@ impl UpstreamError {
             UpstreamError::TotalTimeout { .. } => "total_timeout",
             UpstreamError::Reset { .. } => "reset",
             UpstreamError::BadResponse { .. } => "bad_response",
+            UpstreamError::RequestBody { .. } => "request_body",
             UpstreamError::Config { .. } => "config",
+        }
+    }
+
+    /// Whether the error is the server's doing (it could not be reached,
+    /// reset, timed out, or answered badly), and so counts toward ejecting
+    /// it. The client's own body failing, and a backend that cannot be
+    /// configured, say nothing of the server's health.
+    pub fn is_server_fault(&self) -> bool {
+        match self {
+            UpstreamError::Connect { .. }
+            | UpstreamError::ConnectTimeout { .. }
+            | UpstreamError::FirstByteTimeout { .. }
+            | UpstreamError::TotalTimeout { .. }
+            | UpstreamError::Reset { .. }
+            | UpstreamError::BadResponse { .. } => true,
+            UpstreamError::NoHealthyServer { .. }
+            | UpstreamError::RequestBody { .. }
+            | UpstreamError::Config { .. } => false,
         }
     }
 }
@@ -385,7 +416,11 @@ impl Pool {
                 },
             };
             drop(guard);
-            self.health.record_failure(i);
+            // A client that aborts its upload, or sends too much, must not
+            // eject a healthy server.
+            if error.is_server_fault() {
+                self.health.record_failure(i);
+            }
             let body_still_sendable = slot
                 .as_ref()
                 .is_none_or(|slot| slot.lock().map(|s| s.is_some()).unwrap_or(false));
@@ -783,6 +818,13 @@ mod tests {
                 502,
             ),
             (
+                UpstreamError::RequestBody {
+                    server: server(),
+                    source: cause(),
+                },
+                400,
+            ),
+            (
                 UpstreamError::Config {
                     backend: "b".into(),
                     reason: "r".into(),
@@ -792,6 +834,13 @@ mod tests {
         ];
         for (err, status) in table {
             assert_eq!(err.status().as_u16(), status, "{}", err.as_str());
+            // Only the server's own failures count against it.
+            assert_eq!(
+                err.is_server_fault(),
+                matches!(status, 502 | 504),
+                "{}",
+                err.as_str()
+            );
         }
     }
 
