@@ -657,6 +657,70 @@ async fn silent_connection_is_closed_after_the_header_timeout() {
 }
 
 #[tokio::test]
+async fn a_kept_alive_connection_may_idle_past_the_header_timeout() {
+    let edge = start(ServerLimits {
+        header_read_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(2),
+        ..ServerLimits::default()
+    })
+    .await;
+    let mut stream = TcpStream::connect(edge.addr).await.unwrap();
+    let mut pending = Vec::new();
+    stream
+        .write_all(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, body) = read_response(&mut stream, &mut pending).await;
+    assert_eq!(body, "GET /one HTTP/1.1 sni=-");
+    // Idle for more than the header timeout, less than the idle timeout.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stream
+        .write_all(b"GET /two HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, body) = read_response(&mut stream, &mut pending).await;
+    assert_eq!(body, "GET /two HTTP/1.1 sni=-");
+    // Idle past the idle timeout, the connection is closed.
+    let mut rest = Vec::new();
+    timeout(BOUND, stream.read_to_end(&mut rest))
+        .await
+        .expect("closed when idle")
+        .unwrap();
+    assert!(rest.is_empty(), "{rest:?}");
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_slow_head_after_a_kept_alive_request_has_the_header_timeout() {
+    // The idle timeout is far past the bound: only the header timeout can
+    // close this connection in time.
+    let edge = start(ServerLimits {
+        header_read_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(600),
+        ..ServerLimits::default()
+    })
+    .await;
+    let mut stream = TcpStream::connect(edge.addr).await.unwrap();
+    let mut pending = Vec::new();
+    stream
+        .write_all(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, body) = read_response(&mut stream, &mut pending).await;
+    assert_eq!(body, "GET /one HTTP/1.1 sni=-");
+    stream
+        .write_all(b"GET /two HTTP/1.1\r\nHost: a\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let mut rest = Vec::new();
+    let _ = timeout(BOUND, stream.read_to_end(&mut rest))
+        .await
+        .expect("a slow head is cut off by the header timeout");
+    assert!(!String::from_utf8_lossy(&rest).contains("200"), "{rest:?}");
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
 async fn idle_h2_connection_is_closed() {
     let edge = start(ServerLimits {
         idle_timeout: Duration::from_millis(300),

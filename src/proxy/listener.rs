@@ -17,6 +17,8 @@
 //!   (slowloris); for a new connection the same bound covers the TLS handshake
 //!   and the first request, whatever its protocol;
 //! - a connection with no request in flight is closed after `idle_timeout`;
+//!   on HTTP/1.1 the header timeout starts again with the first byte of the
+//!   next request;
 //! - a header section over `max_header_bytes` is refused with 431 (RFC 6585
 //!   §5) on HTTP/1.1, or with 431 or a stream reset on HTTP/2;
 //! - a body declared larger than `max_body_bytes` is refused with 413 (RFC
@@ -58,8 +60,11 @@ mod h1;
 pub struct ServerLimits {
     /// Time allowed for a request header section to arrive, and for a new
     /// connection to complete its TLS handshake and send its first request.
-    /// HTTP/1.1 also applies it to the wait for the next request on a
-    /// kept-alive connection. Default 10 s.
+    /// On a kept-alive HTTP/1.1 connection it runs from the first byte of
+    /// the next request; the wait for that byte is `idle_timeout`'s (but a
+    /// connection handed to hyper, from its first request with a body on,
+    /// has hyper's rule: the header timeout covers that wait too).
+    /// Default 10 s.
     pub header_read_timeout: Duration,
     /// A connection with no request in flight for this long is closed.
     /// Default 60 s.

@@ -685,13 +685,16 @@ where
     let limits = &shared.limits;
     let client_addr = info.client_addr;
     let max_bytes = limits.max_header_bytes.max(READ_BUF);
-    let keep_alive_wait = limits.header_read_timeout.min(limits.idle_timeout);
     let mut read = BytesMut::with_capacity(READ_BUF);
     let mut names = FieldNames::default();
     let mut out = Out::new();
     // The first request, like the TLS handshake before it, must arrive
     // within the header timeout of the connection's opening.
     let mut due = opened + limits.header_read_timeout;
+    // Whether the wait is for the first byte of a kept-alive connection's
+    // next request, which may take up to the idle timeout; from that byte
+    // on, the rest of the head has the header timeout (slowloris).
+    let mut idle = false;
     let mut timer = pin!(tokio::time::sleep_until(due.into()));
     let mut armed = due;
     let mut stop = pin!(shared.shutdown.triggered());
@@ -757,6 +760,15 @@ where
                 // End of the connection, an error, shutdown or time up:
                 // whatever was read of a head is dropped.
                 _ => return None,
+            }
+            if idle {
+                idle = false;
+                due = Instant::now() + limits.header_read_timeout;
+                if armed > due {
+                    timer.as_mut().reset(due.into());
+                    armed = due;
+                    side.woken.store(true, Ordering::Release);
+                }
             }
         };
 
@@ -824,7 +836,15 @@ where
             let _ = io.shutdown().await;
             return None;
         }
-        due = Instant::now() + keep_alive_wait;
+        // A pipelined request already begun has the header timeout for
+        // the rest of its head; otherwise the connection may sit idle.
+        idle = read.is_empty();
+        due = Instant::now()
+            + if idle {
+                limits.idle_timeout
+            } else {
+                limits.header_read_timeout
+            };
     }
 }
 
