@@ -197,7 +197,7 @@ async fn an_edited_policy_file_is_picked_up_without_a_signal() {
         let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
         f.set_modified(SystemTime::now() + Duration::from_secs(5))
             .unwrap();
-        until_body(addr, "b", Duration::from_secs(3)).await;
+        until_body(addr, "b", Duration::from_secs(10)).await;
     })
     .await;
 }
