@@ -697,9 +697,80 @@ async fn extra_field_lines_go_out_after_the_request_s_own_and_into_an_upgrade_s_
     .unwrap();
 }
 
+/// An origin's pool with a first-byte limit of 300 ms.
+fn impatient(origin: &Origin) -> Pool {
+    Pool::new(&BackendConfig {
+        name: "impatient".into(),
+        servers: vec![origin.server.clone()],
+        timeouts: Timeouts {
+            connect: Duration::from_secs(2),
+            first_byte: Duration::from_millis(300),
+            total: Duration::from_secs(10),
+        },
+        ..Default::default()
+    })
+    .unwrap()
+}
+
+/// The first-byte limit is for the server's answer: an upload slower than
+/// it, but moving, is not cut off, and the limit runs from its end.
+#[tokio::test]
+async fn a_slow_upload_that_keeps_moving_is_not_timed_out() {
+    bounded(async {
+        let origin = Origin::start(vec![Step::Answer(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ])])
+        .await;
+        let (body, tx) = streamed(b"part 0;");
+        let req = Request::post("/upload").body(body).unwrap();
+        // Nine parts, 100 ms apart: three times the first-byte limit.
+        let sending = tokio::spawn(async move {
+            for i in 1..=9 {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                tx.send(Bytes::from(format!("part {i};"))).await.unwrap();
+            }
+        });
+        let resp = impatient(&origin)
+            .send(req, b"", None, Limits::default())
+            .await
+            .expect("a moving upload is not timed out");
+        assert_eq!(resp.status(), StatusCode::OK);
+        sending.await.unwrap();
+        let seen = origin.seen();
+        assert!(String::from_utf8_lossy(&seen[0].body).ends_with("part 9;"));
+    })
+    .await
+    .expect("bounded");
+}
+
+/// An upload that stops moving gets the first-byte limit for that wait.
+#[tokio::test]
+async fn a_stalled_upload_times_out() {
+    bounded(async {
+        let origin = Origin::start(vec![Step::Answer(vec![
+            b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok",
+        ])])
+        .await;
+        let (body, tx) = streamed(b"part 0;");
+        let req = Request::post("/upload").body(body).unwrap();
+        let err = impatient(&origin)
+            .send(req, b"", None, Limits::default())
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, UpstreamError::FirstByteTimeout { .. }),
+            "{err}"
+        );
+        drop(tx);
+    })
+    .await
+    .expect("bounded");
+}
+
 /// An upload that never has to wait (a body always ready, an origin that
 /// reads as fast as it comes and never answers) spends its task's
-/// cooperative budget on ready I/O: the first-byte limit must still end it.
+/// cooperative budget on ready I/O: the total limit must still end it (it
+/// keeps moving, so the first-byte limit does not apply while it lasts).
 #[tokio::test]
 async fn an_upload_that_never_waits_still_times_out() {
     bounded(async {
@@ -716,7 +787,7 @@ async fn an_upload_that_never_waits_still_times_out() {
             timeouts: Timeouts {
                 connect: Duration::from_secs(2),
                 first_byte: Duration::from_millis(300),
-                total: Duration::from_secs(10),
+                total: Duration::from_secs(1),
             },
             ..Default::default()
         })
@@ -732,14 +803,11 @@ async fn an_upload_that_never_waits_still_times_out() {
             .send(req, b"", None, Limits::default())
             .await
             .unwrap_err();
-        assert!(
-            matches!(err, UpstreamError::FirstByteTimeout { .. }),
-            "{err}"
-        );
+        assert!(matches!(err, UpstreamError::TotalTimeout { .. }), "{err}");
         drain.abort();
     })
     .await
-    .expect("the first-byte limit ended the upload");
+    .expect("the total limit ended the upload");
 }
 
 /// Interim heads met during an upload count toward the same cap.

@@ -35,6 +35,7 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::{pin, Pin};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -503,7 +504,11 @@ pub(super) enum ExchangeError {
 /// may go out again when a reused connection closes before answering
 /// (idempotent, no body). `extra` holds field lines written after the
 /// request's own fields, each ending in CRLF. With no response head by
-/// `due`, the exchange fails with [`ConnError::TimedOut`].
+/// `due`, the exchange fails with [`ConnError::TimedOut`]. With `rearm`
+/// (the first-byte limit and the end of the total limit), a request with a
+/// body gets that limit for each wait of its upload that makes no progress,
+/// and for the response head from when the upload ended, however long the
+/// upload took; never past the end.
 #[allow(clippy::too_many_arguments)]
 pub(super) async fn exchange(
     mut conn: Box<Conn>,
@@ -512,7 +517,8 @@ pub(super) async fn exchange(
     home: &Arc<Connections>,
     server: usize,
     resendable: bool,
-    due: tokio::time::Instant,
+    mut due: tokio::time::Instant,
+    rearm: Option<(Duration, tokio::time::Instant)>,
 ) -> Result<Response<PooledBody>, ExchangeError> {
     // Out of the connection while it is borrowed by the polls below; it
     // goes back with the connection into the response body.
@@ -548,11 +554,19 @@ pub(super) async fn exchange(
     // again whatever its method).
     let mut at = 0;
     let mut wrote_any = false;
+    // Steps of the upload (a body frame taken, a write done), counted to
+    // tell a slow upload from a stalled one.
+    let progress = AtomicU64::new(0);
+    let rearm = rearm.filter(|_| !empty);
     // The whole request went out (Ok(true)), or the server answered before
     // it had all of it (Ok(false)).
     let mut send = |cx: &mut Context<'_>| loop {
+        let before = at;
         let written = conn.poll_write_out(cx, &mut at);
         wrote_any |= at > 0;
+        if at != before {
+            progress.fetch_add(1, Ordering::Relaxed);
+        }
         match written {
             Poll::Ready(Ok(())) => {}
             Poll::Ready(Err(e)) => {
@@ -614,13 +628,28 @@ pub(super) async fn exchange(
         }
     };
     // A request that timed out is not sent again, whatever went out of it.
+    let mut seen = 0;
     let sent = poll_fn(|cx| match send(cx) {
-        Poll::Pending if timer.poll_due(cx, due).is_ready() => {
-            Poll::Ready(Err((false, ConnError::TimedOut)))
+        Poll::Pending => {
+            if let Some((limit, end)) = rearm {
+                let now = progress.load(Ordering::Relaxed);
+                if now != seen {
+                    seen = now;
+                    due = end.min(tokio::time::Instant::now() + limit);
+                }
+            }
+            match timer.poll_due(cx, due) {
+                Poll::Ready(()) => Poll::Ready(Err((false, ConnError::TimedOut))),
+                Poll::Pending => Poll::Pending,
+            }
         }
         other => other,
     })
     .await;
+    if let Some((limit, end)) = rearm {
+        // The first byte is timed from the end of the upload.
+        due = end.min(tokio::time::Instant::now() + limit);
+    }
     let whole = match sent {
         Ok(whole) => whole,
         Err((true, e)) => {

@@ -396,7 +396,15 @@ impl Pool {
             let try_start = try_start.take().unwrap_or_else(tokio::time::Instant::now);
             let head_by = end.min(try_start + first_byte);
             let outcome = self
-                .exchange(i, connect, upstream_req, extra, upgrade, head_by)
+                .exchange(
+                    i,
+                    connect,
+                    upstream_req,
+                    extra,
+                    upgrade,
+                    head_by,
+                    (first_byte, end),
+                )
                 .await;
             let error = match outcome {
                 Ok(mut resp) => {
@@ -406,10 +414,12 @@ impl Pool {
                     return Ok(resp);
                 }
                 Err(TryFailure::Error(e)) => e,
-                Err(TryFailure::TimedOut) if head_by == end => UpstreamError::TotalTimeout {
-                    backend: self.name.clone(),
-                    after: total,
-                },
+                Err(TryFailure::TimedOut) if tokio::time::Instant::now() >= end => {
+                    UpstreamError::TotalTimeout {
+                        backend: self.name.clone(),
+                        after: total,
+                    }
+                }
                 Err(TryFailure::TimedOut) => UpstreamError::FirstByteTimeout {
                     server: server.addr.clone(),
                     after: first_byte,
@@ -461,7 +471,10 @@ impl Pool {
     /// One try on server `i`: on an idle connection when there is one, else
     /// on a new one. A request an idle connection never took (it had just
     /// closed) goes out once more on a new connection. With no response
-    /// head by `head_by`, connecting included, the try has timed out.
+    /// head by `head_by`, connecting included, the try has timed out; an
+    /// upload's waits and the head after it get the first-byte limit of
+    /// `rearm` (see [`conn::exchange`]), within its end.
+    #[allow(clippy::too_many_arguments)]
     async fn exchange(
         &self,
         i: usize,
@@ -470,6 +483,7 @@ impl Pool {
         extra: &[u8],
         upgrade: bool,
         head_by: tokio::time::Instant,
+        rearm: (Duration, tokio::time::Instant),
     ) -> Result<Response<PooledBody>, TryFailure> {
         let server = &self.servers[i];
         let failed = |e: ConnError| match e {
@@ -507,7 +521,18 @@ impl Pool {
         let mut req = req;
         let resendable = is_idempotent(req.method()) && req.body().is_end_stream();
         if let Some(idle) = self.conns.checkout(i) {
-            match conn::exchange(idle, req, extra, &self.conns, i, resendable, head_by).await {
+            match conn::exchange(
+                idle,
+                req,
+                extra,
+                &self.conns,
+                i,
+                resendable,
+                head_by,
+                Some(rearm),
+            )
+            .await
+            {
                 Ok(resp) => return Ok(resp),
                 Err(ExchangeError::Unsent(back, e)) => {
                     tracing::debug!(server = %server.addr, error = %e, "idle connection closed; sending on a new one");
@@ -517,7 +542,18 @@ impl Pool {
             }
         }
         let fresh = open().await?;
-        match conn::exchange(fresh, req, extra, &self.conns, i, resendable, head_by).await {
+        match conn::exchange(
+            fresh,
+            req,
+            extra,
+            &self.conns,
+            i,
+            resendable,
+            head_by,
+            Some(rearm),
+        )
+        .await
+        {
             Ok(resp) => Ok(resp),
             Err(ExchangeError::Unsent(_, e) | ExchangeError::Failed(e)) => Err(failed(e)),
         }
@@ -739,7 +775,7 @@ impl Prober {
                     Some(c) => c,
                     None => conns.open(&addr, &host, connect).await?,
                 };
-                match conn::exchange(c, req, b"", &conns, i, resendable, due).await {
+                match conn::exchange(c, req, b"", &conns, i, resendable, due, None).await {
                     Ok(resp) => {
                         let status = resp.status().as_u16();
                         // Read the (small) body so the connection can be reused.
