@@ -1070,7 +1070,7 @@ mod tests {
             };
             let empty = Empty::new().map_err(|never| match never {}).boxed_unsync();
             let req = Request::get("/").body(empty).unwrap();
-            let Ok(resp) = exchange(conn, req, b"", &conns, 0, true, far_off()).await else {
+            let Ok(resp) = exchange(conn, req, b"", &conns, 0, true, far_off(), None).await else {
                 panic!("exchange failed");
             };
             let body = resp.into_body().collect().await.unwrap().to_bytes();
