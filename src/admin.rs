@@ -97,8 +97,9 @@ impl Admin {
         let bans = store.keeps_bans();
         let (kind, count, deferred) = match (url, prefix, tag) {
             (Some(url), None, None) => match self.gateway.key_for_url(&url) {
-                Ok(Some(key)) if soft => ("url", store.soft_purge(&key).await, bans),
-                Ok(Some(key)) => ("url", store.purge(&key), false),
+                Ok(Some(key)) if soft => ("url", key.soft_purge(store).await, bans),
+                // Keys that take request fields go by prefix, with a ban.
+                Ok(Some(key)) => ("url", key.purge(store), key.varies && bans),
                 Ok(None) => ("url", 0, false),
                 Err(e) => {
                     return json(
@@ -108,8 +109,8 @@ impl Admin {
                 }
             },
             (None, Some(prefix), None) => match self.gateway.key_for_url(&prefix) {
-                Ok(Some(key)) if soft => ("prefix", store.soft_purge_prefix(&key).await, bans),
-                Ok(Some(key)) => ("prefix", store.purge_prefix(&key), bans),
+                Ok(Some(key)) if soft => ("prefix", store.soft_purge_prefix(&key.url).await, bans),
+                Ok(Some(key)) => ("prefix", store.purge_prefix(&key.url), bans),
                 Ok(None) => ("prefix", 0, false),
                 Err(e) => {
                     return json(

@@ -191,6 +191,21 @@ impl Policy {
         eval::render_key(&spec.key, req, &mut key);
         Some(key)
     }
+
+    /// The part of `req`'s cache key that comes from its URL, which begins
+    /// every key of that URL, and whether the key takes request fields too
+    /// (then one URL has a key per value of them). `None` when not cached.
+    pub fn url_key(&self, d: &Decision<'_>, req: &Request<'_>) -> Option<(String, bool)> {
+        let spec = d.rule.cache.as_ref()?;
+        let url_parts = spec
+            .key
+            .iter()
+            .take_while(|p| !p.from_request_fields())
+            .count();
+        let mut key = String::with_capacity(64);
+        eval::render_key(&spec.key[..url_parts], req, &mut key);
+        Some((key, url_parts < spec.key.len()))
+    }
 }
 
 /// The outcome of [`Policy::decide`]: the rule that applies and everything it says.

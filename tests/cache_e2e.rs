@@ -1040,6 +1040,83 @@ async fn cache_status_is_on_every_response() {
 }
 
 #[tokio::test]
+async fn purges_reach_every_key_of_a_url_when_the_key_takes_request_fields() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            let lang = s
+                .headers
+                .get("accept-language")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("-")
+                .to_string();
+            reply(
+                200,
+                &[("cache-control", "max-age=60")],
+                format!("{} {lang}", s.uri.path()),
+            )
+        })
+        .await;
+        // The header comes first as written; keys list the URL's parts first.
+        let rules =
+            "rule all { route app cache { key [header(\"accept-language\"), host, path] } }";
+        let p = proxy(&policy_for(&origin, rules)).await;
+        let fill = |path: &'static str| {
+            let a = addr(&p);
+            async move {
+                for lang in ["en", "fr"] {
+                    get(a, path, &[("accept-language", lang)]).await;
+                }
+            }
+        };
+        let hits = |path: &'static str| {
+            let a = addr(&p);
+            async move {
+                let mut n = 0;
+                for lang in ["en", "fr"] {
+                    let r = get(a, path, &[("accept-language", lang)]).await;
+                    assert_eq!(r.text(), format!("{path} {lang}"));
+                    n += usize::from(r.is_hit());
+                }
+                n
+            }
+        };
+        for path in ["/page", "/page2", "/other"] {
+            fill(path).await;
+            assert_eq!(hits(path).await, 2);
+        }
+
+        let r = admin(
+            &p,
+            "POST",
+            "/purge?url=http://test.example/page",
+            Some("secret"),
+        )
+        .await;
+        assert!(r.text().contains("\"purged\":2"), "{}", r.text());
+        assert_eq!(hits("/page").await, 0, "both languages purged");
+        assert_eq!(hits("/page2").await, 2, "a longer path is another URL");
+
+        let r = admin(
+            &p,
+            "POST",
+            "/purge?prefix=http://test.example/page",
+            Some("secret"),
+        )
+        .await;
+        assert!(r.text().contains("\"purged\":4"), "{}", r.text());
+        assert_eq!(hits("/other").await, 2);
+
+        // A successful unsafe method invalidates every key of its URL too.
+        assert_eq!(hits("/other").await, 2);
+        let post = send(addr(&p), "POST", "/other", &[], "x").await;
+        assert_eq!(post.status, 200);
+        assert_eq!(hits("/other").await, 0);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn admin_purge_by_url_prefix_and_tag() {
     bounded(async {
         let origin = Origin::start(|s| {

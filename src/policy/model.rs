@@ -221,6 +221,17 @@ pub enum KeyPart {
 }
 
 impl KeyPart {
+    /// Whether the part comes from request fields (a header, a cookie, the
+    /// method, the client's address) rather than from the URL. Keys list
+    /// the URL's parts first, so that every key of one URL begins with the
+    /// same text (purges by URL rely on it).
+    pub fn from_request_fields(&self) -> bool {
+        matches!(
+            self,
+            KeyPart::Header(_) | KeyPart::Cookie(_) | KeyPart::Method | KeyPart::ClientIp
+        )
+    }
+
     pub const NAMES: [&'static str; 9] = [
         "scheme",
         "host",

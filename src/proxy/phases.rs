@@ -144,13 +144,14 @@ impl Gateway {
         &self.inner.store
     }
 
-    /// The cache key a GET of `url` has under the current policy, if it is cached.
-    pub fn key_for_url(&self, url: &str) -> Result<Option<String>, String> {
+    /// The keys a GET of `url` is stored under with the current policy, if
+    /// it is cached.
+    pub fn key_for_url(&self, url: &str) -> Result<Option<UrlKey>, String> {
         let gen = self.current();
         let req = OwnedRequest::new("GET", url, &[], None)?;
         let view = req.view();
         let d = gen.policy.decide(&view);
-        Ok(gen.policy.cache_key(&d, &view))
+        Ok(gen.policy.url_key(&d, &view).map(UrlKey::new))
     }
 
     /// An upgrade, or a CONNECT: the request goes on whole, its extensions
@@ -834,6 +835,47 @@ fn error_detail(e: &ProxyError) -> &'static str {
         ProxyError::PayloadTooLarge { .. } => "body-too-large",
         ProxyError::BadRequest(_) => "bad-request",
         _ => "error",
+    }
+}
+
+/// The keys one URL's GET is stored under, for purges: its key, or, when
+/// the rule's key also takes request fields (a header, a cookie, the
+/// client's address), every key that begins with the URL's part of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UrlKey {
+    /// The key's text that comes from the URL.
+    pub url: String,
+    /// The key takes request fields too.
+    pub varies: bool,
+}
+
+impl UrlKey {
+    fn new((url, varies): (String, bool)) -> UrlKey {
+        UrlKey { url, varies }
+    }
+
+    /// What begins every key of the URL, and of no other URL (request
+    /// fields render after a `|`).
+    fn all_of(&self) -> String {
+        format!("{}|", self.url)
+    }
+
+    /// Removes every response stored for the URL; how many keys had one.
+    pub fn purge(&self, store: &Store) -> usize {
+        if self.varies {
+            store.purge_prefix(&self.all_of())
+        } else {
+            store.purge(&self.url)
+        }
+    }
+
+    /// Marks every response stored for the URL stale; how many.
+    pub async fn soft_purge(&self, store: &Store) -> usize {
+        if self.varies {
+            store.soft_purge_prefix(&self.all_of()).await
+        } else {
+            store.soft_purge(&self.url).await
+        }
     }
 }
 

@@ -597,7 +597,11 @@ impl Checker<'_> {
                     self.err("missing", *span, "a cache key needs at least one part")
                         .help = Some("write `key [host, path]`".into());
                 }
-                parts.iter().filter_map(|p| self.key_part(p)).collect()
+                let mut key: Vec<KeyPart> = parts.iter().filter_map(|p| self.key_part(p)).collect();
+                // The URL's parts first, in the order written (see
+                // `KeyPart::from_request_fields`).
+                key.sort_by_key(KeyPart::from_request_fields);
+                key
             }
         };
         let origin = match &b.origin {

@@ -37,9 +37,13 @@ impl Gateway {
             };
             let v = req.view();
             let d = gen.policy.decide(&v);
-            if let Some(key) = gen.policy.cache_key(&d, &v) {
-                let n = self.inner.store.purge(&key);
-                tracing::debug!(key, purged = n, "invalidated after an unsafe method");
+            if let Some(key) = gen.policy.url_key(&d, &v).map(UrlKey::new) {
+                let n = key.purge(&self.inner.store);
+                tracing::debug!(
+                    key = key.url,
+                    purged = n,
+                    "invalidated after an unsafe method"
+                );
             }
         }
     }
@@ -63,8 +67,8 @@ impl Gateway {
         let d = gen.policy.decide(&as_get);
         let purged = gen
             .policy
-            .cache_key(&d, &as_get)
-            .map(|k| self.inner.store.purge(&k))
+            .url_key(&d, &as_get)
+            .map(|k| UrlKey::new(k).purge(&self.inner.store))
             .unwrap_or(0);
         json(StatusCode::OK, format!(r#"{{"purged":{purged}}}"#))
     }
