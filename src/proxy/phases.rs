@@ -726,15 +726,31 @@ fn check_host_field(parts: &http::request::Parts) -> Result<(), ProxyError> {
 /// a non-empty host of URI characters, no user information, digits alone
 /// after its colon.
 fn valid_host_field(value: &[u8]) -> bool {
-    if value.contains(&b'@') || http::uri::Authority::try_from(value).is_err() {
-        return false;
-    }
+    // RFC 3986 section 3.2.2: an IP literal in brackets, or a reg-name
+    // (unreserved, percent-encoded, sub-delims), which covers IPv4.
     let host_end = match value.first() {
         Some(b'[') => match value.iter().position(|&b| b == b']') {
-            Some(end) => end + 1,
+            Some(end) => {
+                let inside = &value[1..end];
+                if inside.is_empty()
+                    || !inside
+                        .iter()
+                        .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+                {
+                    return false;
+                }
+                end + 1
+            }
             None => return false,
         },
-        _ => value.iter().position(|&b| b == b':').unwrap_or(value.len()),
+        _ => {
+            let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+            let reg_name = |b: &u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(b);
+            if !value[..end].iter().all(reg_name) {
+                return false;
+            }
+            end
+        }
     };
     if host_end == 0 {
         return false;
