@@ -3,9 +3,11 @@
 //! down gracefully on SIGTERM and SIGINT.
 //!
 //! A reload checks and compiles the new policy first; a policy with errors is
-//! logged with its diagnostics and the running one stays. Listeners the new
-//! policy adds are bound, those it drops are drained and closed, and TLS
-//! certificates are reloaded in place.
+//! logged with its diagnostics and the running one stays. Listeners are
+//! matched by the socket address they ask for, however it is spelled: those
+//! the new policy adds are bound, those it drops are drained and closed, TLS
+//! certificates are reloaded in place, and a listener that turns from plain
+//! to TLS (or back) keeps its socket while the old one drains.
 
 use crate::admin::Admin;
 use crate::cache::{Store, StoreConfig};
@@ -305,11 +307,15 @@ pub async fn start(
     })
 }
 
-async fn bind(
-    cfg: &ListenerConfig,
-    handler: Arc<Gateway>,
-    limits: &ServerLimits,
-) -> Result<Serving, RunError> {
+/// A listener's address and TLS side, checked and loaded, not yet bound.
+struct Prepared {
+    cfg: ListenerConfig,
+    addr: SocketAddr,
+    tls: Option<Arc<rustls::ServerConfig>>,
+    resolver: Option<Arc<SniResolver>>,
+}
+
+fn prepare(cfg: &ListenerConfig) -> Result<Prepared, RunError> {
     let addr = listen_addr(&cfg.addr)?;
     let (tls, resolver) = if cfg.tls.is_empty() {
         (None, None)
@@ -317,19 +323,88 @@ async fn bind(
         let resolver = Arc::new(SniResolver::new(cert_map(cfg)?));
         (Some(tls::server_config(resolver.clone())?), Some(resolver))
     };
-    let listener = Listener::bind(addr, tls)
-        .await
-        .map_err(|e| RunError::Listen {
-            addr: cfg.addr.clone(),
-            reason: e.to_string(),
-        })?;
-    tracing::info!(addr = %listener.local_addr(), tls = resolver.is_some(), "listening");
-    let handle = listener.spawn(handler, limits.clone(), ErrorPages::new(), Shutdown::new());
-    Ok(Serving {
+    Ok(Prepared {
         cfg: cfg.clone(),
-        handle,
+        addr,
+        tls,
         resolver,
     })
+}
+
+async fn bind(
+    cfg: &ListenerConfig,
+    handler: Arc<Gateway>,
+    limits: &ServerLimits,
+) -> Result<Serving, RunError> {
+    bind_prepared(prepare(cfg)?, handler, limits).await
+}
+
+async fn bind_prepared(
+    prepared: Prepared,
+    handler: Arc<Gateway>,
+    limits: &ServerLimits,
+) -> Result<Serving, RunError> {
+    let listener = Listener::bind(prepared.addr, prepared.tls.clone())
+        .await
+        .map_err(|e| RunError::Listen {
+            addr: prepared.cfg.addr.clone(),
+            reason: e.to_string(),
+        })?;
+    Ok(serve(prepared, listener, handler, limits))
+}
+
+fn serve(
+    prepared: Prepared,
+    listener: Listener,
+    handler: Arc<Gateway>,
+    limits: &ServerLimits,
+) -> Serving {
+    tracing::info!(addr = %listener.local_addr(), tls = prepared.resolver.is_some(), "listening");
+    let handle = listener.spawn(handler, limits.clone(), ErrorPages::new(), Shutdown::new());
+    Serving {
+        cfg: prepared.cfg,
+        handle,
+        resolver: prepared.resolver,
+    }
+}
+
+/// What a reload does for one wanted listener.
+enum Plan {
+    /// Keep running listener `i`, reloading its certificates and limits.
+    Keep(usize),
+    /// Take the socket of running listener `i`, of the other kind (plain or
+    /// TLS), and serve it as the prepared listener.
+    Switch(usize, Prepared),
+    /// Bind a new socket.
+    Bind,
+}
+
+/// Matches each wanted listener with a running one asking for the same
+/// socket address: first those of the same kind, then the rest. Spellings
+/// of one address (`localhost:80`, `127.0.0.1:80`) match; only the
+/// configured addresses are compared, so `:0` keeps its bound port.
+fn match_listeners(
+    wanted: &[SocketAddr],
+    wanted_tls: &[bool],
+    running: &[(Option<SocketAddr>, bool)],
+) -> Vec<Option<(usize, bool)>> {
+    let mut taken = vec![false; running.len()];
+    let mut plan = vec![None; wanted.len()];
+    for same_kind in [true, false] {
+        for (w, addr) in wanted.iter().enumerate() {
+            if plan[w].is_some() {
+                continue;
+            }
+            let found = running.iter().enumerate().position(|(i, (a, tls))| {
+                !taken[i] && *a == Some(*addr) && (!same_kind || *tls == wanted_tls[w])
+            });
+            if let Some(i) = found {
+                taken[i] = true;
+                plan[w] = Some((i, running[i].1 == wanted_tls[w]));
+            }
+        }
+    }
+    plan
 }
 
 impl Running {
@@ -363,24 +438,34 @@ impl Running {
         }
         let generation = build_generation(policy, Some(&current))?;
         let handler = Arc::new(self.gateway.clone());
-        // Match each wanted listener with a running one of the same address
-        // and kind; bind the rest. Nothing running is touched until every
-        // new listener is bound, so a failed bind leaves all as it was.
-        let mut taken = vec![false; listeners.len()];
-        let plan: Vec<Option<usize>> = wanted
+        // Nothing running is touched until every new listener is bound (and
+        // every certificate loaded), so a failed reload leaves all as it was.
+        let wanted_addrs = wanted
             .iter()
-            .map(|cfg| {
-                let i = listeners.iter().enumerate().position(|(i, s)| {
-                    !taken[i]
-                        && s.cfg.addr == cfg.addr
-                        && s.cfg.tls.is_empty() == cfg.tls.is_empty()
-                })?;
-                taken[i] = true;
-                Some(i)
-            })
+            .map(|c| listen_addr(&c.addr))
+            .collect::<Result<Vec<_>, _>>()?;
+        let wanted_tls: Vec<bool> = wanted.iter().map(|c| !c.tls.is_empty()).collect();
+        let running: Vec<(Option<SocketAddr>, bool)> = listeners
+            .iter()
+            .map(|s| (listen_addr(&s.cfg.addr).ok(), !s.cfg.tls.is_empty()))
             .collect();
+        let mut plan = Vec::with_capacity(wanted.len());
+        for (cfg, m) in wanted
+            .iter()
+            .zip(match_listeners(&wanted_addrs, &wanted_tls, &running))
+        {
+            plan.push(match m {
+                Some((i, true)) => Plan::Keep(i),
+                Some((i, false)) => Plan::Switch(i, prepare(cfg)?),
+                None => Plan::Bind,
+            });
+        }
         let mut fresh = std::collections::VecDeque::new();
-        for (cfg, _) in wanted.iter().zip(&plan).filter(|(_, i)| i.is_none()) {
+        for (cfg, _) in wanted
+            .iter()
+            .zip(&plan)
+            .filter(|(_, p)| matches!(p, Plan::Bind))
+        {
             match bind(cfg, handler.clone(), &limits).await {
                 Ok(s) => fresh.push_back(s),
                 Err(e) => {
@@ -395,19 +480,46 @@ impl Running {
             .into_iter()
             .map(Some)
             .collect();
+        let mut draining = Vec::new();
         let mut kept = Vec::with_capacity(wanted.len());
-        for (cfg, i) in wanted.iter().zip(plan) {
-            let Some(mut s) = i.and_then(|i| old[i].take()) else {
-                kept.extend(fresh.pop_front());
-                continue;
-            };
-            if let (Some(resolver), Some(map)) = (&s.resolver, maps.remove(&cfg.addr)) {
-                resolver.reload(map);
+        for (cfg, step) in wanted.iter().zip(plan) {
+            match step {
+                Plan::Bind => kept.extend(fresh.pop_front()),
+                Plan::Switch(i, prepared) => {
+                    let Some(previous) = old[i].take() else {
+                        continue;
+                    };
+                    // The socket stays open throughout: clients connecting
+                    // meanwhile wait in its queue for the new listener.
+                    let switched = match previous.handle.hand_over().await {
+                        Some(tcp) => Listener::from_tcp(tcp, prepared.tls.clone())
+                            .map(|l| serve(prepared, l, handler.clone(), &limits))
+                            .map_err(|e| RunError::Listen {
+                                addr: cfg.addr.clone(),
+                                reason: e.to_string(),
+                            }),
+                        // It had stopped already, and its socket with it.
+                        None => bind_prepared(prepared, handler.clone(), &limits).await,
+                    };
+                    match switched {
+                        Ok(s) => kept.push(s),
+                        Err(e) => tracing::error!(error = %e, "listener lost in the reload"),
+                    }
+                    draining.push(previous);
+                }
+                Plan::Keep(i) => {
+                    let Some(mut s) = old[i].take() else {
+                        continue;
+                    };
+                    if let (Some(resolver), Some(map)) = (&s.resolver, maps.remove(&cfg.addr)) {
+                        resolver.reload(map);
+                    }
+                    // The new `http { ... }` limits hold for connections accepted from now on.
+                    s.handle.set_limits(limits.clone());
+                    s.cfg = cfg.clone();
+                    kept.push(s);
+                }
             }
-            // The new `http { ... }` limits hold for connections accepted from now on.
-            s.handle.set_limits(limits.clone());
-            s.cfg = cfg.clone();
-            kept.push(s);
         }
         self.gateway.swap(generation);
         self.addrs.store(Arc::new(
@@ -416,6 +528,10 @@ impl Running {
         *listeners = kept;
         drop(listeners);
         tracing::info!("policy reloaded");
+        for s in draining {
+            tracing::info!(addr = %s.handle.local_addr(), was_tls = s.resolver.is_some(), "listener changed kind; the old one drains");
+            s.handle.join().await;
+        }
         for s in old.into_iter().flatten() {
             tracing::info!(addr = %s.handle.local_addr(), "listener removed by the new policy");
             s.handle.stop().await;
@@ -575,6 +691,32 @@ mod tests {
         );
         assert_eq!(listen_addr("[::1]:8443").unwrap().to_string(), "[::1]:8443");
         assert!(listen_addr("nope").is_err());
+    }
+
+    #[test]
+    fn listeners_match_by_address_then_kind() {
+        let a: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let b: SocketAddr = "127.0.0.1:2".parse().unwrap();
+        let any: SocketAddr = "127.0.0.1:0".parse().unwrap();
+        // Same address and kind: kept.
+        assert_eq!(
+            match_listeners(&[a], &[false], &[(Some(a), false)]),
+            [Some((0, true))]
+        );
+        // Same address, other kind: switched; another address: bound.
+        assert_eq!(
+            match_listeners(&[a, b], &[true, false], &[(Some(a), false)]),
+            [Some((0, false)), None]
+        );
+        // Two `:0` listeners of either kind keep their own, whatever the order.
+        assert_eq!(
+            match_listeners(
+                &[any, any],
+                &[false, true],
+                &[(Some(any), true), (Some(any), false)]
+            ),
+            [Some((1, true)), Some((0, true))]
+        );
     }
 
     #[test]

@@ -455,6 +455,16 @@ mod tls_pki {
         }
 
         pub async fn connect(&self, addr: SocketAddr, sni: &str, alpn: &[&[u8]]) -> Stream {
+            self.try_connect(addr, sni, alpn).await.unwrap()
+        }
+
+        /// A TLS handshake with `addr`, which may fail.
+        pub async fn try_connect(
+            &self,
+            addr: SocketAddr,
+            sni: &str,
+            alpn: &[&[u8]],
+        ) -> std::io::Result<Stream> {
             let mut roots = rustls::RootCertStore::empty();
             roots.add(self.issuer.der().clone()).unwrap();
             let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -465,11 +475,10 @@ mod tls_pki {
                 .with_no_client_auth();
             config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
             let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
-            let tcp = TcpStream::connect(addr).await.unwrap();
+            let tcp = TcpStream::connect(addr).await?;
             connector
                 .connect(ServerName::try_from(sni.to_owned()).unwrap(), tcp)
                 .await
-                .unwrap()
         }
     }
 
@@ -1403,6 +1412,99 @@ async fn a_reload_that_cannot_bind_keeps_every_listener() {
             .expect("shutdown stops every listener");
         assert!(tokio::net::TcpStream::connect(before[0]).await.is_err());
         drop(taken);
+    })
+    .await;
+}
+
+/// What a plain HTTP/1.1 client gets from `addr`: the first bytes of the
+/// answer, empty when the server closes without answering in HTTP.
+async fn plain_http_answer(addr: std::net::SocketAddr) -> Vec<u8> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET / HTTP/1.1\r\nhost: a.test\r\nconnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), stream.read_to_end(&mut answer));
+    // A reset counts as no answer too.
+    let _ = read
+        .await
+        .expect("the listener neither answered nor closed");
+    answer
+}
+
+#[tokio::test]
+async fn reload_switches_a_listener_between_plain_and_tls_at_the_same_address() {
+    bounded(async {
+        use tls_pki::*;
+        let arrived = std::sync::Arc::new(tokio::sync::Notify::new());
+        let signal = arrived.clone();
+        let slow = Origin::start_with_delay(Duration::from_millis(500), move |_| {
+            signal.notify_one();
+            reply(200, &[], "slow")
+        })
+        .await;
+        let fast = Origin::start(|_| reply(200, &[], "fast")).await;
+        let pki = Pki::new();
+        let (cert, key, _) = pki.leaf("a", "a.test");
+        let port = closed_addr().port();
+        let backends = format!(
+            r#"
+backend slow {{ server "{}" }}
+backend fast {{ server "{}" }}
+rule slow when path == "/slow" {{ route slow cache off }}
+rule rest {{ route fast cache off }}
+"#,
+            slow.addr, fast.addr
+        );
+        let plain = format!("listen \"127.0.0.1:{port}\"\n{backends}");
+        let tls = format!(
+            "listen \"localhost:{port}\" tls {{ cert \"{}\" key \"{}\" }}\n{backends}",
+            cert.display(),
+            key.display()
+        );
+        let p = proxy_bare(&plain, None).await;
+        let at = addr(&p);
+        assert_eq!(at.port(), port);
+        assert_eq!(get(at, "/", &[]).await.text(), "fast");
+
+        // A request in flight on the plain listener when it turns TLS.
+        let in_flight = tokio::spawn(async move { get(at, "/slow", &[]).await });
+        arrived.notified().await;
+        p.reload(load(&tls))
+            .await
+            .expect("plain to TLS at one address");
+        let got = in_flight.await.unwrap();
+        assert_eq!((got.status.as_u16(), got.text()), (200, "slow".into()));
+        assert_eq!(p.listen_addrs(), vec![at]);
+        let stream = pki.connect(at, "a.test", &[b"http/1.1"]).await;
+        assert_eq!(h1_get(stream, "a.test", "/").await, (200, "fast".into()));
+        let answer = plain_http_answer(at).await;
+        assert!(
+            !answer.starts_with(b"HTTP/"),
+            "plain HTTP still served: {}",
+            String::from_utf8_lossy(&answer)
+        );
+
+        // And back, under the other spelling of the address.
+        p.reload(load(&plain))
+            .await
+            .expect("TLS to plain at one address");
+        assert_eq!(p.listen_addrs(), vec![at]);
+        assert_eq!(get(at, "/", &[]).await.text(), "fast");
+        assert!(
+            pki.try_connect(at, "a.test", &[b"http/1.1"]).await.is_err(),
+            "TLS still served"
+        );
+
+        // A new spelling of the same address keeps the listener.
+        p.reload(load(&plain.replace("127.0.0.1:", "localhost:")))
+            .await
+            .expect("the same address, spelled otherwise");
+        assert_eq!(p.listen_addrs(), vec![at]);
+        assert_eq!(get(at, "/", &[]).await.text(), "fast");
+        p.shutdown().await;
     })
     .await;
 }

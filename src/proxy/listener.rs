@@ -9,7 +9,10 @@
 //! Each listener is one task with its own [`Shutdown`]; adding or removing a
 //! listener at run time (a reload that changes the listen set) is spawning a
 //! new [`Listener`] or stopping one [`ListenerHandle`], without touching the
-//! others.
+//! others. Changing what a listener is (plain or TLS) keeps its socket:
+//! [`ListenerHandle::hand_over`] takes the bound socket from the running
+//! listener, which then drains, and [`Listener::from_tcp`] serves it anew,
+//! so clients are never refused in between.
 //!
 //! Limits ([`ServerLimits`]) are enforced here, before any handler runs:
 //!
@@ -45,7 +48,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::watch;
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
@@ -232,6 +235,17 @@ impl Listener {
         })
     }
 
+    /// Serves an already bound socket, such as one a running listener gave
+    /// up with [`ListenerHandle::hand_over`]. With `tls`, connections are TLS.
+    pub fn from_tcp(tcp: TcpListener, tls: Option<Arc<rustls::ServerConfig>>) -> io::Result<Self> {
+        let local_addr = tcp.local_addr()?;
+        Ok(Self {
+            tcp,
+            local_addr,
+            tls: tls.map(TlsAcceptor::from),
+        })
+    }
+
     /// The address actually bound.
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
@@ -248,12 +262,20 @@ impl Listener {
     ) -> ListenerHandle {
         let local_addr = self.local_addr;
         let (limits_tx, limits_rx) = watch::channel(limits);
-        let task = tokio::spawn(self.serve_with(handler, limits_rx, errors, shutdown.clone()));
+        let (hand_over, hand_over_rx) = mpsc::channel(1);
+        let task = tokio::spawn(self.serve_with(
+            handler,
+            limits_rx,
+            hand_over_rx,
+            errors,
+            shutdown.clone(),
+        ));
         ListenerHandle {
             local_addr,
             shutdown,
             task,
             limits: limits_tx,
+            hand_over,
         }
     }
 
@@ -270,15 +292,19 @@ impl Listener {
         shutdown: Shutdown,
     ) {
         let (_keep, limits) = watch::channel(limits);
-        self.serve_with(handler, limits, errors, shutdown).await;
+        let (_keep_too, hand_over) = mpsc::channel(1);
+        self.serve_with(handler, limits, hand_over, errors, shutdown)
+            .await;
     }
 
-    /// [`Listener::serve`], with limits that may change while it runs: new
-    /// connections get the limits in force when they are accepted.
+    /// [`Listener::serve`], with limits that may change while it runs (new
+    /// connections get the limits in force when they are accepted), and that
+    /// gives its socket to whoever asks on `hand_over` before draining.
     async fn serve_with<H: Handler>(
         self,
         handler: Arc<H>,
         mut limits: watch::Receiver<ServerLimits>,
+        mut hand_over: mpsc::Receiver<oneshot::Sender<TcpListener>>,
         errors: ErrorPages,
         shutdown: Shutdown,
     ) {
@@ -296,6 +322,7 @@ impl Listener {
         let mut conns = JoinSet::new();
         let mut stop = pin!(shutdown.triggered());
         let mut at_cap = false;
+        let mut taker = None;
         loop {
             let room = conns.len() < shared.limits.max_connections;
             if room == at_cap {
@@ -308,6 +335,10 @@ impl Listener {
             tokio::select! {
                 biased;
                 () = &mut stop => break,
+                Some(reply) = hand_over.recv() => {
+                    taker = Some(reply);
+                    break;
+                }
                 accepted = self.tcp.accept(), if room => match accepted {
                     Ok((stream, client_addr)) => {
                         conns.spawn(accept(stream, client_addr, self.tls.clone(), Arc::clone(&shared)));
@@ -335,7 +366,20 @@ impl Listener {
                 }
             }
         }
-        drop(self.tcp);
+        // A later ask finds the channel closed, not a socket that never comes.
+        drop(hand_over);
+        match taker {
+            // Clients the kernel queued meanwhile wait for the socket's next
+            // owner; the connections accepted here finish as on shutdown.
+            Some(reply) => {
+                if reply.send(self.tcp).is_err() {
+                    warn!(addr = %self.local_addr, "the socket handed over was not taken; it is closed");
+                }
+                shutdown.trigger();
+                info!(addr = %self.local_addr, "socket handed over");
+            }
+            None => drop(self.tcp),
+        }
         info!(addr = %self.local_addr, connections = conns.len(), "stopped accepting; draining");
         let drain = async { while conns.join_next().await.is_some() {} };
         if tokio::time::timeout(shared.limits.shutdown_grace, drain)
@@ -360,6 +404,7 @@ pub struct ListenerHandle {
     shutdown: Shutdown,
     task: JoinHandle<()>,
     limits: watch::Sender<ServerLimits>,
+    hand_over: mpsc::Sender<oneshot::Sender<TcpListener>>,
 }
 
 impl ListenerHandle {
@@ -372,6 +417,19 @@ impl ListenerHandle {
     /// them, connections already open keep theirs.
     pub fn set_limits(&self, limits: ServerLimits) {
         self.limits.send_replace(limits);
+    }
+
+    /// Stops accepting and returns the bound socket, without closing it: a
+    /// client connecting meanwhile waits in the kernel's accept queue for the
+    /// socket's next owner ([`Listener::from_tcp`]). The connections this
+    /// listener accepted then drain as on [`ListenerHandle::stop`] (its
+    /// shutdown signal is triggered, for whoever else holds it too); wait for
+    /// that with [`ListenerHandle::join`]. `None` when the listener had
+    /// already stopped.
+    pub async fn hand_over(&self) -> Option<TcpListener> {
+        let (reply, socket) = oneshot::channel();
+        self.hand_over.send(reply).await.ok()?;
+        socket.await.ok()
     }
 
     /// Triggers this listener's shutdown signal (shared with whoever else
