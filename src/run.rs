@@ -121,7 +121,8 @@ pub fn backend_config(model: &Model, id: usize) -> BackendConfig {
 }
 
 /// Builds the runtime objects of a policy, reusing the pools and limiter
-/// state of `previous` where nothing changed.
+/// state of `previous` where nothing changed. A backend whose configuration
+/// changed gets a new pool that keeps its servers' health ([`Pool::after`]).
 pub fn build_generation(
     policy: Policy,
     previous: Option<&Generation>,
@@ -145,9 +146,26 @@ pub fn build_generation(
                     BackendRuntime::Static(_) => None,
                 })
         });
+        // A changed backend keeps what its previous pool knew of its servers.
+        let changed = || {
+            let p = previous?;
+            let i = p
+                .policy
+                .model
+                .backends
+                .iter()
+                .position(|b| b.name == cfg.name)?;
+            match &p.backends[i] {
+                BackendRuntime::Pool(pool) => Some(pool.clone()),
+                BackendRuntime::Static(_) => None,
+            }
+        };
         let pool = match reused {
             Some(pool) => pool,
-            None => Arc::new(Pool::new(&cfg)?),
+            None => match changed() {
+                Some(before) => Arc::new(Pool::after(&cfg, &before)?),
+                None => Arc::new(Pool::new(&cfg)?),
+            },
         };
         backends.push(BackendRuntime::Pool(pool));
     }

@@ -1416,6 +1416,70 @@ async fn a_reload_that_cannot_bind_keeps_every_listener() {
     .await;
 }
 
+/// The live pool of the proxy's first backend.
+fn first_pool(p: &portico::run::Running) -> std::sync::Arc<portico::upstream::Pool> {
+    match &p.gateway().current().backends[0] {
+        portico::proxy::phases::BackendRuntime::Pool(pool) => pool.clone(),
+        portico::proxy::phases::BackendRuntime::Static(_) => panic!("a static backend"),
+    }
+}
+
+#[tokio::test]
+async fn reload_that_changes_a_backend_keeps_its_dead_server_out() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let dead = closed_addr();
+        // One request to the dead server would eject it for a minute.
+        let policy = |servers: &[std::net::SocketAddr]| {
+            let lines: String = servers
+                .iter()
+                .map(|s| format!("  server \"{s}\"\n"))
+                .collect();
+            format!(
+                r#"
+backend app {{
+{lines}  health get "/healthz" every 300ms timeout 200ms rise 1 fall 2
+  eject_after 1
+  eject_for 60s
+}}
+rule all {{ route app cache off }}
+"#
+            )
+        };
+        let p = proxy(&policy(&[a.addr, dead])).await;
+        let before = first_pool(&p);
+        eventually("the dead server marked down", || !before.health().is_up(1)).await;
+
+        p.reload(load(&policy(&[a.addr, dead, b.addr])))
+            .await
+            .unwrap();
+        let after = first_pool(&p);
+        assert!(
+            !std::sync::Arc::ptr_eq(&before, &after),
+            "a changed backend gets a new pool"
+        );
+        assert!(!after.health().is_up(1), "the dead server is up again");
+        let mut bodies = Vec::new();
+        for _ in 0..20 {
+            let got = get(addr(&p), "/", &[]).await;
+            assert_eq!(got.status, 200, "{}", got.text());
+            bodies.push(got.text());
+        }
+        assert!(
+            !after.health().is_ejected(1),
+            "a request was tried on the dead server"
+        );
+        assert!(
+            bodies.iter().any(|t| t == "b"),
+            "the added server: {bodies:?}"
+        );
+        assert_eq!(a.count_path("/") + b.count_path("/"), 20);
+        p.shutdown().await;
+    })
+    .await;
+}
+
 /// What a plain HTTP/1.1 client gets from `addr`: the first bytes of the
 /// answer, empty when the server closes without answering in HTTP.
 async fn plain_http_answer(addr: std::net::SocketAddr) -> Vec<u8> {

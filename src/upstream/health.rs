@@ -6,6 +6,11 @@
 //! `fall` consecutive failed probes and comes back after `rise` consecutive
 //! good ones. Independently, `consecutive_failures` failed requests eject it
 //! for `cooldown`, after which it is re-admitted with a clean slate.
+//!
+//! When a reload changes a backend, the new state takes over what the old
+//! one knew of the servers that remain ([`HealthState::carry_over`]): a
+//! server known to be down or ejected does not get traffic again just
+//! because the policy changed.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -58,6 +63,48 @@ impl HealthState {
                 })
                 .collect(),
         })
+    }
+
+    /// Takes over `previous`'s knowledge of the servers that remain: for
+    /// each `(here, there)` in `kept`, server `here` gets server `there`'s
+    /// state. With `active` (this backend has health checks) that is its
+    /// up or down verdict and probe streaks; without, a server stays up, as
+    /// nothing here could bring it back. With passive ejection enabled here,
+    /// it is the request failure streak and a running ejection, which ends
+    /// when it would have, or after this backend's cooldown if sooner.
+    pub fn carry_over(&self, previous: &HealthState, kept: &[(usize, usize)], active: bool) {
+        let now = Instant::now();
+        for &(here, there) in kept {
+            let (new, old) = (&self.servers[here], &previous.servers[there]);
+            if active {
+                new.up
+                    .store(old.up.load(Ordering::Acquire), Ordering::Release);
+                new.probe_ok_streak.store(
+                    old.probe_ok_streak.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+                new.probe_fail_streak.store(
+                    old.probe_fail_streak.load(Ordering::Relaxed),
+                    Ordering::Relaxed,
+                );
+            }
+            if self.eject.consecutive_failures == 0 {
+                continue;
+            }
+            new.request_fail_streak.store(
+                old.request_fail_streak.load(Ordering::Relaxed),
+                Ordering::Relaxed,
+            );
+            let until = old.ejected_until_ms.load(Ordering::Acquire);
+            if until == 0 || !previous.is_ejected(there) {
+                continue;
+            }
+            // Each state counts from its own base: move through an instant.
+            let ends = previous.base + Duration::from_millis(until - 1);
+            let ends = ends.min(now + self.eject.cooldown);
+            let ms = ends.saturating_duration_since(self.base).as_millis() as u64 + 1;
+            new.ejected_until_ms.store(ms, Ordering::Release);
+        }
     }
 
     /// Number of servers.
@@ -265,6 +312,39 @@ mod tests {
         // Re-admitted with a clean slate: one failure does not eject again.
         assert!(!h.record_failure(0));
         assert!(h.is_usable(0));
+    }
+
+    #[test]
+    fn carry_over_keeps_what_was_known_of_remaining_servers() {
+        let old = HealthState::new(3, 1, 2, eject(1, 60_000));
+        old.record_probe(0, false);
+        old.record_probe(0, false); // down
+        assert!(old.record_failure(1)); // ejected
+        old.record_probe(2, false); // one failure short of down
+                                    // Server 0 stays at 0, 2 moves to 1, 1 moves to 2, a new one is 3.
+        let kept = [(0, 0), (1, 2), (2, 1)];
+        let new = HealthState::new(4, 1, 2, eject(1, 60_000));
+        new.carry_over(&old, &kept, true);
+        assert!(!new.is_up(0));
+        assert!(new.is_usable(1));
+        assert_eq!(
+            new.record_probe(1, false),
+            Some(false),
+            "the streak carried"
+        );
+        assert!(new.is_ejected(2));
+        assert!(new.is_usable(3));
+
+        // Without active checks nothing would bring a server back up; without
+        // ejection a running one would never have been started.
+        let plain = HealthState::new(4, 1, 2, eject(0, 60_000));
+        plain.carry_over(&old, &kept, false);
+        assert!((0..4).all(|i| plain.is_usable(i)));
+
+        // A shorter cooldown here ends the ejection sooner.
+        let brief = HealthState::new(4, 1, 2, eject(1, 0));
+        brief.carry_over(&old, &kept, true);
+        assert!(!brief.is_ejected(2));
     }
 
     #[test]

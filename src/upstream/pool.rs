@@ -204,6 +204,18 @@ impl Pool {
     /// checker (so it must be called inside a tokio runtime). Fails on a
     /// server address that is not `host:port`, and on TLS without a CA file.
     pub fn new(cfg: &BackendConfig) -> Result<Pool, UpstreamError> {
+        Self::build(cfg, None)
+    }
+
+    /// [`Pool::new`] for a changed configuration of the backend `previous`
+    /// serves: servers of the same address keep their health (active
+    /// verdict, passive ejection; see [`HealthState::carry_over`]), so that
+    /// a reload sends no traffic to a server known to be down.
+    pub fn after(cfg: &BackendConfig, previous: &Pool) -> Result<Pool, UpstreamError> {
+        Self::build(cfg, Some(previous))
+    }
+
+    fn build(cfg: &BackendConfig, previous: Option<&Pool>) -> Result<Pool, UpstreamError> {
         let config_error = |reason: String| UpstreamError::Config {
             backend: cfg.name.clone(),
             reason,
@@ -241,6 +253,18 @@ impl Pool {
 
         let (rise, fall) = cfg.health.as_ref().map_or((1, 1), |h| (h.rise, h.fall));
         let health = HealthState::new(servers.len(), rise, fall, cfg.eject);
+        if let Some(previous) = previous {
+            // Before the checker starts, so its first round builds on it.
+            let kept: Vec<(usize, usize)> = servers
+                .iter()
+                .enumerate()
+                .filter_map(|(i, s)| {
+                    let j = previous.servers.iter().position(|p| p.addr == s.addr)?;
+                    Some((i, j))
+                })
+                .collect();
+            health.carry_over(&previous.health, &kept, cfg.health.is_some());
+        }
         let servers: Box<[Server]> = servers.into();
         let checker = cfg.health.as_ref().map(|h| {
             let probe = Prober::new(h, &servers, Arc::clone(&conns), cfg);
