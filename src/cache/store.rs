@@ -541,8 +541,16 @@ impl Store {
         let Some(bans) = &self.bans else {
             return;
         };
+        // A soft ban also covers what this run stored until now: the marked
+        // copies a soft purge writes go to disk best effort, and after a
+        // restart an unmarked one found there must still read as stale.
+        let before_ms = if soft {
+            unix_ms(now()).max(self.opened_ms)
+        } else {
+            self.opened_ms
+        };
         let ban = Ban {
-            before_ms: self.opened_ms,
+            before_ms,
             soft,
             target,
         };
@@ -891,6 +899,26 @@ mod tests {
         // The next store opens strictly later than these entries arrived.
         tokio::time::sleep(Duration::from_millis(5)).await;
         Store::open(on_disk(dir)).await.unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_soft_purge_holds_after_a_restart_even_if_its_marked_copy_was_lost() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(on_disk(dir.path())).await.unwrap();
+        let entry = tagged("news");
+        assert!(store.insert(root_key("/blog/2"), entry.clone()));
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert_eq!(store.soft_purge_tag("news").await, 1);
+        // The marked copy's disk write is best effort: stand for one that
+        // was dropped by putting the unmarked entry back.
+        assert!(store.insert(root_key("/blog/2"), entry));
+        store.close().await.unwrap();
+        drop(store);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let store = Store::open(on_disk(dir.path())).await.unwrap();
+        let got = store.get(&root_key("/blog/2")).await.unwrap();
+        assert!(got.soft_purged, "still stale after the restart");
+        store.close().await.unwrap();
     }
 
     #[tokio::test]
