@@ -14,7 +14,8 @@
 //! 6. **store**: the response phase rules and HTTP's caching rules decide
 //!    whether and for how long it is kept.
 //! 7. **deliver**: header edits, compression and Cache-Status are applied.
-//! 8. **log**: one access log line and the metrics.
+//! 8. **log**: one access log line and the metrics, once the response body
+//!    has been sent or given up on.
 
 pub mod admin;
 pub mod cache;

@@ -294,6 +294,8 @@ mod tests {
                 method = %"GET",
                 path = %"/a\"b",
                 status = 200u16,
+                bytes = 5u64,
+                complete = false,
                 upstream_us = None::<u64>,
                 cache = "hit",
             );
@@ -301,14 +303,15 @@ mod tests {
         let plain = lines(false, emit);
         assert_eq!(
             plain,
-            vec!["2026-11-23T00:00:00.123Z access method=GET path=/a\"b status=200 cache=hit\n"]
+            vec!["2026-11-23T00:00:00.123Z access method=GET path=/a\"b status=200 bytes=5 complete=false cache=hit\n"]
         );
         let json = lines(true, emit);
         assert_eq!(
             json,
-            vec!["{\"ts\":\"2026-11-23T00:00:00.123Z\",\"log\":\"access\",\"method\":\"GET\",\"path\":\"/a\\\"b\",\"status\":200,\"cache\":\"hit\"}\n"]
+            vec!["{\"ts\":\"2026-11-23T00:00:00.123Z\",\"log\":\"access\",\"method\":\"GET\",\"path\":\"/a\\\"b\",\"status\":200,\"bytes\":5,\"complete\":false,\"cache\":\"hit\"}\n"]
         );
         let parsed: serde_json::Value = serde_json::from_str(json[0].trim()).unwrap();
         assert_eq!(parsed["path"], "/a\"b");
+        assert_eq!(parsed["complete"], false);
     }
 }

@@ -254,6 +254,8 @@ async fn run_with_a_backend_flag_serves_from_that_origin() {
             "status=200",
             "rule=default",
             "backend=origin",
+            "bytes=17",
+            "complete=true",
         ] {
             assert!(line.contains(field), "`{field}` missing from {line}");
         }
@@ -284,6 +286,8 @@ async fn json_access_log_lines_parse() {
         assert_eq!(v["path"], "/j");
         assert_eq!(v["status"], 200);
         assert_eq!(v["cache"], "uri-miss");
+        assert_eq!(v["bytes"], 2);
+        assert_eq!(v["complete"], true);
     })
     .await;
 }

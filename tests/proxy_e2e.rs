@@ -1616,22 +1616,65 @@ impl std::io::Write for Captured {
     }
 }
 
+impl Captured {
+    /// Captures what this thread logs at INFO and above while the guard
+    /// lives. A current-thread runtime runs every task of a test, so the
+    /// thread-local subscriber sees the proxy's access log.
+    fn start() -> (Captured, tracing::subscriber::DefaultGuard) {
+        let logs = Captured::default();
+        let writer = logs.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .finish();
+        let guard = tracing::subscriber::set_default(subscriber);
+        // Another test's thread may have registered the access log's callsite
+        // while this subscriber was being added, and cached it as disabled;
+        // judge every callsite again now that it is in place.
+        tracing::callsite::rebuild_interest_cache();
+        (logs, guard)
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+
+    /// The access log line for `path`, if it has been written.
+    fn access_line(&self, path: &str) -> Option<String> {
+        let needle = format!(" path={path} ");
+        self.text()
+            .lines()
+            .find(|l| l.contains("portico::access") && l.contains(&needle))
+            .map(str::to_owned)
+    }
+
+    /// Waits for the access log line for `path`: it is written when the
+    /// response body is done, which may be just after the client has it.
+    async fn wait_access_line(&self, path: &str) -> String {
+        eventually(&format!("the access log line for {path}"), || {
+            self.access_line(path).is_some()
+        })
+        .await;
+        self.access_line(path).unwrap()
+    }
+}
+
+/// The number after `name=` in a plain log line.
+fn field_u64(line: &str, name: &str) -> u64 {
+    let at = line
+        .find(&format!(" {name}="))
+        .unwrap_or_else(|| panic!("no {name} in {line}"));
+    line[at + name.len() + 2..]
+        .split(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} is not a number in {line}"))
+}
+
 #[tokio::test]
 async fn admin_health_metrics_with_token_and_access_log() {
-    // A current-thread runtime runs every task here, so a thread-local
-    // subscriber sees the proxy's access log.
-    let logs = Captured::default();
-    let writer = logs.clone();
-    let subscriber = tracing_subscriber::fmt()
-        .with_writer(move || writer.clone())
-        .with_ansi(false)
-        .with_max_level(tracing::Level::INFO)
-        .finish();
-    let _guard = tracing::subscriber::set_default(subscriber);
-    // Another test's thread may have registered the access log's callsite
-    // while this subscriber was being added, and cached it as disabled;
-    // judge every callsite again now that it is in place.
-    tracing::callsite::rebuild_interest_cache();
+    let (logs, _guard) = Captured::start();
     bounded(async {
         let origin = Origin::start(|_| reply(200, &[], "ok")).await;
         let p = proxy(&policy_for(&origin, "rule front { route app cache off }")).await;
@@ -1655,14 +1698,106 @@ async fn admin_health_metrics_with_token_and_access_log() {
         p.shutdown().await;
     })
     .await;
-    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
-    let line = text
-        .lines()
-        .find(|l| l.contains("portico::access") && l.contains("/logged"))
-        .unwrap_or_else(|| panic!("no access log line in:\n{text}"));
-    for part in ["status=200", "rule=front", "backend=app", "method=GET"] {
+    let line = logs
+        .access_line("/logged")
+        .unwrap_or_else(|| panic!("no access log line in:\n{}", logs.text()));
+    for part in [
+        "status=200",
+        "rule=front",
+        "backend=app",
+        "method=GET",
+        "bytes=2",
+        "complete=true",
+    ] {
         assert!(line.contains(part), "{part} missing from {line}");
     }
+}
+
+#[tokio::test]
+async fn access_log_counts_the_bytes_of_a_chunked_body() {
+    let (logs, _guard) = Captured::start();
+    bounded(async {
+        const LEN: usize = 300_000;
+        let (response, body) = chunked_response(LEN, "");
+        let origin = RawOrigin::start(response).await;
+        let backend = format!(
+            "backend app {{\n  server \"{}\"\n}}\nrule all {{ route app cache off }}\n",
+            origin.addr
+        );
+        let p = proxy(&backend).await;
+        let got = get(addr(&p), "/chunked", &[]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.body.len(), LEN);
+        assert_eq!(got.body, body);
+        let line = logs.wait_access_line("/chunked").await;
+        assert_eq!(field_u64(&line, "bytes"), LEN as u64, "{line}");
+        assert!(line.contains(" complete=true"), "{line}");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn access_log_marks_a_download_cut_short() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let (logs, _guard) = Captured::start();
+    bounded(async {
+        // An origin that streams a chunked body far larger than any socket
+        // buffer, until the proxy stops taking it.
+        const LEN: u64 = 64 << 20;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin_addr = listener.local_addr().unwrap();
+        let origin = tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..LEN / chunk.len() as u64 {
+                out.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+                out.extend_from_slice(&chunk);
+                out.extend_from_slice(b"\r\n");
+                if s.write_all(&out).await.is_err() {
+                    return;
+                }
+                out.clear();
+            }
+            let _ = s.write_all(b"0\r\n\r\n").await;
+        });
+        let backend = format!(
+            "backend app {{\n  server \"{origin_addr}\"\n}}\nrule all {{ route app cache off }}\n"
+        );
+        let p = proxy(&backend).await;
+        // The client reads the head and some of the body, then goes away.
+        let mut client = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        client
+            .write_all(b"GET /big HTTP/1.1\r\nhost: t.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        while got.len() < 100_000 {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0, "closed early: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert!(got.starts_with(b"HTTP/1.1 200"));
+        drop(client);
+        let line = logs.wait_access_line("/big").await;
+        assert!(line.contains(" complete=false"), "{line}");
+        assert!(line.contains(" status=200"), "{line}");
+        let bytes = field_u64(&line, "bytes");
+        assert!(bytes > 0 && bytes < LEN, "{line}");
+        p.shutdown().await;
+        origin.abort();
+    })
+    .await;
 }
 
 // ============================================================ limits that must not be sidestepped

@@ -1,15 +1,18 @@
 //! The request phases, in order: receive, decide, throttle, lookup, fetch,
 //! store, deliver, log. [`Gateway`] is the listeners' [`Handler`]; `serve`
 //! below runs the phases in sequence, `fill` fetches and stores, `deliver`
-//! turns a stored entry into a response, and `invalidate` holds the requests
-//! that change the cache rather than read it. The generation of the policy a
+//! turns a stored entry into a response, `invalidate` holds the requests
+//! that change the cache rather than read it, and `access` writes the log
+//! line once the response body is done. The generation of the policy a
 //! request started with serves it to the end, even if a reload swaps in
 //! another meanwhile.
 
+mod access;
 mod deliver;
 mod fill;
 mod invalidate;
 
+use access::{Access, LoggedBody};
 use deliver::synthetic;
 use fill::Filled;
 
@@ -514,22 +517,19 @@ impl Handler for Gateway {
         // An upgrade takes the request whole: what the log and an error page
         // need of its head is kept first. Any other request lends its head
         // to `serve` and keeps it.
-        let kept;
-        let (result, parts) =
+        let (result, head) =
             if hygiene::is_upgrade(&parts.headers) || parts.method == Method::CONNECT {
-                kept = head_for_log(&parts);
+                let kept = head_for_log(&parts);
                 let req = Request::from_parts(parts, body);
-                (self.serve_switch(&gen, req, &conn, &mut log).await, &kept)
+                (self.serve_switch(&gen, req, &conn, &mut log).await, kept)
             } else {
-                (
-                    self.serve(&gen, &parts, body, &conn, &mut log).await,
-                    &parts,
-                )
+                let result = self.serve(&gen, &parts, body, &conn, &mut log).await;
+                (result, parts)
             };
         let mut resp = match result {
             Ok(resp) => resp,
             Err(e) => {
-                let mut resp = self.inner.errors.respond(&e, Some(&parts.headers));
+                let mut resp = self.inner.errors.respond(&e, Some(&head.headers));
                 if log.cache.is_empty() {
                     log.cache = "error";
                 }
@@ -554,32 +554,20 @@ impl Handler for Gateway {
                 strip_server: gen.policy.model.http.hide_server,
             },
         );
-        let status = resp.status().as_u16();
-        let bytes = resp.body().size_hint().exact().unwrap_or(0);
-        let elapsed = started.elapsed();
+        let status = resp.status();
         let m = &self.inner.metrics;
-        m.requests[usize::from((status / 100).clamp(1, 5) - 1)].increment(1);
-        m.duration.record(elapsed.as_secs_f64());
-        let model = &gen.policy.model;
-        tracing::info!(
-            target: "portico::access",
-            client = %conn.client_addr.ip(),
-            method = %parts.method,
-            host = %parts
-                .uri
-                .host()
-                .or_else(|| parts.headers.get(header::HOST).and_then(|h| h.to_str().ok()))
-                .unwrap_or("-"),
-            path = %parts.uri.path(),
+        m.requests[usize::from((status.as_u16() / 100).clamp(1, 5) - 1)].increment(1);
+        // The log line and the duration wait for the body's end.
+        let access = Access {
+            started,
+            gen,
+            client: conn.client_addr.ip(),
+            head,
             status,
-            bytes,
-            duration_us = elapsed.as_micros() as u64,
-            upstream_us = log.upstream.map(|d| d.as_micros() as u64),
-            rule = %log.rule.map_or("-", |i| model.rules[i].name.as_str()),
-            backend = %log.backend.map_or("-", |i| model.backends[i].name.as_str()),
-            cache = log.cache,
-        );
-        resp
+            log,
+            duration: m.duration.clone(),
+        };
+        resp.map(|inner| LoggedBody::new(inner, access).boxed_unsync())
     }
 }
 
