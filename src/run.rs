@@ -190,6 +190,7 @@ fn server_limits(policy: &Policy) -> ServerLimits {
     ServerLimits {
         header_read_timeout: h.header_timeout,
         idle_timeout: h.idle_timeout,
+        send_timeout: h.send_timeout,
         max_header_bytes: h.max_header as usize,
         max_body_bytes: h.max_body,
         shutdown_grace: h.shutdown_grace,
@@ -744,6 +745,7 @@ mod tests {
 http {
   max_connections 3
   idle_timeout 5s
+  send_timeout 7s
 }
 backend app {
   server "127.0.0.1:9000"
@@ -758,6 +760,7 @@ rule default {
         let limits = server_limits(&policy);
         assert_eq!(limits.max_connections, 3);
         assert_eq!(limits.idle_timeout, Duration::from_secs(5));
+        assert_eq!(limits.send_timeout, Duration::from_secs(7));
     }
 
     #[test]

@@ -24,6 +24,13 @@ use tokio::time::timeout;
 /// Every test finishes well within this, or fails.
 const BOUND: Duration = Duration::from_secs(10);
 
+/// What `/large` answers: far more than the socket buffers between the
+/// edge and a client hold. `/medium` answers its first 2 MiB.
+const LARGE: usize = 16 << 20;
+const MEDIUM: usize = 2 << 20;
+static LARGE_BODY: std::sync::LazyLock<Bytes> =
+    std::sync::LazyLock::new(|| Bytes::from(vec![b'x'; LARGE]));
+
 /// Echoes what it saw; `/body` reads the body and answers its length; `/hold`
 /// reports that it started and waits for `release`; an upgrade request is
 /// relayed to `origin`.
@@ -84,6 +91,8 @@ impl Handler for TestHandler {
                     ))
                     .unwrap()
             }
+            "/large" => Response::new(body::full(LARGE_BODY.clone())),
+            "/medium" => Response::new(body::full(LARGE_BODY.slice(..MEDIUM))),
             "/interim" => Response::builder()
                 .status(StatusCode::from_u16(103).unwrap())
                 .body(body::empty())
@@ -1013,6 +1022,91 @@ async fn read_response(stream: &mut TcpStream, pending: &mut Vec<u8>) -> (String
         );
         pending.extend_from_slice(&chunk[..n]);
     }
+}
+
+/// A connection with a small receive buffer, so that what its client does
+/// not read backs up to the server soon.
+async fn small_window_connect(addr: SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    socket.connect(addr).await.unwrap()
+}
+
+/// A request for `path` served by Portico's own HTTP/1.1 loop (a GET) and
+/// one served by hyper (it has a body).
+fn by_either_server(path: &str) -> [(&'static str, String); 2] {
+    [
+        (
+            "own loop",
+            format!("GET {path} HTTP/1.1\r\nhost: a\r\n\r\n"),
+        ),
+        (
+            "hyper",
+            format!("POST {path} HTTP/1.1\r\nhost: a\r\ncontent-length: 1\r\n\r\nx"),
+        ),
+    ]
+}
+
+/// A send timeout short enough for a test, every other limit far off.
+fn short_send_timeout() -> ServerLimits {
+    ServerLimits {
+        send_timeout: Duration::from_millis(500),
+        ..ServerLimits::default()
+    }
+}
+
+#[tokio::test]
+async fn a_client_that_reads_nothing_loses_its_connection_after_the_send_timeout() {
+    let edge = start(short_send_timeout()).await;
+    for (server, request) in by_either_server("/large") {
+        let mut stream = small_window_connect(edge.addr).await;
+        stream.write_all(request.as_bytes()).await.unwrap();
+        // Nothing read for well past the send timeout (hyper's connections
+        // are looked at every send timeout: gone within two).
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        // What was already on its way still arrives, then the end, short
+        // of the body. A connection still open would deliver it all and
+        // then wait for the next request.
+        let mut got = Vec::new();
+        let ended = timeout(BOUND, stream.read_to_end(&mut got)).await;
+        assert!(ended.is_ok(), "{server}: the connection was not closed");
+        assert!(
+            got.starts_with(b"HTTP/1.1 200 OK\r\n"),
+            "{server}: {:?}",
+            String::from_utf8_lossy(&got[..got.len().min(200)])
+        );
+        assert!(got.len() < LARGE, "{server}: the whole response arrived");
+    }
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
+async fn a_slow_reader_that_keeps_reading_gets_the_whole_response() {
+    let edge = start(short_send_timeout()).await;
+    for (server, request) in by_either_server("/medium") {
+        let mut stream = small_window_connect(edge.addr).await;
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = vec![0u8; 16 * 1024];
+        timeout(BOUND, async {
+            loop {
+                // A little at a time, with pauses well inside the timeout.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+                let n = stream.read(&mut buf).await.unwrap();
+                assert!(n > 0, "{server}: closed after {} bytes", got.len());
+                got.extend_from_slice(&buf[..n]);
+                if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+                    if got.len() >= end + 4 + MEDIUM {
+                        break;
+                    }
+                }
+            }
+        })
+        .await
+        .unwrap_or_else(|_| panic!("{server}: not done in time"));
+        assert!(got.starts_with(b"HTTP/1.1 200 OK\r\n"), "{server}");
+    }
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
 }
 
 #[tokio::test]

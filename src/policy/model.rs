@@ -116,6 +116,9 @@ pub struct HttpConfig {
     pub header_timeout: Duration,
     /// Idle keep-alive time. Default 60 s.
     pub idle_timeout: Duration,
+    /// How long a response may wait on a client that takes none of it.
+    /// Default 60 s.
+    pub send_timeout: Duration,
     /// Request header bytes; beyond: 431. Default 32 KiB.
     pub max_header: u64,
     /// Request body bytes; beyond: 413. Default 10 MiB.
@@ -133,6 +136,7 @@ impl Default for HttpConfig {
         HttpConfig {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
             max_header: 32 << 10,
             max_body: 10 << 20,
             hide_server: false,

@@ -22,6 +22,9 @@
 //! - a connection with no request in flight is closed after `idle_timeout`;
 //!   on HTTP/1.1 the header timeout starts again with the first byte of the
 //!   next request;
+//! - a connection whose client takes nothing of what is written to it is
+//!   dropped after `send_timeout` (a client that asks for a large object and
+//!   never reads it would otherwise hold the connection for good);
 //! - a header section over `max_header_bytes` is refused with 431 (RFC 6585
 //!   §5) on HTTP/1.1, or with 431 or a stream reset on HTTP/2;
 //! - a body declared larger than `max_body_bytes` is refused with 413 (RFC
@@ -72,6 +75,14 @@ pub struct ServerLimits {
     /// A connection with no request in flight for this long is closed.
     /// Default 60 s.
     pub idle_timeout: Duration,
+    /// A connection whose writes to the client are blocked (the client
+    /// takes nothing) for this long is dropped, response in flight or not.
+    /// A write that goes through starts it again, so a slow reader that
+    /// keeps reading is not cut off. Portico's own HTTP/1.1 loop times it
+    /// from the last blocked write that made progress; a connection served
+    /// by hyper is looked at every `send_timeout`, so it goes after one to
+    /// two of it. Default 60 s.
+    pub send_timeout: Duration,
     /// Largest request header section in bytes (at least 8192, which HTTP/1.1
     /// needs for its read buffer). Default 64 KiB.
     pub max_header_bytes: usize,
@@ -95,6 +106,7 @@ impl Default for ServerLimits {
         Self {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
             max_body_bytes: 10 * 1024 * 1024,
@@ -565,6 +577,7 @@ where
 {
     let client_addr = info.client_addr;
     let activity = Arc::new(Activity::new());
+    let io = Tracked::new(io, Arc::clone(&activity));
     let service = {
         let shared = Arc::clone(&shared);
         let activity = Arc::clone(&activity);
@@ -622,12 +635,15 @@ async fn drive<C, E, H>(
     C: Future<Output = Result<(), E>>,
     E: std::fmt::Display,
 {
-    let mut idle = pin!(activity.idle(
-        shared.limits.header_read_timeout,
-        shared.limits.idle_timeout
-    ));
+    let limits = &shared.limits;
+    let (first, idle, send) = (
+        limits.header_read_timeout,
+        limits.idle_timeout,
+        limits.send_timeout,
+    );
+    let mut due = pin!(activity.due(first, idle, send, true));
     let mut stop = pin!(shared.shutdown.triggered());
-    // The idle timer and the shutdown signal get a waker of their own, so
+    // The connection's timer and the shutdown signal get a waker of their own, so
     // they are polled again only when one of them woke the task, not on each
     // of the several wakes of every request.
     let side = Arc::new(SideWake::default());
@@ -641,22 +657,31 @@ async fn drive<C, E, H>(
             }
             return Poll::Ready(());
         }
-        if closing {
-            return Poll::Pending;
-        }
         // Registered before the flag is read: a wake in between is not lost.
         side.task.register(cx.waker());
         if !side.woken.swap(false, Ordering::AcqRel) {
             return Poll::Pending;
         }
         let mut side_cx = Context::from_waker(&side_waker);
-        if idle.as_mut().poll(&mut side_cx).is_ready() {
-            debug!(%client_addr, "closing idle connection");
-        } else if stop.as_mut().poll(&mut side_cx).is_pending() {
-            return Poll::Pending;
+        match due.as_mut().poll(&mut side_cx) {
+            // Nothing to wait for: what the client does not take is dropped.
+            Poll::Ready(Due::Stalled) => {
+                debug!(%client_addr, "client took nothing for the send timeout; closing");
+                return Poll::Ready(());
+            }
+            Poll::Ready(Due::Idle) => debug!(%client_addr, "closing idle connection"),
+            // Once closing, the signal has been seen (and is not polled again).
+            Poll::Pending if closing || stop.as_mut().poll(&mut side_cx).is_pending() => {
+                return Poll::Pending
+            }
+            Poll::Pending => {}
         }
         graceful_shutdown(conn.as_mut());
         closing = true;
+        // A graceful close still waits for what is being written: the send
+        // timeout goes on watching it.
+        due.set(activity.due(first, idle, send, false));
+        side.woken.store(true, Ordering::Release);
     })
     .await;
 }
@@ -717,12 +742,15 @@ async fn respond<H: Handler>(
     response
 }
 
-/// Requests in flight on one connection, for the idle timer.
+/// Requests in flight on one connection and whether writing to it is
+/// stuck, for the connection's timer.
 ///
 /// Starting and ending a request costs two atomic operations and, when the
 /// connection goes idle, one clock read: the idle timer is not re-armed per
 /// request. It sleeps until the earliest moment the connection could be due
-/// and, on waking, compares with when it last became idle.
+/// and, on waking, compares with when it last became idle. Writes cost
+/// nothing unless one is blocked: [`Tracked`] notes a blocked write, and a
+/// write that goes through after one, with two plain stores.
 struct Activity {
     in_flight: AtomicUsize,
     /// Whether a request has started (the first wait is the shorter one).
@@ -731,6 +759,21 @@ struct Activity {
     /// since `opened`.
     idle_since_ms: AtomicU64,
     opened: Instant,
+    /// Whether the last write to the client did not go through (the
+    /// client is not reading).
+    write_blocked: AtomicBool,
+    /// Writes that went through after a blocked one: progress, to the timer.
+    unblocked: AtomicU64,
+}
+
+/// Why a connection's timer went off.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Due {
+    /// No request in flight for the idle timeout: close gracefully.
+    Idle,
+    /// Writing to the client blocked, with no progress, for the send
+    /// timeout: drop the connection.
+    Stalled,
 }
 
 impl Activity {
@@ -740,21 +783,51 @@ impl Activity {
             served: AtomicBool::new(false),
             idle_since_ms: AtomicU64::new(0),
             opened: Instant::now(),
+            write_blocked: AtomicBool::new(false),
+            unblocked: AtomicU64::new(0),
         }
     }
 
-    /// Completes when the connection has had no request in flight for
-    /// `first` (before any request) or `idle` (afterwards).
-    async fn idle(&self, first: Duration, idle: Duration) {
+    /// Completes with [`Due::Idle`] when the connection has had no request
+    /// in flight for `first` (before any request) or `idle` (afterwards),
+    /// unless `idle_too` is false; and with [`Due::Stalled`] when writing
+    /// to it has been blocked without progress at two looks `send` apart.
+    async fn due(&self, first: Duration, idle: Duration, send: Duration, idle_too: bool) -> Due {
         // A request may start and end while the timer sleeps, after which the
         // connection is due `idle` after it ended: never sleep longer than that.
-        let mut wake = self.opened + first.min(idle);
+        let mut wake = if idle_too {
+            self.opened + first.min(idle).min(send)
+        } else {
+            Instant::now()
+        };
+        // The progress count when writing was first seen blocked, and when.
+        let mut blocked: Option<(u64, Instant)> = None;
         loop {
             tokio::time::sleep_until(wake.into()).await;
             let now = Instant::now();
+            // Writes are looked at again `send` from now, or sooner.
+            let mut next = now + send;
+            if self.write_blocked.load(Ordering::Relaxed) {
+                let progress = self.unblocked.load(Ordering::Relaxed);
+                match blocked {
+                    Some((seen, since)) if seen == progress => {
+                        if now >= since + send {
+                            return Due::Stalled;
+                        }
+                        next = since + send;
+                    }
+                    _ => blocked = Some((progress, now)),
+                }
+            } else {
+                blocked = None;
+            }
+            if !idle_too {
+                wake = next;
+                continue;
+            }
             if self.in_flight.load(Ordering::Acquire) > 0 {
                 // Busy: it cannot be due before `idle` after this request ends.
-                wake = now + idle;
+                wake = next.min(now + idle);
                 continue;
             }
             let served = self.served.load(Ordering::Acquire);
@@ -766,10 +839,99 @@ impl Activity {
                 self.opened + first
             };
             if now >= due {
-                return;
+                return Due::Idle;
             }
-            wake = if served { due } else { due.min(now + idle) };
+            wake = next.min(if served { due } else { due.min(now + idle) });
         }
+    }
+}
+
+/// A connection's IO that tells its [`Activity`] when writing to the
+/// client is blocked, and when a write goes through again.
+struct Tracked<IO> {
+    io: IO,
+    activity: Arc<Activity>,
+    /// The last write (or flush) was blocked.
+    blocked: bool,
+    /// Writes that went through after a blocked one.
+    unblocked: u64,
+}
+
+impl<IO> Tracked<IO> {
+    fn new(io: IO, activity: Arc<Activity>) -> Self {
+        Self {
+            io,
+            activity,
+            blocked: false,
+            unblocked: 0,
+        }
+    }
+
+    /// Notes how a write or flush went; costs nothing while none blocks.
+    fn note<T>(&mut self, polled: &Poll<io::Result<T>>) {
+        match polled {
+            Poll::Pending if !self.blocked => {
+                self.blocked = true;
+                self.activity.write_blocked.store(true, Ordering::Relaxed);
+            }
+            Poll::Ready(_) if self.blocked => {
+                self.blocked = false;
+                self.unblocked += 1;
+                self.activity
+                    .unblocked
+                    .store(self.unblocked, Ordering::Relaxed);
+                self.activity.write_blocked.store(false, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        self.note(&polled);
+        polled
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
+        self.note(&polled);
+        polled
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // TLS holds written bytes until the socket takes them: a flush
+        // can block too.
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        self.note(&polled);
+        polled
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }
 

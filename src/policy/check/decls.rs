@@ -175,6 +175,14 @@ impl Checker<'_> {
         if let Some((Val::Duration(d), _)) = v.remove("idle_timeout") {
             out.idle_timeout = d;
         }
+        if let Some((Val::Duration(d), span)) = v.remove("send_timeout") {
+            if d.is_zero() {
+                self.err("out-of-range", span, "`send_timeout` must be above zero")
+                    .help = Some("a response must be given some time to be sent".into());
+            } else {
+                out.send_timeout = d;
+            }
+        }
         if let Some((Val::Size(n), _)) = v.remove("max_header") {
             out.max_header = n;
         }

@@ -25,7 +25,8 @@
 //! chunked for HTTP/1.1 otherwise, until close for HTTP/1.0), no body for
 //! HEAD, 204 and 304, a `Date` field when the response has none, a client
 //! that closes while its request is being handled cancels the handler, and
-//! `Connection: close` once shutdown has begun.
+//! `Connection: close` once shutdown has begun. A client that takes none of
+//! a response for `send_timeout` loses its connection.
 
 use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
@@ -35,7 +36,7 @@ use std::pin::{pin, Pin};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll, Waker};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, Bytes, BytesMut};
 use http::header::{
@@ -486,16 +487,85 @@ enum SendError {
     Body(crate::proxy::body::BoxError),
     #[error("the response body is not as long as its Content-Length")]
     Length,
+    #[error("the client took nothing for {0:?}")]
+    TimedOut(Duration),
+}
+
+/// The connection's timer, lent to [`send_body`] for the send timeout.
+///
+/// Nothing is timed while writes go through: the clock is read when a
+/// write blocks for the first time or after it wrote something, and the
+/// timer is moved only when it is armed for later than that (it is armed
+/// for the earliest moment the connection could be due, and looked at
+/// again when it fires).
+struct SendTimer<'a> {
+    timer: Pin<&'a mut tokio::time::Sleep>,
+    armed: &'a mut Instant,
+    side: &'a SideWake,
+    side_waker: &'a Waker,
+    timeout: Duration,
+    /// While a write is blocked: when the client is out of time.
+    due: Option<Instant>,
+    /// Whether the side wake flag was taken here (it is given back).
+    looked: bool,
+}
+
+impl SendTimer<'_> {
+    /// A write (or flush) is blocked, after writing something when
+    /// `progressed`. Pending, or an error once the client has taken
+    /// nothing for the timeout.
+    fn blocked(&mut self, progressed: bool, cx: &Context<'_>) -> Poll<Result<(), SendError>> {
+        if progressed || self.due.is_none() {
+            let due = Instant::now() + self.timeout;
+            self.due = Some(due);
+            if *self.armed > due {
+                self.timer.as_mut().reset(due.into());
+                *self.armed = due;
+                self.side.woken.store(true, Ordering::Release);
+            }
+        }
+        self.side.task.register(cx.waker());
+        if self.side.woken.swap(false, Ordering::AcqRel) {
+            self.looked = true;
+            let mut side_cx = Context::from_waker(self.side_waker);
+            while self.timer.as_mut().poll(&mut side_cx).is_ready() {
+                let due = self.due.expect("set above");
+                if Instant::now() >= due {
+                    return Poll::Ready(Err(SendError::TimedOut(self.timeout)));
+                }
+                self.timer.as_mut().reset(due.into());
+                *self.armed = due;
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Everything queued was written: the client is taking what it is sent.
+    fn unblocked(&mut self) {
+        self.due = None;
+    }
+}
+
+impl Drop for SendTimer<'_> {
+    fn drop(&mut self) {
+        // What woke the side (a fired timer, shutdown) is for the receive
+        // loop to look at too.
+        if self.looked {
+            self.side.woken.store(true, Ordering::Release);
+        }
+    }
 }
 
 /// Sends the queued head and the body framed by `framing`, reading the body
-/// while the socket takes what is queued.
+/// while the socket takes what is queued. A client that takes nothing for
+/// `send.timeout` fails it with [`SendError::TimedOut`].
 async fn send_body<IO: AsyncWrite + Unpin>(
     io: &mut IO,
     out: &mut Out,
     body: ResponseBody,
     framing: Framing,
     trailers_allowed: Option<&HeaderValue>,
+    mut send: SendTimer<'_>,
 ) -> Result<(), SendError> {
     let mut body = pin!(body);
     let mut left = match framing {
@@ -560,14 +630,26 @@ async fn send_body<IO: AsyncWrite + Unpin>(
             }
         }
         if out.queue.is_empty() {
+            // TLS may hold what was written: a flush can block too.
+            let Poll::Ready(flushed) = Pin::new(&mut *io).poll_flush(cx) else {
+                return send.blocked(false, cx);
+            };
+            flushed?;
+            send.unblocked();
             if done {
-                return Pin::new(&mut *io).poll_flush(cx).map_err(SendError::Io);
+                return Poll::Ready(Ok(()));
             }
-            // Waiting for the body; flush what TLS may hold meanwhile.
-            ready!(Pin::new(&mut *io).poll_flush(cx))?;
+            // Waiting for the body.
             return Poll::Pending;
         }
-        ready!(out.poll_write(io, cx))?;
+        let before = out.queued;
+        match out.poll_write(io, cx) {
+            Poll::Ready(written) => {
+                written?;
+                send.unblocked();
+            }
+            Poll::Pending => return send.blocked(out.queued < before, cx),
+        }
     })
     .await
 }
@@ -828,7 +910,16 @@ where
         // Trailer fields go only to a client that accepts them, and only
         // those the response announced.
         let trailers = parts.headers.get(TRAILER).filter(|_| asked.trailers);
-        if let Err(e) = send_body(io, &mut out, body, framing, trailers).await {
+        let send = SendTimer {
+            timer: timer.as_mut(),
+            armed: &mut armed,
+            side: &side,
+            side_waker: &side_waker,
+            timeout: limits.send_timeout,
+            due: None,
+            looked: false,
+        };
+        if let Err(e) = send_body(io, &mut out, body, framing, trailers, send).await {
             debug!(%client_addr, error = %e, "response not sent whole; closing");
             return None;
         }
