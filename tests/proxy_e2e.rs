@@ -1617,23 +1617,26 @@ impl std::io::Write for Captured {
 }
 
 impl Captured {
-    /// Captures what this thread logs at INFO and above while the guard
-    /// lives. A current-thread runtime runs every task of a test, so the
-    /// thread-local subscriber sees the proxy's access log.
-    fn start() -> (Captured, tracing::subscriber::DefaultGuard) {
-        let logs = Captured::default();
-        let writer = logs.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .with_max_level(tracing::Level::INFO)
-            .finish();
-        let guard = tracing::subscriber::set_default(subscriber);
-        // Another test's thread may have registered the access log's callsite
-        // while this subscriber was being added, and cached it as disabled;
-        // judge every callsite again now that it is in place.
-        tracing::callsite::rebuild_interest_cache();
-        (logs, guard)
+    /// Captures what this test binary logs at INFO and above, into one
+    /// buffer every test shares (each looks for its own paths in it). One
+    /// global subscriber, installed once: with a subscriber per test
+    /// thread, tests running side by side raced on tracing's cached
+    /// interest in the access log's callsite, and a line could go unseen.
+    fn start() -> (Captured, ()) {
+        static LOGS: std::sync::OnceLock<Captured> = std::sync::OnceLock::new();
+        let logs = LOGS.get_or_init(|| {
+            let logs = Captured::default();
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .with_max_level(tracing::Level::INFO)
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .expect("no other global subscriber in this test binary");
+            logs
+        });
+        (logs.clone(), ())
     }
 
     fn text(&self) -> String {
@@ -1725,11 +1728,11 @@ async fn access_log_counts_the_bytes_of_a_chunked_body() {
             origin.addr
         );
         let p = proxy(&backend).await;
-        let got = get(addr(&p), "/chunked", &[]).await;
+        let got = get(addr(&p), "/logged-chunked", &[]).await;
         assert_eq!(got.status, 200);
         assert_eq!(got.body.len(), LEN);
         assert_eq!(got.body, body);
-        let line = logs.wait_access_line("/chunked").await;
+        let line = logs.wait_access_line("/logged-chunked").await;
         assert_eq!(field_u64(&line, "bytes"), LEN as u64, "{line}");
         assert!(line.contains(" complete=true"), "{line}");
         p.shutdown().await;
@@ -1777,7 +1780,7 @@ async fn access_log_marks_a_download_cut_short() {
         // The client reads the head and some of the body, then goes away.
         let mut client = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
         client
-            .write_all(b"GET /big HTTP/1.1\r\nhost: t.test\r\n\r\n")
+            .write_all(b"GET /logged-cut-short HTTP/1.1\r\nhost: t.test\r\n\r\n")
             .await
             .unwrap();
         let mut got = Vec::new();
@@ -1789,7 +1792,7 @@ async fn access_log_marks_a_download_cut_short() {
         }
         assert!(got.starts_with(b"HTTP/1.1 200"));
         drop(client);
-        let line = logs.wait_access_line("/big").await;
+        let line = logs.wait_access_line("/logged-cut-short").await;
         assert!(line.contains(" complete=false"), "{line}");
         assert!(line.contains(" status=200"), "{line}");
         let bytes = field_u64(&line, "bytes");
