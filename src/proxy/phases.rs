@@ -668,8 +668,8 @@ fn receive<'a>(
     parts: &'a http::request::Parts,
     conn: &ConnInfo,
 ) -> Result<(std::borrow::Cow<'a, str>, Scheme), ProxyError> {
-    check_host_field(parts)?;
-    let host = request_host(parts).ok_or(ProxyError::BadRequest("missing Host"))?;
+    let field = check_host_field(parts)?;
+    let host = host_of(parts, field).ok_or(ProxyError::BadRequest("missing Host"))?;
     if !parts.uri.path().starts_with('/') && parts.method != Method::OPTIONS {
         return Err(ProxyError::BadRequest("the request target is not a path"));
     }
@@ -686,13 +686,14 @@ fn receive<'a>(
 /// §8.3.1: on HTTP/2 a `Host` beside `:authority` must name the same
 /// host. (An HTTP/1.1 absolute-form target may name another host than
 /// `Host`: the target wins, RFC 9112 §3.2.2, and see [`target_authority`].)
-fn check_host_field(parts: &http::request::Parts) -> Result<(), ProxyError> {
+/// Returns the one `Host` field, if there is one.
+fn check_host_field(parts: &http::request::Parts) -> Result<Option<&HeaderValue>, ProxyError> {
     let mut fields = parts.headers.get_all(header::HOST).iter();
     let Some(field) = fields.next() else {
         if parts.version == http::Version::HTTP_11 {
             return Err(ProxyError::BadRequest("missing Host"));
         }
-        return Ok(());
+        return Ok(None);
     };
     if fields.next().is_some() {
         return Err(ProxyError::BadRequest("more than one Host"));
@@ -707,13 +708,30 @@ fn check_host_field(parts: &http::request::Parts) -> Result<(), ProxyError> {
             }
         }
     }
-    Ok(())
+    Ok(Some(field))
 }
 
 /// Whether a `Host` field value is `uri-host [ ":" port ]` (RFC 9110 §7.2):
 /// a non-empty host of URI characters, no user information, digits alone
 /// after its colon.
 fn valid_host_field(value: &[u8]) -> bool {
+    /// The bytes of a reg-name (RFC 3986 section 3.2.2): unreserved,
+    /// sub-delims, and `%` of percent-encoding; one lookup per byte.
+    static REG_NAME: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            table[b] = (b as u8).is_ascii_alphanumeric();
+            b += 1;
+        }
+        let extra = b"-._~%!$&'()*+,;=";
+        let mut i = 0;
+        while i < extra.len() {
+            table[extra[i] as usize] = true;
+            i += 1;
+        }
+        table
+    };
     // RFC 3986 section 3.2.2: an IP literal in brackets, or a reg-name
     // (unreserved, percent-encoded, sub-delims), which covers IPv4.
     let host_end = match value.first() {
@@ -733,8 +751,7 @@ fn valid_host_field(value: &[u8]) -> bool {
         },
         _ => {
             let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
-            let reg_name = |b: &u8| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=".contains(b);
-            if !value[..end].iter().all(reg_name) {
+            if !value[..end].iter().all(|&b| REG_NAME[usize::from(b)]) {
                 return false;
             }
             end
@@ -767,15 +784,25 @@ fn target_authority(uri: &http::Uri, headers: &HeaderMap) -> Option<HeaderValue>
     }
 }
 
-/// The host a request names, without port or user information, in lower
-/// case; borrowed from the request unless it had to be lowered.
+/// [`host_of`], looking up the `Host` field itself.
+#[cfg(test)]
 fn request_host(parts: &http::request::Parts) -> Option<std::borrow::Cow<'_, str>> {
+    host_of(parts, parts.headers.get(header::HOST))
+}
+
+/// The host a request names (the target's authority, else `field`, its
+/// `Host`), without port or user information, in lower case; borrowed from
+/// the request unless it had to be lowered.
+fn host_of<'a>(
+    parts: &'a http::request::Parts,
+    field: Option<&'a HeaderValue>,
+) -> Option<std::borrow::Cow<'a, str>> {
     // Byte searches: this runs on every request. Both sources are text:
     // an authority the URI parser took, or a field value of visible ASCII
     // (`to_str`), so every slice below falls on a character boundary.
     let raw = match parts.uri.authority() {
         Some(a) => a.as_str(),
-        None => parts.headers.get(header::HOST)?.to_str().ok()?,
+        None => field?.to_str().ok()?,
     };
     let bytes = raw.as_bytes();
     let raw = match bytes.iter().rposition(|&b| b == b'@') {
