@@ -772,7 +772,7 @@ fn valid_host_field(value: &[u8]) -> bool {
 /// absolute-form target, or HTTP/2's `:authority`), without user
 /// information, in place of the client's `Host` (RFC 9112 §3.2.2: a proxy
 /// ignores the received `Host` then); else the client's `Host`. This is the
-/// host [`request_host`] routes by, port included.
+/// host [`host_of`] routes by, port included.
 fn target_authority(uri: &http::Uri, headers: &HeaderMap) -> Option<HeaderValue> {
     match uri.authority() {
         Some(a) => {
