@@ -697,6 +697,57 @@ async fn extra_field_lines_go_out_after_the_request_s_own_and_into_an_upgrade_s_
     .unwrap();
 }
 
+/// A connection lost after part of the answer's head arrived is not a reset
+/// "before any response byte": even a GET is not tried on another server.
+#[tokio::test]
+async fn an_answer_cut_short_is_not_tried_again_elsewhere() {
+    bounded(async {
+        let cut = Origin::start(vec![
+            Step::AnswerAndClose(b"HTTP/1.1 200 OK\r\ncontent-");
+            4
+        ])
+        .await;
+        let whole = Origin::start(vec![
+            Step::Answer(vec![
+                b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"
+            ]);
+            4
+        ])
+        .await;
+        let pool = Pool::new(&BackendConfig {
+            name: "two".into(),
+            servers: vec![cut.server.clone(), whole.server.clone()],
+            ..Default::default()
+        })
+        .unwrap();
+        let mut failed = 0;
+        for _ in 0..2 {
+            match get(&pool).await {
+                Ok((status, body, _)) => {
+                    assert_eq!(status, StatusCode::OK);
+                    assert_eq!(body, b"ok");
+                }
+                Err(e) => {
+                    assert!(matches!(e, UpstreamError::BadResponse { .. }), "{e}");
+                    failed += 1;
+                }
+            }
+        }
+        assert!(
+            failed >= 1,
+            "round robin sent one of the two to the cut server"
+        );
+        assert_eq!(
+            failed,
+            cut.seen().len(),
+            "no request the cut server had was sent on"
+        );
+        assert_eq!(whole.seen().len(), 2 - failed);
+    })
+    .await
+    .expect("bounded");
+}
+
 /// An origin's pool with a first-byte limit of 300 ms.
 fn impatient(origin: &Origin) -> Pool {
     Pool::new(&BackendConfig {

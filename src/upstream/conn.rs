@@ -130,6 +130,10 @@ pub(super) enum ConnError {
     /// No response head came by the exchange's deadline.
     #[error("no response head in time")]
     TimedOut,
+    /// The connection was lost after part of an answer had arrived: not a
+    /// reset before any response byte, so not one to try again elsewhere.
+    #[error("the answer was cut short: {0}")]
+    CutShort(#[source] Box<ConnError>),
 }
 
 impl ConnError {
@@ -154,7 +158,10 @@ impl ConnError {
                     || e.is_closed()
                     || io_source(e).is_some_and(|io| is_reset(io.kind()))
             }
-            ConnError::Protocol(_) | ConnError::RequestBody(_) | ConnError::TimedOut => false,
+            ConnError::Protocol(_)
+            | ConnError::RequestBody(_)
+            | ConnError::TimedOut
+            | ConnError::CutShort(_) => false,
         };
         if reset {
             UpstreamError::Reset {
@@ -682,6 +689,10 @@ pub(super) async fn exchange(
                     Box::new(Request::from_parts(parts, codec_empty_body())),
                     e,
                 ));
+            }
+            let lost = lost || matches!(&e, ConnError::Protocol(ProtocolError::Incomplete));
+            if lost && answered {
+                return Err(ExchangeError::Failed(ConnError::CutShort(Box::new(e))));
             }
             return Err(ExchangeError::Failed(e));
         }
