@@ -606,6 +606,42 @@ async fn h2c_prior_knowledge_is_proxied() {
         assert_eq!((status, version), (200, http::Version::HTTP_2));
         assert_eq!(body, "\"/x\"");
         assert_eq!(origin.seen()[0].headers.get("host").unwrap(), "h2c.test");
+        // Via names the protocol the request was received with (RFC 9110
+        // section 7.6.3).
+        assert_eq!(origin.seen()[0].headers.get("via").unwrap(), "2 portico");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn via_names_the_client_s_http_version() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        get(addr(&p), "/one-one", &[]).await;
+        let mut conn = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        conn.write_all(b"GET /one-zero HTTP/1.0\r\nhost: v.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut answer = Vec::new();
+        conn.read_to_end(&mut answer).await.unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(
+            text.starts_with("HTTP/1.") && text[8..].starts_with(" 200"),
+            "{text}"
+        );
+        let via = |path: &str| {
+            origin
+                .seen()
+                .iter()
+                .find(|s| s.uri.path() == path)
+                .and_then(|s| s.headers.get("via").cloned())
+                .unwrap()
+        };
+        assert_eq!(via("/one-one"), "1.1 portico");
+        assert_eq!(via("/one-zero"), "1.0 portico");
         p.shutdown().await;
     })
     .await;

@@ -263,7 +263,13 @@ impl Gateway {
             log.cache = reason.as_str();
             log.forward = Some(reason);
             let unsafe_method = !parts.method.is_safe();
-            let upstream = build_upstream(parts, rule, conn, &self.inner.via, false);
+            let upstream = build_upstream(
+                parts,
+                rule,
+                conn,
+                hygiene::default_via(parts.version),
+                false,
+            );
             let body = req_body.map_err(BoxError::from).boxed_unsync();
             let started = Instant::now();
             let result = self.fetch(gen, backend, rule, &view, upstream, body).await;

@@ -162,7 +162,7 @@ impl Gateway {
                 client_ip: conn.client_addr.ip(),
                 tls: conn.tls,
                 trust_forwarded: false,
-                via: &self.inner.via,
+                via: hygiene::default_via(req.version()),
             },
         );
         let mut lines = Vec::new();
