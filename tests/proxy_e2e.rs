@@ -5,6 +5,8 @@
 mod common;
 use common::*;
 
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 /// Every scenario is bounded by this.
@@ -1991,6 +1993,62 @@ rule all { route app cache off throttle per_client }
             "{statuses:?}"
         );
         assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+/// A client that goes away while the origin's body is quiet (an event
+/// stream between events) is noticed at once: the upstream connection is
+/// closed, not held until the origin next writes.
+#[tokio::test]
+async fn a_client_gone_during_a_quiet_stream_releases_the_upstream() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    bounded(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin_addr = listener.local_addr().unwrap();
+        let released = Arc::new(AtomicUsize::new(0));
+        let seen = released.clone();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            let first = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                transfer-encoding: chunked\r\n\r\n8\r\ndata: 1\n\r\n";
+            s.write_all(first).await.unwrap();
+            // Quiet from now on: only the proxy closing ends this read.
+            if let Ok(Ok(0)) = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await
+            {
+                seen.fetch_add(1, Ordering::SeqCst);
+            }
+        });
+        let p = proxy(&format!(
+            "backend app {{\n  server \"{origin_addr}\"\n}}\nrule all {{ route app cache off }}\n"
+        ))
+        .await;
+        let mut client = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        client
+            .write_all(b"GET /events HTTP/1.1\r\nhost: t.test\r\n\r\n")
+            .await
+            .unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 1024];
+        while !String::from_utf8_lossy(&got).contains("data: 1") {
+            let n = client.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            got.extend_from_slice(&buf[..n]);
+        }
+        drop(client);
+        eventually("the upstream connection closed", || {
+            released.load(Ordering::SeqCst) == 1
+        })
+        .await;
         p.shutdown().await;
     })
     .await;

@@ -489,6 +489,8 @@ enum SendError {
     Length,
     #[error("the client took nothing for {0:?}")]
     TimedOut(Duration),
+    #[error("the client closed the connection")]
+    ClientGone,
 }
 
 /// The connection's timer, lent to [`send_body`] for the send timeout.
@@ -559,14 +561,19 @@ impl Drop for SendTimer<'_> {
 /// Sends the queued head and the body framed by `framing`, reading the body
 /// while the socket takes what is queued. A client that takes nothing for
 /// `send.timeout` fails it with [`SendError::TimedOut`].
-async fn send_body<IO: AsyncWrite + Unpin>(
+/// While the body keeps it waiting, a read notices a client that went away
+/// (and the body, with whatever upstream it holds, is dropped): as while
+/// the request is handled, only when nothing else was read after the head.
+async fn send_body<IO: AsyncRead + AsyncWrite + Unpin>(
     io: &mut IO,
     out: &mut Out,
     body: ResponseBody,
     framing: Framing,
     trailers_allowed: Option<&HeaderValue>,
     mut send: SendTimer<'_>,
+    read: &mut BytesMut,
 ) -> Result<(), SendError> {
+    let mut watching = read.is_empty();
     let mut body = pin!(body);
     let mut left = match framing {
         Framing::Length(n) => n,
@@ -640,6 +647,14 @@ async fn send_body<IO: AsyncWrite + Unpin>(
                 return Poll::Ready(Ok(()));
             }
             // Waiting for the body.
+            if watching {
+                match poll_read_buf(io, read, cx) {
+                    Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(Err(SendError::ClientGone)),
+                    // The next request, pipelined: kept for later.
+                    Poll::Ready(Ok(_)) => watching = false,
+                    Poll::Pending => {}
+                }
+            }
             return Poll::Pending;
         }
         let before = out.queued;
@@ -919,7 +934,7 @@ where
             due: None,
             looked: false,
         };
-        if let Err(e) = send_body(io, &mut out, body, framing, trailers, send).await {
+        if let Err(e) = send_body(io, &mut out, body, framing, trailers, send, &mut read).await {
             debug!(%client_addr, error = %e, "response not sent whole; closing");
             return None;
         }
