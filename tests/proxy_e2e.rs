@@ -1066,60 +1066,64 @@ async fn echo_upgrade_origin() -> (std::net::SocketAddr, tokio::task::JoinHandle
                 continue;
             };
             conns.spawn(async move {
-                let service = hyper::service::service_fn(|mut req: Request<Incoming>| async move {
-                    let proto = req.headers().get("upgrade").cloned();
-                    let accept = req.headers().get("sec-websocket-key").map(|key| {
-                        use base64::Engine as _;
-                        let mut ctx =
-                            ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
-                        ctx.update(key.as_bytes());
-                        ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
-                        base64::engine::general_purpose::STANDARD.encode(ctx.finish())
-                    });
-                    // `/bad-accept` answers the handshake with the wrong proof.
-                    let accept = accept.map(|a| {
-                        if req.uri().path() == "/bad-accept" {
-                            "bm90IHRoZSBhbnN3ZXI=".to_owned()
-                        } else {
-                            a
+                let service =
+                    hyper::service::service_fn(move |mut req: Request<Incoming>| async move {
+                        let proto = req.headers().get("upgrade").cloned();
+                        let accept = req.headers().get("sec-websocket-key").map(|key| {
+                            use base64::Engine as _;
+                            let mut ctx =
+                                ring::digest::Context::new(&ring::digest::SHA1_FOR_LEGACY_USE_ONLY);
+                            ctx.update(key.as_bytes());
+                            ctx.update(b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11");
+                            base64::engine::general_purpose::STANDARD.encode(ctx.finish())
+                        });
+                        // `/bad-accept` answers the handshake with the wrong proof.
+                        let accept = accept.map(|a| {
+                            if req.uri().path() == "/bad-accept" {
+                                "bm90IHRoZSBhbnN3ZXI=".to_owned()
+                            } else {
+                                a
+                            }
+                        });
+                        let mut resp = Response::new(Empty::<Bytes>::new());
+                        if let Some(accept) = accept {
+                            resp.headers_mut()
+                                .insert("sec-websocket-accept", accept.parse().unwrap());
                         }
-                    });
-                    let mut resp = Response::new(Empty::<Bytes>::new());
-                    if let Some(accept) = accept {
+                        // Which origin answered, for balancing scenarios.
                         resp.headers_mut()
-                            .insert("sec-websocket-accept", accept.parse().unwrap());
-                    }
-                    resp.headers_mut().insert(
-                        "x-origin-saw-method",
-                        req.method().as_str().parse().unwrap(),
-                    );
-                    // What the origin saw of the forwarding fields, told back.
-                    for (field, told) in [
-                        ("host", "x-origin-saw-host"),
-                        ("x-forwarded-host", "x-origin-saw-xfh"),
-                        ("x-forwarded-for", "x-origin-saw-xff"),
-                        ("via", "x-origin-saw-via"),
-                    ] {
-                        if let Some(v) = req.headers().get(field).cloned() {
-                            resp.headers_mut().insert(told, v);
+                            .insert("x-origin-addr", addr.to_string().parse().unwrap());
+                        resp.headers_mut().insert(
+                            "x-origin-saw-method",
+                            req.method().as_str().parse().unwrap(),
+                        );
+                        // What the origin saw of the forwarding fields, told back.
+                        for (field, told) in [
+                            ("host", "x-origin-saw-host"),
+                            ("x-forwarded-host", "x-origin-saw-xfh"),
+                            ("x-forwarded-for", "x-origin-saw-xff"),
+                            ("via", "x-origin-saw-via"),
+                        ] {
+                            if let Some(v) = req.headers().get(field).cloned() {
+                                resp.headers_mut().insert(told, v);
+                            }
                         }
-                    }
-                    let Some(proto) = proto else {
-                        *resp.status_mut() = StatusCode::BAD_REQUEST;
-                        return Ok::<_, std::convert::Infallible>(resp);
-                    };
-                    let on = hyper::upgrade::on(&mut req);
-                    tokio::spawn(async move {
-                        let Ok(upgraded) = on.await else { return };
-                        let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
-                        let _ = tokio::io::copy(&mut r, &mut w).await;
+                        let Some(proto) = proto else {
+                            *resp.status_mut() = StatusCode::BAD_REQUEST;
+                            return Ok::<_, std::convert::Infallible>(resp);
+                        };
+                        let on = hyper::upgrade::on(&mut req);
+                        tokio::spawn(async move {
+                            let Ok(upgraded) = on.await else { return };
+                            let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+                            let _ = tokio::io::copy(&mut r, &mut w).await;
+                        });
+                        *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+                        resp.headers_mut().insert("upgrade", proto);
+                        resp.headers_mut()
+                            .insert("connection", http::HeaderValue::from_static("upgrade"));
+                        Ok(resp)
                     });
-                    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
-                    resp.headers_mut().insert("upgrade", proto);
-                    resp.headers_mut()
-                        .insert("connection", http::HeaderValue::from_static("upgrade"));
-                    Ok(resp)
-                });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
                     .with_upgrades()
@@ -1195,6 +1199,66 @@ async fn websocket_upgrade_passes_through_and_echoes() {
         echo_round_trips(upgraded, &[b"ping", b"second message"]).await;
         p.shutdown().await;
         task.abort();
+    })
+    .await;
+}
+
+/// Opens a WebSocket to the proxy at `proxy` and returns the switched
+/// connection with the response head.
+async fn open_websocket(
+    proxy: std::net::SocketAddr,
+) -> (hyper::upgrade::Upgraded, http::response::Parts) {
+    use bytes::Bytes;
+    use http_body_util::Empty;
+    use hyper_util::rt::TokioIo;
+    let stream = tokio::net::TcpStream::connect(proxy).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    tokio::spawn(conn.with_upgrades());
+    let req = http::Request::get("/chat")
+        .header("host", "ws.test")
+        .header("connection", "Upgrade")
+        .header("upgrade", "websocket")
+        .header("sec-websocket-version", "13")
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    let mut resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), 101);
+    let upgraded = hyper::upgrade::on(&mut resp)
+        .await
+        .expect("client side switched");
+    (upgraded, resp.into_parts().0)
+}
+
+#[tokio::test]
+async fn least_conn_counts_an_open_websocket_as_a_connection() {
+    bounded(async {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (one, one_task) = echo_upgrade_origin().await;
+        let (two, two_task) = echo_upgrade_origin().await;
+        let policy = format!(
+            "backend app {{\n  server \"{one}\"\n  server \"{two}\"\n  balance least_conn\n}}\nrule all {{ route app cache off }}"
+        );
+        let p = proxy(&policy).await;
+        let (upgraded, head) = open_websocket(addr(&p)).await;
+        let busy = head.headers["x-origin-addr"].to_str().unwrap().to_owned();
+        let mut ws = hyper_util::rt::TokioIo::new(upgraded);
+        // The WebSocket is live (spliced both ways) before anything else is sent.
+        ws.write_all(b"hello").await.unwrap();
+        let mut buf = [0; 5];
+        ws.read_exact(&mut buf).await.unwrap();
+        // While it stays open, its server has one connection and the other none.
+        for _ in 0..6 {
+            let got = get(addr(&p), "/plain", &[]).await;
+            let answered = got.header("x-origin-addr").unwrap();
+            assert_ne!(answered, busy, "a plain request went to the server holding the WebSocket");
+        }
+        drop(ws);
+        p.shutdown().await;
+        one_task.abort();
+        two_task.abort();
     })
     .await;
 }

@@ -36,6 +36,9 @@ pub enum UpgradeError {
 pub struct PendingUpgrade {
     client: OnUpgrade,
     origin: OnUpgrade,
+    /// Kept until the splice ends (say, the origin server's place in its
+    /// backend's load).
+    held: Option<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 impl PendingUpgrade {
@@ -54,13 +57,27 @@ impl PendingUpgrade {
             .extensions_mut()
             .remove::<OnUpgrade>()
             .ok_or(UpgradeError::NotUpgradable { side: "origin" })?;
-        Ok(Self { client, origin })
+        Ok(Self {
+            client,
+            origin,
+            held: None,
+        })
+    }
+
+    /// Keeps `value` alive until the splice ends: what must last as long as
+    /// the upgraded connection, not just its `101` (a backend's count of
+    /// connections to the server that switched, which `least_conn` reads).
+    #[must_use]
+    pub fn holding(mut self, value: impl std::any::Any + Send + Sync) -> Self {
+        self.held = Some(Box::new(value));
+        self
     }
 
     /// Waits for both sides to switch, then relays bytes both ways until
     /// either side closes. Returns the bytes copied (client to origin,
     /// origin to client).
     pub async fn splice(self) -> Result<(u64, u64), UpgradeError> {
+        let _held = self.held;
         let (client, origin) = tokio::join!(self.client, self.origin);
         let client = client.map_err(|source| UpgradeError::Upgrade {
             side: "client",

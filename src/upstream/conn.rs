@@ -930,6 +930,14 @@ impl PooledBody {
         self.load = Some(guard);
     }
 
+    /// Takes this exchange's count in its server's load, for a caller that
+    /// keeps the exchange going after the body: an upgraded connection,
+    /// whose `101` has an empty body but which is the server's for as long
+    /// as it is spliced.
+    pub fn take_load(&mut self) -> Option<super::balance::InFlightGuard> {
+        self.load.take()
+    }
+
     /// Index of the server that answered, in the backend's server list,
     /// while the body is still being read.
     pub fn server(&self) -> Option<usize> {

@@ -189,8 +189,11 @@ impl Gateway {
                     ));
                 }
             }
+            // The server is busy with this connection until the splice
+            // ends, not just for the 101's empty body: least_conn must see it.
+            let load = resp.body_mut().take_load();
             match crate::proxy::upgrade::PendingUpgrade::take(&mut req, &mut resp) {
-                Ok(pending) => pending.spawn(),
+                Ok(pending) => pending.holding(load).spawn(),
                 Err(e) => return Err(ProxyError::BadGateway(e.to_string())),
             }
             if h2_websocket {
