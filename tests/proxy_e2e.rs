@@ -1263,6 +1263,99 @@ async fn least_conn_counts_an_open_websocket_as_a_connection() {
     .await;
 }
 
+/// Waits for the proxy to close `ws`, reading (and ignoring) what comes:
+/// true when it did (end of stream or an error) within ten seconds.
+async fn closed_by_the_proxy(ws: &mut hyper_util::rt::TokioIo<hyper::upgrade::Upgraded>) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut buf = [0; 64];
+    let end = async {
+        loop {
+            match ws.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(_) => {}
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), end)
+        .await
+        .is_ok()
+}
+
+#[tokio::test]
+async fn an_idle_websocket_is_closed_after_the_idle_timeout() {
+    bounded(async {
+        let (origin, task) = echo_upgrade_origin().await;
+        let policy = format!(
+            "http {{\n  idle_timeout 300ms\n}}\nbackend app {{ server \"{origin}\" }}\nrule all {{ route app cache off }}"
+        );
+        let p = proxy(&policy).await;
+        let (ws, _) = open_websocket(addr(&p)).await;
+        let mut ws = hyper_util::rt::TokioIo::new(ws);
+        assert!(
+            closed_by_the_proxy(&mut ws).await,
+            "a WebSocket with no traffic outlived the idle timeout"
+        );
+        p.shutdown().await;
+        task.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_open_websocket_counts_toward_max_connections() {
+    bounded(async {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (origin, task) = echo_upgrade_origin().await;
+        let policy = format!(
+            "http {{\n  max_connections 1\n}}\nbackend app {{ server \"{origin}\" }}\nrule all {{ route app cache off }}"
+        );
+        let p = proxy(&policy).await;
+        let (ws, _) = open_websocket(addr(&p)).await;
+        let mut ws = hyper_util::rt::TokioIo::new(ws);
+        ws.write_all(b"hello").await.unwrap();
+        let mut buf = [0; 5];
+        ws.read_exact(&mut buf).await.unwrap();
+        let a = addr(&p);
+        let waiting = tokio::spawn(async move { get(a, "/plain", &[]).await.status });
+        // At the cap the next client waits in the accept queue. Nothing
+        // signals "not served", so it is given a moment to be wrongly served.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(
+            !waiting.is_finished(),
+            "a client was served past the cap while the WebSocket was open"
+        );
+        // Closing the WebSocket makes room.
+        drop(ws);
+        assert_eq!(waiting.await.unwrap(), 400);
+        p.shutdown().await;
+        task.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn shutdown_ends_an_open_websocket_after_the_grace_period() {
+    bounded(async {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (origin, task) = echo_upgrade_origin().await;
+        let policy = format!(
+            "http {{\n  shutdown_grace 300ms\n}}\nbackend app {{ server \"{origin}\" }}\nrule all {{ route app cache off }}"
+        );
+        let p = proxy(&policy).await;
+        let (ws, _) = open_websocket(addr(&p)).await;
+        let mut ws = hyper_util::rt::TokioIo::new(ws);
+        // Spliced both ways before shutdown begins.
+        ws.write_all(b"hello").await.unwrap();
+        let mut buf = [0; 5];
+        ws.read_exact(&mut buf).await.unwrap();
+        // Shutdown waits out the grace period for the WebSocket, then drops it.
+        let (_, closed) = tokio::join!(p.shutdown(), closed_by_the_proxy(&mut ws));
+        assert!(closed, "a WebSocket outlived the proxy's shutdown");
+        task.abort();
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn websocket_over_h2_reaches_an_http1_origin_and_echoes() {
     bounded(async {

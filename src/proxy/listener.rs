@@ -31,6 +31,14 @@
 //!   9110 §15.5.14) without calling the handler, and a body that grows past it
 //!   fails while streaming ([`BodyError::TooLarge`]).
 //!
+//! An upgrade the handler attached to its response
+//! ([`PendingUpgrade::attach`]) is spliced on a task of the listener's own,
+//! as one of its connections: it counts toward `max_connections`, closes
+//! after `idle_timeout` with no byte either way, and on shutdown has the
+//! grace period like any other connection, then is dropped.
+//!
+//! [`PendingUpgrade::attach`]: super::upgrade::PendingUpgrade::attach
+//!
 //! [`BodyError::TooLarge`]: super::body::BodyError::TooLarge
 
 use std::convert::Infallible;
@@ -45,7 +53,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION};
-use http::{Request, Response, StatusCode, Version};
+use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
@@ -58,6 +66,7 @@ use tracing::{debug, info, warn};
 
 use super::body::{BoxError, RequestBody, ResponseBody};
 use super::errors::{ErrorPages, ProxyError};
+use super::upgrade::PendingUpgrade;
 
 mod h1;
 
@@ -72,8 +81,9 @@ pub struct ServerLimits {
     /// has hyper's rule: the header timeout covers that wait too).
     /// Default 10 s.
     pub header_read_timeout: Duration,
-    /// A connection with no request in flight for this long is closed.
-    /// Default 60 s.
+    /// A connection with no request in flight for this long is closed; so
+    /// is an upgraded (spliced) connection with no byte either way for this
+    /// long. Default 60 s.
     pub idle_timeout: Duration,
     /// A connection whose writes to the client are blocked (the client
     /// takes nothing) for this long is dropped, response in flight or not.
@@ -92,12 +102,14 @@ pub struct ServerLimits {
     pub max_body_bytes: u64,
     /// Most concurrent HTTP/2 streams per connection. Default 128.
     pub max_concurrent_streams: u32,
-    /// How long in-flight requests may run after shutdown begins before
-    /// their connections are dropped. Default 30 s.
+    /// How long in-flight requests, and upgraded connections, may run
+    /// after shutdown begins before their connections are dropped.
+    /// Default 30 s.
     pub shutdown_grace: Duration,
-    /// Most client connections open at once on the listener. At the cap the
-    /// listener stops accepting; further clients wait in the kernel's accept
-    /// queue until a connection closes. Default 10,000.
+    /// Most client connections open at once on the listener, upgraded
+    /// (spliced) ones included. At the cap the listener stops accepting;
+    /// further clients wait in the kernel's accept queue until a connection
+    /// closes. Default 10,000.
     pub max_connections: usize,
 }
 
@@ -294,8 +306,9 @@ impl Listener {
     /// Accepts connections and serves them with `handler` until `shutdown`
     /// is triggered; then stops accepting, lets in-flight requests finish
     /// within `limits.shutdown_grace`, drops what is left, and returns.
-    /// Connections already handed to an upgrade (WebSocket) are not waited
-    /// for.
+    /// Upgraded connections the handler attached to its responses
+    /// ([`PendingUpgrade::attach`]) are among them; those it spawned itself
+    /// ([`PendingUpgrade::spawn`]) are not.
     pub async fn serve<H: Handler>(
         self,
         handler: Arc<H>,
@@ -321,6 +334,7 @@ impl Listener {
         shutdown: Shutdown,
     ) {
         let current = limits.borrow_and_update().clone();
+        let (splices, mut spliced) = mpsc::unbounded_channel();
         let mut shared = Arc::new(Shared {
             builder: builder(&current),
             builder_h1: builder_h1(&current),
@@ -329,6 +343,7 @@ impl Listener {
             limits: current,
             local_addr: self.local_addr,
             shutdown: shutdown.clone(),
+            splices: splices.clone(),
         });
         info!(addr = %self.local_addr, tls = self.tls.is_some(), "listening");
         let mut conns = JoinSet::new();
@@ -362,6 +377,9 @@ impl Listener {
                         tokio::time::sleep(Duration::from_millis(50)).await;
                     }
                 },
+                Some(splice) = spliced.recv() => {
+                    conns.spawn(splice.run());
+                }
                 Some(_) = conns.join_next(), if !conns.is_empty() => {}
                 Ok(()) = limits.changed() => {
                     let next = limits.borrow_and_update().clone();
@@ -374,6 +392,7 @@ impl Listener {
                         limits: next,
                         local_addr: self.local_addr,
                         shutdown: shutdown.clone(),
+                        splices: splices.clone(),
                     });
                 }
             }
@@ -393,7 +412,20 @@ impl Listener {
             None => drop(self.tcp),
         }
         info!(addr = %self.local_addr, connections = conns.len(), "stopped accepting; draining");
-        let drain = async { while conns.join_next().await.is_some() {} };
+        // A connection still switching hands its splice over before it
+        // ends: with the channel looked at first, the splice is spawned
+        // before the set can be seen empty.
+        let drain = async {
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(splice) = spliced.recv() => {
+                        conns.spawn(splice.run());
+                    }
+                    joined = conns.join_next() => if joined.is_none() { break },
+                }
+            }
+        };
         if tokio::time::timeout(shared.limits.shutdown_grace, drain)
             .await
             .is_err()
@@ -474,6 +506,26 @@ struct Shared<H> {
     limits: ServerLimits,
     local_addr: SocketAddr,
     shutdown: Shutdown,
+    /// Upgrades to splice, to the listener, which spawns each among its
+    /// connections.
+    splices: mpsc::UnboundedSender<Splice>,
+}
+
+/// An upgraded connection to splice, with the idle limit of the connection
+/// it came on.
+struct Splice {
+    pending: PendingUpgrade,
+    idle: Duration,
+    client_addr: SocketAddr,
+}
+
+impl Splice {
+    async fn run(self) {
+        let client_addr = self.client_addr;
+        if let Err(e) = self.pending.splice_until_idle(self.idle).await {
+            debug!(%client_addr, error = %e, "upgraded connection ended");
+        }
+    }
 }
 
 fn builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
@@ -587,8 +639,22 @@ where
             let info = Arc::clone(&info);
             async move {
                 let limit = shared.limits.max_body_bytes;
+                // An HTTP/2 WebSocket opens with a 2xx to its CONNECT.
+                let connect = req.method() == Method::CONNECT;
+                let client_addr = info.client_addr;
                 let req = req.map(|body| RequestBody::new(body, limit));
-                let response = respond(&shared, req, info).await;
+                let mut response = respond(&shared, req, info).await;
+                if connect || response.status() == StatusCode::SWITCHING_PROTOCOLS {
+                    if let Some(pending) = PendingUpgrade::detach(&mut response) {
+                        let splice = Splice {
+                            pending,
+                            idle: shared.limits.idle_timeout,
+                            client_addr,
+                        };
+                        // A listener already gone drops it: the upgrade fails.
+                        let _ = shared.splices.send(splice);
+                    }
+                }
                 Ok::<_, Infallible>(response.map(|inner| GuardedBody {
                     inner,
                     _guard: guard,

@@ -1,9 +1,24 @@
 //! Protocol upgrades (WebSocket and the like, RFC 9110 §7.8) passed through
 //! to the origin: once both sides have switched, the two byte streams are
 //! spliced together until either closes.
+//!
+//! A handler served by a Portico [`Listener`](super::Listener) attaches the
+//! pending upgrade to its response ([`PendingUpgrade::attach`]); the
+//! listener then splices it as one of its own connections: it counts toward
+//! `max_connections`, closes after `idle_timeout` with no byte either way,
+//! and is dropped when the listener's shutdown grace runs out.
+
+use std::io;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use hyper::upgrade::OnUpgrade;
 use hyper_util::rt::TokioIo;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::time::Instant;
 use tracing::debug;
 
 /// Why a spliced upgrade ended badly.
@@ -27,6 +42,12 @@ pub enum UpgradeError {
     /// Copying between the two streams failed.
     #[error("relaying upgraded streams failed: {0}")]
     Io(#[from] std::io::Error),
+    /// No byte went either way for the idle limit; both sides were closed.
+    #[error("no traffic for {after:?}; closed")]
+    Idle {
+        /// The idle limit.
+        after: Duration,
+    },
 }
 
 /// The pending upgrades of a client request and the origin's `101` response.
@@ -73,10 +94,36 @@ impl PendingUpgrade {
         self
     }
 
+    /// Puts the pending upgrade on `response`, for the Portico listener that
+    /// serves it to splice as one of its connections. A response served
+    /// any other way drops it, and the upgrade fails.
+    pub fn attach<B>(self, response: &mut http::Response<B>) {
+        response
+            .extensions_mut()
+            .insert(Attached(Arc::new(Mutex::new(Some(self)))));
+    }
+
+    /// Takes back what [`PendingUpgrade::attach`] put on `response`.
+    pub fn detach<B>(response: &mut http::Response<B>) -> Option<Self> {
+        let attached = response.extensions_mut().remove::<Attached>()?;
+        let mut slot = attached.0.lock().ok()?;
+        slot.take()
+    }
+
     /// Waits for both sides to switch, then relays bytes both ways until
     /// either side closes. Returns the bytes copied (client to origin,
     /// origin to client).
     pub async fn splice(self) -> Result<(u64, u64), UpgradeError> {
+        self.relay(None).await
+    }
+
+    /// [`PendingUpgrade::splice`], closing both sides once no byte has gone
+    /// either way for `idle` ([`UpgradeError::Idle`]).
+    pub async fn splice_until_idle(self, idle: Duration) -> Result<(u64, u64), UpgradeError> {
+        self.relay(Some(idle)).await
+    }
+
+    async fn relay(self, idle: Option<Duration>) -> Result<(u64, u64), UpgradeError> {
         let _held = self.held;
         let (client, origin) = tokio::join!(self.client, self.origin);
         let client = client.map_err(|source| UpgradeError::Upgrade {
@@ -89,17 +136,122 @@ impl PendingUpgrade {
         })?;
         let mut client = TokioIo::new(client);
         let mut origin = TokioIo::new(origin);
-        let copied = tokio::io::copy_bidirectional(&mut client, &mut origin).await?;
+        let copied = match idle {
+            None => tokio::io::copy_bidirectional(&mut client, &mut origin).await?,
+            Some(idle) => {
+                let traffic = Arc::new(Traffic::new());
+                let mut client = Watched::new(client, &traffic);
+                let mut origin = Watched::new(origin, &traffic);
+                tokio::select! {
+                    copied = tokio::io::copy_bidirectional(&mut client, &mut origin) => copied?,
+                    () = traffic.idle_for(idle) => return Err(UpgradeError::Idle { after: idle }),
+                }
+            }
+        };
         debug!(up = copied.0, down = copied.1, "upgraded connection closed");
         Ok(copied)
     }
 
     /// Runs [`PendingUpgrade::splice`] on its own task, logging how it ended.
+    /// The task belongs to no listener: nothing counts it, times it out or
+    /// stops it; [`PendingUpgrade::attach`] does.
     pub fn spawn(self) {
         tokio::spawn(async move {
             if let Err(e) = self.splice().await {
                 debug!(error = %e, "upgraded connection failed");
             }
         });
+    }
+}
+
+/// A [`PendingUpgrade`] riding on a response's extensions, which must be
+/// `Clone`: the first to take it has it.
+#[derive(Clone)]
+struct Attached(Arc<Mutex<Option<PendingUpgrade>>>);
+
+/// When bytes last went either way through a splice.
+struct Traffic {
+    start: Instant,
+    /// Milliseconds from `start` to the last read or write that moved bytes.
+    last_ms: AtomicU64,
+}
+
+impl Traffic {
+    fn new() -> Self {
+        Self {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn note(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Completes once nothing has moved for `idle`. One timer, re-armed
+    /// only when it wakes to find that something moved meanwhile.
+    async fn idle_for(&self, idle: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let due = self.start + last + idle;
+            if Instant::now() >= due {
+                return;
+            }
+            tokio::time::sleep_until(due).await;
+        }
+    }
+}
+
+/// One side of a splice, noting in its [`Traffic`] each read or write that
+/// moves bytes.
+struct Watched<IO> {
+    io: IO,
+    traffic: Arc<Traffic>,
+}
+
+impl<IO> Watched<IO> {
+    fn new(io: IO, traffic: &Arc<Traffic>) -> Self {
+        Self {
+            io,
+            traffic: Arc::clone(traffic),
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Watched<IO> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            self.traffic.note();
+        }
+        polled
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let polled = Pin::new(&mut self.io).poll_write(cx, buf);
+        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
+            self.traffic.note();
+        }
+        polled
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.io).poll_shutdown(cx)
     }
 }

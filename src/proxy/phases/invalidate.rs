@@ -193,7 +193,8 @@ impl Gateway {
             // ends, not just for the 101's empty body: least_conn must see it.
             let load = resp.body_mut().take_load();
             match crate::proxy::upgrade::PendingUpgrade::take(&mut req, &mut resp) {
-                Ok(pending) => pending.holding(load).spawn(),
+                // The listener splices it, as one of its connections.
+                Ok(pending) => pending.holding(load).attach(&mut resp),
                 Err(e) => return Err(ProxyError::BadGateway(e.to_string())),
             }
             if h2_websocket {
