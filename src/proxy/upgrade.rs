@@ -51,8 +51,10 @@ pub enum UpgradeError {
 }
 
 /// The pending upgrades of a client request and the origin's `101` response.
-/// Take both before the response is returned to the client, then hand them
-/// to [`splice`] on a new task.
+/// Take both before the response is returned to the client, then
+/// [`attach`](PendingUpgrade::attach) them to that response for a Portico
+/// listener to splice, or run [`PendingUpgrade::splice`] on a task of your
+/// own.
 #[derive(Debug)]
 pub struct PendingUpgrade {
     client: OnUpgrade,
