@@ -118,6 +118,23 @@ fn compression(c: &mut Criterion) {
             b.iter(|| black_box(compress::compress(alg, spec.level, black_box(&body))))
         });
     }
+    // What a hit with a kept copy costs instead: its identity and a lookup.
+    let copies = compress::Copies::new(64 << 20);
+    let stored = compress::Stored {
+        primary: "shop.example/index.html",
+        secondary: "",
+        generation: 0,
+        received_ms: 1_764_000_000_000,
+        len: body.len(),
+    };
+    for alg in [Algorithm::Gzip, Algorithm::Br] {
+        group.bench_function(format!("{}_kept_copy", alg.as_str()), |b| {
+            b.iter(|| {
+                let identity = compress::Copies::identity(black_box(stored), alg, spec.level);
+                black_box(copies.get_or_compress(identity, alg, spec.level, &body))
+            })
+        });
+    }
     let accept = HeaderValue::from_static("gzip, deflate, br;q=0.9");
     group.bench_function("negotiate", |b| {
         b.iter(|| black_box(compress::negotiate(Some(black_box(&accept)), &spec)))

@@ -2,10 +2,111 @@
 //! client's Accept-Encoding (RFC 9110 section 12.5.3) against the rule's
 //! algorithms, for the rule's content types and minimum size.
 
+//!
+//! A stored body is compressed once per algorithm and level, not on every
+//! hit: [`Copies`] keeps the compressed copies in memory, in a budget of its
+//! own, under an identity that changes whenever the stored response does.
+
 use crate::policy::model::{Algorithm, CompressSpec};
+use bytes::Bytes;
 use http::header::{CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE};
 use http::{HeaderMap, HeaderValue};
 use std::io::Write as _;
+
+/// Bytes a kept copy is weighed at besides its body: the key, the handle
+/// and foyer's record.
+const COPY_OVERHEAD: usize = 96;
+
+/// What tells one stored response from another, for [`Copies::identity`].
+#[derive(Debug, Clone, Copy)]
+pub struct Stored<'a> {
+    /// The primary cache key.
+    pub primary: &'a str,
+    /// The secondary key (the `Vary` fields' values).
+    pub secondary: &'a str,
+    /// The variant generation.
+    pub generation: u64,
+    /// When the response was received, Unix milliseconds.
+    pub received_ms: u64,
+    /// Body length.
+    pub len: usize,
+}
+
+/// Compressed copies of stored bodies, so that delivering a hit costs a
+/// lookup rather than a compression. Least useful copies are evicted when
+/// the budget is full; a copy is never found for a response other than the
+/// one it was made from, since its identity includes what tells stored
+/// responses apart (see [`Copies::identity`]).
+pub struct Copies {
+    cache: foyer::Cache<u128, Bytes>,
+    kept: metrics::Counter,
+    made: metrics::Counter,
+}
+
+impl Copies {
+    /// Copies weighing at most `budget` bytes in all.
+    pub fn new(budget: usize) -> Copies {
+        Copies {
+            cache: foyer::CacheBuilder::new(budget.max(1))
+                .with_shards(4)
+                .with_weighter(|_: &u128, body: &Bytes| COPY_OVERHEAD + body.len())
+                .build(),
+            kept: metrics::counter!("portico_compressed_copies_total", "result" => "reused"),
+            made: metrics::counter!("portico_compressed_copies_total", "result" => "made"),
+        }
+    }
+
+    /// The identity of a stored response's copy: its primary key,
+    /// secondary key and variant generation, when it was received (a
+    /// refetch or a refresh changes it), its length, and the algorithm and
+    /// level.
+    pub fn identity(stored: Stored<'_>, alg: Algorithm, level: Option<u32>) -> u128 {
+        let Stored {
+            primary,
+            secondary,
+            generation,
+            received_ms,
+            len,
+        } = stored;
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [primary, secondary] {
+            ctx.update(&(part.len() as u64).to_le_bytes());
+            ctx.update(part.as_bytes());
+        }
+        ctx.update(&generation.to_le_bytes());
+        ctx.update(&received_ms.to_le_bytes());
+        ctx.update(&(len as u64).to_le_bytes());
+        ctx.update(alg.as_str().as_bytes());
+        ctx.update(&level.map_or(u64::MAX, u64::from).to_le_bytes());
+        let hash = ctx.finish();
+        let mut first = [0u8; 16];
+        first.copy_from_slice(&hash.as_ref()[..16]);
+        u128::from_le_bytes(first)
+    }
+
+    /// The copy of `body` under `identity`, compressed now if none is kept.
+    pub fn get_or_compress(
+        &self,
+        identity: u128,
+        alg: Algorithm,
+        level: Option<u32>,
+        body: &[u8],
+    ) -> Bytes {
+        if let Some(kept) = self.cache.get(&identity) {
+            self.kept.increment(1);
+            return kept.value().clone();
+        }
+        self.made.increment(1);
+        let copy = Bytes::from(compress(alg, level, body));
+        self.cache.insert(identity, copy.clone());
+        copy
+    }
+
+    /// Bytes the kept copies weigh.
+    pub fn usage(&self) -> usize {
+        self.cache.usage()
+    }
+}
 
 /// The algorithm to use for a client, or `None` for identity.
 ///

@@ -1316,3 +1316,56 @@ async fn metrics_count_hits_misses_and_stores() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_refetched_response_is_compressed_anew() {
+    bounded(async {
+        let n = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n2 = n.clone();
+        // Same length every time, so only the new fetch tells them apart.
+        let origin = Origin::start(move |_| {
+            let v = n2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            reply(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("content-type", "text/plain"),
+                ],
+                format!("version {v}\n").repeat(300),
+            )
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            "rule all { route app cache { } compress gzip }",
+        ))
+        .await;
+        let gunzip = |body: &[u8]| {
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(body), &mut out)
+                .expect("a gzip body");
+            out
+        };
+        let gz = [("accept-encoding", "gzip")];
+        assert!(gunzip(&get(addr(&p), "/v", &gz).await.body).starts_with("version 0\n"));
+        let hit = get(addr(&p), "/v", &gz).await;
+        assert!(hit.is_hit());
+        assert!(gunzip(&hit.body).starts_with("version 0\n"));
+        let r = admin(
+            &p,
+            "POST",
+            "/purge?url=http://test.example/v",
+            Some("secret"),
+        )
+        .await;
+        assert_eq!(r.status, 200);
+        // The new response is stored under the same key, with the same
+        // length: its compressed copy is made from it, not reused.
+        assert!(gunzip(&get(addr(&p), "/v", &gz).await.body).starts_with("version 1\n"));
+        let hit = get(addr(&p), "/v", &gz).await;
+        assert!(hit.is_hit());
+        assert!(gunzip(&hit.body).starts_with("version 1\n"));
+        p.shutdown().await;
+    })
+    .await;
+}

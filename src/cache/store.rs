@@ -835,6 +835,11 @@ impl Store {
         });
     }
 
+    /// The memory tier's capacity in bytes.
+    pub fn memory_capacity(&self) -> usize {
+        self.cache.memory().capacity()
+    }
+
     /// Flushes the memory tier and the bans to disk and closes the store.
     pub async fn close(&self) -> Result<(), StoreError> {
         let bans = self.flush_bans().await;

@@ -48,6 +48,9 @@ const CACHE_STATUS: HeaderName = HeaderName::from_static("cache-status");
 /// on its own: each flight that ends with another variant than the one the
 /// request needs costs it one more.
 const MAX_JOINS: usize = 4;
+/// The compressed copies of hits may weigh up to this fraction of the
+/// memory tier (besides it).
+const COPIES_SHARE: usize = 8;
 
 /// How a backend is reached.
 pub enum BackendRuntime {
@@ -77,6 +80,8 @@ struct Inner {
     errors: ErrorPages,
     via: HeaderValue,
     metrics: Metrics,
+    /// Compressed copies of stored bodies, for rules that compress.
+    copies: compress::Copies,
 }
 
 /// What the access log says of a request.
@@ -121,6 +126,7 @@ impl Metrics {
 impl Gateway {
     pub fn new(generation: Generation, store: Arc<Store>) -> Gateway {
         let hit_for_miss = generation.policy.model.storage.hit_for_miss;
+        let copies = compress::Copies::new(store.memory_capacity() / COPIES_SHARE);
         Gateway {
             inner: Arc::new(Inner {
                 current: ArcSwap::from_pointee(generation),
@@ -129,6 +135,7 @@ impl Gateway {
                 errors: ErrorPages::new(),
                 via: HeaderValue::from_static("1.1 portico"),
                 metrics: Metrics::new(),
+                copies,
             }),
         }
     }
@@ -318,7 +325,7 @@ impl Gateway {
                             ttl: entry.ttl_at(now),
                             detail: None,
                         };
-                        return Ok(self.deliver(gen, rule, parts, &entry, &status, now));
+                        return Ok(self.deliver(gen, rule, parts, &key, &entry, &status, now));
                     }
                     Reuse::StaleWhileRevalidate => {
                         log.cache = "stale";
@@ -329,7 +336,7 @@ impl Gateway {
                             ttl: entry.ttl_at(now),
                             detail: Some("stale-while-revalidate"),
                         };
-                        return Ok(self.deliver(gen, rule, parts, &entry, &status, now));
+                        return Ok(self.deliver(gen, rule, parts, &key, &entry, &status, now));
                     }
                     Reuse::Revalidate { stale_if_error } => {
                         // RFC 9211 section 2.2: `request` when a fresh copy
@@ -383,7 +390,7 @@ impl Gateway {
                                 collapsed: true,
                                 detail: None,
                             };
-                            return Ok(self.deliver(gen, rule, parts, &entry, &status, now));
+                            return Ok(self.deliver(gen, rule, parts, &key, &entry, &status, now));
                         }
                         // Another variant (the response varies on a field
                         // this request sends differently): wait for, or
@@ -426,7 +433,7 @@ impl Gateway {
                     collapsed: false,
                     detail: (!stored).then_some("store-refused"),
                 };
-                let mut resp = self.deliver(gen, rule, parts, &entry, &status, now);
+                let mut resp = self.deliver(gen, rule, parts, &key, &entry, &status, now);
                 // The cookie was set for this client alone; the stored copy has none.
                 for c in cookies {
                     resp.headers_mut().append(header::SET_COOKIE, c);
@@ -467,6 +474,7 @@ impl Gateway {
                             gen,
                             rule,
                             parts,
+                            &key,
                             entry,
                             status.as_u16(),
                             log,
@@ -499,6 +507,7 @@ impl Gateway {
                         gen,
                         rule,
                         parts,
+                        &key,
                         entry,
                         e.status().as_u16(),
                         log,

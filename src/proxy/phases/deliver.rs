@@ -5,11 +5,13 @@
 use super::*;
 
 impl Gateway {
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn serve_stale_on_error(
         &self,
         gen: &Generation,
         rule: &RuleSpec,
         parts: &http::request::Parts,
+        key: &str,
         entry: &Arc<Entry>,
         fwd_status: u16,
         log: &mut Log,
@@ -24,16 +26,19 @@ impl Gateway {
             collapsed: false,
             detail: Some("stale-if-error"),
         };
-        self.deliver(gen, rule, parts, entry, &status, SystemTime::now())
+        self.deliver(gen, rule, parts, key, entry, &status, SystemTime::now())
     }
 
-    /// Builds the response for a stored entry: conditional answers, ranges,
-    /// compression, Age, Cache-Status, header edits.
+    /// Builds the response for a stored entry (under the primary key
+    /// `key`): conditional answers, ranges, compression, Age, Cache-Status,
+    /// header edits.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn deliver(
         &self,
         gen: &Generation,
         rule: &RuleSpec,
         parts: &http::request::Parts,
+        key: &str,
         entry: &Arc<Entry>,
         status: &CacheStatus<'_>,
         now: SystemTime,
@@ -113,7 +118,18 @@ impl Gateway {
                 if let Some(alg) =
                     compress::negotiate(parts.headers.get(header::ACCEPT_ENCODING), spec)
                 {
-                    payload = compress::compress(alg, spec.level, &payload).into();
+                    let stored = compress::Stored {
+                        primary: key,
+                        secondary: entry.secondary_key(),
+                        generation: entry.generation,
+                        received_ms: entry.response_time_ms,
+                        len: payload.len(),
+                    };
+                    let identity = compress::Copies::identity(stored, alg, spec.level);
+                    payload = self
+                        .inner
+                        .copies
+                        .get_or_compress(identity, alg, spec.level, &payload);
                     headers.insert(
                         header::CONTENT_ENCODING,
                         HeaderValue::from_static(alg.as_str()),
