@@ -9,9 +9,15 @@
 
 use crate::policy::model::{Algorithm, CompressSpec};
 use bytes::Bytes;
-use http::header::{CACHE_CONTROL, CONTENT_ENCODING, CONTENT_TYPE};
-use http::{HeaderMap, HeaderValue};
+use http::header::{
+    ACCEPT_RANGES, CACHE_CONTROL, CONTENT_ENCODING, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE,
+    ETAG, VARY,
+};
+use http::{HeaderMap, HeaderValue, Response, StatusCode};
+use hyper::body::{Body, Frame, SizeHint};
 use std::io::Write as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 
 /// Bytes a kept copy is weighed at besides its body: the key, the handle
 /// and foyer's record.
@@ -193,6 +199,287 @@ pub fn applies(spec: &CompressSpec, headers: &HeaderMap, len: usize) -> bool {
         Some(prefix) => ct.len() >= prefix.len() && ct[..prefix.len()].eq_ignore_ascii_case(prefix),
         None => ct.eq_ignore_ascii_case(t),
     })
+}
+
+/// Marks a response as varying on `Accept-Encoding`, once.
+pub fn vary_on_accept_encoding(headers: &mut HeaderMap) {
+    let named = headers
+        .get_all(VARY)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|n| n.trim().eq_ignore_ascii_case("accept-encoding") || n.trim() == "*");
+    if !named {
+        headers.append(VARY, HeaderValue::from_static("accept-encoding"));
+    }
+}
+
+/// Sets the fields of a response whose body is now coded with `alg`:
+/// `Content-Encoding`, and a weak `ETag` (the coded body is not the same
+/// bytes, but the same content: a conditional request with it still
+/// matches the stored response, RFC 9110 section 8.8.3).
+pub fn mark_coded(headers: &mut HeaderMap, alg: Algorithm) {
+    headers.insert(CONTENT_ENCODING, HeaderValue::from_static(alg.as_str()));
+    weaken_etag(headers);
+}
+
+/// Makes a strong `ETag` weak.
+pub fn weaken_etag(headers: &mut HeaderMap) {
+    if let Some(tag) = headers.get(ETAG) {
+        if !tag.as_bytes().starts_with(b"W/") {
+            let mut weak = Vec::with_capacity(tag.len() + 2);
+            weak.extend_from_slice(b"W/");
+            weak.extend_from_slice(tag.as_bytes());
+            match HeaderValue::from_bytes(&weak) {
+                Ok(v) => {
+                    headers.insert(ETAG, v);
+                }
+                Err(_) => {
+                    headers.remove(ETAG);
+                }
+            }
+        }
+    }
+}
+
+/// Compresses a response on its way to the client, as its body streams,
+/// when the rule's `compress` applies to it and the client accepts one of
+/// its algorithms. A response of unknown length counts as long enough.
+/// Partial (206), bodiless (204, 304) and already coded responses pass as
+/// they are; for `HEAD` only the fields change.
+pub fn response<B>(
+    spec: &CompressSpec,
+    accept: Option<&HeaderValue>,
+    head: bool,
+    resp: Response<B>,
+) -> Response<Compressible<B>> {
+    let (mut parts, body) = resp.into_parts();
+    let alg = on_the_fly(spec, accept, parts.status, &mut parts.headers);
+    let body = match alg {
+        Some(alg) if !head => {
+            Compressible::Coded(Box::new(Compressing::new(body, alg, spec.level)))
+        }
+        _ => Compressible::Plain(body),
+    };
+    Response::from_parts(parts, body)
+}
+
+/// Decides on compressing a streamed response and sets its fields.
+fn on_the_fly(
+    spec: &CompressSpec,
+    accept: Option<&HeaderValue>,
+    status: StatusCode,
+    headers: &mut HeaderMap,
+) -> Option<Algorithm> {
+    if status == StatusCode::NO_CONTENT
+        || status == StatusCode::NOT_MODIFIED
+        || status == StatusCode::PARTIAL_CONTENT
+        || status.is_informational()
+        || headers.contains_key(CONTENT_RANGE)
+    {
+        return None;
+    }
+    let len = headers
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(usize::MAX);
+    if !applies(spec, headers, len) {
+        return None;
+    }
+    vary_on_accept_encoding(headers);
+    let alg = negotiate(accept, spec)?;
+    mark_coded(headers, alg);
+    headers.remove(CONTENT_LENGTH);
+    headers.remove(ACCEPT_RANGES);
+    Some(alg)
+}
+
+/// A response body, compressed on the way or not.
+pub enum Compressible<B> {
+    /// As the origin sent it.
+    Plain(B),
+    /// Compressed as it streams.
+    Coded(Box<Compressing<B>>),
+}
+
+impl<B> Body for Compressible<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        match self.get_mut() {
+            Compressible::Plain(b) => Pin::new(b).poll_frame(cx),
+            Compressible::Coded(c) => Pin::new(c.as_mut()).poll_frame(cx),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Compressible::Plain(b) => b.is_end_stream(),
+            Compressible::Coded(c) => c.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            Compressible::Plain(b) => b.size_hint(),
+            Compressible::Coded(_) => SizeHint::default(),
+        }
+    }
+}
+
+/// Compressed output is handed on once this much has gathered, or when
+/// the origin pauses.
+const EMIT_AT: usize = 16 * 1024;
+
+/// A streaming encoder writing into a buffer. (It lives in a boxed
+/// [`Compressing`], so its size costs no move.)
+#[allow(clippy::large_enum_variant)]
+enum Encoder {
+    Gzip(flate2::write::GzEncoder<Vec<u8>>),
+    Br(Box<brotli::CompressorWriter<Vec<u8>>>),
+}
+
+impl Encoder {
+    fn new(alg: Algorithm, level: Option<u32>) -> Encoder {
+        match alg {
+            Algorithm::Gzip => Encoder::Gzip(flate2::write::GzEncoder::new(
+                Vec::new(),
+                flate2::Compression::new(level.unwrap_or(6).min(9)),
+            )),
+            Algorithm::Br => Encoder::Br(Box::new(brotli::CompressorWriter::new(
+                Vec::new(),
+                4096,
+                level.unwrap_or(5).min(11),
+                22,
+            ))),
+        }
+    }
+
+    // Writing into a Vec cannot fail, so neither can these.
+    fn write(&mut self, data: &[u8]) {
+        let _ = match self {
+            Encoder::Gzip(e) => e.write_all(data),
+            Encoder::Br(e) => e.write_all(data),
+        };
+    }
+
+    fn flush(&mut self) {
+        let _ = match self {
+            Encoder::Gzip(e) => e.flush(),
+            Encoder::Br(e) => e.flush(),
+        };
+    }
+
+    fn output(&mut self) -> &mut Vec<u8> {
+        match self {
+            Encoder::Gzip(e) => e.get_mut(),
+            Encoder::Br(e) => e.get_mut(),
+        }
+    }
+
+    fn take(&mut self) -> Bytes {
+        Bytes::from(std::mem::take(self.output()))
+    }
+
+    fn finish(self) -> Bytes {
+        match self {
+            Encoder::Gzip(e) => Bytes::from(e.finish().unwrap_or_default()),
+            Encoder::Br(e) => Bytes::from(e.into_inner()),
+        }
+    }
+}
+
+/// A body compressed as it streams. Output is handed on in pieces of about
+/// [`EMIT_AT`], and whatever is pending is flushed whenever the inner body
+/// has nothing ready, so an event stream or a slow page reaches the client
+/// as promptly as it would uncompressed. Trailers pass after the data.
+pub struct Compressing<B> {
+    inner: B,
+    encoder: Option<Encoder>,
+    /// Input written since the last flush.
+    unflushed: bool,
+    trailers: Option<HeaderMap>,
+}
+
+impl<B> Compressing<B> {
+    /// Compresses `inner` with `alg` at `level`.
+    pub fn new(inner: B, alg: Algorithm, level: Option<u32>) -> Compressing<B> {
+        Compressing {
+            inner,
+            encoder: Some(Encoder::new(alg, level)),
+            unflushed: false,
+            trailers: None,
+        }
+    }
+}
+
+impl<B> Body for Compressing<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let this = self.get_mut();
+        loop {
+            let Some(encoder) = this.encoder.as_mut() else {
+                return Poll::Ready(this.trailers.take().map(|t| Ok(Frame::trailers(t))));
+            };
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => {
+                        encoder.write(&data);
+                        this.unflushed = true;
+                        if encoder.output().len() >= EMIT_AT {
+                            return Poll::Ready(Some(Ok(Frame::data(encoder.take()))));
+                        }
+                    }
+                    Err(frame) => {
+                        if let Ok(trailers) = frame.into_trailers() {
+                            this.trailers = Some(trailers);
+                        }
+                    }
+                },
+                Poll::Ready(Some(Err(e))) => {
+                    this.encoder = None;
+                    this.trailers = None;
+                    return Poll::Ready(Some(Err(e)));
+                }
+                Poll::Ready(None) => {
+                    let rest = this.encoder.take().map(Encoder::finish).unwrap_or_default();
+                    if !rest.is_empty() {
+                        return Poll::Ready(Some(Ok(Frame::data(rest))));
+                    }
+                }
+                Poll::Pending => {
+                    if this.unflushed {
+                        this.unflushed = false;
+                        encoder.flush();
+                        if !encoder.output().is_empty() {
+                            return Poll::Ready(Some(Ok(Frame::data(encoder.take()))));
+                        }
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.encoder.is_none() && self.trailers.is_none()
+    }
 }
 
 /// Compresses a body. Levels: brotli 0-11 (default 5), gzip 0-9 (default 6).

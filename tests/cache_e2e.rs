@@ -1369,3 +1369,88 @@ async fn a_refetched_response_is_compressed_anew() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_streamed_fill_is_compressed_for_its_client_and_stored_plain() {
+    bounded(async {
+        let text = "<p>streamed, then stored</p>\n".repeat(300);
+        let gunzip = |body: &[u8]| {
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(body), &mut out)
+                .expect("a gzip body");
+            out
+        };
+        let unbrotli = |body: &[u8]| {
+            let mut out = Vec::new();
+            brotli::BrotliDecompress(&mut &body[..], &mut out).expect("a brotli body");
+            String::from_utf8(out).expect("text")
+        };
+        let mut raw = "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncache-control: max-age=60\r\n\
+                       transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
+            .as_bytes()
+            .to_vec();
+        for chunk in text.as_bytes().chunks(1000) {
+            raw.extend_from_slice(format!("{:x}\r\n", chunk.len()).as_bytes());
+            raw.extend_from_slice(chunk);
+            raw.extend_from_slice(b"\r\n");
+        }
+        raw.extend_from_slice(b"0\r\n\r\n");
+        let origin = RawOrigin::start(raw).await;
+        let policy = format!(
+            "backend app {{\n  server \"{}\"\n}}\nrule all {{ route app cache {{ }} compress gzip, br }}\n",
+            origin.addr
+        );
+        let p = proxy(&policy).await;
+        let first = get(addr(&p), "/s", &[("accept-encoding", "gzip")]).await;
+        assert!(first.cache_status().contains("detail=streamed"), "{}", first.cache_status());
+        assert_eq!(first.header("content-encoding"), Some("gzip"));
+        assert_eq!(gunzip(&first.body), text);
+        let plain = get(addr(&p), "/s", &[]).await;
+        assert!(plain.is_hit(), "{}", plain.cache_status());
+        assert_eq!(plain.header("content-encoding"), None);
+        assert_eq!(plain.text(), text);
+        let br = get(addr(&p), "/s", &[("accept-encoding", "br")]).await;
+        assert!(br.is_hit());
+        assert_eq!(unbrotli(&br.body), text);
+        assert_eq!(origin.count(), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_compressed_hit_has_a_weak_etag_that_revalidates() {
+    bounded(async {
+        let origin = Origin::start(|_| {
+            reply(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("content-type", "text/plain"),
+                    ("etag", "\"v1\""),
+                ],
+                "compress me ".repeat(300),
+            )
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            "rule all { route app cache { } compress gzip }",
+        ))
+        .await;
+        let gz = ("accept-encoding", "gzip");
+        let first = get(addr(&p), "/e", &[gz]).await;
+        assert_eq!(first.header("content-encoding"), Some("gzip"));
+        assert_eq!(first.header("etag"), Some("W/\"v1\""));
+        let again = get(addr(&p), "/e", &[gz, ("if-none-match", "W/\"v1\"")]).await;
+        assert_eq!(again.status, 304);
+        assert_eq!(again.header("etag"), Some("W/\"v1\""));
+        assert_eq!(again.header("vary"), Some("accept-encoding"));
+        let plain = get(addr(&p), "/e", &[("if-none-match", "\"v1\"")]).await;
+        assert_eq!(plain.status, 304);
+        assert_eq!(plain.header("etag"), Some("\"v1\""));
+        assert_eq!(origin.count(), 1);
+        p.shutdown().await;
+    })
+    .await;
+}

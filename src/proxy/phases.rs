@@ -294,7 +294,11 @@ impl Gateway {
                     headers: resp.headers(),
                 },
             );
-            for e in actions.headers.iter().chain(&rule.response_headers) {
+            for e in &actions.headers {
+                e.apply(resp.headers_mut());
+            }
+            let mut resp = compress_streamed(rule, parts, resp);
+            for e in &rule.response_headers {
                 e.apply(resp.headers_mut());
             }
             set_cache_status(
@@ -441,7 +445,8 @@ impl Gateway {
                 Ok(resp)
             }
             Ok(Filled::Streaming(resp, pending, max)) => {
-                let mut resp = fill::tee(resp, pending, max, leader);
+                let mut resp =
+                    compress_streamed(rule, parts, fill::tee(resp, pending, max, leader));
                 let status = resp.status().as_u16();
                 set_cache_status(
                     resp.headers_mut(),
@@ -462,7 +467,7 @@ impl Gateway {
                 }
                 Ok(resp)
             }
-            Ok(Filled::Passed(mut resp, detail, fwd_status)) => {
+            Ok(Filled::Passed(resp, detail, fwd_status)) => {
                 if let Some(l) = leader {
                     l.publish(Flight::NotStorable);
                 }
@@ -481,6 +486,7 @@ impl Gateway {
                         ));
                     }
                 }
+                let mut resp = compress_streamed(rule, parts, resp);
                 set_cache_status(
                     resp.headers_mut(),
                     &CacheStatus::Forward {
@@ -517,6 +523,26 @@ impl Gateway {
             }
         }
     }
+}
+
+/// Compresses a response from the origin as it streams to the client, when
+/// the rule compresses and the response qualifies (see
+/// [`compress::response`]). Rules without `compress` pay nothing.
+fn compress_streamed(
+    rule: &RuleSpec,
+    parts: &http::request::Parts,
+    resp: Response<ResponseBody>,
+) -> Response<ResponseBody> {
+    let Some(spec) = &rule.compress else {
+        return resp;
+    };
+    let head = parts.method == Method::HEAD;
+    compress::response(spec, parts.headers.get(header::ACCEPT_ENCODING), head, resp).map(
+        |b| match b {
+            compress::Compressible::Plain(b) => b,
+            coded => coded.boxed_unsync(),
+        },
+    )
 }
 
 impl Handler for Gateway {

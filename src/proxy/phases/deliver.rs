@@ -72,6 +72,17 @@ impl Gateway {
                     resp.headers_mut().append(name.clone(), v.clone());
                 }
             }
+            // What the 200 would have said of its coding (RFC 9110 section 15.4.5).
+            if let Some(spec) = rule
+                .compress
+                .as_ref()
+                .filter(|spec| compress::applies(spec, &headers, entry.body_len()))
+            {
+                compress::vary_on_accept_encoding(resp.headers_mut());
+                if compress::negotiate(parts.headers.get(header::ACCEPT_ENCODING), spec).is_some() {
+                    compress::weaken_etag(resp.headers_mut());
+                }
+            }
             resp.headers_mut().insert(header::AGE, age);
             set_cache_status(resp.headers_mut(), status);
             return resp;
@@ -114,7 +125,7 @@ impl Gateway {
             }
         } else if let Some(spec) = &rule.compress {
             if compress::applies(spec, &headers, payload.len()) {
-                headers.append(header::VARY, HeaderValue::from_static("accept-encoding"));
+                compress::vary_on_accept_encoding(&mut headers);
                 if let Some(alg) =
                     compress::negotiate(parts.headers.get(header::ACCEPT_ENCODING), spec)
                 {
@@ -130,11 +141,8 @@ impl Gateway {
                         .inner
                         .copies
                         .get_or_compress(identity, alg, spec.level, &payload);
-                    headers.insert(
-                        header::CONTENT_ENCODING,
-                        HeaderValue::from_static(alg.as_str()),
-                    );
-                    headers.remove(header::ETAG);
+                    compress::mark_coded(&mut headers, alg);
+                    headers.remove(header::ACCEPT_RANGES);
                 }
             }
         }
