@@ -43,6 +43,7 @@ pub struct Stored<'a> {
 /// the budget is full; a copy is never found for a response other than the
 /// one it was made from, since its identity includes what tells stored
 /// responses apart (see [`Copies::identity`]).
+#[derive(Clone)]
 pub struct Copies {
     cache: foyer::Cache<u128, Bytes>,
     kept: metrics::Counter,
@@ -98,14 +99,40 @@ impl Copies {
         level: Option<u32>,
         body: &[u8],
     ) -> Bytes {
-        if let Some(kept) = self.cache.get(&identity) {
-            self.kept.increment(1);
-            return kept.value().clone();
+        if let Some(kept) = self.get(identity) {
+            return kept;
         }
         self.made.increment(1);
         let copy = Bytes::from(compress(alg, level, body));
         self.cache.insert(identity, copy.clone());
         copy
+    }
+
+    /// The kept copy under `identity`, if any.
+    pub fn get(&self, identity: u128) -> Option<Bytes> {
+        let kept = self.cache.get(&identity)?;
+        self.kept.increment(1);
+        Some(kept.value().clone())
+    }
+
+    /// A body that compresses `body` as it streams, in pieces, and keeps
+    /// the copy under `identity` once it has all been sent: for bodies too
+    /// large to compress at once without holding up the other requests on
+    /// the same thread.
+    pub fn compress_streaming(
+        &self,
+        identity: u128,
+        alg: Algorithm,
+        level: Option<u32>,
+        body: Bytes,
+    ) -> Keeping {
+        self.made.increment(1);
+        Keeping {
+            inner: Compressing::new(Pieces(body), alg, level),
+            sent: Vec::new(),
+            copies: self.cache.clone(),
+            identity,
+        }
     }
 
     /// Bytes the kept copies weigh.
@@ -332,6 +359,83 @@ where
             Compressible::Plain(b) => b.size_hint(),
             Compressible::Coded(_) => SizeHint::default(),
         }
+    }
+}
+
+/// Bodies up to this length are compressed at once on a hit that finds no
+/// kept copy; longer ones are compressed as they stream
+/// ([`Copies::compress_streaming`]).
+pub const AT_ONCE_MAX: usize = 256 * 1024;
+
+/// How much of a stored body [`Pieces`] hands the encoder at a time.
+const PIECE: usize = 64 * 1024;
+
+/// A stored body handed on in pieces.
+struct Pieces(Bytes);
+
+impl Body for Pieces {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let rest = &mut self.get_mut().0;
+        if rest.is_empty() {
+            return Poll::Ready(None);
+        }
+        let piece = rest.split_to(PIECE.min(rest.len()));
+        Poll::Ready(Some(Ok(Frame::data(piece))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// A stored body compressed as it streams, whose copy is kept once the
+/// whole of it has been sent (a client that leaves early keeps nothing).
+pub struct Keeping {
+    inner: Compressing<Pieces>,
+    sent: Vec<Bytes>,
+    copies: foyer::Cache<u128, Bytes>,
+    identity: u128,
+}
+
+impl Body for Keeping {
+    type Data = Bytes;
+    type Error = std::convert::Infallible;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = self.get_mut();
+        // Pieces are always ready, so the encoder hands on full pieces
+        // and then the end.
+        let frame = std::task::ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        match frame {
+            Some(Ok(frame)) => {
+                if let Some(data) = frame.data_ref() {
+                    this.sent.push(data.clone());
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Some(Err(never)) => match never {},
+            None => {
+                let mut copy = Vec::with_capacity(this.sent.iter().map(Bytes::len).sum());
+                for piece in this.sent.drain(..) {
+                    copy.extend_from_slice(&piece);
+                }
+                this.copies.insert(this.identity, Bytes::from(copy));
+                Poll::Ready(None)
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
     }
 }
 

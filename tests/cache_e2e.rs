@@ -1454,3 +1454,54 @@ async fn a_compressed_hit_has_a_weak_etag_that_revalidates() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_large_hit_is_compressed_as_it_streams_then_from_its_copy() {
+    bounded(async {
+        // Well above what is compressed at once (256 KiB).
+        let text: String = (0..40_000).map(|i| format!("line {i}\n")).collect();
+        let body = text.clone();
+        let origin = Origin::start(move |_| {
+            reply(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("content-type", "text/plain"),
+                ],
+                body.clone(),
+            )
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            "rule all { route app cache { } compress gzip }",
+        ))
+        .await;
+        let gunzip = |body: &[u8]| {
+            let mut out = String::new();
+            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(body), &mut out)
+                .expect("a gzip body");
+            out
+        };
+        let gz = [("accept-encoding", "gzip")];
+        let head = send(addr(&p), "HEAD", "/big", &gz, "").await;
+        assert_eq!(head.header("content-encoding"), Some("gzip"));
+        assert_eq!(head.header("content-length"), None);
+        // Compressed on the way: its length is not known in advance.
+        let first = get(addr(&p), "/big", &gz).await;
+        assert_eq!(first.header("content-encoding"), Some("gzip"));
+        assert_eq!(first.header("content-length"), None);
+        assert_eq!(gunzip(&first.body), text);
+        // Then delivered from the copy kept at its end.
+        let second = get(addr(&p), "/big", &gz).await;
+        assert!(second.is_hit());
+        assert_eq!(
+            second.header("content-length"),
+            Some(second.body.len().to_string().as_str())
+        );
+        assert_eq!(gunzip(&second.body), text);
+        assert_eq!(origin.count(), 1);
+        p.shutdown().await;
+    })
+    .await;
+}

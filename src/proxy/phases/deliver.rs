@@ -94,6 +94,9 @@ impl Gateway {
             }
         }
         let mut code = entry.status;
+        // A large body without a kept copy is compressed as it streams.
+        let mut coded_stream = None;
+        let mut length_unknown = false;
         let mut payload = entry.body();
         let range = parts
             .headers
@@ -137,10 +140,23 @@ impl Gateway {
                         len: payload.len(),
                     };
                     let identity = compress::Copies::identity(stored, alg, spec.level);
-                    payload = self
-                        .inner
-                        .copies
-                        .get_or_compress(identity, alg, spec.level, &payload);
+                    let copies = &self.inner.copies;
+                    match copies.get(identity) {
+                        Some(copy) => payload = copy,
+                        None if payload.len() <= compress::AT_ONCE_MAX => {
+                            payload = copies.get_or_compress(identity, alg, spec.level, &payload);
+                        }
+                        None if parts.method == Method::HEAD => length_unknown = true,
+                        None => {
+                            length_unknown = true;
+                            coded_stream = Some(copies.compress_streaming(
+                                identity,
+                                alg,
+                                spec.level,
+                                payload.clone(),
+                            ));
+                        }
+                    }
                     compress::mark_coded(&mut headers, alg);
                     headers.remove(header::ACCEPT_RANGES);
                 }
@@ -151,11 +167,16 @@ impl Gateway {
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<usize>().ok());
-        if stated != Some(payload.len()) {
+        if length_unknown {
+            // Not known until the copy is made.
+            headers.remove(header::CONTENT_LENGTH);
+        } else if stated != Some(payload.len()) {
             headers.insert(header::CONTENT_LENGTH, HeaderValue::from(payload.len()));
         }
         let body = if parts.method == Method::HEAD {
             body::empty()
+        } else if let Some(coded) = coded_stream {
+            coded.map_err(|never| match never {}).boxed_unsync()
         } else {
             body::full(payload)
         };
