@@ -1039,6 +1039,56 @@ async fn cache_status_is_on_every_response() {
     .await;
 }
 
+/// Every `Cache-Status` member of a response, in order.
+fn cache_status_members(got: &Got) -> Vec<String> {
+    got.headers
+        .get_all("cache-status")
+        .iter()
+        .flat_map(|v| v.to_str().unwrap().split(','))
+        .map(|m| m.trim().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn cache_status_keeps_the_members_of_caches_nearer_the_origin() {
+    bounded(async {
+        let origin = Origin::start(|_| {
+            reply(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("cache-status", "Shield; hit; ttl=30"),
+                ],
+                "x",
+            )
+        })
+        .await;
+        let rules = "rule pass when path ^= \"/pass\" { route app cache off }\n\
+                     rule all { route app cache { } }";
+        let p = proxy(&policy_for(&origin, rules)).await;
+        let miss = get(addr(&p), "/a", &[]).await;
+        assert_eq!(
+            cache_status_members(&miss),
+            [
+                "Shield; hit; ttl=30",
+                "Portico; fwd=uri-miss; fwd-status=200; ttl=60; stored"
+            ]
+        );
+        let hit = get(addr(&p), "/a", &[]).await;
+        let members = cache_status_members(&hit);
+        assert_eq!(members.len(), 2, "{members:?}");
+        assert_eq!(members[0], "Shield; hit; ttl=30");
+        assert!(members[1].starts_with("Portico; hit; ttl="), "{members:?}");
+        let bypass = get(addr(&p), "/pass", &[]).await;
+        assert_eq!(
+            cache_status_members(&bypass),
+            ["Shield; hit; ttl=30", "Portico; fwd=bypass; fwd-status=200"]
+        );
+        p.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn purges_reach_every_key_of_a_url_when_the_key_takes_request_fields() {
     bounded(async {

@@ -951,6 +951,9 @@ impl UrlKey {
     }
 }
 
+/// Adds Portico's member to `Cache-Status`. Members that caches nearer the
+/// origin put there stay, in front of it: the list runs from the origin
+/// towards the client (RFC 9211 section 2).
 fn set_cache_status(headers: &mut HeaderMap, status: &CacheStatus<'_>) {
     // A request the cache does not handle (every pass-through request) gets
     // one of a few values, each rendered once.
@@ -968,12 +971,12 @@ fn set_cache_status(headers: &mut HeaderMap, status: &CacheStatus<'_>) {
         // static value is cloned without touching a reference count.
         let value = BYPASS[usize::from(code - 100)]
             .get_or_init(|| HeaderValue::from_static(String::leak(status.render(CACHE_NAME))));
-        headers.insert(CACHE_STATUS, value.clone());
+        headers.append(CACHE_STATUS, value.clone());
         return;
     }
     // The rendered text becomes the value without another copy.
     if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(status.render(CACHE_NAME))) {
-        headers.insert(CACHE_STATUS, v);
+        headers.append(CACHE_STATUS, v);
     }
 }
 
