@@ -744,6 +744,43 @@ async fn vary_stores_one_variant_per_language() {
 }
 
 #[tokio::test]
+async fn vary_tells_a_field_sent_empty_from_one_not_sent() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            let flag = match s.headers.get("x-flag") {
+                Some(v) => format!("sent:{}", v.to_str().unwrap()),
+                None => "absent".to_string(),
+            };
+            reply(
+                200,
+                &[("cache-control", "max-age=60"), ("vary", "X-Flag")],
+                flag,
+            )
+        })
+        .await;
+        let p = cached(&origin).await;
+        let absent = get(addr(&p), "/v", &[]).await;
+        assert_eq!(absent.text(), "absent");
+        let empty = get(addr(&p), "/v", &[("x-flag", "")]).await;
+        assert_eq!(empty.text(), "sent:");
+        assert!(
+            empty.cache_status().contains("fwd=vary-miss"),
+            "{}",
+            empty.cache_status()
+        );
+        let absent2 = get(addr(&p), "/v", &[]).await;
+        assert!(absent2.is_hit(), "{}", absent2.cache_status());
+        assert_eq!(absent2.text(), "absent");
+        let empty2 = get(addr(&p), "/v", &[("x-flag", "")]).await;
+        assert!(empty2.is_hit(), "{}", empty2.cache_status());
+        assert_eq!(empty2.text(), "sent:");
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn vary_accept_encoding_is_normalised_and_vary_star_is_not_stored() {
     bounded(async {
         let origin = Origin::start(|s| match s.uri.path() {

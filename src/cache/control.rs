@@ -953,7 +953,9 @@ pub fn vary_names(response: &HeaderMap) -> Result<Vec<HeaderName>, NotStorable> 
 /// The secondary cache key of a request for a response that varies on
 /// `names`: one `name:value` line per name, values of repeated fields joined
 /// with `,` and trimmed, `Accept-Encoding` reduced to the coding this cache
-/// would serve ([`preferred_encoding`]). Empty when `names` is empty.
+/// would serve ([`preferred_encoding`]); a field the request lacks is the
+/// bare name, so that it matches only a request that lacks it too, not one
+/// that sends it empty (RFC 9111 section 4.1). Empty when `names` is empty.
 pub fn secondary_key(names: &[HeaderName], request: &HeaderMap) -> String {
     secondary_key_of(names.iter().map(HeaderName::as_str), request)
 }
@@ -970,11 +972,15 @@ pub fn secondary_key_of<'a>(
             key.push('\n');
         }
         key.push_str(name);
-        key.push(':');
         if name == header::ACCEPT_ENCODING.as_str() {
+            key.push(':');
             key.push_str(preferred_encoding(request));
             continue;
         }
+        if !request.contains_key(name) {
+            continue;
+        }
+        key.push(':');
         let mut first = true;
         for value in request.get_all(name) {
             let Ok(text) = value.to_str() else { continue };
@@ -2074,6 +2080,12 @@ mod tests {
         let bare = HeaderMap::new();
         assert_eq!(
             secondary_key(&names, &bare),
+            "accept-encoding:identity\naccept-language\nx-theme"
+        );
+        // Sent empty is not the same as not sent.
+        let empty = headers(&[("accept-language", ""), ("x-theme", " ")]);
+        assert_eq!(
+            secondary_key(&names, &empty),
             "accept-encoding:identity\naccept-language:\nx-theme:"
         );
         assert_eq!(secondary_key(&[], &req), "");
