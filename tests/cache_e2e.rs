@@ -304,6 +304,47 @@ async fn freshness_comes_from_s_maxage_max_age_expires_and_last_modified() {
 }
 
 #[tokio::test]
+async fn a_public_response_of_any_status_is_heuristically_fresh() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            let now = std::time::SystemTime::now();
+            let modified = http_date(now - std::time::Duration::from_secs(1000));
+            let mut fields = vec![
+                ("date", http_date(now)),
+                ("last-modified", modified),
+                ("location", "/elsewhere".to_string()),
+            ];
+            if s.uri.path() == "/public" {
+                fields.push(("cache-control", "public".to_string()));
+            }
+            let fields: Vec<(&str, &str)> = fields.iter().map(|(k, v)| (*k, v.as_str())).collect();
+            reply(302, &fields, "")
+        })
+        .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/public", &[]).await;
+        let hit = get(addr(&p), "/public", &[]).await;
+        assert_eq!(hit.status, 302);
+        assert!(hit.is_hit(), "{}", hit.cache_status());
+        let t = ttl(&hit);
+        assert!((98..=100).contains(&t), "ttl {t}");
+        assert_eq!(origin.count_path("/public"), 1);
+        // Without `public`, a 302 is not heuristically cacheable.
+        for _ in 0..2 {
+            let r = get(addr(&p), "/plain", &[]).await;
+            assert!(
+                r.cache_status().contains("detail=status"),
+                "{}",
+                r.cache_status()
+            );
+        }
+        assert_eq!(origin.count_path("/plain"), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn age_on_hits_grows() {
     bounded(async {
         let origin =

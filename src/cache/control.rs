@@ -397,7 +397,7 @@ pub fn strip_for_storage(headers: &mut HeaderMap) {
 /// 4.2.1): `s-maxage`, then `max-age`, then `Expires` minus `Date`, then the
 /// policy's default TTL, then the heuristic of section 4.2.2 (10% of the time
 /// since `Last-Modified`, at most `heuristic_max`) for heuristically cacheable
-/// statuses. With `overrides.ignore_origin` and a TTL, the TTL is the answer.
+/// statuses and `public` responses. With `overrides.ignore_origin` and a TTL, the TTL is the answer.
 ///
 /// `response_time` stands in for a missing `Date`.
 pub fn freshness_lifetime(
@@ -437,7 +437,9 @@ pub fn freshness_lifetime(
     if let Some(ttl) = overrides.ttl {
         return ttl;
     }
-    if heuristically_cacheable(status) {
+    // Section 4.2.2, and 5.2.2.9: `public` makes a response heuristically
+    // cacheable whatever its status.
+    if heuristically_cacheable(status) || directives.public {
         if let Some(modified) = parse_header_date(response.get(header::LAST_MODIFIED)) {
             if let Ok(since) = date.duration_since(modified) {
                 return (since / 10).min(heuristic_max);
@@ -1527,6 +1529,28 @@ mod tests {
             ),
             (
                 500,
+                &[
+                    ("date", date),
+                    ("last-modified", "Sat, 05 Nov 1994 22:49:37 GMT"),
+                ],
+                &Overrides::default(),
+                one_hour,
+                Duration::ZERO,
+            ),
+            // `public` makes any status heuristically cacheable.
+            (
+                302,
+                &[
+                    ("cache-control", "public"),
+                    ("date", date),
+                    ("last-modified", "Sat, 05 Nov 1994 22:49:37 GMT"),
+                ],
+                &Overrides::default(),
+                one_hour,
+                secs(3600),
+            ),
+            (
+                302,
                 &[
                     ("date", date),
                     ("last-modified", "Sat, 05 Nov 1994 22:49:37 GMT"),
