@@ -5,6 +5,8 @@
 
 mod common;
 use common::*;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 const CACHED: &str = "rule all { route app cache { } }";
 
@@ -339,6 +341,67 @@ async fn a_public_response_of_any_status_is_heuristically_fresh() {
             );
         }
         assert_eq!(origin.count_path("/plain"), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+/// An origin that answers every request with `response` as written, then
+/// closes the connection; counts requests.
+async fn raw_origin(response: &'static [u8]) -> (std::net::SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind origin");
+    let at = listener.local_addr().expect("address");
+    let count = Arc::new(AtomicUsize::new(0));
+    let counter = count.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let counter = counter.clone();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buf[..n]),
+                    }
+                }
+                counter.fetch_add(1, Ordering::SeqCst);
+                let _ = stream.write_all(response).await;
+                let _ = stream.shutdown().await;
+            });
+        }
+    });
+    (at, count)
+}
+
+#[tokio::test]
+async fn a_response_stored_without_date_is_dated_when_it_arrived() {
+    bounded(async {
+        let (at, count) = raw_origin(
+            b"HTTP/1.1 200 OK\r\ncache-control: max-age=60\r\n\
+              content-length: 1\r\nconnection: close\r\n\r\nx",
+        )
+        .await;
+        let p = proxy(&format!(
+            "backend app {{\n  server \"{at}\"\n}}\n{CACHED}\n"
+        ))
+        .await;
+        let first = get(addr(&p), "/d", &[]).await;
+        let dated = first.header("date").expect("a Date").to_string();
+        assert!(
+            portico::cache::date::parse_http_date(&dated).is_some(),
+            "{dated}"
+        );
+        // A hit in a later second still carries the date the response
+        // arrived, not the time it is served: its Age counts from there.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        let hit = get(addr(&p), "/d", &[]).await;
+        assert!(hit.is_hit(), "{}", hit.cache_status());
+        assert_eq!(hit.header("date"), Some(dated.as_str()));
+        assert_eq!(count.load(Ordering::SeqCst), 1);
         p.shutdown().await;
     })
     .await;

@@ -498,7 +498,7 @@ impl Entry {
 
     /// Builds the entry for a response that [`super::control::storable`]
     /// accepted: computes its age, freshness, windows, tags and secondary
-    /// key, and strips `Set-Cookie`.
+    /// key, dates it when it has no `Date`, and strips `Set-Cookie`.
     pub fn from_response(
         received: Received<'_>,
         directives: &ResponseDirectives,
@@ -525,6 +525,19 @@ impl Entry {
         );
         let (swr, sie) = stale_windows(directives, overrides);
         let initial_age = corrected_initial_age(&headers, request_time, response_time);
+        // RFC 9110 section 6.6.1: a cache that stores a response without a
+        // `Date` adds one, the time it was received (which also stood in for
+        // it above); otherwise each hit would be dated when it is served,
+        // and seem younger to a client than its `Age` says.
+        if !headers.contains_key(header::DATE) {
+            let secs = response_time
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs());
+            if let Ok(date) = HeaderValue::from_str(&crate::upstream::static_files::http_date(secs))
+            {
+                headers.insert(header::DATE, date);
+            }
+        }
         strip_for_storage(&mut headers);
         let tags = purge_tags(&headers);
         let content = Content {
@@ -1265,9 +1278,10 @@ mod tests {
         )
         .unwrap();
         // cache-control (common: 1 byte), vary (1), surrogate-key and
-        // x-custom-name (by name); six tags; two vary names; key "a\nb"
-        // (the request sent neither).
-        let fields = 4 + (1 + 4 + 10) + (1 + 4 + 3) + (3 + 13 + 4 + 11) + (3 + 13 + 4 + 5);
+        // x-custom-name (by name), the date it was given (1); six tags; two
+        // vary names; key "a\nb" (the request sent neither).
+        let fields =
+            4 + (1 + 4 + 10) + (1 + 4 + 3) + (3 + 13 + 4 + 11) + (3 + 13 + 4 + 5) + (1 + 4 + 29);
         let tags = 4 + 6 * (4 + 1);
         let vary = 4 + 2 * (2 + 1);
         let key = 4 + "a\nb".len();
@@ -1319,6 +1333,11 @@ mod tests {
         assert_eq!(entry.secondary_key(), "accept-encoding:gzip");
         assert!(!entry.headers().contains_key(header::SET_COOKIE));
         assert!(!entry.has_validator());
+        // Without a Date of its own, it is dated when it arrived.
+        assert_eq!(
+            entry.headers()[header::DATE],
+            "Mon, 12 Jan 1970 13:46:41 GMT"
+        );
 
         let at = |s: u64| t0 + Duration::from_secs(1 + s);
         assert_eq!(entry.ttl_at(at(0)), 94);
