@@ -179,6 +179,31 @@ async fn authorized_requests_are_stored_only_when_the_response_allows() {
 }
 
 #[tokio::test]
+async fn share_authorized_stores_responses_to_authorized_requests() {
+    bounded(async {
+        let origin =
+            Origin::start(|_| reply(200, &[("cache-control", "max-age=60")], "same")).await;
+        let p = proxy(&policy_for(
+            &origin,
+            "rule all { route app cache { share_authorized } }",
+        ))
+        .await;
+        let first = get(addr(&p), "/plain", &[("authorization", "Bearer abc")]).await;
+        assert!(
+            first.cache_status().contains("stored"),
+            "{}",
+            first.cache_status()
+        );
+        let other = get(addr(&p), "/plain", &[("authorization", "Bearer xyz")]).await;
+        assert!(other.is_hit(), "{}", other.cache_status());
+        assert_eq!(other.text(), "same");
+        assert_eq!(origin.count_path("/plain"), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn set_cookie_is_never_stored_by_default() {
     bounded(async {
         let origin = Origin::start(|_| {

@@ -271,6 +271,10 @@ pub struct Overrides {
     /// Store responses carrying `Set-Cookie`; the caller must strip the field
     /// before storing (see [`strip_for_storage`]).
     pub store_set_cookie: bool,
+    /// Store responses to requests with `Authorization` even when the
+    /// response does not say they may be shared: the policy vouches that
+    /// they are the same for every user.
+    pub share_authorized: bool,
     /// stale-while-revalidate window from the policy; replaces the origin's.
     pub stale_while_revalidate: Option<Duration>,
     /// stale-if-error window from the policy; replaces the origin's.
@@ -372,8 +376,9 @@ pub fn storable(
         return Err(NotStorable::Status);
     }
     // RFC 9111 section 3.5: the origin must allow sharing an authenticated
-    // response; a policy cannot vouch for that.
+    // response, unless the policy says such responses are shared.
     if request.contains_key(header::AUTHORIZATION)
+        && !overrides.share_authorized
         && !(directives.public || directives.s_maxage.is_some() || directives.must_revalidate)
     {
         return Err(NotStorable::Authorization);
@@ -1248,6 +1253,10 @@ mod tests {
             ttl: Some(secs(60)),
             ..Default::default()
         };
+        let shared = Overrides {
+            share_authorized: true,
+            ..Default::default()
+        };
         #[allow(clippy::type_complexity)]
         let table: &[(
             Method,
@@ -1365,6 +1374,14 @@ mod tests {
                 &[("cache-control", "max-age=60")],
                 &ignore,
                 Err(NotStorable::Authorization),
+            ),
+            (
+                Method::GET,
+                &[("authorization", "Basic x")],
+                200,
+                &[("cache-control", "max-age=60")],
+                &shared,
+                Ok(()),
             ),
             (
                 Method::GET,

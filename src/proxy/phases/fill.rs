@@ -574,6 +574,7 @@ pub(super) fn overrides(
         ttl: actions.ttl.or(cache.ttl),
         ignore_origin: cache.origin == OriginControl::Ignore || actions.ttl.is_some(),
         store_set_cookie: cache.store_set_cookie || actions.store_set_cookie,
+        share_authorized: cache.share_authorized,
         stale_while_revalidate: actions
             .stale_while_revalidate
             .or(cache.stale_while_revalidate),
