@@ -1047,13 +1047,26 @@ async fn successful_unsafe_methods_invalidate_the_url_and_same_host_locations() 
             ("POST", "/elsewhere") => {
                 reply(303, &[("location", "http://other.example/items/4")], "")
             }
+            ("POST", "/secure") => reply(
+                201,
+                &[
+                    ("location", "https://test.example/items/5"),
+                    ("content-location", "http://test.example:8081/items/6"),
+                ],
+                "",
+            ),
+            ("POST", "/default-port") => {
+                reply(201, &[("location", "http://test.example:80/items/7")], "")
+            }
             ("PUT", "/fails") => reply(500, &[], ""),
             _ => reply(204, &[], ""),
         })
         .await;
         let p = cached(&origin).await;
         let other = [("host", "other.example")];
-        for path in ["/items", "/items/2", "/items/3", "/fails", "/gone"] {
+        for path in [
+            "/items", "/items/2", "/items/3", "/items/5", "/items/6", "/items/7", "/fails", "/gone",
+        ] {
             get(addr(&p), path, &[]).await;
         }
         get(addr(&p), "/items/4", &other).await;
@@ -1077,6 +1090,21 @@ async fn successful_unsafe_methods_invalidate_the_url_and_same_host_locations() 
         assert!(
             hits(&p, "/items/4", &[("host", "other.example")]).await,
             "another host's Location is left alone"
+        );
+        // The same host by another scheme or port is another origin.
+        send(addr(&p), "POST", "/secure", &[], "").await;
+        assert!(
+            hits(&p, "/items/5", &[]).await,
+            "an https Location is left alone after an http request"
+        );
+        assert!(
+            hits(&p, "/items/6", &[]).await,
+            "a Content-Location on another port is left alone"
+        );
+        send(addr(&p), "POST", "/default-port", &[], "").await;
+        assert!(
+            !hits(&p, "/items/7", &[]).await,
+            "the default port written out is the same origin"
         );
         send(addr(&p), "PUT", "/fails", &[], "").await;
         assert!(

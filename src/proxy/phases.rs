@@ -283,7 +283,9 @@ impl Gateway {
             log.upstream = Some(started.elapsed());
             let mut resp = result?;
             if unsafe_method && (resp.status().is_success() || resp.status().is_redirection()) {
-                self.invalidate_after_unsafe(gen, &view, resp.headers());
+                let port = target_authority(&parts.uri, &parts.headers)
+                    .and_then(|a| authority_port(a.to_str().ok()?));
+                self.invalidate_after_unsafe(gen, &view, port, resp.headers());
             }
             let status = resp.status().as_u16();
             hygiene::strip_hop_by_hop(resp.headers_mut(), false);
@@ -825,6 +827,17 @@ fn target_authority(uri: &http::Uri, headers: &HeaderMap) -> Option<HeaderValue>
     }
 }
 
+/// The port an authority names (`host:port`, `[v6]:port`, user
+/// information allowed); `None` without one, or with an empty one.
+fn authority_port(authority: &str) -> Option<u16> {
+    let authority = authority.rsplit_once('@').map_or(authority, |(_, a)| a);
+    let after_host = match authority.strip_prefix('[') {
+        Some(v6) => &v6[v6.find(']')? + 1..],
+        None => authority.find(':').map_or("", |i| &authority[i..]),
+    };
+    after_host.strip_prefix(':')?.parse().ok()
+}
+
 /// [`host_of`], looking up the `Host` field itself.
 #[cfg(test)]
 fn request_host(parts: &http::request::Parts) -> Option<std::borrow::Cow<'_, str>> {
@@ -1064,6 +1077,21 @@ mod tests {
     fn host_of(req: Request<()>) -> Option<String> {
         let (parts, ()) = req.into_parts();
         request_host(&parts).map(|h| h.into_owned())
+    }
+
+    #[test]
+    fn authority_ports() {
+        for (authority, want) in [
+            ("shop.example", None),
+            ("shop.example:8080", Some(8080)),
+            ("shop.example:", None),
+            ("user@shop.example:81", Some(81)),
+            ("[::1]", None),
+            ("[::1]:8443", Some(8443)),
+            ("shop.example:http", None),
+        ] {
+            assert_eq!(authority_port(authority), want, "{authority}");
+        }
     }
 
     #[test]

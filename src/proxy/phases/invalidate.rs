@@ -6,15 +6,20 @@
 use super::*;
 
 impl Gateway {
-    /// Unsafe methods that succeed invalidate the target URL and same-host
-    /// Location and Content-Location (RFC 9111 section 4.4).
+    /// Unsafe methods that succeed invalidate the target URL, and the
+    /// Location and Content-Location of the same origin: scheme, host and
+    /// port (RFC 9111 section 4.4). `port` is the one the request's
+    /// authority names, if any.
     pub(super) fn invalidate_after_unsafe(
         &self,
         gen: &Generation,
         view: &View<'_>,
+        port: Option<u16>,
         resp: &HeaderMap,
     ) {
         let scheme = view.scheme.as_str();
+        let default_port = |scheme: &str| if scheme == "https" { 443 } else { 80 };
+        let port = port.unwrap_or(default_port(scheme));
         let mut urls = vec![format!("{scheme}://{}{}", view.host, view.path)];
         if !view.query.is_empty() {
             urls[0] = format!("{}?{}", urls[0], view.query);
@@ -23,10 +28,17 @@ impl Gateway {
             let Some(v) = resp.get(&name).and_then(|v| v.to_str().ok()) else {
                 continue;
             };
-            if v.starts_with('/') {
+            if v.starts_with('/') && !v.starts_with("//") {
                 urls.push(format!("{scheme}://{}{v}", view.host));
-            } else if let Ok(req) = OwnedRequest::new("GET", v, &[], None) {
-                if req.host == view.host {
+            } else if let Ok(uri) = v.parse::<http::Uri>() {
+                let same_origin = uri
+                    .scheme_str()
+                    .is_some_and(|s| s.eq_ignore_ascii_case(scheme))
+                    && uri
+                        .host()
+                        .is_some_and(|h| h.eq_ignore_ascii_case(view.host))
+                    && uri.port_u16().unwrap_or(default_port(scheme)) == port;
+                if same_origin {
                     urls.push(v.to_string());
                 }
             }
