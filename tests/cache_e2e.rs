@@ -1159,6 +1159,10 @@ async fn ranges_are_served_from_a_stored_object() {
         assert_eq!(part.header("content-range"), Some("bytes 2-5/10"));
         let tail = get(addr(&p), "/r", &[("range", "bytes=-3")]).await;
         assert_eq!(tail.text(), "789");
+        // The range unit is case-insensitive (RFC 9110 section 14.1).
+        let upper = get(addr(&p), "/r", &[("range", "Bytes=2-5")]).await;
+        assert_eq!(upper.status, 206);
+        assert_eq!(upper.text(), "2345");
         let bad = get(addr(&p), "/r", &[("range", "bytes=50-")]).await;
         assert_eq!(bad.status, 416);
         assert_eq!(bad.header("content-range"), Some("bytes */10"));

@@ -251,7 +251,13 @@ pub(super) enum RangeAnswer {
 }
 
 pub(super) fn byte_range(header: &str, len: u64) -> RangeAnswer {
-    let Some(spec) = header.trim().strip_prefix("bytes=") else {
+    // Range units compare case-insensitively (RFC 9110 section 14.1).
+    let header = header.trim();
+    let Some(spec) = header
+        .get(..6)
+        .filter(|unit| unit.eq_ignore_ascii_case("bytes="))
+        .map(|_| &header[6..])
+    else {
         return RangeAnswer::Full;
     };
     if spec.contains(',') {
@@ -297,6 +303,9 @@ mod tests {
             ("bytes=0-1,5-6", 100, RangeAnswer::Full),
             ("items=0-1", 100, RangeAnswer::Full),
             ("bytes=9-1", 100, RangeAnswer::Full),
+            ("Bytes=0-9", 100, RangeAnswer::Partial(0, 9)),
+            ("BYTES=-10", 100, RangeAnswer::Partial(90, 99)),
+            ("byte", 100, RangeAnswer::Full),
         ];
         for (h, len, want) in cases {
             assert_eq!(byte_range(h, len), want, "{h}");
