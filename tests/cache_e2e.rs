@@ -1177,6 +1177,28 @@ async fn ranges_are_served_from_a_stored_object() {
 }
 
 #[tokio::test]
+async fn a_suffix_range_of_an_empty_object_gets_all_of_it() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[("cache-control", "max-age=60")], "")).await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/empty", &[]).await;
+        // Satisfiable (RFC 9110 section 14.1.1), with no byte to send: the
+        // whole, empty, representation.
+        let suffix = get(addr(&p), "/empty", &[("range", "bytes=-5")]).await;
+        assert!(suffix.is_hit(), "{}", suffix.cache_status());
+        assert_eq!(suffix.status, 200);
+        assert!(suffix.body.is_empty());
+        assert_eq!(suffix.header("content-range"), None);
+        // No first byte to start from: unsatisfiable.
+        let from = get(addr(&p), "/empty", &[("range", "bytes=0-")]).await;
+        assert_eq!(from.status, 416);
+        assert_eq!(from.header("content-range"), Some("bytes */0"));
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn cache_status_is_on_every_response() {
     bounded(async {
         let origin = Origin::start(|_| reply(200, &[("cache-control", "max-age=60")], "x")).await;

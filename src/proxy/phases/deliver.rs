@@ -270,6 +270,9 @@ pub(super) fn byte_range(header: &str, len: u64) -> RangeAnswer {
     let parsed = match (a.is_empty(), b.is_empty()) {
         (true, false) => match b.parse::<u64>() {
             Ok(0) => return RangeAnswer::Unsatisfiable,
+            // Satisfiable (RFC 9110 section 14.1.1), but an empty
+            // representation has no byte to send in a 206: all of it, then.
+            Ok(_) if len == 0 => return RangeAnswer::Full,
             Ok(n) => Some((len.saturating_sub(n), len.saturating_sub(1))),
             Err(_) => None,
         },
@@ -305,6 +308,8 @@ mod tests {
             ("bytes=9-1", 100, RangeAnswer::Full),
             ("Bytes=0-9", 100, RangeAnswer::Partial(0, 9)),
             ("BYTES=-10", 100, RangeAnswer::Partial(90, 99)),
+            ("bytes=-10", 0, RangeAnswer::Full),
+            ("bytes=0-", 0, RangeAnswer::Unsatisfiable),
             ("byte", 100, RangeAnswer::Full),
         ];
         for (h, len, want) in cases {
