@@ -778,6 +778,34 @@ async fn client_conditionals_are_answered_304_from_the_cache() {
 }
 
 #[tokio::test]
+async fn a_304_from_the_cache_carries_the_rule_s_edits_as_the_200_does() {
+    bounded(async {
+        let origin = Origin::start(|_| {
+            reply(
+                200,
+                &[("cache-control", "max-age=60"), ("etag", "\"abc\"")],
+                "full",
+            )
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            "rule all { route app cache { } \
+             response_header set \"Cache-Control\" \"public, max-age=600\" }",
+        ))
+        .await;
+        let full = get(addr(&p), "/c", &[]).await;
+        assert_eq!(full.header("cache-control"), Some("public, max-age=600"));
+        let nm = get(addr(&p), "/c", &[("if-none-match", "\"abc\"")]).await;
+        assert_eq!(nm.status, 304);
+        assert_eq!(nm.header("cache-control"), Some("public, max-age=600"));
+        assert_eq!(nm.header("etag"), Some("\"abc\""));
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn targeted_cache_control_takes_precedence_and_can_be_stripped() {
     bounded(async {
         let origin = Origin::start(|s| match s.uri.path() {

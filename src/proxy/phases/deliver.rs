@@ -57,6 +57,11 @@ impl Gateway {
         if entry.status.is_success()
             && control::answers_not_modified(&parts.method, &parts.headers, &headers)
         {
+            // RFC 9110 section 15.4.5: these fields as the 200 would have
+            // them, the rule's edits included.
+            for e in &rule.response_headers {
+                e.apply(&mut headers);
+            }
             let mut resp = Response::new(body::empty());
             *resp.status_mut() = StatusCode::NOT_MODIFIED;
             for name in [
