@@ -806,6 +806,47 @@ async fn a_304_from_the_cache_carries_the_rule_s_edits_as_the_200_does() {
 }
 
 #[tokio::test]
+async fn client_conditionals_are_answered_for_a_response_that_is_not_stored() {
+    bounded(async {
+        let origin = Origin::start(|_| {
+            reply(
+                200,
+                &[
+                    ("cache-control", "private, max-age=60"),
+                    ("etag", "\"p1\""),
+                    ("set-cookie", "s=1"),
+                ],
+                "mine",
+            )
+        })
+        .await;
+        let p = cached(&origin).await;
+        // The fill asks without the client's validator, and the answer may
+        // not be stored: the validator is still answered.
+        let nm = get(addr(&p), "/p", &[("if-none-match", "W/\"p1\"")]).await;
+        assert_eq!(nm.status, 304);
+        assert!(nm.body.is_empty());
+        assert_eq!(nm.header("etag"), Some("\"p1\""));
+        assert_eq!(nm.header("set-cookie"), Some("s=1"));
+        assert!(
+            nm.cache_status().contains("detail=private"),
+            "{}",
+            nm.cache_status()
+        );
+        let other = get(addr(&p), "/p", &[("if-none-match", "\"p0\"")]).await;
+        assert_eq!(other.status, 200);
+        assert_eq!(other.text(), "mine");
+        assert!(origin
+            .seen()
+            .iter()
+            .all(|s| !s.headers.contains_key("if-none-match")));
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn targeted_cache_control_takes_precedence_and_can_be_stripped() {
     bounded(async {
         let origin = Origin::start(|s| match s.uri.path() {

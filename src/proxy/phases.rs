@@ -13,7 +13,7 @@ mod fill;
 mod invalidate;
 
 use access::{Access, LoggedBody};
-use deliver::synthetic;
+use deliver::{not_modified, synthetic};
 use fill::Filled;
 
 use super::body::{self, BoxError, RequestBody, ResponseBody};
@@ -469,7 +469,7 @@ impl Gateway {
                 }
                 Ok(resp)
             }
-            Ok(Filled::Passed(resp, detail, fwd_status)) => {
+            Ok(Filled::Passed(mut resp, detail, fwd_status)) => {
                 if let Some(l) = leader {
                     l.publish(Flight::NotStorable);
                 }
@@ -488,18 +488,30 @@ impl Gateway {
                         ));
                     }
                 }
+                let cache_status = CacheStatus::Forward {
+                    reason: forward,
+                    status: Some(fwd_status),
+                    ttl: None,
+                    stored: false,
+                    collapsed: false,
+                    detail: Some(detail),
+                };
+                // The fill left the client's validators out: they are
+                // answered here, as they are from a stored response.
+                if status.is_success()
+                    && control::answers_not_modified(&parts.method, &parts.headers, resp.headers())
+                {
+                    let mut headers = std::mem::take(resp.headers_mut());
+                    for e in &rule.response_headers {
+                        e.apply(&mut headers);
+                    }
+                    // The cookie was set for this client: it keeps it.
+                    let mut resp = not_modified(&headers, &[header::SET_COOKIE]);
+                    set_cache_status(resp.headers_mut(), &cache_status);
+                    return Ok(resp);
+                }
                 let mut resp = compress_streamed(rule, parts, resp);
-                set_cache_status(
-                    resp.headers_mut(),
-                    &CacheStatus::Forward {
-                        reason: forward,
-                        status: Some(fwd_status),
-                        ttl: None,
-                        stored: false,
-                        collapsed: false,
-                        detail: Some(detail),
-                    },
-                );
+                set_cache_status(resp.headers_mut(), &cache_status);
                 for e in &rule.response_headers {
                     e.apply(resp.headers_mut());
                 }

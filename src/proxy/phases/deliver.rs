@@ -62,21 +62,7 @@ impl Gateway {
             for e in &rule.response_headers {
                 e.apply(&mut headers);
             }
-            let mut resp = Response::new(body::empty());
-            *resp.status_mut() = StatusCode::NOT_MODIFIED;
-            for name in [
-                header::CACHE_CONTROL,
-                header::CONTENT_LOCATION,
-                header::DATE,
-                header::ETAG,
-                header::EXPIRES,
-                header::LAST_MODIFIED,
-                header::VARY,
-            ] {
-                for v in headers.get_all(&name) {
-                    resp.headers_mut().append(name.clone(), v.clone());
-                }
-            }
+            let mut resp = not_modified(&headers, &[]);
             // What the 200 would have said of its coding (RFC 9110 section 15.4.5).
             if let Some(spec) = rule
                 .compress
@@ -194,6 +180,28 @@ impl Gateway {
         }
         resp
     }
+}
+
+/// The 304 that stands for a 2xx with `headers`: the fields RFC 9110
+/// section 15.4.5 asks of it, and those named in `also`, without a body.
+pub(super) fn not_modified(headers: &HeaderMap, also: &[HeaderName]) -> Response<ResponseBody> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = StatusCode::NOT_MODIFIED;
+    let names = [
+        header::CACHE_CONTROL,
+        header::CONTENT_LOCATION,
+        header::DATE,
+        header::ETAG,
+        header::EXPIRES,
+        header::LAST_MODIFIED,
+        header::VARY,
+    ];
+    for name in names.iter().chain(also) {
+        for v in headers.get_all(name) {
+            resp.headers_mut().append(name.clone(), v.clone());
+        }
+    }
+    resp
 }
 
 /// Responses the policy makes itself: redirect, deny, respond, no route.
