@@ -541,6 +541,13 @@ async fn max_stale_serves_stale_and_only_if_cached_answers_504_on_a_miss() {
         let miss = get(addr(&p), "/never", &[("cache-control", "only-if-cached")]).await;
         assert_eq!(miss.status, 504);
         assert_eq!(origin.count_path("/never"), 0);
+        // Nothing went forward, and no origin timed out (RFC 9211 section 2.2).
+        assert_eq!(miss.cache_status(), "Portico; detail=only-if-cached");
+        // A stale copy that only-if-cached may not use: the same.
+        let stale_only = get(addr(&p), "/s", &[("cache-control", "only-if-cached")]).await;
+        assert_eq!(stale_only.status, 504);
+        assert_eq!(stale_only.cache_status(), "Portico; detail=only-if-cached");
+        assert_eq!(origin.count(), 2);
         p.shutdown().await;
     })
     .await;

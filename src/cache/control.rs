@@ -840,6 +840,12 @@ pub enum CacheStatus<'a> {
         /// Optional detail, e.g. a [`NotStorable`] reason.
         detail: Option<&'a str>,
     },
+    /// Answered by the cache without a stored response and without going
+    /// to the origin (a 504 to `only-if-cached`): neither `hit` nor `fwd`.
+    Answered {
+        /// Optional detail.
+        detail: Option<&'a str>,
+    },
 }
 
 impl CacheStatus<'_> {
@@ -879,6 +885,7 @@ impl CacheStatus<'_> {
                 }
                 detail
             }
+            Self::Answered { detail } => detail,
         };
         if let Some(detail) = detail {
             out.push_str("; detail=");
@@ -1990,6 +1997,12 @@ mod tests {
                     detail: None,
                 },
                 "Portico; hit; ttl=42",
+            ),
+            (
+                CacheStatus::Answered {
+                    detail: Some("only-if-cached"),
+                },
+                "Portico; detail=only-if-cached",
             ),
             (
                 CacheStatus::Hit {

@@ -61,6 +61,10 @@ pub enum ProxyError {
     /// The origin did not answer in time (504).
     #[error("gateway timeout")]
     GatewayTimeout,
+    /// The request said `only-if-cached` and nothing stored can answer it
+    /// (504, RFC 9111 §5.2.1.7); the origin was not asked.
+    #[error("nothing stored for an only-if-cached request")]
+    NotCached,
 }
 
 impl ProxyError {
@@ -76,7 +80,7 @@ impl ProxyError {
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::ServiceUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
-            Self::GatewayTimeout => StatusCode::GATEWAY_TIMEOUT,
+            Self::GatewayTimeout | Self::NotCached => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -94,6 +98,9 @@ impl ProxyError {
             Self::BadGateway(_) => "The origin server could not be reached or answered badly.",
             Self::ServiceUnavailable { .. } => "The service is unavailable; retry later.",
             Self::GatewayTimeout => "The origin server did not answer in time.",
+            Self::NotCached => {
+                "Nothing stored can answer this request, which asked for a stored response only."
+            }
         }
     }
 }
@@ -240,6 +247,7 @@ mod tests {
                 503,
             ),
             (ProxyError::GatewayTimeout, 504),
+            (ProxyError::NotCached, 504),
         ]
     }
 

@@ -354,13 +354,11 @@ impl Gateway {
                         };
                         (reason, Some((entry, stale_if_error)))
                     }
-                    Reuse::GatewayTimeout => return Err(ProxyError::GatewayTimeout),
+                    Reuse::GatewayTimeout => return Err(ProxyError::NotCached),
                 }
             }
-            Lookup::VaryMiss if directives.only_if_cached => {
-                return Err(ProxyError::GatewayTimeout)
-            }
-            Lookup::Miss if directives.only_if_cached => return Err(ProxyError::GatewayTimeout),
+            Lookup::VaryMiss if directives.only_if_cached => return Err(ProxyError::NotCached),
+            Lookup::Miss if directives.only_if_cached => return Err(ProxyError::NotCached),
             Lookup::VaryMiss => (Forward::VaryMiss, None),
             Lookup::Miss => (Forward::UriMiss, None),
         };
@@ -588,17 +586,21 @@ impl Handler for Gateway {
                 if log.cache.is_empty() {
                     log.cache = "error";
                 }
-                set_cache_status(
-                    resp.headers_mut(),
-                    &CacheStatus::Forward {
-                        reason: log.forward.unwrap_or(Forward::Bypass),
+                let detail = Some(error_detail(&e));
+                let status = match (&e, log.forward) {
+                    // Answered without asking the origin: no `fwd`
+                    // (RFC 9211 section 2.2).
+                    (ProxyError::NotCached, _) => CacheStatus::Answered { detail },
+                    (_, reason) => CacheStatus::Forward {
+                        reason: reason.unwrap_or(Forward::Bypass),
                         status: None,
                         ttl: None,
                         stored: false,
                         collapsed: false,
-                        detail: Some(error_detail(&e)),
+                        detail,
                     },
-                );
+                };
+                set_cache_status(resp.headers_mut(), &status);
                 resp
             }
         };
@@ -927,6 +929,7 @@ fn error_detail(e: &ProxyError) -> &'static str {
     match e {
         ProxyError::BadGateway(_) => "origin-error",
         ProxyError::GatewayTimeout => "origin-timeout",
+        ProxyError::NotCached => "only-if-cached",
         ProxyError::ServiceUnavailable { .. } => "no-healthy-server",
         ProxyError::TooManyRequests { .. } => "throttled",
         ProxyError::PayloadTooLarge { .. } => "body-too-large",
