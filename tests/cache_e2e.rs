@@ -602,6 +602,52 @@ async fn stale_entries_are_revalidated_with_etag_and_304_refreshes_them() {
 }
 
 #[tokio::test]
+async fn a_cookie_set_by_a_304_reaches_the_client_and_is_not_stored() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            if s.headers.contains_key("if-none-match") {
+                reply(
+                    304,
+                    &[
+                        ("cache-control", "max-age=60"),
+                        ("etag", "\"v1\""),
+                        ("set-cookie", "seen=2"),
+                    ],
+                    "",
+                )
+            } else {
+                reply(
+                    200,
+                    &[
+                        ("cache-control", "max-age=60"),
+                        ("age", "100"),
+                        ("etag", "\"v1\""),
+                    ],
+                    "body",
+                )
+            }
+        })
+        .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/k", &[]).await;
+        let reval = get(addr(&p), "/k", &[]).await;
+        assert!(
+            reval.cache_status().contains("fwd-status=304"),
+            "{}",
+            reval.cache_status()
+        );
+        assert_eq!(reval.text(), "body");
+        assert_eq!(reval.header("set-cookie"), Some("seen=2"));
+        let hit = get(addr(&p), "/k", &[]).await;
+        assert!(hit.is_hit(), "{}", hit.cache_status());
+        assert_eq!(hit.header("set-cookie"), None);
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_no_cache_response_is_revalidated_on_every_request() {
     bounded(async {
         // RFC 9111 section 5.2.2.4: stored, but never reused without a

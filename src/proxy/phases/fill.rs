@@ -118,6 +118,13 @@ impl Gateway {
                     .increment(1);
                 let mut headers = entry.headers();
                 control::merge_not_modified(&mut headers, &head.headers);
+                // A cookie the 304 sets is for this client, never stored.
+                let cookies: Vec<HeaderValue> = head
+                    .headers
+                    .get_all(header::SET_COOKIE)
+                    .iter()
+                    .cloned()
+                    .collect();
                 let refreshed = self.make_entry(
                     gen,
                     rule,
@@ -131,12 +138,15 @@ impl Gateway {
                 );
                 if let Ok(e) = refreshed {
                     let (e, stored) = self.inner.store.store_response_shared(key, e).await;
-                    return Ok(Filled::Stored(e, 304, Vec::new(), stored));
+                    return Ok(Filled::Stored(e, 304, cookies, stored));
                 }
                 // The refreshed copy may no longer be stored: pass the old
                 // body once, with the stored fields as the 304 updated them
                 // (its own head describes no body).
                 head.headers = headers;
+                for c in cookies {
+                    head.headers.append(header::SET_COOKIE, c);
+                }
                 head.status = entry.status;
                 let resp = Response::from_parts(head, body::full(entry.body()));
                 return Ok(Filled::Passed(resp, "not-storable", 304));
