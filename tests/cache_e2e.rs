@@ -950,6 +950,32 @@ async fn targeted_cache_control_takes_precedence_and_can_be_stripped() {
         assert!(hit.is_hit());
         assert_eq!(hit.header("cdn-cache-control"), None);
         assert_eq!(hit.header("cache-control"), Some("no-store"));
+        // Not stored (Portico-Cache-Control says no-store): stripped all the same.
+        let passed = get(addr(&p), "/portico", &[]).await;
+        assert!(
+            passed.cache_status().contains("detail=no-store"),
+            "{}",
+            passed.cache_status()
+        );
+        assert_eq!(passed.header("cdn-cache-control"), None);
+        assert_eq!(passed.header("portico-cache-control"), None);
+        assert_eq!(passed.header("cache-control"), Some("max-age=60"));
+        p.shutdown().await;
+
+        // And on a rule that does not cache.
+        let p = proxy(&policy_for(
+            &origin,
+            "storage { strip_targeted }\nrule all { route app }",
+        ))
+        .await;
+        let bypass = get(addr(&p), "/portico", &[]).await;
+        assert!(
+            bypass.cache_status().contains("fwd=bypass"),
+            "{}",
+            bypass.cache_status()
+        );
+        assert_eq!(bypass.header("cdn-cache-control"), None);
+        assert_eq!(bypass.header("portico-cache-control"), None);
         p.shutdown().await;
     })
     .await;

@@ -289,6 +289,7 @@ impl Gateway {
             }
             let status = resp.status().as_u16();
             hygiene::strip_hop_by_hop(resp.headers_mut(), false);
+            strip_targeted(gen, resp.headers_mut());
             let actions = policy.decide_response(
                 &view,
                 &ResponseView {
@@ -447,6 +448,7 @@ impl Gateway {
             Ok(Filled::Streaming(resp, pending, max)) => {
                 let mut resp =
                     compress_streamed(rule, parts, fill::tee(resp, pending, max, leader));
+                strip_targeted(gen, resp.headers_mut());
                 let status = resp.status().as_u16();
                 set_cache_status(
                     resp.headers_mut(),
@@ -486,6 +488,7 @@ impl Gateway {
                         ));
                     }
                 }
+                strip_targeted(gen, resp.headers_mut());
                 let cache_status = CacheStatus::Forward {
                     reason: forward,
                     status: Some(fwd_status),
@@ -975,6 +978,16 @@ impl UrlKey {
             store.soft_purge_prefix(&self.all_of()).await
         } else {
             store.soft_purge(&self.url).await
+        }
+    }
+}
+
+/// Removes the targeted cache-control fields when the storage settings say
+/// they stop here (`strip_targeted`), whether or not the response is stored.
+fn strip_targeted(gen: &Generation, headers: &mut HeaderMap) {
+    if gen.policy.model.storage.strip_targeted {
+        for name in &gen.targeted {
+            headers.remove(name);
         }
     }
 }

@@ -43,7 +43,6 @@ impl Gateway {
         status: &CacheStatus<'_>,
         now: SystemTime,
     ) -> Response<ResponseBody> {
-        let storage = &gen.policy.model.storage;
         let age = HeaderValue::from(entry.age_at(now).as_secs());
         // Room for what is added below (Age, Cache-Status, Content-Length,
         // Via), so that no insert has to grow the map. Names and values are
@@ -79,11 +78,7 @@ impl Gateway {
             return resp;
         }
         headers.insert(header::AGE, age);
-        if storage.strip_targeted {
-            for name in &gen.targeted {
-                headers.remove(name);
-            }
-        }
+        strip_targeted(gen, &mut headers);
         let mut code = entry.status;
         // A large body without a kept copy is compressed as it streams.
         let mut coded_stream = None;
