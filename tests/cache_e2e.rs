@@ -231,6 +231,33 @@ async fn set_cookie_is_never_stored_by_default() {
 }
 
 #[tokio::test]
+async fn proxy_authentication_fields_are_not_stored() {
+    bounded(async {
+        let origin = Origin::start(|_| {
+            reply(
+                200,
+                &[
+                    ("cache-control", "max-age=60"),
+                    ("proxy-authentication-info", "nextnonce=\"n1\""),
+                    ("proxy-authenticate", "Basic realm=\"p\""),
+                ],
+                "x",
+            )
+        })
+        .await;
+        let p = cached(&origin).await;
+        get(addr(&p), "/pa", &[]).await;
+        let hit = get(addr(&p), "/pa", &[]).await;
+        assert!(hit.is_hit(), "{}", hit.cache_status());
+        assert_eq!(hit.header("proxy-authentication-info"), None);
+        assert_eq!(hit.header("proxy-authenticate"), None);
+        assert_eq!(origin.count(), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn store_set_cookie_stores_without_the_cookie() {
     bounded(async {
         let origin = Origin::start(|_| {

@@ -393,10 +393,17 @@ pub fn storable(
 }
 
 /// Removes what must never be stored with a shared response: `Set-Cookie`
-/// (only reachable when an override allowed storing such a response).
+/// (only reachable when an override allowed storing such a response), and
+/// the fields of the proxy authentication of one exchange,
+/// `Proxy-Authenticate` and `Proxy-Authentication-Info` (RFC 9111 section
+/// 3.1).
 pub fn strip_for_storage(headers: &mut HeaderMap) {
     headers.remove(header::SET_COOKIE);
+    headers.remove(header::PROXY_AUTHENTICATE);
+    headers.remove(PROXY_AUTHENTICATION_INFO);
 }
+
+const PROXY_AUTHENTICATION_INFO: HeaderName = HeaderName::from_static("proxy-authentication-info");
 
 /// Freshness lifetime of a response in a shared cache (RFC 9111 section
 /// 4.2.1): `s-maxage`, then `max-age`, then `Expires` minus `Date`, then the
@@ -1470,9 +1477,13 @@ mod tests {
             ("set-cookie", "a=b"),
             ("set-cookie", "c=d"),
             ("etag", "\"x\""),
+            ("proxy-authenticate", "Basic realm=\"p\""),
+            ("proxy-authentication-info", "nextnonce=\"n\""),
         ]);
         strip_for_storage(&mut h);
         assert!(!h.contains_key(header::SET_COOKIE));
+        assert!(!h.contains_key(header::PROXY_AUTHENTICATE));
+        assert!(!h.contains_key("proxy-authentication-info"));
         assert!(h.contains_key(header::ETAG));
     }
 
