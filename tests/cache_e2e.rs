@@ -886,6 +886,69 @@ async fn a_304_from_the_cache_carries_the_rule_s_edits_as_the_200_does() {
 }
 
 #[tokio::test]
+async fn if_match_and_if_unmodified_since_are_answered_from_the_cache() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            let cc = if s.uri.path() == "/private" {
+                "private"
+            } else {
+                "max-age=60"
+            };
+            reply(
+                200,
+                &[
+                    ("cache-control", cc),
+                    ("etag", "\"v1\""),
+                    ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
+                ],
+                "full",
+            )
+        })
+        .await;
+        let p = cached(&origin).await;
+        // The fill leaves them out; the cache answers them, on the miss too.
+        let miss = get(addr(&p), "/m", &[("if-match", "\"v0\"")]).await;
+        assert_eq!(miss.status, 412);
+        assert!(miss.body.is_empty());
+        assert!(!origin.seen()[0].headers.contains_key("if-match"));
+        let held = get(addr(&p), "/m", &[("if-match", "\"v1\"")]).await;
+        assert_eq!(held.status, 200);
+        assert!(held.is_hit(), "{}", held.cache_status());
+        assert_eq!(held.text(), "full");
+        let weak = get(addr(&p), "/m", &[("if-match", "W/\"v1\"")]).await;
+        assert_eq!(weak.status, 412);
+        let any = get(addr(&p), "/m", &[("if-match", "*")]).await;
+        assert_eq!(any.status, 200);
+        let modified = get(
+            addr(&p),
+            "/m",
+            &[("if-unmodified-since", "Sat, 05 Nov 1994 08:49:37 GMT")],
+        )
+        .await;
+        assert_eq!(modified.status, 412);
+        assert!(modified.is_hit(), "{}", modified.cache_status());
+        let unmodified = get(
+            addr(&p),
+            "/m",
+            &[("if-unmodified-since", "Sun, 06 Nov 1994 08:49:37 GMT")],
+        )
+        .await;
+        assert_eq!(unmodified.status, 200);
+        // And for a response that is not stored.
+        let passed = get(addr(&p), "/private", &[("if-match", "\"v0\"")]).await;
+        assert_eq!(passed.status, 412);
+        assert!(
+            passed.cache_status().contains("detail=private"),
+            "{}",
+            passed.cache_status()
+        );
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn client_conditionals_are_answered_for_a_response_that_is_not_stored() {
     bounded(async {
         let origin = Origin::start(|_| {

@@ -710,6 +710,42 @@ pub fn answers_not_modified(method: &Method, request: &HeaderMap, stored: &Heade
     modified.is_some_and(|modified| modified <= since)
 }
 
+/// Does a client's `If-Match`, or without one its `If-Unmodified-Since`,
+/// fail against this stored response, to be answered 412 (RFC 9110
+/// sections 13.1.1, 13.1.4 and 13.2.2)? `If-Match` compares strongly: it
+/// holds for `*` or a strong tag equal to a strong stored `ETag`.
+/// `If-Unmodified-Since` fails only when the stored `Last-Modified` is
+/// later; without a `Last-Modified`, or with an invalid date, it is
+/// ignored. The fills leave both out, so the cache answers them (RFC 9111
+/// section 4.3.2).
+pub fn fails_precondition(request: &HeaderMap, stored: &HeaderMap) -> bool {
+    if request.contains_key(header::IF_MATCH) {
+        let stored_tag = stored
+            .get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .and_then(first_entity_tag);
+        let holds = request.get_all(header::IF_MATCH).iter().any(|value| {
+            let Ok(text) = value.to_str() else {
+                return false;
+            };
+            if text.trim() == "*" {
+                return true;
+            }
+            match stored_tag {
+                Some((false, stored)) => {
+                    entity_tags(text).any(|(weak, tag)| !weak && tag == stored)
+                }
+                _ => false,
+            }
+        });
+        return !holds;
+    }
+    let Some(since) = parse_header_date(request.get(header::IF_UNMODIFIED_SINCE)) else {
+        return false;
+    };
+    parse_header_date(stored.get(header::LAST_MODIFIED)).is_some_and(|modified| modified > since)
+}
+
 /// Iterates the entity-tags of a list as `(weak, opaque-tag)`, stopping at
 /// the first malformed one (RFC 9110 section 8.8.3).
 fn entity_tags(text: &str) -> impl Iterator<Item = (bool, &str)> {
@@ -1951,6 +1987,60 @@ mod tests {
         for (i, (method, req, stored, expected)) in table.iter().enumerate() {
             assert_eq!(
                 answers_not_modified(method, &headers(req), stored),
+                *expected,
+                "row {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn precondition_table() {
+        let strong = headers(&[
+            ("etag", "\"v1\""),
+            ("last-modified", "Sun, 06 Nov 1994 08:49:37 GMT"),
+        ]);
+        let weak = headers(&[("etag", "W/\"v1\"")]);
+        let bare = HeaderMap::new();
+        let table: &[(Fields, &HeaderMap, bool)] = &[
+            (&[("if-match", "\"v1\"")], &strong, false),
+            (&[("if-match", "\"a\", \"v1\"")], &strong, false),
+            (&[("if-match", "\"v2\"")], &strong, true),
+            // Strong comparison: a weak tag on either side never matches.
+            (&[("if-match", "W/\"v1\"")], &strong, true),
+            (&[("if-match", "\"v1\"")], &weak, true),
+            (&[("if-match", "*")], &strong, false),
+            (&[("if-match", "*")], &bare, false),
+            (&[("if-match", "\"v1\"")], &bare, true),
+            (
+                &[("if-unmodified-since", "Sat, 05 Nov 1994 08:49:37 GMT")],
+                &strong,
+                true,
+            ),
+            (
+                &[("if-unmodified-since", "Sun, 06 Nov 1994 08:49:37 GMT")],
+                &strong,
+                false,
+            ),
+            (&[("if-unmodified-since", "garbage")], &strong, false),
+            (
+                &[("if-unmodified-since", "Sat, 05 Nov 1994 08:49:37 GMT")],
+                &bare,
+                false,
+            ),
+            // If-Match takes precedence over If-Unmodified-Since.
+            (
+                &[
+                    ("if-match", "\"v1\""),
+                    ("if-unmodified-since", "Sat, 05 Nov 1994 08:49:37 GMT"),
+                ],
+                &strong,
+                false,
+            ),
+            (&[], &strong, false),
+        ];
+        for (i, (req, stored, expected)) in table.iter().enumerate() {
+            assert_eq!(
+                fails_precondition(&headers(req), stored),
                 *expected,
                 "row {i}"
             );

@@ -13,7 +13,7 @@ mod fill;
 mod invalidate;
 
 use access::{Access, LoggedBody};
-use deliver::{not_modified, synthetic};
+use deliver::{not_modified, precondition_failed, synthetic};
 use fill::Filled;
 
 use super::body::{self, BoxError, RequestBody, ResponseBody};
@@ -499,6 +499,13 @@ impl Gateway {
                 };
                 // The fill left the client's validators out: they are
                 // answered here, as they are from a stored response.
+                if status.is_success()
+                    && control::fails_precondition(&parts.headers, resp.headers())
+                {
+                    let mut resp = precondition_failed();
+                    set_cache_status(resp.headers_mut(), &cache_status);
+                    return Ok(resp);
+                }
                 if status.is_success()
                     && control::answers_not_modified(&parts.method, &parts.headers, resp.headers())
                 {

@@ -53,6 +53,11 @@ impl Gateway {
         }
         // Preconditions apply only where the answer would be 2xx (RFC 9110
         // section 13.2.1).
+        if entry.status.is_success() && control::fails_precondition(&parts.headers, &headers) {
+            let mut resp = precondition_failed();
+            set_cache_status(resp.headers_mut(), status);
+            return resp;
+        }
         if entry.status.is_success()
             && control::answers_not_modified(&parts.method, &parts.headers, &headers)
         {
@@ -175,6 +180,15 @@ impl Gateway {
         }
         resp
     }
+}
+
+/// The 412 to a request whose `If-Match` or `If-Unmodified-Since` fails.
+pub(super) fn precondition_failed() -> Response<ResponseBody> {
+    let mut resp = Response::new(body::empty());
+    *resp.status_mut() = StatusCode::PRECONDITION_FAILED;
+    resp.headers_mut()
+        .insert(header::CONTENT_LENGTH, HeaderValue::from(0));
+    resp
 }
 
 /// The 304 that stands for a 2xx with `headers`: the fields RFC 9110
