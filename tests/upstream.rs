@@ -955,3 +955,74 @@ async fn https_backend_verified_against_ca_file() {
     .await
     .unwrap();
 }
+
+/// An origin whose connections each answer one request and then read the
+/// next one and hang up without answering, as an origin does whose
+/// keep-alive timer ends as that request arrives. Counts connections.
+async fn one_answer_per_connection() -> (ServerConfig, Arc<AtomicUsize>, JoinHandle<()>) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let server = ServerConfig::new(listener.local_addr().unwrap().to_string());
+    let connections = Arc::new(AtomicUsize::new(0));
+    let count = connections.clone();
+    let task = tokio::spawn(async move {
+        while let Ok((mut tcp, _)) = listener.accept().await {
+            count.fetch_add(1, Ordering::SeqCst);
+            tokio::spawn(async move {
+                use tokio::io::AsyncWriteExt;
+                let mut buf = Vec::new();
+                let mut chunk = [0u8; 1024];
+                for answer in [true, false] {
+                    while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match tcp.read(&mut chunk).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                    buf.clear();
+                    if answer {
+                        let ok = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+                        if tcp.write_all(ok).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+                // Dropped here: closed with the second request unanswered.
+            });
+        }
+    });
+    (server, connections, task)
+}
+
+#[tokio::test]
+async fn a_probe_lost_on_a_kept_connection_goes_out_again_on_a_new_one() {
+    bounded(async {
+        let (server, connections, task) = one_answer_per_connection().await;
+        let mut cfg = backend(vec![server]);
+        cfg.health = Some(HealthConfig {
+            path: "/healthz".into(),
+            interval: Duration::from_millis(20),
+            timeout: Duration::from_secs(2),
+            // One failed probe takes the server down, and nothing here
+            // brings it back.
+            fall: 1,
+            rise: 1_000,
+            ..HealthConfig::default()
+        });
+        let pool = Pool::new(&cfg).unwrap();
+        // The second probe goes out on the first connection, which the
+        // origin closes unanswered; the third probe opens the third
+        // connection only after the second probe's verdict.
+        wait_until("a third connection", || {
+            connections.load(Ordering::SeqCst) >= 3
+        })
+        .await;
+        assert!(
+            pool.health().is_up(0),
+            "a probe the kept connection lost before any answer marked the server down"
+        );
+        pool.shutdown();
+        task.abort();
+    })
+    .await
+    .unwrap();
+}

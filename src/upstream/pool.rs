@@ -795,11 +795,26 @@ impl Prober {
             // (by the checker too; this also ends the exchange itself).
             let due = tokio::time::Instant::now() + timeout;
             let sent = async {
-                let c = match conns.checkout(i) {
-                    Some(c) => c,
-                    None => conns.open(&addr, &host, connect).await?,
+                let (c, kept) = match conns.checkout(i) {
+                    Some(c) => (c, true),
+                    None => (conns.open(&addr, &host, connect).await?, false),
                 };
-                match conn::exchange(c, req, b"", &conns, i, resendable, due, None).await {
+                let answer = match conn::exchange(c, req, b"", &conns, i, resendable, due, None)
+                    .await
+                {
+                    // A kept connection the server closed as the probe
+                    // arrived never took it: like a request, the probe goes
+                    // out once more on a new connection, so that the race
+                    // with the server's keep-alive timer is no failed probe.
+                    Err(ExchangeError::Unsent(back, e)) if kept => {
+                        tracing::debug!(%backend, server = i, error = %e, "idle connection closed; probing on a new one");
+                        let left = due.saturating_duration_since(tokio::time::Instant::now());
+                        let fresh = conns.open(&addr, &host, connect.min(left)).await?;
+                        conn::exchange(fresh, *back, b"", &conns, i, resendable, due, None).await
+                    }
+                    other => other,
+                };
+                match answer {
                     Ok(resp) => {
                         let status = resp.status().as_u16();
                         // Read the (small) body so the connection can be reused.
