@@ -202,11 +202,9 @@ impl Default for KeepAlive {
     }
 }
 
-/// TLS towards the servers of a backend.
-///
-/// No system trust store can be read here and no bundled web roots are
-/// compiled in, so `ca_file` is required: a pool with TLS and no CA file is
-/// refused by [`crate::upstream::Pool::new`].
+/// TLS towards the servers of a backend, verified against `ca_file` or,
+/// without one, the operating system's roots ([`crate::upstream::Pool::new`]
+/// fails when there are none to read).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UpstreamTls {
     /// PEM file of the certificate authorities trusted for the servers.
