@@ -7,7 +7,7 @@
 use crate::proxy::body::{self, RequestBody, ResponseBody};
 use crate::proxy::phases::Gateway;
 use crate::proxy::{ConnInfo, Handler};
-use http::header::{AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
+use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use std::sync::{Arc, OnceLock};
@@ -162,13 +162,22 @@ impl Handler for Admin {
                 text(StatusCode::OK, body)
             }
             (&Method::POST, "/purge") => self.purge(req.uri().query().unwrap_or("")).await,
-            (_, "/purge") | (_, "/metrics") => json(
-                StatusCode::METHOD_NOT_ALLOWED,
-                r#"{"error":"method not allowed"}"#.into(),
-            ),
+            (_, "/purge") => not_allowed("POST"),
+            (_, "/metrics") => not_allowed("GET"),
             _ => json(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#.into()),
         }
     }
+}
+
+/// 405, with the method the endpoint takes in `Allow` (RFC 9110 §15.5.6).
+fn not_allowed(allow: &'static str) -> Response<ResponseBody> {
+    let mut resp = json(
+        StatusCode::METHOD_NOT_ALLOWED,
+        r#"{"error":"method not allowed"}"#.into(),
+    );
+    resp.headers_mut()
+        .insert(ALLOW, HeaderValue::from_static(allow));
+    resp
 }
 
 fn text(status: StatusCode, body: String) -> Response<ResponseBody> {

@@ -1912,6 +1912,24 @@ async fn admin_health_metrics_with_token_and_access_log() {
 }
 
 #[tokio::test]
+async fn admin_answers_another_method_with_405_and_allow() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(&origin, "rule front { route app cache off }")).await;
+        let purge = admin(&p, "GET", "/purge?url=http://test.example/", Some("secret")).await;
+        assert_eq!(purge.status, 405);
+        assert_eq!(purge.header("allow"), Some("POST"));
+        let metrics = admin(&p, "POST", "/metrics", Some("secret")).await;
+        assert_eq!(metrics.status, 405);
+        assert_eq!(metrics.header("allow"), Some("GET"));
+        // Without the token the method is not looked at.
+        assert_eq!(admin(&p, "GET", "/purge?url=x", None).await.status, 401);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn access_log_counts_the_bytes_of_a_chunked_body() {
     let (logs, _guard) = Captured::start();
     bounded(async {
