@@ -63,7 +63,7 @@ impl Admin {
             .headers()
             .get(AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
+            .and_then(bearer_credentials)
         else {
             return false;
         };
@@ -167,6 +167,13 @@ impl Handler for Admin {
             _ => json(StatusCode::NOT_FOUND, r#"{"error":"not found"}"#.into()),
         }
     }
+}
+
+/// The credentials of a `Bearer` authorization; the scheme's name is
+/// case-insensitive (RFC 9110 §11.1).
+fn bearer_credentials(value: &str) -> Option<&str> {
+    let (scheme, credentials) = value.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then_some(credentials)
 }
 
 /// 405, with the method the endpoint takes in `Allow` (RFC 9110 §15.5.6).

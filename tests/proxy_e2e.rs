@@ -1930,6 +1930,24 @@ async fn admin_answers_another_method_with_405_and_allow() {
 }
 
 #[tokio::test]
+async fn admin_takes_the_bearer_scheme_in_any_case() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(&origin, "rule front { route app cache off }")).await;
+        let at = p.admin_addr().expect("admin listener");
+        for scheme in ["bearer", "BEARER", "Bearer"] {
+            let auth = format!("{scheme} secret");
+            let got = get(at, "/metrics", &[("authorization", &auth)]).await;
+            assert_eq!(got.status, 200, "{scheme}");
+        }
+        let got = get(at, "/metrics", &[("authorization", "Basic secret")]).await;
+        assert_eq!(got.status, 401);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn access_log_counts_the_bytes_of_a_chunked_body() {
     let (logs, _guard) = Captured::start();
     bounded(async {
