@@ -2,11 +2,13 @@
 //! `POST /purge?url=URL | prefix=URL | tag=TAG [&soft=1]`.
 //!
 //! Everything but `/healthz` requires `Authorization: Bearer TOKEN`; without
-//! a configured token those endpoints always answer 401.
+//! a configured token those endpoints always answer 401. The token can be
+//! replaced while the listener runs ([`Admin::set_token`]), as a reload does.
 
 use crate::proxy::body::{self, RequestBody, ResponseBody};
 use crate::proxy::phases::Gateway;
 use crate::proxy::{ConnInfo, Handler};
+use arc_swap::ArcSwapOption;
 use http::header::{ALLOW, AUTHORIZATION, CONTENT_TYPE, WWW_AUTHENTICATE};
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -44,7 +46,7 @@ pub fn install_metrics() -> Option<&'static PrometheusHandle> {
 /// The admin API's handler.
 pub struct Admin {
     gateway: Gateway,
-    token: Option<String>,
+    token: ArcSwapOption<String>,
 }
 
 impl Admin {
@@ -52,11 +54,21 @@ impl Admin {
     /// what happens from now on is counted for `/metrics`.
     pub fn new(gateway: Gateway, token: Option<String>) -> Admin {
         install_metrics();
-        Admin { gateway, token }
+        Admin {
+            gateway,
+            token: ArcSwapOption::from_pointee(token),
+        }
+    }
+
+    /// Replaces the token requests must carry; `None` refuses them all.
+    /// Requests from now on are checked against it.
+    pub fn set_token(&self, token: Option<String>) {
+        self.token.store(token.map(Arc::new));
     }
 
     fn authorized<B>(&self, req: &Request<B>) -> bool {
-        let Some(token) = &self.token else {
+        let token = self.token.load();
+        let Some(token) = token.as_deref() else {
             return false;
         };
         let Some(given) = req

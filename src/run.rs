@@ -12,7 +12,7 @@
 use crate::admin::Admin;
 use crate::cache::{Store, StoreConfig};
 use crate::cli::RunArgs;
-use crate::policy::model::{ListenerConfig, Model};
+use crate::policy::model::{AdminConfig, ListenerConfig, Model};
 use crate::policy::{self, Policy};
 use crate::proxy::phases::{BackendRuntime, Gateway, Generation};
 use crate::proxy::tls::{self, CertMap, CertSource, SniResolver};
@@ -242,6 +242,8 @@ pub struct Running {
     /// The bound addresses of `listeners`, readable while a reload holds them.
     addrs: arc_swap::ArcSwap<Vec<SocketAddr>>,
     admin: Option<ListenerHandle>,
+    /// The admin API, whose token follows reloads.
+    admin_api: Option<Arc<Admin>>,
     overrides: Overrides,
     path: Option<PathBuf>,
 }
@@ -287,16 +289,10 @@ pub async fn start(
         .admin
         .clone()
         .or_else(|| admin_cfg.as_ref().map(|a| a.addr.clone()));
-    let admin = match admin_addr {
-        None => None,
+    let (admin, admin_api) = match admin_addr {
+        None => (None, None),
         Some(addr) => {
-            let token = overrides
-                .admin_token
-                .clone()
-                .or_else(|| admin_cfg.as_ref().and_then(|a| a.token.as_ref()?.resolve()));
-            if token.is_none() {
-                tracing::warn!("the admin listener has no token: purge and metrics answer 401");
-            }
+            let token = admin_token(admin_cfg.as_ref(), &overrides);
             let sock = listen_addr(&addr)?;
             let listener = Listener::bind(sock, None)
                 .await
@@ -306,12 +302,13 @@ pub async fn start(
                 })?;
             tracing::info!(addr = %listener.local_addr(), "admin listening");
             let admin = Arc::new(Admin::new(gateway.clone(), token));
-            Some(listener.spawn(
-                admin,
+            let handle = listener.spawn(
+                admin.clone(),
                 ServerLimits::default(),
                 ErrorPages::new(),
                 Shutdown::new(),
-            ))
+            );
+            (Some(handle), Some(admin))
         }
     };
     Ok(Running {
@@ -321,9 +318,22 @@ pub async fn start(
         ),
         listeners: Mutex::new(serving),
         admin,
+        admin_api,
         overrides,
         path,
     })
+}
+
+/// The admin token: the command line's, else the policy's.
+fn admin_token(admin: Option<&AdminConfig>, overrides: &Overrides) -> Option<String> {
+    let token = overrides
+        .admin_token
+        .clone()
+        .or_else(|| admin.and_then(|a| a.token.as_ref()?.resolve()));
+    if token.is_none() {
+        tracing::warn!("the admin listener has no token: purge and metrics answer 401");
+    }
+    token
 }
 
 /// A listener's address and TLS side, checked and loaded, not yet bound.
@@ -450,6 +460,13 @@ impl Running {
         }
         let limits = server_limits(&policy);
         let wanted = wanted_listeners(&policy, &self.overrides);
+        let admin_cfg = policy.model.admin.clone();
+        let admin_addr = |cfg: &Option<AdminConfig>| cfg.as_ref().map(|a| a.addr.clone());
+        if self.overrides.admin.is_none()
+            && admin_addr(&current.policy.model.admin) != admin_addr(&admin_cfg)
+        {
+            tracing::warn!("the admin address changed; it takes effect at the next restart");
+        }
         // Certificates first: a bad certificate refuses the whole reload.
         let mut maps = HashMap::new();
         for cfg in wanted.iter().filter(|c| !c.tls.is_empty()) {
@@ -541,6 +558,9 @@ impl Running {
             }
         }
         self.gateway.swap(generation);
+        if let Some(api) = &self.admin_api {
+            api.set_token(admin_token(admin_cfg.as_ref(), &self.overrides));
+        }
         self.addrs.store(Arc::new(
             kept.iter().map(|s| s.handle.local_addr()).collect(),
         ));

@@ -1948,6 +1948,42 @@ async fn admin_takes_the_bearer_scheme_in_any_case() {
 }
 
 #[tokio::test]
+async fn a_reload_changes_the_admin_token() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let text = |token: &str| {
+            format!(
+                "admin \"127.0.0.1:0\" token \"{token}\"\n{}",
+                policy_for(&origin, "rule front { route app cache off }")
+            )
+        };
+        let p = portico::run::start(
+            load(&text("first")),
+            None,
+            portico::run::Overrides {
+                listen: vec!["127.0.0.1:0".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("portico starts");
+        assert_eq!(
+            admin(&p, "GET", "/metrics", Some("first")).await.status,
+            200
+        );
+        p.reload(load(&text("second"))).await.unwrap();
+        let old = admin(&p, "GET", "/metrics", Some("first")).await;
+        assert_eq!(old.status, 401, "the replaced token still works");
+        assert_eq!(
+            admin(&p, "GET", "/metrics", Some("second")).await.status,
+            200
+        );
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn access_log_counts_the_bytes_of_a_chunked_body() {
     let (logs, _guard) = Captured::start();
     bounded(async {
