@@ -436,6 +436,19 @@ fn match_listeners(
     plan
 }
 
+/// Whether two listening addresses cannot both be bound: the same port (not
+/// 0), and the same address or an unspecified one on either side (`[::]`
+/// takes IPv4 too).
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    if a.port() != b.port() || a.port() == 0 {
+        return false;
+    }
+    let wide = |x: SocketAddr, y: SocketAddr| {
+        x.ip().is_unspecified() && (x.is_ipv4() == y.is_ipv4() || x.is_ipv6())
+    };
+    a.ip() == b.ip() || wide(a, b) || wide(b, a)
+}
+
 impl Running {
     /// The bound addresses of the proxy's listeners, in policy order.
     pub fn listen_addrs(&self) -> Vec<SocketAddr> {
@@ -496,17 +509,54 @@ impl Running {
                 None => Plan::Bind,
             });
         }
-        let mut fresh = std::collections::VecDeque::new();
-        for (cfg, _) in wanted
-            .iter()
-            .zip(&plan)
-            .filter(|(_, p)| matches!(p, Plan::Bind))
-        {
-            match bind(cfg, handler.clone(), &limits).await {
-                Ok(s) => fresh.push_back(s),
+        // Running listeners no wanted one takes over are removed. One of
+        // them may hold an address that overlaps a new one's (`0.0.0.0:P`
+        // and `127.0.0.1:P`), which cannot be bound while it is open: such
+        // new listeners are bound last, once the removed ones in their way
+        // have let their sockets go.
+        let mut removed = vec![true; listeners.len()];
+        for step in &plan {
+            if let Plan::Keep(i) | Plan::Switch(i, _) = step {
+                removed[*i] = false;
+            }
+        }
+        let in_the_way = |w: usize| -> Vec<usize> {
+            (0..listeners.len())
+                .filter(|&i| {
+                    removed[i] && overlaps(listeners[i].handle.local_addr(), wanted_addrs[w])
+                })
+                .collect()
+        };
+        let mut fresh: Vec<Option<Serving>> = (0..wanted.len()).map(|_| None).collect();
+        let binds: Vec<usize> = (0..wanted.len())
+            .filter(|&w| matches!(plan[w], Plan::Bind))
+            .collect();
+        let (blocked, free): (Vec<usize>, Vec<usize>) =
+            binds.into_iter().partition(|&w| !in_the_way(w).is_empty());
+        let mut released = vec![false; listeners.len()];
+        for w in free.into_iter().chain(blocked) {
+            for i in in_the_way(w) {
+                if !std::mem::replace(&mut released[i], true) {
+                    // Stops accepting; its connections drain as on removal.
+                    drop(listeners[i].handle.hand_over().await);
+                }
+            }
+            match bind(&wanted[w], handler.clone(), &limits).await {
+                Ok(s) => fresh[w] = Some(s),
                 Err(e) => {
-                    for s in fresh {
+                    for s in fresh.into_iter().flatten() {
                         s.handle.stop().await;
+                    }
+                    // What let its socket go serves again as it was.
+                    let before = server_limits(&current.policy);
+                    for i in (0..listeners.len()).filter(|&i| released[i]) {
+                        match bind(&listeners[i].cfg, handler.clone(), &before).await {
+                            Ok(again) => {
+                                let gone = std::mem::replace(&mut listeners[i], again);
+                                tokio::spawn(gone.handle.join());
+                            }
+                            Err(e) => tracing::error!(error = %e, "listener lost in the reload"),
+                        }
                     }
                     return Err(e);
                 }
@@ -518,9 +568,9 @@ impl Running {
             .collect();
         let mut draining = Vec::new();
         let mut kept = Vec::with_capacity(wanted.len());
-        for (cfg, step) in wanted.iter().zip(plan) {
+        for (w, (cfg, step)) in wanted.iter().zip(plan).enumerate() {
             match step {
-                Plan::Bind => kept.extend(fresh.pop_front()),
+                Plan::Bind => kept.extend(fresh[w].take()),
                 Plan::Switch(i, prepared) => {
                     let Some(previous) = old[i].take() else {
                         continue;
@@ -756,6 +806,19 @@ mod tests {
             ),
             [Some((1, true)), Some((0, true))]
         );
+    }
+
+    #[test]
+    fn overlapping_listen_addresses() {
+        let at = |s: &str| s.parse::<SocketAddr>().unwrap();
+        assert!(overlaps(at("0.0.0.0:80"), at("127.0.0.1:80")));
+        assert!(overlaps(at("127.0.0.1:80"), at("0.0.0.0:80")));
+        assert!(overlaps(at("[::]:80"), at("127.0.0.1:80")));
+        assert!(overlaps(at("[::1]:80"), at("[::1]:80")));
+        assert!(!overlaps(at("0.0.0.0:80"), at("[::1]:80")));
+        assert!(!overlaps(at("0.0.0.0:80"), at("127.0.0.1:81")));
+        assert!(!overlaps(at("127.0.0.1:80"), at("127.0.0.2:80")));
+        assert!(!overlaps(at("0.0.0.0:0"), at("127.0.0.1:0")));
     }
 
     #[test]

@@ -1575,6 +1575,35 @@ async fn reload_binds_added_listeners_and_closes_removed_ones() {
 }
 
 #[tokio::test]
+async fn a_reload_moves_a_listener_between_overlapping_addresses() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let rules = policy_for(&origin, "rule all { route app cache off }");
+        let port = closed_addr().port();
+        let local: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let p = proxy_bare(&format!("listen \":{port}\"\n{rules}"), None).await;
+        assert_eq!(get(local, "/", &[]).await.status, 200);
+
+        // `0.0.0.0:P` holds `127.0.0.1:P` too: the narrower one can be bound
+        // only once the wider one has let its socket go, and back.
+        let narrow = format!("listen \"127.0.0.1:{port}\"\n{rules}");
+        p.reload(load(&narrow))
+            .await
+            .expect("127.0.0.1 replaces 0.0.0.0");
+        assert_eq!(p.listen_addrs(), vec![local]);
+        assert_eq!(get(local, "/", &[]).await.status, 200);
+        let wide = format!("listen \"0.0.0.0:{port}\"\n{rules}");
+        p.reload(load(&wide))
+            .await
+            .expect("0.0.0.0 replaces 127.0.0.1");
+        assert_eq!(p.listen_addrs()[0].port(), port);
+        assert_eq!(get(local, "/", &[]).await.status, 200);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_reload_that_cannot_bind_keeps_every_listener() {
     bounded(async {
         let a = Origin::start(|_| reply(200, &[], "a")).await;
