@@ -244,6 +244,8 @@ pub struct Running {
     admin: Option<ListenerHandle>,
     /// The admin API, whose token follows reloads.
     admin_api: Option<Arc<Admin>>,
+    /// Listeners a reload let go, still draining their connections.
+    drains: std::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
     overrides: Overrides,
     path: Option<PathBuf>,
 }
@@ -319,6 +321,7 @@ pub async fn start(
         listeners: Mutex::new(serving),
         admin,
         admin_api,
+        drains: std::sync::Mutex::new(Vec::new()),
         overrides,
         path,
     })
@@ -617,14 +620,22 @@ impl Running {
         *listeners = kept;
         drop(listeners);
         tracing::info!("policy reloaded");
-        for s in draining {
+        for s in &draining {
             tracing::info!(addr = %s.handle.local_addr(), was_tls = s.resolver.is_some(), "listener changed kind; the old one drains");
-            s.handle.join().await;
         }
         for s in old.into_iter().flatten() {
             tracing::info!(addr = %s.handle.local_addr(), "listener removed by the new policy");
-            s.handle.stop().await;
+            // Its socket is closed by the time the reload returns.
+            drop(s.handle.hand_over().await);
+            draining.push(s);
         }
+        // Their connections drain (for up to the grace period) without
+        // holding up the reload, and with it the signals that come
+        // meanwhile: a SIGTERM then is not kept waiting for the drain to
+        // end before its own. Shutdown waits for them.
+        let mut drains = self.drains.lock().unwrap_or_else(|p| p.into_inner());
+        drains.retain(|d| !d.is_finished());
+        drains.extend(draining.into_iter().map(|s| tokio::spawn(s.handle.join())));
         Ok(())
     }
 
@@ -643,7 +654,12 @@ impl Running {
     pub async fn shutdown(self) {
         let listeners = std::mem::take(&mut *self.listeners.lock().await);
         let stops = listeners.into_iter().map(|s| s.handle.stop());
-        futures_util::future::join_all(stops).await;
+        let drains = std::mem::take(&mut *self.drains.lock().unwrap_or_else(|p| p.into_inner()));
+        futures_util::future::join(
+            futures_util::future::join_all(stops),
+            futures_util::future::join_all(drains),
+        )
+        .await;
         if let Some(admin) = self.admin {
             admin.stop().await;
         }

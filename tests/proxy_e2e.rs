@@ -1604,6 +1604,61 @@ async fn a_reload_moves_a_listener_between_overlapping_addresses() {
 }
 
 #[tokio::test]
+async fn a_reload_returns_while_a_removed_listener_drains() {
+    bounded(async {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        // An origin that answers its one request only when told to.
+        let origin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin_addr = origin.local_addr().unwrap();
+        let (arrived, request_in) = tokio::sync::oneshot::channel::<()>();
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            let (mut tcp, _) = origin.accept().await.unwrap();
+            let mut buf = Vec::new();
+            let mut chunk = [0u8; 1024];
+            while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                match tcp.read(&mut chunk).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            let _ = arrived.send(());
+            let _ = released.await;
+            let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 4\r\nconnection: close\r\n\r\nlate";
+            let _ = tcp.write_all(answer).await;
+        });
+        let rules = format!(
+            "http {{ shutdown_grace 60s }}\nbackend app {{ server \"{origin_addr}\" }}\nrule all {{ route app cache off }}\n"
+        );
+        let (keep, gone) = (closed_addr(), closed_addr());
+        let p = proxy_bare(&format!("listen \"{keep}\"\nlisten \"{gone}\"\n{rules}"), None).await;
+        let in_flight = tokio::spawn(async move { get(gone, "/slow", &[]).await });
+        request_in.await.unwrap();
+
+        // The request on the removed listener is held by the origin: the
+        // reload (and so a signal after it) does not wait for it.
+        let reload = p.reload(load(&format!("listen \"{keep}\"\n{rules}")));
+        tokio::time::timeout(Duration::from_secs(5), reload)
+            .await
+            .expect("the reload waited for the removed listener to drain")
+            .unwrap();
+        assert_eq!(p.listen_addrs(), vec![keep]);
+        assert!(
+            tokio::net::TcpStream::connect(gone).await.is_err(),
+            "the removed listener still accepts"
+        );
+        // The request still finishes, and shutdown waits for it.
+        let shutdown = tokio::spawn(async move { p.shutdown().await });
+        release.send(()).unwrap();
+        let got = in_flight.await.unwrap();
+        assert_eq!((got.status.as_u16(), got.text()), (200, "late".into()));
+        shutdown.await.unwrap();
+        task.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_reload_that_cannot_bind_keeps_every_listener() {
     bounded(async {
         let a = Origin::start(|_| reply(200, &[], "a")).await;
