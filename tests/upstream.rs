@@ -1026,3 +1026,92 @@ async fn a_probe_lost_on_a_kept_connection_goes_out_again_on_a_new_one() {
     .await
     .unwrap();
 }
+
+/// Hands out one certificate whatever the name, and notes the SNI each
+/// handshake asked for.
+#[derive(Debug)]
+struct NotingResolver {
+    key: Arc<rustls::sign::CertifiedKey>,
+    seen: std::sync::Mutex<Vec<Option<String>>>,
+}
+
+impl rustls::server::ResolvesServerCert for NotingResolver {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let name = hello.server_name().map(str::to_owned);
+        self.seen.lock().unwrap().push(name);
+        Some(Arc::clone(&self.key))
+    }
+}
+
+#[tokio::test]
+async fn https_backends_get_the_configured_name_as_sni_and_are_verified_for_it() {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        let ca_file = dir.path().join("ca.pem");
+        std::fs::write(&ca_file, ca.pem()).unwrap();
+        let leaf_key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["localhost".to_owned()])
+            .unwrap()
+            .signed_by(&leaf_key, &ca)
+            .unwrap();
+        let key = rustls_pki_types::PrivateKeyDer::try_from(leaf_key.serialize_der()).unwrap();
+        let signer = rustls::crypto::ring::sign::any_supported_type(&key).unwrap();
+        let resolver = Arc::new(NotingResolver {
+            key: Arc::new(rustls::sign::CertifiedKey::new(
+                vec![leaf.der().clone()],
+                signer,
+            )),
+            seen: std::sync::Mutex::new(Vec::new()),
+        });
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(resolver.clone());
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let a = Origin::start_with("secure", Some(acceptor)).await;
+        let tls = |server_name: Option<&str>| UpstreamTls {
+            ca_file: Some(ca_file.clone()),
+            server_name: server_name.map(str::to_owned),
+        };
+        let seen = || resolver.seen.lock().unwrap().clone();
+
+        // An IP address with a name set: the name is sent and verified.
+        let mut cfg = backend(vec![a.server()]);
+        cfg.tls = Some(tls(Some("localhost")));
+        assert_eq!(
+            get(&Pool::new(&cfg).unwrap(), "/x").await.unwrap(),
+            "secure"
+        );
+        assert_eq!(seen(), [Some("localhost".to_owned())]);
+
+        // A host name in the address is the name, with none set.
+        let port = a.addr.port();
+        let mut cfg = backend(vec![ServerConfig::new(format!("localhost:{port}"))]);
+        cfg.tls = Some(tls(None));
+        assert_eq!(
+            get(&Pool::new(&cfg).unwrap(), "/x").await.unwrap(),
+            "secure"
+        );
+        assert_eq!(seen().last(), Some(&Some("localhost".to_owned())));
+
+        // An IP address alone sends no SNI, and the certificate, which does
+        // not name 127.0.0.1, is refused.
+        let mut cfg = backend(vec![a.server()]);
+        cfg.tls = Some(tls(None));
+        let err = get(&Pool::new(&cfg).unwrap(), "/x").await.unwrap_err();
+        assert_eq!(err.status(), StatusCode::BAD_GATEWAY, "{err}");
+        assert_eq!(seen().last(), Some(&None));
+        assert_eq!(a.requests(), 2);
+    })
+    .await
+    .unwrap();
+}
