@@ -629,6 +629,60 @@ async fn stale_entries_are_revalidated_with_etag_and_304_refreshes_them() {
 }
 
 #[tokio::test]
+async fn a_304_naming_another_representation_does_not_refresh_the_stored_one() {
+    bounded(async {
+        let fetches = Arc::new(AtomicUsize::new(0));
+        let seen = fetches.clone();
+        let origin = Origin::start(move |s| {
+            if s.headers.contains_key("if-none-match") {
+                // Not modified, it says, but of another representation.
+                return reply(
+                    304,
+                    &[("cache-control", "max-age=60"), ("etag", "\"v2\"")],
+                    "",
+                );
+            }
+            if seen.fetch_add(1, Ordering::SeqCst) == 0 {
+                reply(
+                    200,
+                    &[
+                        ("cache-control", "max-age=60"),
+                        ("age", "100"),
+                        ("etag", "\"v1\""),
+                    ],
+                    "first",
+                )
+            } else {
+                reply(
+                    200,
+                    &[("cache-control", "max-age=60"), ("etag", "\"v2\"")],
+                    "second",
+                )
+            }
+        })
+        .await;
+        let p = cached(&origin).await;
+        assert_eq!(get(addr(&p), "/t", &[]).await.text(), "first");
+        let again = get(addr(&p), "/t", &[]).await;
+        assert_eq!(again.text(), "second");
+        assert_eq!(again.header("etag"), Some("\"v2\""));
+        assert!(
+            again.cache_status().contains("stored"),
+            "{}",
+            again.cache_status()
+        );
+        // The conditional request, then the whole one.
+        assert_eq!(origin.count(), 3);
+        assert!(!origin.seen()[2].headers.contains_key("if-none-match"));
+        let hit = get(addr(&p), "/t", &[]).await;
+        assert!(hit.is_hit(), "{}", hit.cache_status());
+        assert_eq!(hit.text(), "second");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_cookie_set_by_a_304_reaches_the_client_and_is_not_stored() {
     bounded(async {
         let origin = Origin::start(|s| {

@@ -786,6 +786,24 @@ pub fn add_validators(stored: &HeaderMap, request: &mut HeaderMap) -> bool {
     added
 }
 
+/// Whether a 304 may update this stored response (RFC 9111 section 4.3.4):
+/// not when it carries a strong entity tag that the stored response does
+/// not have, for it then describes another representation. A 304 with a
+/// weak tag or none is taken to be about the stored response, as the
+/// validators it answered came from it.
+pub fn not_modified_selects(stored: &HeaderMap, not_modified: &HeaderMap) -> bool {
+    let tag = |h: &HeaderMap| {
+        h.get(header::ETAG)
+            .and_then(|v| v.to_str().ok())
+            .and_then(first_entity_tag)
+            .map(|(weak, tag)| (weak, tag.to_owned()))
+    };
+    match tag(not_modified) {
+        Some((false, new)) => tag(stored).is_some_and(|(weak, old)| !weak && old == new),
+        _ => true,
+    }
+}
+
 /// Fields of a 304 that must not replace the stored ones: framing and
 /// content metadata that describe the stored body, hop-by-hop fields, and
 /// cookies (RFC 9111 section 3.2).
@@ -2041,6 +2059,28 @@ mod tests {
         for (i, (req, stored, expected)) in table.iter().enumerate() {
             assert_eq!(
                 fails_precondition(&headers(req), stored),
+                *expected,
+                "row {i}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_304_with_another_strong_tag_selects_nothing() {
+        let stored = headers(&[("etag", "\"v1\"")]);
+        let weak = headers(&[("etag", "W/\"v1\"")]);
+        let bare = HeaderMap::new();
+        let table: &[(&HeaderMap, Fields, bool)] = &[
+            (&stored, &[("etag", "\"v1\"")], true),
+            (&stored, &[("etag", "\"v2\"")], false),
+            (&weak, &[("etag", "\"v1\"")], false),
+            (&bare, &[("etag", "\"v1\"")], false),
+            (&stored, &[("etag", "W/\"v2\"")], true),
+            (&stored, &[], true),
+        ];
+        for (i, (stored, update, expected)) in table.iter().enumerate() {
+            assert_eq!(
+                not_modified_selects(stored, &headers(update)),
                 *expected,
                 "row {i}"
             );

@@ -111,8 +111,15 @@ impl Gateway {
         let policy = &gen.policy;
         let storage = &policy.model.storage;
 
-        // A 304 to our validators refreshes the stored copy (RFC 9111 section 4.3.4).
+        // A 304 to our validators refreshes the stored copy (RFC 9111 section
+        // 4.3.4), unless its strong tag says it is about another
+        // representation: that one is then fetched whole.
         if head.status == StatusCode::NOT_MODIFIED {
+            if stale.is_some_and(|e| !control::not_modified_selects(&e.headers(), &head.headers)) {
+                tracing::debug!(key, "a 304 named another representation; fetching it whole");
+                drop(resp_body);
+                return Box::pin(self.fill(gen, rule, key, parts, conn, host, None)).await;
+            }
             if let Some(entry) = stale {
                 metrics::counter!("portico_cache_revalidations_total", "result" => "304")
                     .increment(1);
