@@ -2067,3 +2067,37 @@ async fn a_large_hit_is_compressed_as_it_streams_then_from_its_copy() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_response_rule_ttl_overrides_freshness_but_not_private_or_no_store() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            let cc = match s.uri.path() {
+                "/private" => "private, max-age=600",
+                "/no-store" => "no-store",
+                _ => "max-age=0",
+            };
+            reply(200, &[("cache-control", cc)], "page")
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            "rule all { route app cache { } }\n\
+             on response pages when status == 200 { cache { ttl 10m } }",
+        ))
+        .await;
+        // The rule's ttl replaces the origin's max-age=0.
+        get(addr(&p), "/short", &[]).await;
+        let hit = get(addr(&p), "/short", &[]).await;
+        assert!(hit.is_hit(), "{}", hit.cache_status());
+        // A private or no-store page is still never shared.
+        for path in ["/private", "/no-store"] {
+            get(addr(&p), path, &[]).await;
+            let again = get(addr(&p), path, &[]).await;
+            assert!(!again.is_hit(), "{path}: {}", again.cache_status());
+            assert_eq!(origin.count_path(path), 2, "{path}");
+        }
+        p.shutdown().await;
+    })
+    .await;
+}

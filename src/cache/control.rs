@@ -268,6 +268,11 @@ pub struct Overrides {
     /// information. Request-side rules (method, `Authorization`, request
     /// `no-store`) and `Vary: *` still apply.
     pub ignore_origin: bool,
+    /// The TTL replaces the origin's freshness (`max-age`, `Expires`,
+    /// `no-cache`) even without `ignore_origin`, as a response rule's `ttl`
+    /// does; the origin's `no-store` and `private` still keep the response
+    /// out of the store.
+    pub force_ttl: bool,
     /// Store responses carrying `Set-Cookie`; the caller must strip the field
     /// before storing (see [`strip_for_storage`]).
     pub store_set_cookie: bool,
@@ -420,7 +425,7 @@ pub fn freshness_lifetime(
     heuristic_max: Duration,
     overrides: &Overrides,
 ) -> Duration {
-    if overrides.ignore_origin {
+    if overrides.ignore_origin || (overrides.force_ttl && overrides.ttl.is_some()) {
         return overrides.ttl.unwrap_or(Duration::ZERO);
     }
     // Section 5.2.2.4: a no-cache response may be stored but must not be

@@ -553,7 +553,8 @@ impl Entry {
         entry.set_windows(initial_age, freshness, swr, sie);
         entry.revalidate_when_stale =
             directives.revalidate_when_stale() && !overrides.ignore_origin;
-        entry.shared_max_age = directives.s_maxage.is_some() && !overrides.ignore_origin;
+        entry.shared_max_age =
+            directives.s_maxage.is_some() && !overrides.ignore_origin && !overrides.force_ttl;
         Ok(entry)
     }
 

@@ -589,7 +589,8 @@ pub(super) fn overrides(
 ) -> Overrides {
     Overrides {
         ttl: actions.ttl.or(cache.ttl),
-        ignore_origin: cache.origin == OriginControl::Ignore || actions.ttl.is_some(),
+        ignore_origin: cache.origin == OriginControl::Ignore,
+        force_ttl: actions.ttl.is_some(),
         store_set_cookie: cache.store_set_cookie || actions.store_set_cookie,
         share_authorized: cache.share_authorized,
         stale_while_revalidate: actions
