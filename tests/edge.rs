@@ -1130,9 +1130,10 @@ async fn pipelined_requests_are_answered_in_order_and_close_when_asked() {
 #[tokio::test]
 async fn http_1_0_is_kept_alive_only_when_it_asks() {
     let edge = start(ServerLimits::default()).await;
-    // Without keep-alive the answer is HTTP/1.0 and the connection ends.
+    // Without keep-alive the connection ends. The status line has the
+    // server's version, 1.1, whatever the client's (RFC 9110 §2.5).
     let out = raw_exchange(edge.addr, b"GET /old HTTP/1.0\r\n\r\n").await;
-    assert!(out.starts_with("HTTP/1.0 200 OK\r\n"), "{out}");
+    assert!(out.starts_with("HTTP/1.1 200 OK\r\n"), "{out}");
     assert!(out.contains("connection: close\r\n"), "{out}");
     assert!(out.ends_with("GET /old HTTP/1.0 sni=-"), "{out}");
     // With it, the answer says so and a second request follows.
@@ -1142,6 +1143,7 @@ async fn http_1_0_is_kept_alive_only_when_it_asks() {
         let req = format!("GET {path} HTTP/1.0\r\nConnection: keep-alive\r\n\r\n");
         stream.write_all(req.as_bytes()).await.unwrap();
         let (head, body) = read_response(&mut stream, &mut pending).await;
+        assert!(head.starts_with("HTTP/1.1 200 OK\r\n"), "{head}");
         assert!(head.contains("connection: keep-alive\r\n"), "{head}");
         assert_eq!(body, format!("GET {path} HTTP/1.0 sni=-"));
     }

@@ -263,11 +263,9 @@ pub(super) fn encode_head(
     let status = parts.status;
     let fields = &parts.headers;
     out.reserve(96 + fields.len() * 64);
-    out.extend_from_slice(if asked.version == Version::HTTP_10 {
-        b"HTTP/1.0 "
-    } else {
-        b"HTTP/1.1 "
-    });
+    // The server's own version, whatever the client's (RFC 9110 §2.5): an
+    // HTTP/1.0 client is told what it may use, its framing stays 1.0's.
+    out.extend_from_slice(b"HTTP/1.1 ");
     out.extend_from_slice(status.as_str().as_bytes());
     out.extend_from_slice(b" ");
     out.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
@@ -1159,7 +1157,7 @@ mod tests {
         let (text, framing, keep) = head_of(&parts(200, &[]), SizeHint::new(), old, false);
         assert_eq!(framing, Framing::Close);
         assert!(!keep);
-        assert!(text.starts_with("HTTP/1.0 200 OK\r\n"), "{text}");
+        assert!(text.starts_with("HTTP/1.1 200 OK\r\n"), "{text}");
         assert!(text.contains("connection: close\r\n"), "{text}");
         let (text, _, keep) = head_of(&parts(200, &[]), SizeHint::with_exact(1), old, false);
         assert!(keep);
