@@ -270,6 +270,34 @@ async fn hop_by_hop_headers_stay_on_their_hop() {
 }
 
 #[tokio::test]
+async fn a_connection_field_naming_host_leaves_the_host_the_request_was_routed_by() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"rule shop when host == "shop.test" { route app cache off }"#,
+        ))
+        .await;
+        let got = get(
+            addr(&p),
+            "/",
+            &[
+                ("host", "shop.test"),
+                ("connection", "host, x-hop"),
+                ("x-hop", "1"),
+            ],
+        )
+        .await;
+        assert_eq!(got.status, 200);
+        let seen = &origin.seen()[0];
+        assert_eq!(seen.headers.get("host").unwrap(), "shop.test");
+        assert!(seen.headers.get("x-hop").is_none());
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn forwarding_fields_and_via_both_ways() {
     bounded(async {
         let origin = Origin::start(|_| reply(200, &[("server", "origin/1.0")], "ok")).await;

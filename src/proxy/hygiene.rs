@@ -132,7 +132,9 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in named {
-            if upgrading && name == UPGRADE {
+            // Host is end-to-end and what the request was routed by: a
+            // client naming it must not have the origin see another.
+            if (upgrading && name == UPGRADE) || name == HOST {
                 continue;
             }
             headers.remove(name);
@@ -382,6 +384,12 @@ mod tests {
                     ("upgrade", "websocket"),
                     ("host", "a"),
                 ],
+                false,
+                &["host"],
+            ),
+            // Host is never hop-by-hop, whatever Connection names.
+            (
+                &[("connection", "Host, x-a"), ("host", "a"), ("x-a", "1")],
                 false,
                 &["host"],
             ),
