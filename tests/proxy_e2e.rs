@@ -2196,6 +2196,42 @@ async fn raw_exchange(a: std::net::SocketAddr, request: &[u8], within: Duration)
 }
 
 #[tokio::test]
+async fn transfer_codings_other_than_one_chunked_are_refused() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let a = addr(&p);
+        let body = "3\r\nabc\r\n0\r\n\r\n";
+        // A coding Portico does not decode would reach the origin as if the
+        // body had none (RFC 9112 §6.1: 501); chunked twice is malformed.
+        for (codings, status) in [
+            ("gzip, chunked", "501"),
+            ("chunked, chunked", "400"),
+            ("gzip\r\nTransfer-Encoding: chunked", "501"),
+        ] {
+            let request = format!(
+                "POST /up HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: {codings}\r\n\r\n{body}\
+                 GET /after HTTP/1.1\r\nHost: a.test\r\n\r\n"
+            );
+            let out = raw_exchange(a, request.as_bytes(), Duration::from_secs(5)).await;
+            assert!(out.starts_with(&format!("HTTP/1.1 {status} ")), "{codings}: {out}");
+            assert!(out.contains("connection: close\r\n"), "{codings}: {out}");
+            assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{codings}: {out}");
+        }
+        assert_eq!(origin.count(), 0);
+        // One chunked coding is fine.
+        let request = format!(
+            "POST /up HTTP/1.1\r\nHost: a.test\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n{body}"
+        );
+        let out = raw_exchange(a, request.as_bytes(), Duration::from_secs(5)).await;
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        assert_eq!(&origin.seen()[0].body[..], b"abc");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn rule_max_body_also_bounds_a_chunked_body() {
     bounded(async {
         let origin = Origin::start(|s| reply(200, &[], format!("got {}", s.body.len()))).await;

@@ -46,6 +46,10 @@ pub enum ProxyError {
     /// The request header section is too large (431, RFC 6585 §5).
     #[error("request header fields too large")]
     HeaderTooLarge,
+    /// The request needs something this server does not implement, such
+    /// as a transfer coding it cannot decode (501, RFC 9110 §15.6.2).
+    #[error("not implemented: {0}")]
+    NotImplemented(&'static str),
     /// A bug or an unexpected internal failure (500).
     #[error("internal error: {0}")]
     Internal(String),
@@ -78,6 +82,7 @@ impl ProxyError {
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
             Self::ServiceUnavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
             Self::GatewayTimeout | Self::NotCached => StatusCode::GATEWAY_TIMEOUT,
@@ -95,6 +100,7 @@ impl ProxyError {
             Self::TooManyRequests { .. } => "Too many requests; slow down and retry later.",
             Self::HeaderTooLarge => "The request headers are too large.",
             Self::Internal(_) => "An internal error occurred.",
+            Self::NotImplemented(_) => "The request uses a feature this server does not support.",
             Self::BadGateway(_) => "The origin server could not be reached or answered badly.",
             Self::ServiceUnavailable { .. } => "The service is unavailable; retry later.",
             Self::GatewayTimeout => "The origin server did not answer in time.",
@@ -239,6 +245,7 @@ mod tests {
             ),
             (ProxyError::HeaderTooLarge, 431),
             (ProxyError::Internal("boom".into()), 500),
+            (ProxyError::NotImplemented("x"), 501),
             (ProxyError::BadGateway("10.0.0.1:80 refused".into()), 502),
             (
                 ProxyError::ServiceUnavailable {

@@ -643,7 +643,19 @@ where
                 let connect = req.method() == Method::CONNECT;
                 let client_addr = info.client_addr;
                 let req = req.map(|body| RequestBody::new(body, limit));
-                let mut response = respond(&shared, req, info).await;
+                let mut response = match transfer_coding_error(req.headers()) {
+                    Some(e) => {
+                        debug!(%client_addr, error = %e, "request refused");
+                        let mut response = shared.errors.respond(&e, Some(req.headers()));
+                        // Its body is left unread: the connection cannot
+                        // carry another request.
+                        response
+                            .headers_mut()
+                            .insert(CONNECTION, HeaderValue::from_static("close"));
+                        response
+                    }
+                    None => respond(&shared, req, info).await,
+                };
                 if connect || response.status() == StatusCode::SWITCHING_PROTOCOLS {
                     if let Some(pending) = PendingUpgrade::detach(&mut response) {
                         let splice = Splice {
@@ -776,6 +788,34 @@ impl std::task::Wake for SideWake {
     fn wake_by_ref(self: &Arc<Self>) {
         self.woken.store(true, Ordering::Release);
         self.task.wake();
+    }
+}
+
+/// What is wrong with an HTTP/1.1 request's transfer codings, if anything.
+/// hyper takes a body whose last coding is chunked (and refuses any other
+/// with 400) but decodes only that one: a coding before it would reach the
+/// origin undecoded, as if the body had none. Chunked twice is malformed
+/// (RFC 9112 §6.1, 400); any other coding is one not implemented here (501).
+fn transfer_coding_error(headers: &http::HeaderMap) -> Option<ProxyError> {
+    let mut codings = 0;
+    let mut chunked = 0;
+    for value in headers.get_all(http::header::TRANSFER_ENCODING) {
+        for coding in value.as_bytes().split(|&b| b == b',') {
+            let name = coding.split(|&b| b == b';').next().unwrap_or_default();
+            let name = name.trim_ascii();
+            if name.is_empty() {
+                continue;
+            }
+            codings += 1;
+            chunked += usize::from(name.eq_ignore_ascii_case(b"chunked"));
+        }
+    }
+    match codings {
+        0 | 1 => None,
+        _ if chunked > 1 => Some(ProxyError::BadRequest("chunked more than once")),
+        _ => Some(ProxyError::NotImplemented(
+            "a transfer coding other than chunked",
+        )),
     }
 }
 
