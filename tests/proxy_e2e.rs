@@ -2232,6 +2232,25 @@ async fn transfer_codings_other_than_one_chunked_are_refused() {
 }
 
 #[tokio::test]
+async fn connect_is_refused_with_405_and_allow() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let out = raw_exchange(
+            addr(&p),
+            b"CONNECT a.test:443 HTTP/1.1\r\nHost: a.test:443\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 405 "), "{out}");
+        assert!(out.contains("\r\nallow: "), "{out}");
+        assert_eq!(origin.count(), 0);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn rule_max_body_also_bounds_a_chunked_body() {
     bounded(async {
         let origin = Origin::start(|s| reply(200, &[], format!("got {}", s.body.len()))).await;

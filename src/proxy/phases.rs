@@ -737,7 +737,12 @@ fn receive<'a>(
 ) -> Result<(std::borrow::Cow<'a, str>, Scheme), ProxyError> {
     let field = check_host_field(parts)?;
     let host = host_of(parts, field).ok_or(ProxyError::BadRequest("missing Host"))?;
-    if !parts.uri.path().starts_with('/') && parts.method != Method::OPTIONS {
+    // OPTIONS may ask about the server (`*`); CONNECT names an authority,
+    // and is answered by `serve_switch`.
+    if !parts.uri.path().starts_with('/')
+        && parts.method != Method::OPTIONS
+        && parts.method != Method::CONNECT
+    {
         return Err(ProxyError::BadRequest("the request target is not a path"));
     }
     let scheme = if conn.tls {
