@@ -149,6 +149,59 @@ rule app_only when path ^= "/app" { route app cache off }
 }
 
 #[tokio::test]
+async fn dot_segments_cannot_reach_a_path_the_rules_did_not_see() {
+    bounded(async {
+        let origin = Origin::start(|s| reply(200, &[], s.uri.path().to_owned())).await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"
+rule secret when path ^= "/admin" { deny 403 }
+rule rest { route app cache off }
+"#,
+        ))
+        .await;
+        let a = addr(&p);
+        // Each would be /admin to an origin that resolves dot-segments,
+        // decodes %2e, %2f or %5c, takes \ for / or drops ;parameters.
+        for path in [
+            "/public/../admin",
+            "/public/./../admin",
+            "/%2e%2e/admin",
+            "/public/%2E./admin",
+            "/public/..%2fadmin",
+            "/public%2f..%5cadmin",
+            "/public\\..\\admin",
+            "/public/..;x=1/admin",
+            "/public/..",
+        ] {
+            let out = raw_exchange(
+                a,
+                format!("GET {path} HTTP/1.1\r\nHost: a.test\r\nConnection: close\r\n\r\n")
+                    .as_bytes(),
+                Duration::from_secs(5),
+            )
+            .await;
+            assert!(out.starts_with("HTTP/1.1 400 "), "{path}: {out}");
+        }
+        assert_eq!(origin.count(), 0);
+        // Dots within a segment name are nothing special.
+        for path in [
+            "/a.css",
+            "/.well-known/x",
+            "/x/.../y",
+            "/v1..2/z",
+            "/%2e%2e%2e",
+        ] {
+            let got = get(a, path, &[]).await;
+            assert_eq!(got.status, 200, "{path}");
+            assert_eq!(got.text(), path);
+        }
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn rule_total_timeout_answers_504_against_a_slow_origin() {
     bounded(async {
         let origin =

@@ -745,12 +745,59 @@ fn receive<'a>(
     {
         return Err(ProxyError::BadRequest("the request target is not a path"));
     }
+    if has_dot_segment(parts.uri.path().as_bytes()) {
+        return Err(ProxyError::BadRequest("a dot-segment in the path"));
+    }
     let scheme = if conn.tls {
         Scheme::Https
     } else {
         Scheme::Http
     };
     Ok((host, scheme))
+}
+
+/// Whether a path holds a `.` or `..` segment, as sent or percent-encoded
+/// (`%2e` is `.`, RFC 3986 §6.2.2.2), between any of the separators an
+/// origin may take for `/` (`/`, `\`, `%2f`, `%5c`) and before any `;`
+/// parameters. Rules match the path as it was sent, and the path goes to
+/// the origin as sent: one that resolved such a segment (RFC 3986 §5.2.4)
+/// would serve a path the rules never saw. One pass over the bytes, no
+/// allocation.
+fn has_dot_segment(path: &[u8]) -> bool {
+    // Dots in the current segment so far; None once it holds anything else.
+    let mut dots = Some(0u8);
+    let mut rest = path;
+    loop {
+        let step = match rest {
+            [] | [b'/' | b'\\' | b';', ..] => 1,
+            [b'%', b'2', b'f' | b'F', ..] | [b'%', b'5', b'c' | b'C', ..] => 3,
+            [b'.', ..] => {
+                dots = dots.map(|d| d.saturating_add(1));
+                rest = &rest[1..];
+                continue;
+            }
+            [b'%', b'2', b'e' | b'E', ..] => {
+                dots = dots.map(|d| d.saturating_add(1));
+                rest = &rest[3..];
+                continue;
+            }
+            [_, tail @ ..] => {
+                dots = None;
+                rest = tail;
+                continue;
+            }
+        };
+        // The end of a segment's name.
+        if matches!(dots, Some(1 | 2)) {
+            return true;
+        }
+        if rest.is_empty() {
+            return false;
+        }
+        // Parameters after `;` are not part of the name.
+        dots = if rest[0] == b';' { None } else { Some(0) };
+        rest = &rest[step..];
+    }
 }
 
 /// RFC 9112 §3.2: 400 for an HTTP/1.1 request without `Host`, and for any
@@ -1046,6 +1093,51 @@ fn json(status: StatusCode, text: String) -> Response<ResponseBody> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dot_segments_are_found_however_written() {
+        for path in [
+            "/.",
+            "/..",
+            "/a/./b",
+            "/a/../b",
+            "/%2e",
+            "/%2E%2e/b",
+            "/a/.%2E",
+            "/a%2f..",
+            "/a%2F../b",
+            "/a%5c..%5cb",
+            "/a\\..\\b",
+            "/a/..;p",
+            "/a/.;p=1/b",
+            "..",
+            ".",
+        ] {
+            assert!(has_dot_segment(path.as_bytes()), "{path}");
+        }
+        for path in [
+            "",
+            "/",
+            "*",
+            "//",
+            "/a",
+            "/a.b",
+            "/.a",
+            "/a./",
+            "/...",
+            "/a/.../b",
+            "/%2e%2e%2e",
+            "/%2",
+            "/%2x",
+            "/a;..",
+            "/a;p/b",
+            "/a.;",
+            "/v1..2",
+            "/%2fa",
+        ] {
+            assert!(!has_dot_segment(path.as_bytes()), "{path}");
+        }
+    }
 
     #[test]
     fn bypass_statuses_render_as_any_other() {
