@@ -2394,6 +2394,37 @@ async fn uploads_the_client_abandons_do_not_eject_a_healthy_server() {
 }
 
 #[tokio::test]
+async fn an_h2c_upgrade_is_not_passed_on() {
+    bounded(async {
+        // An origin that would take the upgrade, after which every request
+        // on the connection would bypass the rules.
+        let origin = Origin::start(|s| {
+            if s.headers.contains_key("upgrade") {
+                reply(101, &[("connection", "upgrade"), ("upgrade", "h2c")], "")
+            } else {
+                reply(200, &[], "plain")
+            }
+        })
+        .await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let out = raw_exchange(
+            addr(&p),
+            b"GET / HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade, HTTP2-Settings, close\r\n\
+              Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        assert!(out.ends_with("plain"), "{out}");
+        let seen = &origin.seen()[0];
+        assert!(seen.headers.get("upgrade").is_none());
+        assert!(seen.headers.get("http2-settings").is_none());
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_denied_upgrade_gets_the_rules_response_headers() {
     bounded(async {
         let origin = Origin::start(|_| reply(200, &[], "ok")).await;

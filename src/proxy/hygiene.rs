@@ -92,9 +92,23 @@ pub fn default_via(version: Version) -> &'static HeaderValue {
 }
 
 /// True when `headers` ask to switch protocols: an `Upgrade` field and a
-/// `Connection` field naming `upgrade` (RFC 9110 §7.8).
+/// `Connection` field naming `upgrade` (RFC 9110 §7.8). An upgrade to
+/// `h2c` is not one: past the splice every request on the connection would
+/// reach the origin unseen by the rules, and the token is deprecated
+/// (RFC 9113 §3.1); the request goes on as a plain one, without `Upgrade`.
 pub fn is_upgrade(headers: &HeaderMap) -> bool {
-    headers.contains_key(UPGRADE) && connection_has_token(headers, "upgrade")
+    headers.contains_key(UPGRADE)
+        && connection_has_token(headers, "upgrade")
+        && !upgrade_lists_h2c(headers)
+}
+
+fn upgrade_lists_h2c(headers: &HeaderMap) -> bool {
+    headers.get_all(UPGRADE).iter().any(|v| {
+        v.as_bytes().split(|&b| b == b',').any(|p| {
+            let name = p.split(|&b| b == b'/').next().unwrap_or_default();
+            name.trim_ascii().eq_ignore_ascii_case(b"h2c")
+        })
+    })
 }
 
 fn connection_has_token(headers: &HeaderMap, token: &str) -> bool {
@@ -424,6 +438,21 @@ mod tests {
             ),
             // Upgrade field without Connection: upgrade is not an upgrade.
             (&[("upgrade", "websocket")], true, &[]),
+            // Nor is one to h2c, alone or listed.
+            (
+                &[
+                    ("connection", "Upgrade, HTTP2-Settings"),
+                    ("upgrade", "H2C"),
+                    ("http2-settings", "AAMAAABkAAQAoAAAAAIAAAAA"),
+                ],
+                true,
+                &[],
+            ),
+            (
+                &[("connection", "upgrade"), ("upgrade", "foo/2, h2c")],
+                true,
+                &[],
+            ),
             // Invalid names in Connection are ignored, not fatal.
             (&[("connection", "bad name, x-a"), ("x-a", "1")], false, &[]),
         ];
