@@ -351,6 +351,37 @@ async fn a_connection_field_naming_host_leaves_the_host_the_request_was_routed_b
 }
 
 #[tokio::test]
+async fn a_host_with_its_root_dot_meets_the_rules_for_the_host() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "origin")).await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"
+rule admin when host == "admin.test" { deny 403 }
+rule rest { route app cache off }
+"#,
+        ))
+        .await;
+        let a = addr(&p);
+        for host in ["admin.test.", "ADMIN.test.:80"] {
+            assert_eq!(get(a, "/", &[("host", host)]).await.status, 403, "{host}");
+        }
+        let out = raw_exchange(
+            a,
+            b"GET http://admin.test./ HTTP/1.1\r\nHost: other.test\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 403 "), "{out}");
+        assert_eq!(origin.count(), 0);
+        // Only the root dot: a name ending in two is another name.
+        assert_eq!(get(a, "/", &[("host", "admin.test..")]).await.status, 200);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn forwarding_fields_and_via_both_ways() {
     bounded(async {
         let origin = Origin::start(|_| reply(200, &[("server", "origin/1.0")], "ok")).await;

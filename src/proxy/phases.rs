@@ -950,6 +950,13 @@ fn host_of<'a>(
             _ => raw,
         },
     };
+    // A fully qualified name's root dot names the same host (RFC 1034
+    // §3.1), and origins and DNS take it so: rules must see it as they
+    // would without.
+    let host = match host.strip_suffix('.') {
+        Some(name) if !name.is_empty() && !name.ends_with('.') => name,
+        _ => host,
+    };
     if host.is_empty() {
         return None;
     }
@@ -1241,6 +1248,9 @@ mod tests {
             ("host:port", Some("host:port")),
             ("[::1]", Some("[::1]")),
             (":80", None),
+            ("Shop.Example.:443", Some("shop.example")),
+            ("shop.example..", Some("shop.example..")),
+            (".", Some(".")),
         ] {
             let req = Request::builder()
                 .uri("/x")
