@@ -520,6 +520,36 @@ async fn an_h2_host_field_that_differs_from_the_authority_gets_400() {
     .await;
 }
 
+#[tokio::test]
+async fn h2_cookie_fields_reach_an_http1_origin_as_one() {
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        // HTTP/2 clients send a field per cookie (RFC 9113 §8.2.3).
+        let req = http::Request::get("http://www.example/x")
+            .header("cookie", "session=1")
+            .header("cookie", "theme=dark")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        resp.into_body().collect().await.unwrap();
+        let seen = origin.seen();
+        let cookies: Vec<_> = seen[0].headers.get_all("cookie").iter().collect();
+        assert_eq!(cookies, ["session=1; theme=dark"]);
+        p.shutdown().await;
+    })
+    .await;
+}
+
 // ============================================================ HTTPS and HTTP/2
 
 mod tls_pki {
@@ -1220,6 +1250,19 @@ async fn echo_upgrade_origin() -> (std::net::SocketAddr, tokio::task::JoinHandle
                                 resp.headers_mut().insert(told, v);
                             }
                         }
+                        // Every Cookie field, so that a count shows.
+                        let cookies: Vec<&str> = req
+                            .headers()
+                            .get_all("cookie")
+                            .iter()
+                            .filter_map(|v| v.to_str().ok())
+                            .collect();
+                        if !cookies.is_empty() {
+                            resp.headers_mut().insert(
+                                "x-origin-saw-cookies",
+                                cookies.join(" | ").parse().unwrap(),
+                            );
+                        }
                         let Some(proto) = proto else {
                             *resp.status_mut() = StatusCode::BAD_REQUEST;
                             return Ok::<_, std::convert::Infallible>(resp);
@@ -1485,6 +1528,8 @@ async fn websocket_over_h2_reaches_an_http1_origin_and_echoes() {
                 .method(http::Method::CONNECT)
                 .uri("http://ws.test/chat")
                 .header("sec-websocket-version", "13")
+                .header("cookie", "a=1")
+                .header("cookie", "b=2")
                 .body(Empty::<Bytes>::new())
                 .unwrap();
             req.extensions_mut()
@@ -1512,6 +1557,11 @@ async fn websocket_over_h2_reaches_an_http1_origin_and_echoes() {
         assert_eq!(
             resp.headers().get("x-origin-saw-host").unwrap(),
             "origin.internal"
+        );
+        // One Cookie field for HTTP/1.1 (RFC 9113 §8.2.3).
+        assert_eq!(
+            resp.headers().get("x-origin-saw-cookies").unwrap(),
+            "a=1; b=2"
         );
         assert!(resp.headers().get("sec-websocket-accept").is_none());
         let upgraded = hyper::upgrade::on(resp)

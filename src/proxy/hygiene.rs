@@ -14,8 +14,8 @@
 use std::net::IpAddr;
 
 use http::header::{
-    HeaderMap, HeaderName, HeaderValue, CONNECTION, HOST, SERVER, TE, TRAILER, TRANSFER_ENCODING,
-    UPGRADE, VIA,
+    HeaderMap, HeaderName, HeaderValue, CONNECTION, COOKIE, HOST, SERVER, TE, TRAILER,
+    TRANSFER_ENCODING, UPGRADE, VIA,
 };
 use http::{Request, Response, Version};
 
@@ -163,6 +163,28 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
     }
     if upgrading {
         headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    }
+}
+
+/// Joins an HTTP/2 or HTTP/3 request's `Cookie` fields into one, the
+/// values separated by "; ", as they must be before the request goes on
+/// over HTTP/1.1 (RFC 9113 §8.2.3, RFC 9114 §4.2.1): clients send one field
+/// per cookie there, and an HTTP/1.1 origin expects a single field (RFC 6265
+/// §5.4). One lookup when there is at most one field.
+pub fn join_cookies(headers: &mut HeaderMap) {
+    if headers.get_all(COOKIE).iter().nth(1).is_none() {
+        return;
+    }
+    let mut joined = Vec::new();
+    for value in headers.get_all(COOKIE) {
+        if !joined.is_empty() {
+            joined.extend_from_slice(b"; ");
+        }
+        joined.extend_from_slice(value.as_bytes());
+    }
+    // Joined field values are a field value.
+    if let Ok(value) = HeaderValue::from_bytes(&joined) {
+        headers.insert(COOKIE, value);
     }
 }
 
@@ -372,6 +394,17 @@ mod tests {
         let mut names: Vec<String> = map.keys().map(|k| k.as_str().to_owned()).collect();
         names.sort();
         names
+    }
+
+    #[test]
+    fn cookie_fields_are_joined_into_one() {
+        let mut map = headers(&[("cookie", "a=1"), ("accept", "*/*"), ("cookie", "b=2; c=3")]);
+        join_cookies(&mut map);
+        let cookies: Vec<_> = map.get_all(COOKIE).iter().collect();
+        assert_eq!(cookies, ["a=1; b=2; c=3"]);
+        let mut map = headers(&[("cookie", "a=1")]);
+        join_cookies(&mut map);
+        assert_eq!(map[COOKIE], "a=1");
     }
 
     #[test]

@@ -705,6 +705,9 @@ fn build_upstream(
             headers.remove(name);
         }
     }
+    if parts.version >= http::Version::HTTP_2 {
+        hygiene::join_cookies(&mut headers);
+    }
     for e in &rule.request_headers {
         e.apply(&mut headers);
     }

@@ -147,6 +147,9 @@ impl Gateway {
         let mut upstream = Request::new(body::empty());
         *upstream.uri_mut() = req.uri().clone();
         *upstream.headers_mut() = req.headers().clone();
+        if req.version() >= http::Version::HTTP_2 {
+            hygiene::join_cookies(upstream.headers_mut());
+        }
         if req.uri().authority().is_some() {
             if let Some(v) = &client_host {
                 upstream.headers_mut().insert(header::HOST, v.clone());
