@@ -2101,3 +2101,37 @@ async fn a_response_rule_ttl_overrides_freshness_but_not_private_or_no_store() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_field_the_client_names_in_connection_is_not_in_the_key() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            let tenant = s
+                .headers
+                .get("x-tenant")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("none")
+                .to_string();
+            reply(200, &[("cache-control", "max-age=60")], tenant)
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            "rule all { route app cache { key [host, path, header(\"x-tenant\")] } }",
+        ))
+        .await;
+        let a = addr(&p);
+        // The field is this hop's alone, so the origin never sees it: were
+        // it in the key, the answer without it would be stored as acme's.
+        let r = get(a, "/p", &[("x-tenant", "acme"), ("connection", "x-tenant")]).await;
+        assert_eq!(r.text(), "none");
+        let r = get(a, "/p", &[("x-tenant", "acme")]).await;
+        assert_eq!(r.text(), "acme");
+        assert!(!r.is_hit());
+        let r = get(a, "/p", &[]).await;
+        assert_eq!(r.text(), "none");
+        assert!(r.is_hit());
+        p.shutdown().await;
+    })
+    .await;
+}

@@ -143,6 +143,13 @@ pub fn strip_hop_by_hop(headers: &mut HeaderMap, keep_upgrade: bool) {
         // names more than a few fields, so this small Vec is the only
         // allocation here.
         let named: Vec<HeaderName> = connection_tokens(headers)
+            // `close` names no field, and `keep-alive` and `upgrade` go
+            // below anyway: the usual values cost no allocation.
+            .filter(|t| {
+                !["close", "keep-alive", "upgrade"]
+                    .iter()
+                    .any(|common| t.eq_ignore_ascii_case(common))
+            })
             .filter_map(|t| HeaderName::from_bytes(t.as_bytes()).ok())
             .collect();
         for name in named {

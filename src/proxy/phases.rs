@@ -576,7 +576,14 @@ impl Handler for Gateway {
         let started = Instant::now();
         let gen = self.current();
         let mut log = Log::default();
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
+        // What the client's Connection names is this hop's alone (RFC 9110
+        // §7.6.1) and never reaches the origin: rules, cache keys and Vary
+        // must not see it either, or an answer made without a field would
+        // be stored as one made with it. An upgrade keeps `Upgrade`.
+        if parts.headers.contains_key(header::CONNECTION) {
+            hygiene::strip_hop_by_hop(&mut parts.headers, true);
+        }
         // An upgrade takes the request whole: what the log and an error page
         // need of its head is kept first. Any other request lends its head
         // to `serve` and keeps it.
