@@ -2366,6 +2366,38 @@ async fn transfer_codings_other_than_one_chunked_are_refused() {
 }
 
 #[tokio::test]
+async fn conflicting_request_framing_smuggles_no_request() {
+    bounded(async {
+        let origin = Origin::start(|s| reply(200, &[], s.uri.path().to_owned())).await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let a = addr(&p);
+        let smuggled = "GET /smuggled HTTP/1.1\r\nHost: a.test\r\n\r\n";
+        // Both: chunked wins (RFC 9112 §6.3) and the connection closes after.
+        let request = format!(
+            "POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: 5\r\n\
+             Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n{smuggled}"
+        );
+        let out = raw_exchange(a, request.as_bytes(), Duration::from_secs(5)).await;
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        assert!(out.contains("connection: close\r\n"), "{out}");
+        assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{out}");
+        // Lengths that differ, or that are not one number: 400.
+        for lengths in ["3\r\nContent-Length: 4", "+3", "3 3", "0x3"] {
+            let request =
+                format!("POST /up HTTP/1.1\r\nHost: a.test\r\nContent-Length: {lengths}\r\n\r\nabcd{smuggled}");
+            let out = raw_exchange(a, request.as_bytes(), Duration::from_secs(5)).await;
+            assert!(out.starts_with("HTTP/1.1 400 "), "{lengths}: {out}");
+            assert_eq!(out.matches("HTTP/1.1 ").count(), 1, "{lengths}: {out}");
+        }
+        let seen = origin.seen();
+        assert_eq!(seen.len(), 1);
+        assert_eq!(&seen[0].body[..], b"abc");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn connect_is_refused_with_405_and_allow() {
     bounded(async {
         let origin = Origin::start(|_| reply(200, &[], "ok")).await;
