@@ -437,6 +437,39 @@ async fn forwarding_fields_and_via_both_ways() {
 }
 
 #[tokio::test]
+async fn a_client_s_forwarded_field_does_not_reach_the_origin() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let spoof = [(
+            "forwarded",
+            "for=203.0.113.9;proto=https;host=admin.internal",
+        )];
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        assert_eq!(get(addr(&p), "/", &spoof).await.status, 200);
+        let seen = origin.seen().pop().unwrap();
+        assert!(
+            seen.headers.get("forwarded").is_none(),
+            "{:?}",
+            seen.headers
+        );
+        assert_eq!(seen.headers.get("x-forwarded-for").unwrap(), "127.0.0.1");
+        p.shutdown().await;
+        // A rule may still write one.
+        let p = proxy(&policy_for(
+            &origin,
+            r#"rule all { route app cache off request_header set "Forwarded" "for=portico" }"#,
+        ))
+        .await;
+        get(addr(&p), "/", &spoof).await;
+        let seen = origin.seen().pop().unwrap();
+        let values: Vec<_> = seen.headers.get_all("forwarded").iter().collect();
+        assert_eq!(values, ["for=portico"]);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_absolute_target_s_host_replaces_the_host_field_upstream() {
     bounded(async {
         let origin = Origin::start(|_| reply(200, &[], "ok")).await;
@@ -1245,6 +1278,7 @@ async fn echo_upgrade_origin() -> (std::net::SocketAddr, tokio::task::JoinHandle
                             ("x-forwarded-host", "x-origin-saw-xfh"),
                             ("x-forwarded-for", "x-origin-saw-xff"),
                             ("via", "x-origin-saw-via"),
+                            ("forwarded", "x-origin-saw-forwarded"),
                         ] {
                             if let Some(v) = req.headers().get(field).cloned() {
                                 resp.headers_mut().insert(told, v);
@@ -1334,6 +1368,7 @@ async fn websocket_upgrade_passes_through_and_echoes() {
             .header("upgrade", "websocket")
             .header("sec-websocket-version", "13")
             .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
+            .header("forwarded", "for=203.0.113.9")
             .body(Empty::<Bytes>::new())
             .unwrap();
         let resp = sender.send_request(req).await.unwrap();
@@ -1347,6 +1382,7 @@ async fn websocket_upgrade_passes_through_and_echoes() {
         assert_eq!(saw("x-origin-saw-host").as_deref(), Some("origin.internal"));
         assert_eq!(saw("x-origin-saw-xfh").as_deref(), Some("ws.test"));
         assert_eq!(saw("x-origin-saw-xff").as_deref(), Some("127.0.0.1"));
+        assert_eq!(saw("x-origin-saw-forwarded"), None);
         assert!(saw("x-origin-saw-via").unwrap().contains("portico"));
         let upgraded = hyper::upgrade::on(resp)
             .await

@@ -715,6 +715,9 @@ fn build_upstream(
     if parts.version >= http::Version::HTTP_2 {
         hygiene::join_cookies(&mut headers);
     }
+    // Like the client's own X-Forwarded-* fields: its RFC 7239 field would
+    // reach the origin as if Portico had written it (a rule's edit may).
+    headers.remove(header::FORWARDED);
     for e in &rule.request_headers {
         e.apply(&mut headers);
     }

@@ -150,6 +150,7 @@ impl Gateway {
         if req.version() >= http::Version::HTTP_2 {
             hygiene::join_cookies(upstream.headers_mut());
         }
+        upstream.headers_mut().remove(header::FORWARDED);
         if req.uri().authority().is_some() {
             if let Some(v) = &client_host {
                 upstream.headers_mut().insert(header::HOST, v.clone());
