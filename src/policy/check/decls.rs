@@ -183,8 +183,16 @@ impl Checker<'_> {
                 out.send_timeout = d;
             }
         }
-        if let Some((Val::Size(n), _)) = v.remove("max_header") {
-            out.max_header = n;
+        if let Some((Val::Size(n), span)) = v.remove("max_header") {
+            // HTTP/1.1 heads are read into a buffer of at least 8 KiB
+            // (hyper's least), and one that fits is taken whole: a smaller
+            // limit would not be kept.
+            if n < 8 << 10 {
+                self.err("out-of-range", span, "`max_header` must be at least 8KiB")
+                    .help = Some("request heads of up to 8KiB are always read".into());
+            } else {
+                out.max_header = n;
+            }
         }
         if let Some((Val::Size(n), _)) = v.remove("max_body") {
             out.max_body = n;
