@@ -3,6 +3,17 @@
 
 use super::*;
 
+/// Fields no header edit may set or add (lowercase).
+const FRAMING_FIELDS: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+];
 impl Checker<'_> {
     // ------------------------------------------------------------ conditions
 
@@ -306,6 +317,22 @@ impl Checker<'_> {
     pub(super) fn header_edit(&mut self, h: &ast::HeaderEdit) -> Option<HeaderEdit> {
         let name = self.string(&h.name, "a header name")?;
         let name = self.header_name(&name, h.name.span)?;
+        // These describe the connection or the message's framing, which
+        // Portico sets for each hop itself: an edit would break the framing
+        // (or the HTTP/2 stream, where connection fields are malformed).
+        if h.op != ast::HeaderOp::Remove && FRAMING_FIELDS.contains(&name.as_str()) {
+            self.err(
+                "invalid-header",
+                h.name.span,
+                format!("`{name}` cannot be set: Portico frames each hop itself"),
+            )
+            .help = Some(
+                "Connection, Keep-Alive, Proxy-Connection, TE, Trailer, Transfer-Encoding, \
+                 Upgrade and Content-Length follow the message; `remove` is allowed"
+                    .into(),
+            );
+            return None;
+        }
         let value = match (h.op, &h.value) {
             (ast::HeaderOp::Remove, None) => None,
             (ast::HeaderOp::Remove, Some(v)) => {
