@@ -149,6 +149,50 @@ rule app_only when path ^= "/app" { route app cache off }
 }
 
 #[tokio::test]
+async fn escaped_unreserved_characters_are_one_spelling_for_rules_keys_and_origin() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            reply(
+                200,
+                &[("cache-control", "max-age=60")],
+                s.uri
+                    .path_and_query()
+                    .map(|p| p.as_str())
+                    .unwrap_or("")
+                    .to_owned(),
+            )
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"
+rule secret when path ^= "/admin" { deny 403 }
+rule rest { route app cache { } }
+"#,
+        ))
+        .await;
+        let a = addr(&p);
+        // %61 is `a`: the same path, so the same rule.
+        for path in ["/%61dmin", "/%61%64min/x", "/adm%69n"] {
+            let got = get(a, path, &[]).await;
+            assert_eq!(got.status, 403, "{path}");
+        }
+        assert_eq!(origin.count(), 0);
+        // The same resource under one key, asked for in one spelling.
+        let first = get(a, "/caf%65/m%65nu?d%61y=mon", &[]).await;
+        assert_eq!(first.text(), "/cafe/menu?day=mon");
+        let second = get(a, "/cafe/menu?day=mon", &[]).await;
+        assert!(second.is_hit(), "{}", second.cache_status());
+        // Reserved characters stay escaped, in one case.
+        let slash = get(a, "/a%2fb", &[]).await;
+        assert_eq!(slash.text(), "/a%2Fb");
+        assert_eq!(origin.count(), 2);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn dot_segments_cannot_reach_a_path_the_rules_did_not_see() {
     bounded(async {
         let origin = Origin::start(|s| reply(200, &[], s.uri.path().to_owned())).await;
@@ -194,7 +238,8 @@ rule rest { route app cache off }
         ] {
             let got = get(a, path, &[]).await;
             assert_eq!(got.status, 200, "{path}");
-            assert_eq!(got.text(), path);
+            // Escaped unreserved characters reach the origin as themselves.
+            assert_eq!(got.text(), path.replace("%2e", "."));
         }
         p.shutdown().await;
     })

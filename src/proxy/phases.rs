@@ -584,6 +584,10 @@ impl Handler for Gateway {
         if parts.headers.contains_key(header::CONNECTION) {
             hygiene::strip_hop_by_hop(&mut parts.headers, true);
         }
+        // One spelling per target, for rules, keys and the origin alike.
+        if let Some(uri) = normalize_escapes(&parts.uri) {
+            parts.uri = uri;
+        }
         // An upgrade takes the request whole: what the log and an error page
         // need of its head is kept first. Any other request lends its head
         // to `serve` and keeps it.
@@ -767,6 +771,64 @@ fn receive<'a>(
         Scheme::Http
     };
     Ok((host, scheme))
+}
+
+/// The target with its percent-escapes normalised (RFC 3986 section
+/// 6.2.2): an escaped unreserved character (letters, digits, `-`, `.`, `_`,
+/// `~`) is written as itself and every other escape in upper case. The
+/// result names the same resource, so the origin gets it too; rules and
+/// cache keys then see one spelling, and `/%61dmin` cannot pass a rule
+/// written for `/admin`. `None` when there is nothing to change (a target
+/// without `%` costs one scan).
+fn normalize_escapes(uri: &http::Uri) -> Option<http::Uri> {
+    let target = uri.path_and_query()?.as_str();
+    let bytes = target.as_bytes();
+    let first = bytes.iter().position(|&b| b == b'%')?;
+    let hex = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..first]);
+    let mut changed = false;
+    let mut i = first;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let c = h << 4 | l;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    out.push(c);
+                    changed = true;
+                } else {
+                    let upper = [
+                        b'%',
+                        bytes[i + 1].to_ascii_uppercase(),
+                        bytes[i + 2].to_ascii_uppercase(),
+                    ];
+                    changed |= upper[1..] != bytes[i + 1..i + 3];
+                    out.extend_from_slice(&upper);
+                }
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b);
+        i += 1;
+    }
+    if !changed {
+        return None;
+    }
+    let mut builder = http::Uri::builder();
+    if let Some(scheme) = uri.scheme() {
+        builder = builder.scheme(scheme.clone());
+    }
+    if let Some(authority) = uri.authority() {
+        builder = builder.authority(authority.clone());
+    }
+    builder.path_and_query(out).build().ok()
 }
 
 /// Whether a path holds a `.` or `..` segment, as sent or percent-encoded
@@ -1112,6 +1174,33 @@ fn json(status: StatusCode, text: String) -> Response<ResponseBody> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn escapes_are_normalised_once() {
+        let cases = [
+            ("/%61dmin", Some("/admin")),
+            ("/a%2fb?q=%7e%41", Some("/a%2Fb?q=~A")),
+            ("/a%2Fb", None),
+            ("/plain?x=1", None),
+            ("/100%", None),
+            ("/bad%zz%4", None),
+            ("/x%2D%5f", Some("/x-_")),
+        ];
+        for (target, want) in cases {
+            let uri: http::Uri = target.parse().unwrap();
+            let got = super::normalize_escapes(&uri);
+            assert_eq!(
+                got.as_ref().map(|u| u.to_string()),
+                want.map(String::from),
+                "{target}"
+            );
+        }
+        let absolute: http::Uri = "http://shop.example/%61pp".parse().unwrap();
+        assert_eq!(
+            super::normalize_escapes(&absolute).unwrap().to_string(),
+            "http://shop.example/app"
+        );
+    }
+
     use super::*;
 
     #[test]
