@@ -1902,12 +1902,6 @@ async fn a_refetched_response_is_compressed_anew() {
             "rule all { route app cache { } compress gzip }",
         ))
         .await;
-        let gunzip = |body: &[u8]| {
-            let mut out = String::new();
-            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(body), &mut out)
-                .expect("a gzip body");
-            out
-        };
         let gz = [("accept-encoding", "gzip")];
         assert!(gunzip(&get(addr(&p), "/v", &gz).await.body).starts_with("version 0\n"));
         let hit = get(addr(&p), "/v", &gz).await;
@@ -1936,17 +1930,6 @@ async fn a_refetched_response_is_compressed_anew() {
 async fn a_streamed_fill_is_compressed_for_its_client_and_stored_plain() {
     bounded(async {
         let text = "<p>streamed, then stored</p>\n".repeat(300);
-        let gunzip = |body: &[u8]| {
-            let mut out = String::new();
-            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(body), &mut out)
-                .expect("a gzip body");
-            out
-        };
-        let unbrotli = |body: &[u8]| {
-            let mut out = Vec::new();
-            brotli::BrotliDecompress(&mut &body[..], &mut out).expect("a brotli body");
-            String::from_utf8(out).expect("text")
-        };
         let mut raw = "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncache-control: max-age=60\r\n\
                        transfer-encoding: chunked\r\nconnection: close\r\n\r\n"
             .as_bytes()
@@ -2039,12 +2022,6 @@ async fn a_large_hit_is_compressed_as_it_streams_then_from_its_copy() {
             "rule all { route app cache { } compress gzip }",
         ))
         .await;
-        let gunzip = |body: &[u8]| {
-            let mut out = String::new();
-            std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(body), &mut out)
-                .expect("a gzip body");
-            out
-        };
         let gz = [("accept-encoding", "gzip")];
         let head = send(addr(&p), "HEAD", "/big", &gz, "").await;
         assert_eq!(head.header("content-encoding"), Some("gzip"));

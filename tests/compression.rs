@@ -4,25 +4,10 @@
 
 mod common;
 use common::*;
-use std::io::Read as _;
 
 /// A compressible page.
 fn page() -> String {
     "<p>portico keeps compressed copies</p>\n".repeat(200)
-}
-
-fn gunzip(body: &[u8]) -> String {
-    let mut out = String::new();
-    flate2::read::GzDecoder::new(body)
-        .read_to_string(&mut out)
-        .expect("a gzip body");
-    out
-}
-
-fn unbrotli(body: &[u8]) -> String {
-    let mut out = Vec::new();
-    brotli::BrotliDecompress(&mut &body[..], &mut out).expect("a brotli body");
-    String::from_utf8(out).expect("text")
 }
 
 /// The value of a counter line in a Prometheus scrape, 0 when absent.

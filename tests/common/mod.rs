@@ -474,3 +474,18 @@ pub fn load(policy_text: &str) -> portico::policy::Policy {
     portico::policy::load(policy_text, "test.policy")
         .unwrap_or_else(|e| panic!("test policy refused:\n{e}"))
 }
+
+/// A gzip body, decoded.
+pub fn gunzip(body: &[u8]) -> String {
+    let mut out = String::new();
+    std::io::Read::read_to_string(&mut flate2::read::GzDecoder::new(body), &mut out)
+        .expect("a gzip body");
+    out
+}
+
+/// A brotli body, decoded.
+pub fn unbrotli(body: &[u8]) -> String {
+    let mut out = Vec::new();
+    brotli::BrotliDecompress(&mut &body[..], &mut out).expect("a brotli body");
+    String::from_utf8(out).expect("text")
+}
