@@ -452,6 +452,56 @@ pub fn render_key(parts: &[KeyPart], req: &Request<'_>, out: &mut String) {
     }
 }
 
+/// A request target (path and query) with its percent-escapes normalised
+/// (RFC 3986 section 6.2.2): an escaped unreserved character (letters,
+/// digits, `-`, `.`, `_`, `~`) is written as itself and every other escape
+/// in upper case. `None` when there is nothing to change, which a target
+/// without `%` learns in one scan. The running proxy applies it to every
+/// request before the rules, and requests made from text (tests, `explain`,
+/// purges by URL) the same way.
+pub fn normalize_escapes(target: &str) -> Option<String> {
+    let bytes = target.as_bytes();
+    let first = bytes.iter().position(|&b| b == b'%')?;
+    let hex = |b: u8| match b {
+        b'0'..=b'9' => Some(b - b'0'),
+        b'a'..=b'f' => Some(b - b'a' + 10),
+        b'A'..=b'F' => Some(b - b'A' + 10),
+        _ => None,
+    };
+    let mut out = Vec::with_capacity(bytes.len());
+    out.extend_from_slice(&bytes[..first]);
+    let mut changed = false;
+    let mut i = first;
+    while i < bytes.len() {
+        let b = bytes[i];
+        if b == b'%' && i + 2 < bytes.len() {
+            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
+                let c = h << 4 | l;
+                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
+                    out.push(c);
+                    changed = true;
+                } else {
+                    let upper = [
+                        b'%',
+                        bytes[i + 1].to_ascii_uppercase(),
+                        bytes[i + 2].to_ascii_uppercase(),
+                    ];
+                    changed |= upper[1..] != bytes[i + 1..i + 3];
+                    out.extend_from_slice(&upper);
+                }
+                i += 3;
+                continue;
+            }
+        }
+        out.push(b);
+        i += 1;
+    }
+    if !changed {
+        return None;
+    }
+    String::from_utf8(out).ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

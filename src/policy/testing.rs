@@ -45,6 +45,9 @@ impl OwnedRequest {
             Some(i) => rest.split_at(i),
             None => (rest, "/"),
         };
+        // Spelt as the running proxy reads it.
+        let normalized = super::eval::normalize_escapes(path_query);
+        let path_query = normalized.as_deref().unwrap_or(path_query);
         let (path, query) = path_query.split_once('?').unwrap_or((path_query, ""));
         if authority.is_empty() {
             return Err(format!("`{url}` has no host"));
@@ -544,6 +547,10 @@ mod tests {
         assert_eq!(r.method, Method::GET);
         assert_eq!(r.host, "shop.example");
         assert_eq!(r.path, "/a/b");
+        let escaped =
+            OwnedRequest::from_line("GET https://a.test/%61dmin%2f?d%61y=mon", &[], None).unwrap();
+        assert_eq!(escaped.path, "/admin%2F");
+        assert_eq!(escaped.query, "day=mon");
         assert_eq!(r.query, "x=1");
         assert!(OwnedRequest::from_line("GET /relative", &[], None).is_err());
     }

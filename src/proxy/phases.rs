@@ -781,46 +781,7 @@ fn receive<'a>(
 /// written for `/admin`. `None` when there is nothing to change (a target
 /// without `%` costs one scan).
 fn normalize_escapes(uri: &http::Uri) -> Option<http::Uri> {
-    let target = uri.path_and_query()?.as_str();
-    let bytes = target.as_bytes();
-    let first = bytes.iter().position(|&b| b == b'%')?;
-    let hex = |b: u8| match b {
-        b'0'..=b'9' => Some(b - b'0'),
-        b'a'..=b'f' => Some(b - b'a' + 10),
-        b'A'..=b'F' => Some(b - b'A' + 10),
-        _ => None,
-    };
-    let mut out = Vec::with_capacity(bytes.len());
-    out.extend_from_slice(&bytes[..first]);
-    let mut changed = false;
-    let mut i = first;
-    while i < bytes.len() {
-        let b = bytes[i];
-        if b == b'%' && i + 2 < bytes.len() {
-            if let (Some(h), Some(l)) = (hex(bytes[i + 1]), hex(bytes[i + 2])) {
-                let c = h << 4 | l;
-                if c.is_ascii_alphanumeric() || matches!(c, b'-' | b'.' | b'_' | b'~') {
-                    out.push(c);
-                    changed = true;
-                } else {
-                    let upper = [
-                        b'%',
-                        bytes[i + 1].to_ascii_uppercase(),
-                        bytes[i + 2].to_ascii_uppercase(),
-                    ];
-                    changed |= upper[1..] != bytes[i + 1..i + 3];
-                    out.extend_from_slice(&upper);
-                }
-                i += 3;
-                continue;
-            }
-        }
-        out.push(b);
-        i += 1;
-    }
-    if !changed {
-        return None;
-    }
+    let out = crate::policy::eval::normalize_escapes(uri.path_and_query()?.as_str())?;
     let mut builder = http::Uri::builder();
     if let Some(scheme) = uri.scheme() {
         builder = builder.scheme(scheme.clone());
