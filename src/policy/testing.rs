@@ -69,7 +69,15 @@ impl OwnedRequest {
         Ok(OwnedRequest {
             method,
             scheme,
-            host: strip_port(authority).to_ascii_lowercase(),
+            // As the proxy reads a host: a root dot names the same host.
+            host: {
+                let host = strip_port(authority);
+                match host.strip_suffix('.') {
+                    Some(name) if !name.is_empty() && !name.ends_with('.') => name,
+                    _ => host,
+                }
+                .to_ascii_lowercase()
+            },
             path: path.to_string(),
             query: query.to_string(),
             headers: map,
@@ -551,6 +559,8 @@ mod tests {
             OwnedRequest::from_line("GET https://a.test/%61dmin%2f?d%61y=mon", &[], None).unwrap();
         assert_eq!(escaped.path, "/admin%2F");
         assert_eq!(escaped.query, "day=mon");
+        let dotted = OwnedRequest::from_line("GET https://A.test.:8443/", &[], None).unwrap();
+        assert_eq!(dotted.host, "a.test");
         assert_eq!(r.query, "x=1");
         assert!(OwnedRequest::from_line("GET /relative", &[], None).is_err());
     }
