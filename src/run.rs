@@ -692,6 +692,9 @@ pub fn main(args: RunArgs) -> i32 {
             return 1;
         }
     };
+    // Taken before the file is read: an edit made while Portico starts is
+    // then seen by the first poll, not taken for the version loaded.
+    let loaded_mtime = args.policy.as_ref().and_then(mtime);
     let loaded = match (&args.policy, &args.backend) {
         (Some(path), _) => std::fs::read_to_string(path)
             .map_err(|e| format!("{}: {e}", path.display()))
@@ -728,7 +731,7 @@ pub fn main(args: RunArgs) -> i32 {
             }
         };
         crate::log::flush();
-        serve_until_signalled(running).await
+        serve_until_signalled(running, loaded_mtime).await
     })
 }
 
@@ -736,7 +739,10 @@ fn mtime(path: &PathBuf) -> Option<std::time::SystemTime> {
     std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
 
-async fn serve_until_signalled(running: Running) -> i32 {
+/// Serves until SIGTERM or SIGINT, reloading on SIGHUP and whenever the
+/// policy file's modification time differs from `seen`, the one it had
+/// when it was loaded.
+async fn serve_until_signalled(running: Running, mut seen: Option<std::time::SystemTime>) -> i32 {
     use tokio::signal::unix::{signal, SignalKind};
     let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::hangup()),
@@ -746,7 +752,6 @@ async fn serve_until_signalled(running: Running) -> i32 {
         tracing::error!("cannot install signal handlers");
         return 1;
     };
-    let mut seen = running.path.as_ref().and_then(mtime);
     let mut poll = tokio::time::interval(Duration::from_secs(1));
     let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
     let mut flush = tokio::time::interval(Duration::from_millis(100));
