@@ -126,11 +126,11 @@ impl Copies {
         level: Option<u32>,
         body: Bytes,
     ) -> Keeping {
-        self.made.increment(1);
         Keeping {
             inner: Compressing::new(Pieces(body), alg, level),
             sent: Vec::new(),
             copies: self.cache.clone(),
+            made: self.made.clone(),
             identity,
         }
     }
@@ -400,6 +400,9 @@ pub struct Keeping {
     inner: Compressing<Pieces>,
     sent: Vec<Bytes>,
     copies: foyer::Cache<u128, Bytes>,
+    /// Counted when the copy is kept, not when a client that leaves early
+    /// started it.
+    made: metrics::Counter,
     identity: u128,
 }
 
@@ -429,6 +432,7 @@ impl Body for Keeping {
                     copy.extend_from_slice(&piece);
                 }
                 this.copies.insert(this.identity, Bytes::from(copy));
+                this.made.increment(1);
                 Poll::Ready(None)
             }
         }
