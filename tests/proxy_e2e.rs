@@ -2588,6 +2588,41 @@ async fn uploads_the_client_abandons_do_not_eject_a_healthy_server() {
 }
 
 #[tokio::test]
+async fn uploads_the_client_stalls_get_408_and_do_not_eject_a_healthy_server() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&format!(
+            r#"
+backend app {{
+  server "{}"
+  eject_after 2
+  eject_for 60s
+  first_byte_timeout 300ms
+}}
+rule all {{ route app cache off }}
+"#,
+            origin.addr
+        ))
+        .await;
+        let mut stalled =
+            b"POST /upload HTTP/1.1\r\nhost: t.test\r\ncontent-length: 1000\r\n\r\n".to_vec();
+        stalled.extend_from_slice(&[b'x'; 300]);
+        for _ in 0..3 {
+            // The client keeps the connection open and sends no more: the
+            // wait is for the client, and the origin is not to blame.
+            let out = raw_exchange(addr(&p), &stalled, Duration::from_secs(5)).await;
+            assert!(out.starts_with("HTTP/1.1 408 "), "{out}");
+            assert!(out.contains("connection: close\r\n"), "{out}");
+        }
+        let got = get(addr(&p), "/after", &[]).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        assert_eq!(origin.count_path("/after"), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_h2c_upgrade_is_not_passed_on() {
     bounded(async {
         // An origin that would take the upgrade, after which every request

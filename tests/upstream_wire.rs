@@ -794,7 +794,8 @@ async fn a_slow_upload_that_keeps_moving_is_not_timed_out() {
     .expect("bounded");
 }
 
-/// An upload that stops moving gets the first-byte limit for that wait.
+/// An upload the client stops sending gets the first-byte limit for that
+/// wait, and then a 408: the client's fault, not the server's.
 #[tokio::test]
 async fn a_stalled_upload_times_out() {
     bounded(async {
@@ -809,10 +810,53 @@ async fn a_stalled_upload_times_out() {
             .await
             .unwrap_err();
         assert!(
+            matches!(err, UpstreamError::RequestBodyTimeout { .. }),
+            "{err}"
+        );
+        assert_eq!(err.status(), StatusCode::REQUEST_TIMEOUT);
+        assert!(!err.is_server_fault());
+        drop(tx);
+    })
+    .await
+    .expect("bounded");
+}
+
+/// An upload the server stops reading (its window full, the client's body
+/// still ready) is the server's stall: a first-byte timeout against it.
+#[tokio::test]
+async fn an_upload_the_server_stops_reading_times_out_against_the_server() {
+    bounded(async {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = ServerConfig::new(listener.local_addr().unwrap().to_string());
+        let deaf = tokio::spawn(async move {
+            let (_tcp, _) = listener.accept().await.unwrap();
+            tokio::time::sleep(Duration::from_secs(30)).await;
+        });
+        let pool = Pool::new(&BackendConfig {
+            name: "deaf".into(),
+            servers: vec![server],
+            timeouts: Timeouts {
+                connect: Duration::from_secs(2),
+                first_byte: Duration::from_millis(300),
+                total: Duration::from_secs(10),
+            },
+            ..Default::default()
+        })
+        .unwrap();
+        // Far more than the socket buffers hold, all of it ready at once.
+        let req = Request::post("/upload")
+            .body(Full::new(Bytes::from(vec![b'x'; 64 << 20])))
+            .unwrap();
+        let err = pool
+            .send(req, b"", None, Limits::default())
+            .await
+            .unwrap_err();
+        assert!(
             matches!(err, UpstreamError::FirstByteTimeout { .. }),
             "{err}"
         );
-        drop(tx);
+        assert!(err.is_server_fault());
+        deaf.abort();
     })
     .await
     .expect("bounded");

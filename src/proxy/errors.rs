@@ -37,6 +37,10 @@ pub enum ProxyError {
         /// The configured maximum in bytes.
         limit: u64,
     },
+    /// The client stopped sending its request body (408, RFC 9110
+    /// §15.5.9).
+    #[error("the request body stalled")]
+    RequestTimeout,
     /// A rate limiter refused the request (429, RFC 6585 §4).
     #[error("too many requests")]
     TooManyRequests {
@@ -79,6 +83,7 @@ impl ProxyError {
             Self::NotFound => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed { .. } => StatusCode::METHOD_NOT_ALLOWED,
             Self::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -97,6 +102,7 @@ impl ProxyError {
             Self::NotFound => "Nothing is served at this address.",
             Self::MethodNotAllowed { .. } => "This method is not allowed here.",
             Self::PayloadTooLarge { .. } => "The request body is too large.",
+            Self::RequestTimeout => "The request body did not arrive in time.",
             Self::TooManyRequests { .. } => "Too many requests; slow down and retry later.",
             Self::HeaderTooLarge => "The request headers are too large.",
             Self::Internal(_) => "An internal error occurred.",
@@ -237,6 +243,7 @@ mod tests {
                 405,
             ),
             (ProxyError::PayloadTooLarge { limit: 10 }, 413),
+            (ProxyError::RequestTimeout, 408),
             (
                 ProxyError::TooManyRequests {
                     retry_after_secs: Some(3),

@@ -837,10 +837,15 @@ async fn respond<H: Handler>(
     } else {
         shared.handler.handle(req, info).await
     };
-    // After 413 the rest of the body is unread, so the HTTP/1 connection
-    // cannot carry another request: say so and close (RFC 9110 §15.5.14).
-    // HTTP/2 resets just the stream; Connection is not allowed there.
-    if response.status() == StatusCode::PAYLOAD_TOO_LARGE && version < Version::HTTP_2 {
+    // After 413 or 408 the rest of the body is unread, so the HTTP/1
+    // connection cannot carry another request: say so and close (RFC 9110
+    // §15.5.14, §15.5.9). HTTP/2 resets just the stream; Connection is not
+    // allowed there.
+    let unread_body = matches!(
+        response.status(),
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::REQUEST_TIMEOUT
+    );
+    if unread_body && version < Version::HTTP_2 {
         response
             .headers_mut()
             .insert(CONNECTION, HeaderValue::from_static("close"));

@@ -1022,6 +1022,7 @@ fn upstream_error(e: &UpstreamError) -> ProxyError {
     }
     match e.status() {
         StatusCode::BAD_REQUEST => ProxyError::BadRequest("unreadable request body"),
+        StatusCode::REQUEST_TIMEOUT => ProxyError::RequestTimeout,
         StatusCode::SERVICE_UNAVAILABLE => ProxyError::ServiceUnavailable {
             retry_after_secs: Some(1),
         },
@@ -1038,6 +1039,7 @@ fn error_detail(e: &ProxyError) -> &'static str {
         ProxyError::ServiceUnavailable { .. } => "no-healthy-server",
         ProxyError::TooManyRequests { .. } => "throttled",
         ProxyError::PayloadTooLarge { .. } => "body-too-large",
+        ProxyError::RequestTimeout => "body-timeout",
         ProxyError::BadRequest(_) => "bad-request",
         _ => "error",
     }

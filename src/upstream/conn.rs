@@ -35,7 +35,7 @@ use std::collections::VecDeque;
 use std::future::{poll_fn, Future};
 use std::io;
 use std::pin::{pin, Pin};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{ready, Context, Poll, Waker};
 use std::time::{Duration, Instant};
@@ -130,6 +130,10 @@ pub(super) enum ConnError {
     /// No response head came by the exchange's deadline.
     #[error("no response head in time")]
     TimedOut,
+    /// The client sent no more of its request body for the stall limit:
+    /// the wait was for the client, not the server.
+    #[error("the client's request body stalled")]
+    UploadStalled,
     /// The connection was lost after part of an answer had arrived: not a
     /// reset before any response byte, so not one to try again elsewhere.
     #[error("the answer was cut short: {0}")]
@@ -142,6 +146,9 @@ impl ConnError {
     /// server's health and the client's status.
     pub(super) fn classify(self, server: &str) -> UpstreamError {
         let server = server.to_owned();
+        if let ConnError::UploadStalled = self {
+            return UpstreamError::RequestBodyTimeout { server };
+        }
         if let ConnError::RequestBody(_) | ConnError::Protocol(ProtocolError::RequestLength) = self
         {
             return UpstreamError::RequestBody {
@@ -161,6 +168,7 @@ impl ConnError {
             ConnError::Protocol(_)
             | ConnError::RequestBody(_)
             | ConnError::TimedOut
+            | ConnError::UploadStalled
             | ConnError::CutShort(_) => false,
         };
         if reset {
@@ -564,10 +572,14 @@ pub(super) async fn exchange(
     // Steps of the upload (a body frame taken, a write done), counted to
     // tell a slow upload from a stalled one.
     let progress = AtomicU64::new(0);
+    // Whether the upload's last wait was for the client's next body frame
+    // (with everything before it written), not for the server to read.
+    let waiting_for_client = AtomicBool::new(false);
     let rearm = rearm.filter(|_| !empty);
     // The whole request went out (Ok(true)), or the server answered before
     // it had all of it (Ok(false)).
     let mut send = |cx: &mut Context<'_>| loop {
+        waiting_for_client.store(false, Ordering::Relaxed);
         let before = at;
         let written = conn.poll_write_out(cx, &mut at);
         wrote_any |= at > 0;
@@ -623,8 +635,10 @@ pub(super) async fn exchange(
             Poll::Pending => {
                 // Waiting for the client: what was written must reach the
                 // server meanwhile, and the server may answer early.
-                if let Poll::Ready(Err(e)) = Pin::new(&mut conn.io).poll_flush(cx) {
-                    return Poll::Ready(Err((false, e.into())));
+                match Pin::new(&mut conn.io).poll_flush(cx) {
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err((false, e.into()))),
+                    Poll::Ready(Ok(())) => waiting_for_client.store(true, Ordering::Relaxed),
+                    Poll::Pending => {}
                 }
                 return match conn.poll_early_answer(cx) {
                     Poll::Ready(Ok(())) => Poll::Ready(Ok(false)),
@@ -646,6 +660,11 @@ pub(super) async fn exchange(
                 }
             }
             match timer.poll_due(cx, due) {
+                // A client that stops sending its body is no sign of the
+                // server's health (RFC 9110 section 15.5.9: 408).
+                Poll::Ready(()) if waiting_for_client.load(Ordering::Relaxed) => {
+                    Poll::Ready(Err((false, ConnError::UploadStalled)))
+                }
                 Poll::Ready(()) => Poll::Ready(Err((false, ConnError::TimedOut))),
                 Poll::Pending => Poll::Pending,
             }

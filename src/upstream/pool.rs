@@ -91,6 +91,13 @@ pub enum UpstreamError {
         /// What the client reported.
         source: BoxError,
     },
+    /// The client stopped sending its request body for the stall limit
+    /// (the first-byte limit): the client's fault, not the server's.
+    #[error("the request body to {server} stalled")]
+    RequestBodyTimeout {
+        /// The server's address.
+        server: String,
+    },
     /// The client's request body failed while it was being sent (the
     /// client went away, broke its framing, or outgrew a size limit): the
     /// client's fault, not the server's.
@@ -114,11 +121,12 @@ pub enum UpstreamError {
 impl UpstreamError {
     /// The status the client is answered with: 503 when no server can take
     /// the request, 504 when a time limit ran out, 502 when a server failed
-    /// (RFC 9110 §15.6.3-5), 400 when the client's body failed, 500 for a
-    /// backend that could not be configured.
+    /// (RFC 9110 §15.6.3-5), 400 when the client's body failed, 408 when it
+    /// stalled, 500 for a backend that could not be configured.
     pub fn status(&self) -> StatusCode {
         match self {
             UpstreamError::RequestBody { .. } => StatusCode::BAD_REQUEST,
+            UpstreamError::RequestBodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             UpstreamError::NoHealthyServer { .. } => StatusCode::SERVICE_UNAVAILABLE,
             UpstreamError::ConnectTimeout { .. }
             | UpstreamError::FirstByteTimeout { .. }
@@ -141,6 +149,7 @@ impl UpstreamError {
             UpstreamError::Reset { .. } => "reset",
             UpstreamError::BadResponse { .. } => "bad_response",
             UpstreamError::RequestBody { .. } => "request_body",
+            UpstreamError::RequestBodyTimeout { .. } => "request_body_timeout",
             UpstreamError::Config { .. } => "config",
         }
     }
@@ -159,6 +168,7 @@ impl UpstreamError {
             | UpstreamError::BadResponse { .. } => true,
             UpstreamError::NoHealthyServer { .. }
             | UpstreamError::RequestBody { .. }
+            | UpstreamError::RequestBodyTimeout { .. }
             | UpstreamError::Config { .. } => false,
         }
     }
