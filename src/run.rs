@@ -190,6 +190,7 @@ fn server_limits(policy: &Policy) -> ServerLimits {
     ServerLimits {
         header_read_timeout: h.header_timeout,
         idle_timeout: h.idle_timeout,
+        tunnel_idle_timeout: h.tunnel_idle_timeout,
         send_timeout: h.send_timeout,
         max_header_bytes: h.max_header as usize,
         max_body_bytes: h.max_body,
@@ -849,6 +850,7 @@ mod tests {
 http {
   max_connections 3
   idle_timeout 5s
+  tunnel_idle_timeout 90s
   send_timeout 7s
 }
 backend app {
@@ -864,6 +866,7 @@ rule default {
         let limits = server_limits(&policy);
         assert_eq!(limits.max_connections, 3);
         assert_eq!(limits.idle_timeout, Duration::from_secs(5));
+        assert_eq!(limits.tunnel_idle_timeout, Duration::from_secs(90));
         assert_eq!(limits.send_timeout, Duration::from_secs(7));
     }
 

@@ -1518,11 +1518,11 @@ async fn closed_by_the_proxy(ws: &mut hyper_util::rt::TokioIo<hyper::upgrade::Up
 }
 
 #[tokio::test]
-async fn an_idle_websocket_is_closed_after_the_idle_timeout() {
+async fn an_idle_websocket_is_closed_after_the_tunnel_idle_timeout() {
     bounded(async {
         let (origin, task) = echo_upgrade_origin().await;
         let policy = format!(
-            "http {{\n  idle_timeout 300ms\n}}\nbackend app {{ server \"{origin}\" }}\nrule all {{ route app cache off }}"
+            "http {{\n  tunnel_idle_timeout 300ms\n}}\nbackend app {{ server \"{origin}\" }}\nrule all {{ route app cache off }}"
         );
         let p = proxy(&policy).await;
         let (ws, _) = open_websocket(addr(&p)).await;
@@ -1531,6 +1531,33 @@ async fn an_idle_websocket_is_closed_after_the_idle_timeout() {
             closed_by_the_proxy(&mut ws).await,
             "a WebSocket with no traffic outlived the idle timeout"
         );
+        p.shutdown().await;
+        task.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_quiet_websocket_outlives_the_keep_alive_idle_timeout() {
+    bounded(async {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let (origin, task) = echo_upgrade_origin().await;
+        // Keep-alive connections idle out after 200 ms; an open WebSocket
+        // is a conversation, not an idle connection, and has its own limit.
+        let policy = format!(
+            "http {{\n  idle_timeout 200ms\n}}\nbackend app {{ server \"{origin}\" }}\nrule all {{ route app cache off }}"
+        );
+        let p = proxy(&policy).await;
+        let (ws, _) = open_websocket(addr(&p)).await;
+        let mut ws = hyper_util::rt::TokioIo::new(ws);
+        tokio::time::sleep(Duration::from_millis(1000)).await;
+        ws.write_all(b"still here").await.unwrap();
+        let mut buf = [0; 10];
+        tokio::time::timeout(Duration::from_secs(5), ws.read_exact(&mut buf))
+            .await
+            .expect("an echo in time")
+            .expect("the WebSocket is still open");
+        assert_eq!(&buf, b"still here");
         p.shutdown().await;
         task.abort();
     })

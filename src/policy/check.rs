@@ -245,6 +245,7 @@ const STORAGE: &[(&str, Kind)] = &[
 const HTTP: &[(&str, Kind)] = &[
     ("header_timeout", Kind::Duration),
     ("idle_timeout", Kind::Duration),
+    ("tunnel_idle_timeout", Kind::Duration),
     ("send_timeout", Kind::Duration),
     ("max_header", Kind::Size),
     ("max_body", Kind::Size),

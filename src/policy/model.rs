@@ -116,6 +116,9 @@ pub struct HttpConfig {
     pub header_timeout: Duration,
     /// Idle keep-alive time. Default 60 s.
     pub idle_timeout: Duration,
+    /// How long an upgraded connection (a WebSocket) may carry no byte
+    /// either way. Default 10 min.
+    pub tunnel_idle_timeout: Duration,
     /// How long a response may wait on a client that takes none of it.
     /// Default 60 s.
     pub send_timeout: Duration,
@@ -136,6 +139,7 @@ impl Default for HttpConfig {
         HttpConfig {
             header_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            tunnel_idle_timeout: Duration::from_secs(600),
             send_timeout: Duration::from_secs(60),
             max_header: 32 << 10,
             max_body: 10 << 20,

@@ -34,7 +34,7 @@
 //! An upgrade the handler attached to its response
 //! ([`PendingUpgrade::attach`]) is spliced on a task of the listener's own,
 //! as one of its connections: it counts toward `max_connections`, closes
-//! after `idle_timeout` with no byte either way, and on shutdown has the
+//! after `tunnel_idle_timeout` with no byte either way, and on shutdown has the
 //! grace period like any other connection, then is dropped.
 //!
 //! [`PendingUpgrade::attach`]: super::upgrade::PendingUpgrade::attach
@@ -81,10 +81,12 @@ pub struct ServerLimits {
     /// has hyper's rule: the header timeout covers that wait too).
     /// Default 10 s.
     pub header_read_timeout: Duration,
-    /// A connection with no request in flight for this long is closed; so
-    /// is an upgraded (spliced) connection with no byte either way for this
-    /// long. Default 60 s.
+    /// A connection with no request in flight for this long is closed.
+    /// Default 60 s.
     pub idle_timeout: Duration,
+    /// An upgraded (spliced) connection, a WebSocket say, with no byte
+    /// either way for this long is closed. Default 10 min.
+    pub tunnel_idle_timeout: Duration,
     /// A connection whose writes to the client are blocked (the client
     /// takes nothing) for this long is dropped, response in flight or not.
     /// A write that goes through starts it again, so a slow reader that
@@ -118,6 +120,7 @@ impl Default for ServerLimits {
         Self {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
+            tunnel_idle_timeout: Duration::from_secs(600),
             send_timeout: Duration::from_secs(60),
             max_header_bytes: 64 * 1024,
             max_headers: 100,
@@ -660,7 +663,7 @@ where
                     if let Some(pending) = PendingUpgrade::detach(&mut response) {
                         let splice = Splice {
                             pending,
-                            idle: shared.limits.idle_timeout,
+                            idle: shared.limits.tunnel_idle_timeout,
                             client_addr,
                         };
                         // A listener already gone drops it: the upgrade fails.

@@ -5,7 +5,7 @@
 //! A handler served by a Portico [`Listener`](super::Listener) attaches the
 //! pending upgrade to its response ([`PendingUpgrade::attach`]); the
 //! listener then splices it as one of its own connections: it counts toward
-//! `max_connections`, closes after `idle_timeout` with no byte either way,
+//! `max_connections`, closes after `tunnel_idle_timeout` with no byte either way,
 //! and is dropped when the listener's shutdown grace runs out.
 
 use std::io;

@@ -175,6 +175,18 @@ impl Checker<'_> {
         if let Some((Val::Duration(d), _)) = v.remove("idle_timeout") {
             out.idle_timeout = d;
         }
+        if let Some((Val::Duration(d), span)) = v.remove("tunnel_idle_timeout") {
+            if d.is_zero() {
+                self.err(
+                    "out-of-range",
+                    span,
+                    "`tunnel_idle_timeout` must be above zero",
+                )
+                .help = Some("an upgraded connection would be closed at once".into());
+            } else {
+                out.tunnel_idle_timeout = d;
+            }
+        }
         if let Some((Val::Duration(d), span)) = v.remove("send_timeout") {
             if d.is_zero() {
                 self.err("out-of-range", span, "`send_timeout` must be above zero")
