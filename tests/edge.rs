@@ -1081,6 +1081,39 @@ async fn a_client_that_reads_nothing_loses_its_connection_after_the_send_timeout
 }
 
 #[tokio::test]
+async fn an_idle_h2_connection_behind_a_shut_window_is_closed() {
+    let edge = start(ServerLimits {
+        idle_timeout: Duration::from_millis(300),
+        send_timeout: Duration::from_millis(500),
+        ..ServerLimits::default()
+    })
+    .await;
+    let stream = TcpStream::connect(edge.addr).await.unwrap();
+    let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+        .initial_stream_window_size(16 * 1024)
+        .handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let conn = tokio::spawn(conn);
+    let req = Request::get("http://edge.test/large")
+        .body(Empty::<Bytes>::new())
+        .unwrap();
+    // The whole body is handed to HTTP/2 at once; none of it is read, so
+    // it waits behind the window with no request in flight.
+    let resp = sender.send_request(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::OK);
+    // Idle, the connection is closed gracefully; what the client does not
+    // take must not keep it open for good.
+    timeout(BOUND, conn)
+        .await
+        .expect("the connection was not closed")
+        .unwrap()
+        .ok();
+    drop(resp);
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
+#[tokio::test]
 async fn a_slow_reader_that_keeps_reading_gets_the_whole_response() {
     let edge = start(short_send_timeout()).await;
     for (server, request) in by_either_server("/medium") {

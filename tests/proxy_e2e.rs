@@ -837,6 +837,112 @@ async fn h2c_prior_knowledge_is_proxied() {
 }
 
 #[tokio::test]
+async fn an_h2_stream_whose_window_stays_shut_is_reset_after_the_send_timeout() {
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    bounded(async {
+        const BIG: usize = 8 << 20;
+        let origin = Origin::start(|s| {
+            if s.uri.path() == "/big" {
+                reply(200, &[], vec![b'x'; BIG])
+            } else {
+                reply(200, &[], "small")
+            }
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            "http { send_timeout 300ms }\nrule all { route app cache off }",
+        ))
+        .await;
+        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(16 * 1024)
+            .handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let get = |path: &str| {
+            http::Request::get(format!("http://h2.test{path}"))
+                .body(Empty::<bytes::Bytes>::new())
+                .unwrap()
+        };
+        let held = sender.send_request(get("/big")).await.unwrap();
+        assert_eq!(held.status(), 200);
+        // Nothing of the body is read, so its window stays shut.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // The connection carries on...
+        let small = sender.send_request(get("/small")).await.unwrap();
+        let small = small.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&small[..], b"small");
+        // ...but the held stream was reset short of its body.
+        let mut body = held.into_body();
+        let mut got = 0;
+        let ended = loop {
+            match body.frame().await {
+                Some(Ok(frame)) => got += frame.data_ref().map_or(0, |d| d.len()),
+                Some(Err(e)) => break Err(e),
+                None => break Ok(()),
+            }
+        };
+        assert!(ended.is_err(), "the held stream delivered its whole body");
+        assert!(got < BIG, "{got}");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_h2_stream_waiting_on_a_quiet_origin_is_not_reset() {
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    bounded(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let origin_addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            let (mut s, _) = listener.accept().await.unwrap();
+            let mut head = Vec::new();
+            let mut buf = [0u8; 4096];
+            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => head.extend_from_slice(&buf[..n]),
+                }
+            }
+            s.write_all(
+                b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
+                  transfer-encoding: chunked\r\n\r\n8\r\ndata: 1\n\r\n",
+            )
+            .await
+            .unwrap();
+            // Quiet for over three send timeouts: a wait on the origin.
+            tokio::time::sleep(Duration::from_secs(1)).await;
+            let _ = s.write_all(b"8\r\ndata: 2\n\r\n0\r\n\r\n").await;
+            let _ = s.read(&mut buf).await;
+        });
+        let p = proxy(&format!(
+            "http {{ send_timeout 300ms }}\nbackend app {{\n  server \"{origin_addr}\"\n}}\nrule all {{ route app cache off }}\n"
+        ))
+        .await;
+        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("http://h2.test/events")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        let body = resp.into_body().collect().await.expect("the whole stream");
+        assert_eq!(&body.to_bytes()[..], b"data: 1\ndata: 2\n");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn via_names_the_client_s_http_version() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     bounded(async {

@@ -55,7 +55,7 @@ use bytes::Bytes;
 use http::header::{HeaderValue, CONNECTION};
 use http::{Method, Request, Response, StatusCode, Version};
 use hyper::body::{Body, Frame, Incoming, SizeHint};
-use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -69,6 +69,7 @@ use super::errors::{ErrorPages, ProxyError};
 use super::upgrade::PendingUpgrade;
 
 mod h1;
+mod streams;
 
 /// Client-side limits of one listener. Every field has a production default.
 #[derive(Debug, Clone)]
@@ -93,7 +94,8 @@ pub struct ServerLimits {
     /// keeps reading is not cut off. Portico's own HTTP/1.1 loop times it
     /// from the last blocked write that made progress; a connection served
     /// by hyper is looked at every `send_timeout`, so it goes after one to
-    /// two of it. Default 60 s.
+    /// two of it. An HTTP/2 stream whose window the client keeps shut for
+    /// this long is reset, its connection left open. Default 60 s.
     pub send_timeout: Duration,
     /// Largest request header section in bytes (at least 8192, which HTTP/1.1
     /// needs for its read buffer). Default 64 KiB.
@@ -500,7 +502,7 @@ impl ListenerHandle {
 }
 
 struct Shared<H> {
-    builder: auto::Builder<TokioExecutor>,
+    builder: auto::Builder<streams::StreamExec>,
     /// The same, HTTP/1.1 only: for connections that began here with an
     /// HTTP/1.1 exchange.
     builder_h1: hyper::server::conn::http1::Builder,
@@ -531,8 +533,10 @@ impl Splice {
     }
 }
 
-fn builder(limits: &ServerLimits) -> auto::Builder<TokioExecutor> {
-    let mut builder = auto::Builder::new(TokioExecutor::new());
+fn builder(limits: &ServerLimits) -> auto::Builder<streams::StreamExec> {
+    let mut builder = auto::Builder::new(streams::StreamExec {
+        send_timeout: limits.send_timeout,
+    });
     builder
         .http1()
         .timer(TokioTimer::new())
@@ -906,6 +910,10 @@ impl Activity {
     /// in flight for `first` (before any request) or `idle` (afterwards),
     /// unless `idle_too` is false; and with [`Due::Stalled`] when writing
     /// to it has been blocked without progress at two looks `send` apart.
+    /// With `idle_too` false (the connection is closing), a connection with
+    /// no request in flight at two looks `send` apart is stalled too: what
+    /// keeps it open is only what its client does not take, such as the
+    /// last bytes of an HTTP/2 stream behind a window held shut.
     async fn due(&self, first: Duration, idle: Duration, send: Duration, idle_too: bool) -> Due {
         // A request may start and end while the timer sleeps, after which the
         // connection is due `idle` after it ended: never sleep longer than that.
@@ -916,6 +924,9 @@ impl Activity {
         };
         // The progress count when writing was first seen blocked, and when.
         let mut blocked: Option<(u64, Instant)> = None;
+        // While closing: when the connection was first seen with no request
+        // in flight.
+        let mut drained: Option<Instant> = None;
         loop {
             tokio::time::sleep_until(wake.into()).await;
             let now = Instant::now();
@@ -936,6 +947,15 @@ impl Activity {
                 blocked = None;
             }
             if !idle_too {
+                if self.in_flight.load(Ordering::Acquire) > 0 {
+                    drained = None;
+                } else {
+                    let since = *drained.get_or_insert(now);
+                    if now >= since + send {
+                        return Due::Stalled;
+                    }
+                    next = next.min(since + send);
+                }
                 wake = next;
                 continue;
             }
@@ -1086,7 +1106,9 @@ impl Body for GuardedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        Pin::new(&mut self.inner).poll_frame(cx)
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        streams::note_body_poll(matches!(&polled, Poll::Ready(Some(Ok(f))) if f.is_data()));
+        polled
     }
 
     fn is_end_stream(&self) -> bool {
