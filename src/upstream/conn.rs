@@ -55,10 +55,11 @@ use tokio_rustls::client::TlsStream;
 
 use super::pool::{BoxError, TlsSetup, UpstreamBody, UpstreamError};
 
-/// Bytes the read buffer is grown by when it is nearly full: a small
-/// response arrives in one read, and the rest of the buffer serves the
-/// next responses on the connection without another allocation.
-const READ_CHUNK: usize = 8 * 1024;
+/// Bytes the read buffer is grown by when it is nearly full: a response
+/// of up to about 32 KiB arrives in one read, and the rest of the buffer
+/// serves the next responses on the connection without another
+/// allocation.
+const READ_CHUNK: usize = 32 * 1024;
 /// Most bytes reserved for one read of a body of known length.
 const MAX_READ: usize = 256 * 1024;
 
@@ -275,7 +276,11 @@ impl Conn {
     /// the connection.
     fn poll_fill(&mut self, cx: &mut Context<'_>, want: usize) -> Poll<io::Result<usize>> {
         if self.read.capacity() - self.read.len() < READ_CHUNK / 4 {
-            let grow = want.clamp(READ_CHUNK, MAX_READ);
+            // One byte more than is wanted: a read that fills the buffer
+            // leaves the socket marked readable, and the next look at it
+            // (say, whether an idle connection is still open) costs a read
+            // that finds nothing.
+            let grow = want.saturating_add(1).clamp(READ_CHUNK, MAX_READ);
             self.large_read |= grow > 2 * READ_CHUNK;
             self.read.reserve(grow);
         }
