@@ -975,6 +975,156 @@ async fn via_names_the_client_s_http_version() {
     .await;
 }
 
+// ============================================================ Max-Forwards
+
+#[tokio::test]
+async fn options_with_no_hop_left_is_answered_without_the_origin() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "origin")).await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let a = addr(&p);
+        let got = send(a, "OPTIONS", "/x", &[("max-forwards", "0")], "").await;
+        assert_eq!(got.status, 200);
+        assert_eq!(
+            got.header("allow"),
+            Some("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE")
+        );
+        assert_eq!(got.header("content-length"), Some("0"));
+        assert!(got.body.is_empty());
+        // Asked about the server itself.
+        let out = raw_exchange(
+            a,
+            b"OPTIONS * HTTP/1.1\r\nHost: a.test\r\nMax-Forwards: 0\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
+        assert!(out.contains("\r\nallow: GET, HEAD, "), "{out}");
+        assert!(out.contains("\r\ncontent-length: 0\r\n"), "{out}");
+        assert_eq!(origin.count(), 0);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn trace_with_no_hop_left_echoes_the_head_without_secrets() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "origin")).await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"
+rule private when path ^= "/private" { deny 403 }
+rule all { route app cache off }
+"#,
+        ))
+        .await;
+        let a = addr(&p);
+        let got = send(
+            a,
+            "TRACE",
+            "/t?q=1",
+            &[
+                ("max-forwards", "0"),
+                ("cookie", "session=s3cr3t"),
+                ("authorization", "Bearer s3cr3t"),
+                ("proxy-authorization", "Basic s3cr3t"),
+                ("x-api-key", "s3cr3t"),
+                ("x-trace-me", "yes"),
+            ],
+            "",
+        )
+        .await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.header("content-type"), Some("message/http"));
+        let text = got.text();
+        assert!(text.starts_with("TRACE /t?q=1 HTTP/1.1\r\n"), "{text}");
+        assert!(text.contains("\r\nhost: test.example\r\n"), "{text}");
+        assert!(text.contains("\r\nx-trace-me: yes\r\n"), "{text}");
+        assert!(text.contains("\r\nmax-forwards: 0\r\n"), "{text}");
+        assert!(text.ends_with("\r\n\r\n"), "{text}");
+        assert!(!text.contains("s3cr3t"), "{text}");
+        for name in ["cookie", "authorization", "x-api-key"] {
+            assert!(!text.contains(&format!("{name}:")), "{name}: {text}");
+        }
+        // What the rules refuse stays refused, however few hops are left.
+        let got = send(a, "TRACE", "/private/x", &[("max-forwards", "0")], "").await;
+        assert_eq!(got.status, 403);
+        assert_eq!(origin.count(), 0);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn max_forwards_reaches_the_origin_one_less_for_trace_and_options_only() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "origin")).await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let a = addr(&p);
+        for method in ["TRACE", "OPTIONS"] {
+            let got = send(a, method, "/hop", &[("max-forwards", "3")], "").await;
+            assert_eq!(got.status, 200, "{method}");
+            assert_eq!(got.text(), "origin", "{method}");
+        }
+        // Other methods pass it on as it came, even 0.
+        let got = get(a, "/get", &[("max-forwards", "0")]).await;
+        assert_eq!(got.text(), "origin");
+        let seen = origin.seen();
+        let sent: Vec<_> = seen
+            .iter()
+            .map(|s| {
+                let values: Vec<_> = s
+                    .headers
+                    .get_all("max-forwards")
+                    .iter()
+                    .map(|v| v.to_str().unwrap().to_owned())
+                    .collect();
+                (s.method.as_str().to_owned(), values)
+            })
+            .collect();
+        assert_eq!(
+            sent,
+            [
+                ("TRACE".to_owned(), vec!["2".to_owned()]),
+                ("OPTIONS".to_owned(), vec!["2".to_owned()]),
+                ("GET".to_owned(), vec!["0".to_owned()]),
+            ]
+        );
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_invalid_max_forwards_on_trace_or_options_gets_400() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "origin")).await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let a = addr(&p);
+        for (method, fields) in [
+            ("TRACE", "Max-Forwards: x"),
+            ("OPTIONS", "Max-Forwards: -1"),
+            ("TRACE", "Max-Forwards: 1, 2"),
+            ("OPTIONS", "Max-Forwards: 0x1"),
+            ("TRACE", "Max-Forwards: 1\r\nMax-Forwards: 1"),
+        ] {
+            let request = format!(
+                "{method} /bad HTTP/1.1\r\nHost: a.test\r\n{fields}\r\nConnection: close\r\n\r\n"
+            );
+            let out = raw_exchange(a, request.as_bytes(), Duration::from_secs(5)).await;
+            assert!(out.starts_with("HTTP/1.1 400 "), "{method} {fields}: {out}");
+        }
+        assert_eq!(origin.count(), 0);
+        // The same value means nothing to a GET, which goes on with it.
+        let got = get(a, "/get", &[("max-forwards", "x")]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(origin.seen()[0].headers["max-forwards"], "x");
+        p.shutdown().await;
+    })
+    .await;
+}
+
 // ============================================================ backends
 
 /// Sends `n` GETs and counts the answers by body.

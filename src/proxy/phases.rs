@@ -1,20 +1,23 @@
-//! The request phases, in order: receive, decide, throttle, lookup, fetch,
-//! store, deliver, log. [`Gateway`] is the listeners' [`Handler`]; `serve`
-//! below runs the phases in sequence, `fill` fetches and stores, `deliver`
-//! turns a stored entry into a response, `invalidate` holds the requests
-//! that change the cache rather than read it, and `access` writes the log
-//! line once the response body is done. The generation of the policy a
-//! request started with serves it to the end, even if a reload swaps in
-//! another meanwhile.
+//! The request phases, in order: receive, decide, max-forwards, throttle,
+//! lookup, fetch, store, deliver, log. [`Gateway`] is the listeners'
+//! [`Handler`]; `serve` below runs the phases in sequence, `max_forwards`
+//! answers a TRACE or OPTIONS with no hop left, `fill` fetches and stores,
+//! `deliver` turns a stored entry into a response, `invalidate` holds the
+//! requests that change the cache rather than read it, and `access` writes
+//! the log line once the response body is done. The generation of the
+//! policy a request started with serves it to the end, even if a reload
+//! swaps in another meanwhile.
 
 mod access;
 mod deliver;
 mod fill;
 mod invalidate;
+mod max_forwards;
 
 use access::{Access, LoggedBody};
 use deliver::{not_modified, precondition_failed, synthetic};
 use fill::Filled;
+use max_forwards::Hops;
 
 use super::body::{self, BoxError, RequestBody, ResponseBody};
 use super::errors::{ErrorPages, ProxyError};
@@ -51,6 +54,11 @@ const MAX_JOINS: usize = 4;
 /// The compressed copies of hits may weigh up to this fraction of the
 /// memory tier (besides it).
 const COPIES_SHARE: usize = 8;
+/// The methods Portico forwards, for `Allow`; a static-files backend
+/// answers only [`STATIC_METHODS`].
+const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE";
+/// The methods a static-files backend answers.
+const STATIC_METHODS: &str = "GET, HEAD";
 
 /// How a backend is reached.
 pub enum BackendRuntime {
@@ -187,7 +195,7 @@ impl Gateway {
             return self.upgrade(gen, req, &host, scheme, conn, log).await;
         }
         Err(ProxyError::MethodNotAllowed {
-            allow: HeaderValue::from_static("GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS"),
+            allow: HeaderValue::from_static(FORWARDED_METHODS),
         })
     }
 
@@ -233,6 +241,24 @@ impl Gateway {
                 return Ok(resp);
             }
         };
+
+        // ---- max-forwards
+        // A TRACE or OPTIONS with no hop left is answered here, as by the
+        // final recipient (RFC 9110 §7.6.2), but only where the rule would
+        // forward it: a rule's own answer (deny, redirect, respond) stands.
+        let hops = max_forwards::hops(&parts.method, &parts.headers)?;
+        if hops == Hops::Exhausted {
+            log.cache = "synthetic";
+            let allow = match gen.backends[backend] {
+                BackendRuntime::Static(_) => STATIC_METHODS,
+                BackendRuntime::Pool(_) => FORWARDED_METHODS,
+            };
+            let mut resp = max_forwards::answer(parts, allow);
+            for e in &rule.response_headers {
+                e.apply(resp.headers_mut());
+            }
+            return Ok(resp);
+        }
         log.backend = Some(backend);
 
         // ---- throttle
@@ -276,6 +302,7 @@ impl Gateway {
                 conn,
                 hygiene::default_via(parts.version),
                 false,
+                hops,
             );
             let body = req_body.map_err(BoxError::from).boxed_unsync();
             let started = Instant::now();
@@ -673,13 +700,15 @@ pub(super) struct Outbound {
 /// The request to send upstream: the client's method, path and headers, the
 /// rule's header edits, and header hygiene. For a cache fill the method is
 /// GET and the client's own conditionals and ranges are dropped: the cache
-/// fetches the whole object and answers those itself.
+/// fetches the whole object and answers those itself. `hops` is what the
+/// request's Max-Forwards left of its hops: the origin gets that count.
 fn build_upstream(
     parts: &http::request::Parts,
     rule: &RuleSpec,
     conn: &ConnInfo,
     via: &HeaderValue,
     fill: bool,
+    hops: Hops,
 ) -> Outbound {
     let mut req = Request::new(());
     *req.method_mut() = if fill {
@@ -715,6 +744,9 @@ fn build_upstream(
         ] {
             headers.remove(name);
         }
+    }
+    if let Hops::Left(n) = hops {
+        headers.insert(header::MAX_FORWARDS, HeaderValue::from(n));
     }
     if parts.version >= http::Version::HTTP_2 {
         hygiene::join_cookies(&mut headers);

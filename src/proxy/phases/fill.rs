@@ -68,8 +68,14 @@ impl Gateway {
             ));
         };
         let cache = rule.cache.as_ref().expect("only cached rules fill");
-        let mut upstream =
-            build_upstream(parts, rule, conn, hygiene::default_via(parts.version), true);
+        let mut upstream = build_upstream(
+            parts,
+            rule,
+            conn,
+            hygiene::default_via(parts.version),
+            true,
+            Hops::Unlimited,
+        );
         // A variant's key keeps only the coding Portico prefers among those
         // the client accepts (`br`, `gzip` or `identity`): the origin is
         // asked for that one alone, so that what is stored under the key is
