@@ -2761,6 +2761,152 @@ async fn conflicting_request_framing_smuggles_no_request() {
     .await;
 }
 
+/// `body` gzip-coded.
+fn gzipped(body: &[u8]) -> Vec<u8> {
+    use std::io::Write as _;
+    let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+    encoder.write_all(body).unwrap();
+    encoder.finish().unwrap()
+}
+
+/// `data` as one chunk and the last chunk.
+fn one_chunk(data: &[u8]) -> Vec<u8> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n0\r\n\r\n");
+    out
+}
+
+/// An origin that answers every request head on a connection with
+/// `response` and keeps the connection open; how many connections it took.
+async fn keep_alive_raw_origin(
+    response: Vec<u8>,
+) -> (
+    std::net::SocketAddr,
+    Arc<AtomicUsize>,
+    tokio::task::JoinHandle<()>,
+) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let at = listener.local_addr().unwrap();
+    let connections = Arc::new(AtomicUsize::new(0));
+    let counted = connections.clone();
+    let response = Arc::new(response);
+    let task = tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counted.fetch_add(1, Ordering::SeqCst);
+            let response = response.clone();
+            tokio::spawn(async move {
+                let mut read = Vec::new();
+                let mut buf = [0u8; 4096];
+                loop {
+                    while let Some(end) = read.windows(4).position(|w| w == b"\r\n\r\n") {
+                        read.drain(..end + 4);
+                        if stream.write_all(&response).await.is_err() {
+                            return;
+                        }
+                    }
+                    match stream.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => read.extend_from_slice(&buf[..n]),
+                    }
+                }
+            });
+        }
+    });
+    (at, connections, task)
+}
+
+#[tokio::test]
+async fn an_origin_s_transfer_coding_besides_chunked_is_a_502_and_never_stored() {
+    bounded(async {
+        let coded = gzipped(b"hello, world");
+        // RFC 9112 6.1: a coding Portico does not decode, chunked last or
+        // ended by closing the connection; chunked twice is malformed.
+        let cases = [
+            ("gzip, chunked", one_chunk(&coded)),
+            ("gzip", coded.clone()),
+            ("deflate\r\nTransfer-Encoding: chunked", one_chunk(&coded)),
+            ("chunked, chunked", one_chunk(&one_chunk(b"hello"))),
+        ];
+        for (codings, body) in cases {
+            let mut response = format!(
+                "HTTP/1.1 200 OK\r\nCache-Control: max-age=600\r\nContent-Type: text/plain\r\n\
+                 Transfer-Encoding: {codings}\r\n\r\n"
+            )
+            .into_bytes();
+            response.extend_from_slice(&body);
+            let origin = RawOrigin::start(response).await;
+            let p = proxy(&format!(
+                "backend app {{\n  server \"{}\"\n}}\nrule all {{ route app cache {{ ttl 10m }} }}\n",
+                origin.addr
+            ))
+            .await;
+            for _ in 0..2 {
+                let got = get(addr(&p), "/coded", &[]).await;
+                assert_eq!(got.status, 502, "{codings}: {}", got.text());
+                assert!(got.text().starts_with("502 Bad Gateway\n"), "{codings}");
+                assert!(!got.is_hit(), "{codings}: {}", got.cache_status());
+            }
+            assert_eq!(origin.count(), 2, "{codings}: the refused response was stored");
+            p.shutdown().await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_connection_that_brought_a_refused_transfer_coding_is_not_reused() {
+    bounded(async {
+        let mut coded = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n".to_vec();
+        coded.extend_from_slice(&one_chunk(&gzipped(b"hello")));
+        let mut plain = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec();
+        plain.extend_from_slice(&one_chunk(b"hello"));
+        for (response, status, opened) in [(plain, 200, 1), (coded, 502, 3)] {
+            let (at, connections, origin) = keep_alive_raw_origin(response).await;
+            let p = proxy(&format!(
+                "backend app {{\n  server \"{at}\"\n}}\nrule all {{ route app cache off }}\n"
+            ))
+            .await;
+            for _ in 0..3 {
+                let got = get(addr(&p), "/", &[]).await;
+                assert_eq!(got.status, status, "{}", got.text());
+            }
+            assert_eq!(connections.load(Ordering::SeqCst), opened);
+            p.shutdown().await;
+            origin.abort();
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_upgrade_with_a_transfer_coding_besides_chunked_is_a_502() {
+    bounded(async {
+        let mut response =
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"
+                .to_vec();
+        response.extend_from_slice(&one_chunk(&gzipped(b"no upgrade here")));
+        let origin = RawOrigin::start(response).await;
+        let p = proxy(&format!(
+            "backend app {{\n  server \"{}\"\n}}\nrule all {{ route app cache off }}\n",
+            origin.addr
+        ))
+        .await;
+        let out = raw_exchange(
+            addr(&p),
+            b"GET /ws HTTP/1.1\r\nHost: a.test\r\nConnection: Upgrade, close\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(out.starts_with("HTTP/1.1 502 "), "{out}");
+        assert_eq!(origin.count(), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn connect_is_refused_with_405_and_allow() {
     bounded(async {

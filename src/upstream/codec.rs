@@ -36,6 +36,11 @@ pub enum ProtocolError {
     /// Content-Length that is not one non-negative integer (RFC 9112 §6.3).
     #[error("invalid Content-Length")]
     ContentLength,
+    /// Transfer-Encoding that is not one `chunked` (RFC 9112 §6.1): a
+    /// coding Portico does not decode, chunked more than once, or no
+    /// coding at all. See [`check_transfer_codings`].
+    #[error("unsupported Transfer-Encoding: {0}")]
+    TransferCoding(&'static str),
     /// More interim (1xx) heads before the final one than anyone sends.
     #[error("more than {MAX_INTERIM} interim responses")]
     TooManyInterim,
@@ -313,6 +318,7 @@ pub(super) fn parse_response_head_with(
 /// with both Transfer-Encoding and Content-Length loses the latter, which
 /// it must not have sent (§6.1), so it cannot reach the client; so does
 /// an HTTP/1.0 one with Transfer-Encoding, whose framing is suspect (§6.1).
+/// Transfer-Encoding must be one `chunked` ([`check_transfer_codings`]).
 fn response_framing(
     status: StatusCode,
     version: Version,
@@ -324,20 +330,10 @@ fn response_framing(
         return Ok((Decoder::Done, true));
     }
     if seen.transfer_encoding {
-        let chunked_last = fields
-            .get_all(TRANSFER_ENCODING)
-            .iter()
-            .next_back()
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.rsplit(',').next())
-            .is_some_and(|coding| coding.trim().eq_ignore_ascii_case("chunked"));
+        check_transfer_codings(fields)?;
         let both = fields.remove(CONTENT_LENGTH).is_some();
         let suspect = both || version == Version::HTTP_10;
-        return Ok(if chunked_last {
-            (Decoder::Chunked(Chunk::Size), !suspect)
-        } else {
-            (Decoder::Close, false)
-        });
+        return Ok((Decoder::Chunked(Chunk::Size), !suspect));
     }
     if seen.content_length {
         return Ok(match seen.length {
@@ -347,6 +343,47 @@ fn response_framing(
         });
     }
     Ok((Decoder::Close, false))
+}
+
+/// Refuses a response whose Transfer-Encoding fields are anything but one
+/// `chunked` (empty list elements aside, RFC 9110 §5.6.1).
+///
+/// Portico decodes chunked alone, and says so: its requests carry no `TE`
+/// (a hop-by-hop field it removes), which tells the server it accepts no
+/// transfer coding besides chunked (RFC 9110 §10.1.4, RFC 9112 §7.4). A
+/// server that applies another anyway (`gzip, chunked`, or `gzip` ended by
+/// closing the connection, RFC 9112 §6.1) is broken, and so is one that
+/// chunks twice (`chunked, chunked`, which RFC 9112 §7 forbids) or names
+/// no coding. Such a response is refused, answered 502 and its connection
+/// dropped, rather than decoded: a transfer coding is this hop's framing,
+/// which the client cannot be told of (Transfer-Encoding stops here), and
+/// delivering the coded bytes, or storing them, would give every client a
+/// body it cannot read as the resource; nor may the bytes be relabelled as
+/// a content coding, which would change the representation that ETags,
+/// ranges and cache variants describe. Decoding gzip or deflate here would
+/// put an inflater, and its exposure to decompression bombs, on the path
+/// of every response for the sake of servers that do not follow the
+/// protocol.
+pub(super) fn check_transfer_codings(fields: &HeaderMap) -> Result<(), ProtocolError> {
+    let mut chunked = 0;
+    for value in fields.get_all(TRANSFER_ENCODING) {
+        for coding in value.as_bytes().split(|&b| b == b',') {
+            let coding = coding.trim_ascii();
+            if coding.is_empty() {
+                continue;
+            }
+            // Chunked has no parameters: `chunked;x=1` is some other coding.
+            if !coding.eq_ignore_ascii_case(b"chunked") {
+                return Err(ProtocolError::TransferCoding("a coding other than chunked"));
+            }
+            chunked += 1;
+        }
+    }
+    match chunked {
+        1 => Ok(()),
+        0 => Err(ProtocolError::TransferCoding("no coding")),
+        _ => Err(ProtocolError::TransferCoding("chunked more than once")),
+    }
 }
 
 /// The field names of a connection's last head, by position: a peer sends
@@ -891,15 +928,16 @@ mod tests {
                 Decoder::Chunked(Chunk::Size),
                 true,
             ),
+            // Empty list elements are no codings.
             (
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding: , Chunked\r\n\r\n",
                 Decoder::Chunked(Chunk::Size),
                 true,
             ),
             (
-                "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
-                Decoder::Close,
-                false,
+                "HTTP/1.1 200 OK\r\nTransfer-Encoding:\r\nTransfer-Encoding: chunked\r\n\r\n",
+                Decoder::Chunked(Chunk::Size),
+                true,
             ),
             // Both: Content-Length is dropped and the connection not reused.
             (
@@ -976,6 +1014,32 @@ mod tests {
         ];
         for (text, want) in bad {
             assert_eq!(head(text, false).unwrap_err(), want, "{text:?}");
+        }
+        // Transfer codings besides one chunked, however written.
+        for codings in [
+            "gzip, chunked",
+            "gzip",
+            "chunked, gzip",
+            "deflate\r\nTransfer-Encoding: chunked",
+            "identity",
+            "chunked;x=1",
+            "chunked, chunked",
+            "chunked\r\nTransfer-Encoding: chunked",
+            "",
+            " , ",
+        ] {
+            let text = format!("HTTP/1.1 200 OK\r\nTransfer-Encoding: {codings}\r\n\r\n");
+            assert!(
+                matches!(head(&text, false), Err(ProtocolError::TransferCoding(_))),
+                "{codings:?}"
+            );
+        }
+        // No body follows these, whatever their fields say.
+        for text in [
+            "HTTP/1.1 204 No Content\r\nTransfer-Encoding: gzip\r\n\r\n",
+            "HTTP/1.1 304 Not Modified\r\nTransfer-Encoding: gzip, chunked\r\n\r\n",
+        ] {
+            assert_eq!(final_head(text).body, Decoder::Done, "{text:?}");
         }
         assert!(matches!(
             head("HTTP/1.1 2000 OK\r\n\r\n", false),

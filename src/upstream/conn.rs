@@ -797,6 +797,19 @@ pub(super) async fn exchange_upgrade(
         }
     });
     let resp = sender.send_request(req).await?;
+    // hyper takes a body whose last coding is chunked, or one ended by
+    // closing the connection, and decodes chunked alone: an answer other
+    // than the switch that comes with another coding is refused here as
+    // Portico's own client refuses it. Dropping the response closes the
+    // connection.
+    let status = resp.status();
+    if status != http::StatusCode::SWITCHING_PROTOCOLS
+        && status != http::StatusCode::NO_CONTENT
+        && status != http::StatusCode::NOT_MODIFIED
+        && resp.headers().contains_key(http::header::TRANSFER_ENCODING)
+    {
+        codec::check_transfer_codings(resp.headers())?;
+    }
     Ok(resp.map(|inner| PooledBody::new(Source::Hyper(inner))))
 }
 
