@@ -60,6 +60,9 @@ use super::pool::{BoxError, TlsSetup, UpstreamBody, UpstreamError};
 /// serves the next responses on the connection without another
 /// allocation.
 const READ_CHUNK: usize = 32 * 1024;
+/// The largest write buffer an idle connection keeps (a request head
+/// needs far less; a large upload's buffer is let go).
+const IDLE_WRITE_MAX: usize = 16 * 1024;
 /// Most bytes reserved for one read of a body of known length.
 const MAX_READ: usize = 256 * 1024;
 
@@ -281,7 +284,7 @@ impl Conn {
             // (say, whether an idle connection is still open) costs a read
             // that finds nothing.
             let grow = want.saturating_add(1).clamp(READ_CHUNK, MAX_READ);
-            self.large_read |= grow > 2 * READ_CHUNK;
+            self.large_read |= want > READ_CHUNK;
             self.read.reserve(grow);
         }
         pin!(self.io.read_buf(&mut self.read)).poll(cx)
@@ -448,7 +451,7 @@ impl Connections {
             conn.read = BytesMut::new();
             conn.large_read = false;
         }
-        if conn.write.capacity() > 2 * READ_CHUNK {
+        if conn.write.capacity() > IDLE_WRITE_MAX {
             // Nor a large upload's.
             conn.write = Vec::new();
         }
@@ -1144,8 +1147,13 @@ mod tests {
                     conn.read.capacity()
                 );
             } else {
-                // A small one is kept for the next response.
+                // A small one is kept for the next response, and no more.
                 assert!(conn.read.capacity() > 0);
+                assert!(
+                    conn.read.capacity() <= READ_CHUNK,
+                    "{}",
+                    conn.read.capacity()
+                );
             }
         }
         task.abort();
