@@ -902,14 +902,10 @@ async fn an_h2_stream_waiting_on_a_quiet_origin_is_not_reset() {
         let origin_addr = listener.local_addr().unwrap();
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
+            if !read_request_head(&mut s).await {
+                return;
             }
+            let mut buf = [0u8; 4096];
             s.write_all(
                 b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
                   transfer-encoding: chunked\r\n\r\n8\r\ndata: 1\n\r\n",
@@ -2629,13 +2625,8 @@ async fn access_log_marks_a_download_cut_short() {
         let origin_addr = listener.local_addr().unwrap();
         let origin = tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
+            if !read_request_head(&mut s).await {
+                return;
             }
             let mut out = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n".to_vec();
             let chunk = vec![b'x'; 64 * 1024];
@@ -3149,14 +3140,10 @@ async fn a_client_gone_during_a_quiet_stream_releases_the_upstream() {
         let seen = released.clone();
         tokio::spawn(async move {
             let (mut s, _) = listener.accept().await.unwrap();
-            let mut head = Vec::new();
-            let mut buf = [0u8; 4096];
-            while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => head.extend_from_slice(&buf[..n]),
-                }
+            if !read_request_head(&mut s).await {
+                return;
             }
+            let mut buf = [0u8; 4096];
             let first = b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n\
                 transfer-encoding: chunked\r\n\r\n8\r\ndata: 1\n\r\n";
             s.write_all(first).await.unwrap();

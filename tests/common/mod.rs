@@ -312,6 +312,21 @@ pub struct RawOrigin {
     task: tokio::task::JoinHandle<()>,
 }
 
+/// Reads from `stream` until a request head has arrived (its blank line);
+/// false if the stream ended or failed first.
+pub async fn read_request_head(stream: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt as _;
+    let mut head = Vec::new();
+    let mut buf = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+        match stream.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => head.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
+}
+
 impl RawOrigin {
     pub async fn start(response: Vec<u8>) -> RawOrigin {
         RawOrigin::start_with_delay(response, Duration::ZERO).await
@@ -319,7 +334,7 @@ impl RawOrigin {
 
     /// [`RawOrigin::start`], answering each request after `delay`.
     pub async fn start_with_delay(response: Vec<u8>, delay: Duration) -> RawOrigin {
-        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        use tokio::io::AsyncWriteExt as _;
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
         let addr = listener.local_addr().expect("origin address");
         let requests = Arc::new(AtomicUsize::new(0));
@@ -332,13 +347,8 @@ impl RawOrigin {
                 };
                 let (counter, response) = (counter.clone(), response.clone());
                 tokio::spawn(async move {
-                    let mut head = Vec::new();
-                    let mut buf = [0u8; 4096];
-                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
-                        match stream.read(&mut buf).await {
-                            Ok(0) | Err(_) => return,
-                            Ok(n) => head.extend_from_slice(&buf[..n]),
-                        }
+                    if !read_request_head(&mut stream).await {
+                        return;
                     }
                     counter.fetch_add(1, Ordering::SeqCst);
                     tokio::time::sleep(delay).await;
