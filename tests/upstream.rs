@@ -37,6 +37,10 @@ struct Behaviour {
     delay_ms: AtomicUsize,
 }
 
+/// The path of each request on a TLS connection, beside the protocol
+/// (`http/1.1`) ALPN settled on for that connection, if any.
+type Negotiated = Arc<std::sync::Mutex<Vec<(String, Option<Vec<u8>>)>>>;
+
 /// A small HTTP/1.1 origin that counts requests (not health probes) and
 /// accepted connections, and answers with its name.
 struct Origin {
@@ -44,6 +48,9 @@ struct Origin {
     requests: Arc<AtomicUsize>,
     connections: Arc<AtomicUsize>,
     behaviour: Arc<Behaviour>,
+    /// With TLS: the path of every request and probe, and the protocol
+    /// ALPN settled on for its connection.
+    alpn: Negotiated,
     stop: Option<oneshot::Sender<()>>,
     task: JoinHandle<()>,
 }
@@ -59,8 +66,10 @@ impl Origin {
         let requests = Arc::new(AtomicUsize::new(0));
         let connections = Arc::new(AtomicUsize::new(0));
         let behaviour = Arc::new(Behaviour::default());
+        let alpn = Negotiated::default();
         let (stop, mut stopped) = oneshot::channel();
         let (r, c, b) = (requests.clone(), connections.clone(), behaviour.clone());
+        let noted = alpn.clone();
         let task = tokio::spawn(async move {
             let mut conns = JoinSet::new();
             loop {
@@ -72,21 +81,29 @@ impl Origin {
                     },
                 };
                 c.fetch_add(1, Ordering::SeqCst);
-                let (r, b, tls) = (r.clone(), b.clone(), tls.clone());
+                let (r, b, tls, noted) = (r.clone(), b.clone(), tls.clone(), noted.clone());
                 conns.spawn(async move {
                     if b.broken.load(Ordering::SeqCst) {
                         drop_after_head(tcp, &r).await;
                         return;
                     }
-                    let svc = service_fn(move |req| handle(name, req, r.clone(), b.clone()));
                     let builder = hyper::server::conn::http1::Builder::new();
                     match tls {
                         Some(acceptor) => {
-                            if let Ok(s) = acceptor.accept(tcp).await {
-                                let _ = builder.serve_connection(TokioIo::new(s), svc).await;
-                            }
+                            let Ok(s) = acceptor.accept(tcp).await else {
+                                return;
+                            };
+                            let protocol = s.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+                            let svc = service_fn(move |req: Request<Incoming>| {
+                                let path = req.uri().path().to_owned();
+                                noted.lock().unwrap().push((path, protocol.clone()));
+                                handle(name, req, r.clone(), b.clone())
+                            });
+                            let _ = builder.serve_connection(TokioIo::new(s), svc).await;
                         }
                         None => {
+                            let svc =
+                                service_fn(move |req| handle(name, req, r.clone(), b.clone()));
                             let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
                         }
                     }
@@ -100,6 +117,7 @@ impl Origin {
             requests,
             connections,
             behaviour,
+            alpn,
             stop: Some(stop),
             task,
         }
@@ -951,6 +969,53 @@ async fn https_backend_verified_against_ca_file() {
         let err = get(&pool, "/x").await.unwrap_err();
         assert_eq!(err.status(), StatusCode::BAD_GATEWAY, "{err}");
         assert_eq!(a.requests(), 3);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn tls_backends_and_their_probes_are_offered_http_1_1_by_alpn() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (acceptor, ca_file, _) = tls_material(dir.path());
+        // An origin that would rather speak h2, as many do: with no
+        // protocol offered it has to guess, and it must not pick h2.
+        let mut config = rustls::ServerConfig::clone(acceptor.config());
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let a = Origin::start_with("secure", Some(acceptor)).await;
+        let mut cfg = backend(vec![a.server()]);
+        cfg.tls = Some(UpstreamTls {
+            ca_file: Some(ca_file),
+            server_name: Some("localhost".into()),
+        });
+        cfg.health = Some(HealthConfig {
+            path: "/healthz".into(),
+            interval: Duration::from_millis(20),
+            ..HealthConfig::default()
+        });
+        // No kept connections: each probe and request makes its own handshake.
+        cfg.keepalive.idle_max = 0;
+        let pool = Pool::new(&cfg).unwrap();
+        for _ in 0..2 {
+            assert_eq!(get(&pool, "/x").await.unwrap(), "secure");
+        }
+        let probes = || {
+            let seen = a.alpn.lock().unwrap();
+            seen.iter().filter(|(path, _)| path == "/healthz").count()
+        };
+        wait_until("two health probes", || probes() >= 2).await;
+        pool.shutdown();
+        let seen = a.alpn.lock().unwrap().clone();
+        assert!(seen.iter().any(|(path, _)| path == "/x"), "{seen:?}");
+        for (path, protocol) in &seen {
+            assert_eq!(
+                protocol.as_deref(),
+                Some(&b"http/1.1"[..]),
+                "the protocol of {path}'s connection"
+            );
+        }
     })
     .await
     .unwrap();

@@ -684,17 +684,23 @@ where
 
 /// Builds the TLS connector: servers are verified against the CA file when
 /// the policy names one, and against the system's roots otherwise.
+///
+/// The handshake offers exactly `http/1.1` by ALPN (RFC 7301), the one
+/// protocol spoken to backends, for requests, upgrades and health probes
+/// alike: a server that insists on ALPN then has the protocol to agree to,
+/// and one that also speaks h2 is not left to guess which one is coming.
 fn tls_connector(tls: &UpstreamTls) -> Result<TlsSetup, String> {
     let roots = match &tls.ca_file {
         Some(ca_file) => load_roots(ca_file)?,
         None => system_roots()?,
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let config = rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|e| format!("TLS versions: {e}"))?
         .with_root_certificates(roots)
         .with_no_client_auth();
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
     let server_name = match &tls.server_name {
         Some(n) => Some(
             ServerName::try_from(n.clone()).map_err(|e| format!("TLS server name `{n}`: {e}"))?,
