@@ -92,6 +92,7 @@ pub fn backend_config(model: &Model, id: usize) -> BackendConfig {
             expect_status: h.expect_status,
             rise: h.rise,
             fall: h.fall,
+            host: h.host.clone(),
         }),
         eject: upstream::EjectConfig {
             consecutive_failures: spec.eject_after,

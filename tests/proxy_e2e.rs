@@ -1307,6 +1307,38 @@ rule all {{ route app cache off }}
 }
 
 #[tokio::test]
+async fn a_health_check_s_host_is_the_host_of_its_probes() {
+    bounded(async {
+        // A virtual host: only `shop.example` is served here.
+        let a = Origin::start(|s| match s.headers.get("host") {
+            Some(h) if h == "shop.example" => reply(200, &[], "a"),
+            _ => reply(421, &[], "not here"),
+        })
+        .await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}"
+  health get "/healthz" every 50ms timeout 40ms rise 1 fall 1 host "shop.example"
+}}
+rule all {{ route app cache off }}
+"#,
+            a.addr
+        );
+        let p = proxy(&policy).await;
+        eventually("three probes", || a.count_path("/healthz") >= 3).await;
+        let pool = first_pool(&p);
+        assert!(pool.health().is_up(0), "probes were refused");
+        let got = get(addr(&p), "/", &[("host", "shop.example")]).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        let probe = a.seen().into_iter().find(|s| s.uri.path() == "/healthz");
+        assert_eq!(probe.unwrap().headers["host"], "shop.example");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn all_servers_down_answers_503_fast() {
     bounded(async {
         let sick = Origin::start(|s| {

@@ -1021,6 +1021,106 @@ async fn tls_backends_and_their_probes_are_offered_http_1_1_by_alpn() {
     .unwrap();
 }
 
+/// A TLS origin that serves one host name, as a virtual host behind SNI
+/// does: `200 vhost` for requests whose `Host` is `localhost` with the
+/// origin's port, `421 Misdirected Request` for any other. Keeps the `Host`
+/// of every health probe.
+async fn virtual_host(
+    acceptor: tokio_rustls::TlsAcceptor,
+) -> (
+    SocketAddr,
+    Arc<std::sync::Mutex<Vec<String>>>,
+    JoinHandle<()>,
+) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let served = format!("localhost:{}", addr.port());
+    let probes = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = probes.clone();
+    let task = tokio::spawn(async move {
+        let mut conns = JoinSet::new();
+        while let Ok((tcp, _)) = listener.accept().await {
+            let (acceptor, served, seen) = (acceptor.clone(), served.clone(), seen.clone());
+            conns.spawn(async move {
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let svc = service_fn(move |req: Request<Incoming>| {
+                    let host = req
+                        .headers()
+                        .get(http::header::HOST)
+                        .and_then(|h| h.to_str().ok())
+                        .unwrap_or_default()
+                        .to_owned();
+                    if req.uri().path() == "/healthz" {
+                        seen.lock().unwrap().push(host.clone());
+                    }
+                    let (status, body) = match host == served {
+                        true => (StatusCode::OK, "vhost"),
+                        false => (StatusCode::MISDIRECTED_REQUEST, "not here"),
+                    };
+                    let mut resp = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+                    *resp.status_mut() = status;
+                    async move { Ok::<_, Infallible>(resp) }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tls), svc)
+                    .await;
+            });
+        }
+    });
+    (addr, probes, task)
+}
+
+#[tokio::test]
+async fn probes_of_a_virtual_host_behind_sni_name_it_in_host() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (acceptor, ca_file, _) = tls_material(dir.path());
+        let (addr, probes, task) = virtual_host(acceptor).await;
+        let mut cfg = backend(vec![ServerConfig::new(addr.to_string())]);
+        cfg.tls = Some(UpstreamTls {
+            ca_file: Some(ca_file),
+            server_name: Some("localhost".into()),
+        });
+        // One probe answered 421 would take the server down for good.
+        let health = HealthConfig {
+            path: "/healthz".into(),
+            interval: Duration::from_millis(20),
+            fall: 1,
+            rise: 1_000,
+            ..HealthConfig::default()
+        };
+        cfg.health = Some(health.clone());
+        let pool = Pool::new(&cfg).unwrap();
+        wait_until("three probes", || probes.lock().unwrap().len() >= 3).await;
+        assert!(pool.health().is_up(0), "probes were refused");
+        // A request without a Host is sent the server's name as well.
+        let req = Request::get("/x").body(Empty::<Bytes>::new()).unwrap();
+        let resp = pool.send(req, b"", None, Limits::default()).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::OK);
+        let served = format!("localhost:{}", addr.port());
+        assert_eq!(probes.lock().unwrap()[0], served);
+        pool.shutdown();
+
+        // A health check's own host takes the place of the name.
+        probes.lock().unwrap().clear();
+        cfg.health = Some(HealthConfig {
+            host: Some("elsewhere.example".into()),
+            ..health
+        });
+        let pool = Pool::new(&cfg).unwrap();
+        wait_until("the server down", || !pool.health().is_up(0)).await;
+        assert_eq!(probes.lock().unwrap()[0], "elsewhere.example");
+        let err = get(&pool, "/x").await.unwrap_err();
+        assert_eq!(err.status(), StatusCode::SERVICE_UNAVAILABLE, "{err}");
+        pool.shutdown();
+        task.abort();
+    })
+    .await
+    .unwrap();
+}
+
 /// An origin whose connections each answer one request and then read the
 /// next one and hang up without answering, as an origin does whose
 /// keep-alive timer ends as that request arrives. Counts connections.

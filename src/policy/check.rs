@@ -272,6 +272,7 @@ const HEALTH: &[(&str, Kind)] = &[
     ("expect", Kind::Number),
     ("rise", Kind::Number),
     ("fall", Kind::Number),
+    ("host", Kind::Str),
 ];
 const STATIC: &[(&str, Kind)] = &[("index", Kind::Str)];
 const LIMIT: &[(&str, Kind)] = &[("rate", Kind::Rate), ("burst", Kind::Number)];

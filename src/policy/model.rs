@@ -175,6 +175,8 @@ pub struct HealthSpec {
     pub expect_status: u16,
     pub rise: u32,
     pub fall: u32,
+    /// The `Host` of every probe, when the check names one.
+    pub host: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq)]

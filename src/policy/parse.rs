@@ -307,7 +307,7 @@ fn rule_label(rule: &Rule) -> String {
         Rule::header_op => "`set`, `add` or `remove`".into(),
         Rule::key_part => "a key part (host, path, query, header(\"...\"), ...)".into(),
         Rule::health_opt | Rule::health_opt_name => {
-            "a health option (every, timeout, expect, rise, fall)".into()
+            "a health option (every, timeout, expect, rise, fall, host)".into()
         }
         Rule::compress_opt | Rule::compress_opt_name => {
             "a compression option (min, types, level)".into()

@@ -429,6 +429,63 @@ pub(crate) fn parsed_value(value: Bytes) -> HeaderValue {
     unsafe { HeaderValue::from_maybe_shared_unchecked(value) }
 }
 
+/// Whether a `Host` field value is `uri-host [ ":" port ]` (RFC 9110 §7.2):
+/// a non-empty host of URI characters, no user information, digits alone
+/// after its colon. A client's `Host` is held to it, and so is the one a
+/// policy names for health probes.
+pub(crate) fn valid_host_field(value: &[u8]) -> bool {
+    /// The bytes of a reg-name (RFC 3986 section 3.2.2): unreserved,
+    /// sub-delims, and `%` of percent-encoding; one lookup per byte.
+    static REG_NAME: [bool; 256] = {
+        let mut table = [false; 256];
+        let mut b = 0;
+        while b < 256 {
+            table[b] = (b as u8).is_ascii_alphanumeric();
+            b += 1;
+        }
+        let extra = b"-._~%!$&'()*+,;=";
+        let mut i = 0;
+        while i < extra.len() {
+            table[extra[i] as usize] = true;
+            i += 1;
+        }
+        table
+    };
+    // RFC 3986 section 3.2.2: an IP literal in brackets, or a reg-name
+    // (unreserved, percent-encoded, sub-delims), which covers IPv4.
+    let host_end = match value.first() {
+        Some(b'[') => match value.iter().position(|&b| b == b']') {
+            Some(end) => {
+                let inside = &value[1..end];
+                if inside.is_empty()
+                    || !inside
+                        .iter()
+                        .all(|&b| b.is_ascii_hexdigit() || b == b':' || b == b'.')
+                {
+                    return false;
+                }
+                end + 1
+            }
+            None => return false,
+        },
+        _ => {
+            let end = value.iter().position(|&b| b == b':').unwrap_or(value.len());
+            if !value[..end].iter().all(|&b| REG_NAME[usize::from(b)]) {
+                return false;
+            }
+            end
+        }
+    };
+    if host_end == 0 {
+        return false;
+    }
+    match value.get(host_end..) {
+        Some([]) | None => true,
+        Some([b':', port @ ..]) => port.iter().all(u8::is_ascii_digit),
+        Some(_) => false,
+    }
+}
+
 /// One Content-Length field value, a list of equal lengths or one
 /// (RFC 9110 §8.6), folded into what earlier fields said: they must agree.
 fn add_length(value: &[u8], length: &mut Option<u64>) -> Result<(), ProtocolError> {
@@ -790,6 +847,29 @@ mod tests {
         assert_eq!(names.name(0, b"Content-Type").unwrap(), "content-type");
         // Beyond what is kept, names are still parsed.
         assert_eq!(names.name(40, b"Late").unwrap(), "late");
+    }
+
+    #[test]
+    fn host_fields_are_host_and_port() {
+        for (value, valid) in [
+            ("shop.example", true),
+            ("Shop.Example:8080", true),
+            ("shop.example:", true),
+            ("[::1]", true),
+            ("[::1]:8443", true),
+            ("127.0.0.1:80", true),
+            ("", false),
+            (":80", false),
+            ("user@shop.example", false),
+            ("shop.example:http", false),
+            ("a:1:2", false),
+            ("[::1", false),
+            ("[::1]x", false),
+            ("shop example", false),
+            ("shop.example/x", false),
+        ] {
+            assert_eq!(valid_host_field(value.as_bytes()), valid, "{value:?}");
+        }
     }
 
     fn head(text: &str, head_request: bool) -> Result<Parsed, ProtocolError> {

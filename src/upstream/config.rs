@@ -109,6 +109,10 @@ pub struct HealthConfig {
     pub rise: u32,
     /// Consecutive failed probes that take an up server down. Default: 3.
     pub fall: u32,
+    /// The `Host` of every probe, `host[:port]`. Default: what a request
+    /// without `Host` gets (see [`UpstreamTls::server_name`]), the
+    /// server's address without a TLS server name.
+    pub host: Option<String>,
 }
 
 impl Default for HealthConfig {
@@ -121,6 +125,7 @@ impl Default for HealthConfig {
             expect_status: 200,
             rise: 2,
             fall: 3,
+            host: None,
         }
     }
 }
@@ -209,7 +214,11 @@ impl Default for KeepAlive {
 pub struct UpstreamTls {
     /// PEM file of the certificate authorities trusted for the servers.
     pub ca_file: Option<PathBuf>,
-    /// Name to verify (and send as SNI); default: the host part of each server's address.
+    /// Name to verify (and send as SNI); default: the host part of each
+    /// server's address. When set, it is also the `Host` of health probes
+    /// and of requests that arrive without one, with the server's port
+    /// unless that is 443: a server reached by this name is likely to
+    /// serve it alone, and to refuse any other (421, RFC 9110 §15.5.20).
     pub server_name: Option<String>,
 }
 

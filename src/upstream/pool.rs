@@ -176,7 +176,8 @@ impl UpstreamError {
 
 struct Server {
     addr: String,
-    /// `Host` for requests that arrive without one.
+    /// `Host` for requests that arrive without one, and for health probes
+    /// unless the health check names its own ([`default_host`]).
     host_field: http::HeaderValue,
     /// The host part of `addr`, the TLS server name unless the policy sets one.
     host: String,
@@ -230,6 +231,7 @@ impl Pool {
             backend: cfg.name.clone(),
             reason,
         };
+        let server_name = cfg.tls.as_ref().and_then(|t| t.server_name.as_deref());
         let mut servers = Vec::with_capacity(cfg.servers.len());
         for s in &cfg.servers {
             let authority: Authority = s
@@ -242,8 +244,7 @@ impl Pool {
                     s.addr
                 )));
             }
-            let host_field = http::HeaderValue::from_str(authority.as_str())
-                .map_err(|e| config_error(format!("server address `{}`: {e}", s.addr)))?;
+            let host_field = default_host(&authority, server_name).map_err(config_error)?;
             servers.push(Server {
                 addr: s.addr.clone(),
                 host: authority.host().to_owned(),
@@ -275,9 +276,13 @@ impl Pool {
                 .collect();
             health.carry_over(&previous.health, &kept, cfg.health.is_some());
         }
+        let probe_host = match cfg.health.as_ref().and_then(|h| h.host.as_deref()) {
+            Some(host) => Some(probe_host(host).map_err(config_error)?),
+            None => None,
+        };
         let servers: Box<[Server]> = servers.into();
         let checker = cfg.health.as_ref().map(|h| {
-            let probe = Prober::new(h, &servers, Arc::clone(&conns), cfg);
+            let probe = Prober::new(h, probe_host, &servers, Arc::clone(&conns), cfg);
             HealthChecker::spawn(Arc::clone(&health), h.interval, h.timeout, move |i| {
                 probe.probe(i)
             })
@@ -594,6 +599,38 @@ impl Pool {
     }
 }
 
+/// The `Host` a server is sent when nothing else names one: a request that
+/// arrived without one (as HTTP/1.0 allows), or a health probe whose check
+/// names none. With a TLS server name that is the name, as the server is
+/// reached by it (a server that hosts several names by SNI answers another
+/// with 404 or 421), and the server's port unless it is 443, https's own
+/// (RFC 9110 §4.2.2, §7.2); without one, the server's address as written.
+fn default_host(addr: &Authority, server_name: Option<&str>) -> Result<http::HeaderValue, String> {
+    let Some(written) = server_name else {
+        return http::HeaderValue::from_str(addr.as_str())
+            .map_err(|e| format!("server address `{addr}`: {e}"));
+    };
+    // An IPv6 address is written in brackets in a URI's authority.
+    let name = match written.parse::<std::net::Ipv6Addr>() {
+        Ok(_) => format!("[{written}]"),
+        Err(_) => written.to_owned(),
+    };
+    let host = match addr.port_u16() {
+        Some(443) | None => name,
+        Some(port) => format!("{name}:{port}"),
+    };
+    http::HeaderValue::try_from(host).map_err(|e| format!("TLS server name `{written}`: {e}"))
+}
+
+/// A health check's own `Host`, refused unless it is `host[:port]`.
+fn probe_host(host: &str) -> Result<http::HeaderValue, String> {
+    let invalid = || format!("health check host `{host}` is not host or host:port");
+    if !super::codec::valid_host_field(host.as_bytes()) {
+        return Err(invalid());
+    }
+    http::HeaderValue::from_str(host).map_err(|_| invalid())
+}
+
 /// Adds field lines as [`Pool::send`] takes them (`name: value` and CRLF
 /// each) to `headers`.
 fn append_lines(headers: &mut http::HeaderMap, lines: &[u8]) -> Result<(), String> {
@@ -768,8 +805,11 @@ struct Prober {
 }
 
 impl Prober {
+    /// Probes `servers` as `h` says, each with `host` as its `Host` when
+    /// the check names one, else with the server's own.
     fn new(
         h: &HealthConfig,
+        host: Option<http::HeaderValue>,
         servers: &[Server],
         conns: Arc<Connections>,
         cfg: &BackendConfig,
@@ -780,7 +820,10 @@ impl Prober {
             .unwrap_or_else(|_| PathAndQuery::from_static("/"));
         let requests = servers
             .iter()
-            .map(|s| (s.addr.clone(), s.host.clone(), s.host_field.clone()))
+            .map(|s| {
+                let field = host.clone().unwrap_or_else(|| s.host_field.clone());
+                (s.addr.clone(), s.host.clone(), field)
+            })
             .collect();
         Self {
             method: h.method.clone(),
@@ -951,6 +994,24 @@ mod tests {
         }
     }
 
+    #[test]
+    fn the_default_host_is_the_tls_server_name_when_there_is_one() {
+        for (addr, server_name, host) in [
+            ("10.0.0.2:3000", None, "10.0.0.2:3000"),
+            ("10.0.0.2:443", None, "10.0.0.2:443"),
+            ("[::1]:8443", None, "[::1]:8443"),
+            ("10.0.0.2:443", Some("api.example"), "api.example"),
+            ("10.0.0.2:8443", Some("api.example"), "api.example:8443"),
+            ("origin.internal:443", Some("api.example"), "api.example"),
+            ("10.0.0.2:8443", Some("::1"), "[::1]:8443"),
+            ("10.0.0.2:443", Some("10.0.0.9"), "10.0.0.9"),
+        ] {
+            let authority: Authority = addr.parse().unwrap();
+            let field = default_host(&authority, server_name).unwrap();
+            assert_eq!(field, host, "{addr} {server_name:?}");
+        }
+    }
+
     #[tokio::test]
     async fn pool_rejects_bad_configuration() {
         use crate::upstream::config::ServerConfig;
@@ -967,6 +1028,15 @@ mod tests {
         });
         let err = Pool::new(&cfg).unwrap_err();
         assert!(err.to_string().contains("CA file"), "{err}");
+        cfg.tls = None;
+        for host in ["", "user@api.example", "api.example:https", "api example"] {
+            cfg.health = Some(HealthConfig {
+                host: Some(host.into()),
+                ..HealthConfig::default()
+            });
+            let err = Pool::new(&cfg).unwrap_err();
+            assert!(err.to_string().contains("health check host"), "{err}");
+        }
     }
 
     #[tokio::test]

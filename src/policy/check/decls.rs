@@ -2,7 +2,7 @@
 //! sections, backends and limiters.
 
 use super::*;
-use crate::upstream::KeepAlive;
+use crate::upstream::{valid_host_field, KeepAlive};
 
 impl Checker<'_> {
     // ------------------------------------------------------------ declarations
@@ -362,6 +362,7 @@ impl Checker<'_> {
                 expect_status: 200,
                 rise: 2,
                 fall: 3,
+                host: None,
             };
             if let Some((Val::Duration(d), _)) = v.remove("every") {
                 health.interval = d;
@@ -385,6 +386,18 @@ impl Checker<'_> {
             }
             if let Some((Val::Number(n), _)) = v.remove("fall") {
                 health.fall = n.clamp(1, 100) as u32;
+            }
+            if let Some((Val::Str(host), span)) = v.remove("host") {
+                if valid_host_field(host.as_bytes()) {
+                    health.host = Some(host);
+                } else {
+                    self.err(
+                        "invalid-header",
+                        span,
+                        format!("`{host}` is not a host for the `Host` field"),
+                    )
+                    .help = Some("write a host or host:port, like \"api.example.com\"".into());
+                }
             }
             if health.timeout >= health.interval {
                 self.warn(
