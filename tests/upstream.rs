@@ -35,6 +35,8 @@ struct Behaviour {
     unhealthy: AtomicBool,
     /// Milliseconds to wait before answering.
     delay_ms: AtomicUsize,
+    /// When each health probe arrived.
+    probed: std::sync::Mutex<Vec<Instant>>,
 }
 
 /// The path of each request on a TLS connection, beside the protocol
@@ -165,6 +167,7 @@ async fn handle(
     b: Arc<Behaviour>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
     if req.uri().path() == "/healthz" {
+        b.probed.lock().unwrap().push(Instant::now());
         let status = if b.unhealthy.load(Ordering::SeqCst) {
             500
         } else {
@@ -329,6 +332,57 @@ async fn health_check_takes_a_server_out_and_back_in() {
         }
         assert!(answers.iter().any(|s| s == "a"), "{answers:?}");
         assert!(a.requests() >= 2);
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn probes_are_spread_over_the_interval_not_sent_in_step() {
+    bounded(async {
+        let interval = Duration::from_secs(1);
+        let mut origins = Vec::new();
+        for _ in 0..8 {
+            origins.push(Origin::start("a").await);
+        }
+        let mut cfg = backend(origins.iter().map(Origin::server).collect());
+        cfg.health = Some(HealthConfig {
+            path: "/healthz".into(),
+            interval,
+            timeout: Duration::from_millis(500),
+            ..HealthConfig::default()
+        });
+        let started = Instant::now();
+        let pool = Pool::new(&cfg).unwrap();
+        let probed = |o: &Origin| o.behaviour.probed.lock().unwrap().clone();
+        tokio::time::timeout(10 * interval, async {
+            while origins.iter().any(|o| probed(o).len() < 2) {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        })
+        .await
+        .expect("every server probed twice");
+        pool.shutdown();
+        let firsts: Vec<Duration> = origins.iter().map(|o| probed(o)[0] - started).collect();
+        let spread = firsts
+            .iter()
+            .max()
+            .unwrap()
+            .saturating_sub(*firsts.iter().min().unwrap());
+        // Eight first probes drawn over a second all within a tenth of it:
+        // about one chance in ten million. In step, they are milliseconds apart.
+        assert!(
+            spread > interval / 10,
+            "first probes within {spread:?} of each other: {firsts:?}"
+        );
+        // A probe is due within the interval; the slack is for a loaded machine.
+        let slack = interval;
+        for o in &origins {
+            let times = probed(o);
+            let (first, gap) = (times[0] - started, times[1] - times[0]);
+            assert!(first < interval + slack, "first probe after {first:?}");
+            assert!(gap < interval + slack, "probes {gap:?} apart");
+        }
     })
     .await
     .unwrap();

@@ -322,8 +322,9 @@ thread_local! {
     static RNG: Cell<u64> = Cell::new(RandomState::new().hash_one(0u8) | 1);
 }
 
-/// A fast per-thread xorshift64* generator; balancing needs spread, not secrecy.
-fn next_random() -> u64 {
+/// A fast per-thread xorshift64* generator; balancing (and the spreading of
+/// health probes over time) needs spread, not secrecy.
+pub(super) fn next_random() -> u64 {
     RNG.with(|s| {
         let mut x = s.get();
         x ^= x >> 12;

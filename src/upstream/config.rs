@@ -92,14 +92,18 @@ impl Balance {
     }
 }
 
-/// Active health checking: a probe request sent to every server each `interval`.
+/// Active health checking: a probe request sent to every server about each
+/// `interval`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HealthConfig {
     /// Probe method. Default: GET.
     pub method: http::Method,
     /// Probe path, starting with `/`. Default: `/`.
     pub path: String,
-    /// Time between two probes of a server. Default: 5 s.
+    /// The most time between two probes of a server: each comes up to a
+    /// tenth of it early, at random, and the first at a random point of the
+    /// first interval, so that servers are not all probed at once.
+    /// Default: 5 s.
     pub interval: Duration,
     /// Time allowed for the probe's response head. Default: 2 s.
     pub timeout: Duration,

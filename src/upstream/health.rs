@@ -7,6 +7,13 @@
 //! good ones. Independently, `consecutive_failures` failed requests eject it
 //! for `cooldown`, after which it is re-admitted with a clean slate.
 //!
+//! Each server is probed on its own schedule: the first probe comes at a
+//! random point of the first interval, and each later one up to a tenth of
+//! the interval early, at random. Servers, and Portico instances started
+//! together, thus do not probe in step, and no server waits longer than
+//! the interval between two probes (unless a probe itself takes longer), so
+//! `fall` failed probes still come within `fall - 1` intervals of the first.
+//!
 //! When a reload changes a backend, the new state takes over what the old
 //! one knew of the servers that remain ([`HealthState::carry_over`]): a
 //! server known to be down or ejected does not get traffic again just
@@ -20,8 +27,9 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 
+use super::balance::next_random;
 use super::config::EjectConfig;
 
 /// Health of every server of one backend.
@@ -197,6 +205,24 @@ impl HealthState {
 /// One probe of one server: resolves to `true` when the server is healthy.
 pub type ProbeFuture = Pin<Box<dyn Future<Output = bool> + Send>>;
 
+/// When the probe after one that started at `started` is due: an
+/// `interval` later, less a random part of up to a tenth of it. Probes are
+/// thus never further apart than the interval (as far as the probe itself
+/// allows), and no two servers stay in step.
+fn next_probe(started: Instant, interval: Duration) -> Instant {
+    started + interval - random_below(interval / 10)
+}
+
+/// A random duration in `[0, limit)`; zero when `limit` is.
+fn random_below(limit: Duration) -> Duration {
+    match u64::try_from(limit.as_nanos()) {
+        Ok(0) => Duration::ZERO,
+        Ok(nanos) => Duration::from_nanos(next_random() % nanos),
+        // Past 584 years: spread over the first of them.
+        Err(_) => Duration::from_nanos(next_random()),
+    }
+}
+
 /// Runs active checks for one backend until dropped or shut down.
 #[derive(Debug)]
 pub struct HealthChecker {
@@ -205,9 +231,11 @@ pub struct HealthChecker {
 }
 
 impl HealthChecker {
-    /// Spawns the checker: every `interval`, each server is probed at once
-    /// through `probe(i)`; a probe slower than `timeout` counts as failed.
-    /// Must be called inside a tokio runtime.
+    /// Spawns the checker: each server is probed through `probe(i)`, first
+    /// at a random point of the first `interval`, then every `interval`
+    /// less up to a tenth of it (see [`next_probe`]); a probe slower than
+    /// `timeout` counts as failed, and one slower than the interval is
+    /// followed by the next at once. Must be called inside a tokio runtime.
     pub fn spawn<P>(
         state: Arc<HealthState>,
         interval: Duration,
@@ -218,32 +246,32 @@ impl HealthChecker {
         P: Fn(usize) -> ProbeFuture + Send + Sync + 'static,
     {
         let (shutdown, mut stop) = watch::channel(false);
+        let interval = interval.max(Duration::from_millis(1));
         let task = tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval.max(Duration::from_millis(1)));
-            ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.changed() => break,
-                    _ = ticker.tick() => {}
+            let (state, probe) = (&state, &probe);
+            let servers = (0..state.len()).map(|i| async move {
+                tokio::time::sleep(random_below(interval)).await;
+                loop {
+                    let started = Instant::now();
+                    let ok = tokio::time::timeout(timeout, probe(i))
+                        .await
+                        .unwrap_or(false);
+                    state.record_probe(i, ok);
+                    tokio::time::sleep_until(next_probe(started, interval)).await;
                 }
-                let round = futures_util::future::join_all((0..state.len()).map(|i| {
-                    let fut = probe(i);
-                    async move { tokio::time::timeout(timeout, fut).await.unwrap_or(false) }
-                }));
-                tokio::select! {
-                    _ = stop.changed() => break,
-                    results = round => {
-                        for (i, ok) in results.into_iter().enumerate() {
-                            state.record_probe(i, ok);
-                        }
-                    }
-                }
+            });
+            // The servers' schedules never end; only a stop does.
+            let probing = futures_util::future::join_all(servers);
+            tokio::select! {
+                _ = stop.changed() => {}
+                _ = probing => {}
             }
         });
         Self { shutdown, task }
     }
 
-    /// Asks the checker to stop; it does so before its next probe round.
+    /// Asks the checker to stop; it does so at once, probes in flight
+    /// left unanswered.
     pub fn shutdown(&self) {
         self.shutdown.send_replace(true);
     }
@@ -345,6 +373,25 @@ mod tests {
         let brief = HealthState::new(4, 1, 2, eject(1, 0));
         brief.carry_over(&old, &kept, true);
         assert!(!brief.is_ejected(2));
+    }
+
+    #[test]
+    fn probes_come_at_most_an_interval_apart_and_not_in_step() {
+        let start = Instant::now();
+        let interval = Duration::from_secs(10);
+        let next: Vec<Duration> = (0..200)
+            .map(|_| next_probe(start, interval) - start)
+            .collect();
+        assert!(next
+            .iter()
+            .all(|d| *d > Duration::from_secs(9) && *d <= interval));
+        assert!(next.iter().any(|d| *d != next[0]), "no jitter: {next:?}");
+        let first: Vec<Duration> = (0..200).map(|_| random_below(interval)).collect();
+        assert!(first.iter().all(|d| *d < interval));
+        // 200 draws spread over the interval fall in both of its halves.
+        assert!(first.iter().any(|d| *d < interval / 2));
+        assert!(first.iter().any(|d| *d >= interval / 2));
+        assert_eq!(random_below(Duration::ZERO), Duration::ZERO);
     }
 
     #[test]
