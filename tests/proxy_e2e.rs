@@ -320,6 +320,29 @@ rule all { route app cache off throttle per_client }
     .await;
 }
 
+#[tokio::test]
+async fn the_throttle_counts_trace_and_options_answered_by_portico() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"
+limit per_client { rate 1/m burst 2 by client.ip }
+rule all { route app cache off throttle per_client }
+"#,
+        ))
+        .await;
+        let a = addr(&p);
+        let hop_left = [("max-forwards", "0")];
+        assert_eq!(send(a, "OPTIONS", "/", &hop_left, "").await.status, 200);
+        assert_eq!(send(a, "TRACE", "/", &hop_left, "").await.status, 200);
+        assert_eq!(send(a, "TRACE", "/", &hop_left, "").await.status, 429);
+        assert_eq!(origin.count(), 0);
+        p.shutdown().await;
+    })
+    .await;
+}
+
 // ============================================================ header hygiene
 
 #[tokio::test]
@@ -893,6 +916,89 @@ async fn an_h2_stream_whose_window_stays_shut_is_reset_after_the_send_timeout() 
 }
 
 #[tokio::test]
+async fn a_slow_h2_reader_that_keeps_reading_gets_the_whole_body() {
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    bounded(async {
+        const LEN: usize = 2 << 20;
+        let origin = Origin::start(|_| reply(200, &[], vec![b'x'; LEN])).await;
+        let p = proxy(&policy_for(
+            &origin,
+            "http {\n  send_timeout 300ms\n  idle_timeout 300ms\n}\nrule all { route app cache off }",
+        ))
+        .await;
+        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(64 * 1024)
+            .initial_connection_window_size(64 * 1024)
+            .handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("http://h2.test/big")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let mut body = sender.send_request(req).await.unwrap().into_body();
+        // About 500 KiB/s: the origin's answer comes in reads far larger
+        // than what this client takes in a send timeout, yet it never
+        // stops taking.
+        let (mut got, mut since_pause) = (0, 0);
+        while let Some(frame) = body.frame().await {
+            let n = frame.expect("the stream was not reset").data_ref().map_or(0, |d| d.len());
+            got += n;
+            since_pause += n;
+            if since_pause >= 32 * 1024 {
+                since_pause = 0;
+                tokio::time::sleep(Duration::from_millis(60)).await;
+            }
+        }
+        assert_eq!(got, LEN);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_idle_h2_connection_still_sending_to_a_slow_reader_is_not_dropped() {
+    use http_body_util::{BodyExt as _, Empty};
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    bounded(async {
+        const LEN: usize = 16 * 1024;
+        let origin = Origin::start(|_| reply(200, &[], vec![b'x'; LEN])).await;
+        let p = proxy(&policy_for(
+            &origin,
+            "http {\n  send_timeout 1s\n  idle_timeout 100ms\n}\nrule all { route app cache off }",
+        ))
+        .await;
+        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(1024)
+            .handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("http://h2.test/slow")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let mut body = sender.send_request(req).await.unwrap().into_body();
+        // The whole answer is handed over at once and waits in HTTP/2's
+        // buffers while the connection idles out; taking 1 KiB every
+        // 100 ms, the client needs longer than the send timeout for it.
+        let mut got = 0;
+        while let Some(frame) = body.frame().await {
+            got += frame
+                .expect("the connection was not dropped")
+                .data_ref()
+                .map_or(0, |d| d.len());
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(got, LEN);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_h2_stream_waiting_on_a_quiet_origin_is_not_reset() {
     use http_body_util::{BodyExt as _, Empty};
     use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -1026,6 +1132,8 @@ rule all { route app cache off }
                 ("authorization", "Bearer s3cr3t"),
                 ("proxy-authorization", "Basic s3cr3t"),
                 ("x-api-key", "s3cr3t"),
+                ("x-forwarded-user", "s3cr3t"),
+                ("x-amzn-oidc-data", "s3cr3t"),
                 ("x-trace-me", "yes"),
             ],
             "",
@@ -1033,6 +1141,7 @@ rule all { route app cache off }
         .await;
         assert_eq!(got.status, 200);
         assert_eq!(got.header("content-type"), Some("message/http"));
+        assert_eq!(got.header("x-content-type-options"), Some("nosniff"));
         let text = got.text();
         assert!(text.starts_with("TRACE /t?q=1 HTTP/1.1\r\n"), "{text}");
         assert!(text.contains("\r\nhost: test.example\r\n"), "{text}");
@@ -1842,6 +1951,109 @@ async fn a_quiet_websocket_outlives_the_keep_alive_idle_timeout() {
             .expect("an echo in time")
             .expect("the WebSocket is still open");
         assert_eq!(&buf, b"still here");
+        p.shutdown().await;
+        task.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_websocket_whose_client_stops_reading_is_closed_after_the_send_timeout() {
+    bounded(async {
+        use tokio::io::AsyncWriteExt as _;
+        const SENT: usize = 64 << 20;
+        let (origin, task) = echo_upgrade_origin().await;
+        let policy = format!(
+            "http {{\n  send_timeout 300ms\n}}\nbackend app {{ server \"{origin}\" }}\nrule all {{ route app cache off }}"
+        );
+        let p = proxy(&policy).await;
+        let (ws, _) = open_websocket(addr(&p)).await;
+        let (mut reader, mut writer) = tokio::io::split(hyper_util::rt::TokioIo::new(ws));
+        // The origin echoes all of it; the client reads none for a while.
+        let writing = tokio::spawn(async move {
+            let chunk = vec![b'x'; 64 * 1024];
+            for _ in 0..SENT / chunk.len() {
+                if writer.write_all(&chunk).await.is_err() {
+                    return;
+                }
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        // What was on its way arrives, then the end: far short of the echo.
+        let mut got = Vec::new();
+        let read = tokio::time::timeout(
+            Duration::from_secs(10),
+            tokio::io::AsyncReadExt::read_to_end(&mut reader, &mut got),
+        )
+        .await;
+        assert!(read.is_ok(), "the stalled WebSocket was not closed");
+        assert!(got.len() < SENT, "{}", got.len());
+        writing.abort();
+        p.shutdown().await;
+        task.abort();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_h2_websocket_outlives_the_keep_alive_idle_and_send_timeouts() {
+    bounded(async {
+        use bytes::Bytes;
+        use http_body_util::Empty;
+        use hyper_util::rt::{TokioExecutor, TokioIo};
+        let (origin, task) = echo_upgrade_origin().await;
+        let p = proxy(&format!(
+            "http {{\n  idle_timeout 200ms\n  send_timeout 300ms\n}}\nbackend app {{ server \"{origin}\" }}\nrule all {{ route app cache off }}"
+        ))
+        .await;
+        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        let (mut sender, conn) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+                .await
+                .unwrap();
+        tokio::spawn(conn);
+        let connect = || {
+            let mut req = http::Request::builder()
+                .method(http::Method::CONNECT)
+                .uri("http://ws.test/chat")
+                .header("sec-websocket-version", "13")
+                .body(Empty::<Bytes>::new())
+                .unwrap();
+            req.extensions_mut()
+                .insert(hyper::ext::Protocol::from_static("websocket"));
+            req
+        };
+        let mut resp = None;
+        for _ in 0..50 {
+            sender.ready().await.unwrap();
+            match sender.send_request(connect()).await {
+                Ok(r) => {
+                    resp = Some(r);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+        let resp = resp.expect("extended CONNECT accepted");
+        assert_eq!(resp.status(), 200);
+        let upgraded = hyper::upgrade::on(resp).await.expect("the h2 stream opened");
+        let mut io = TokioIo::new(upgraded);
+        // Quiet for well over the idle and send timeouts together, then
+        // busy: the connection carries a live tunnel, and is neither idle
+        // nor stalled.
+        for pause in [1000, 100, 100] {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+            io.write_all(b"ping").await.unwrap();
+            let mut buf = [0; 4];
+            tokio::time::timeout(Duration::from_secs(5), io.read_exact(&mut buf))
+                .await
+                .expect("an echo in time")
+                .expect("the tunnel is open");
+            assert_eq!(&buf, b"ping");
+        }
+        drop(io);
+        drop(sender);
         p.shutdown().await;
         task.abort();
     })

@@ -33,8 +33,10 @@
 //!
 //! An upgrade the handler attached to its response
 //! ([`PendingUpgrade::attach`]) is spliced on a task of the listener's own,
-//! as one of its connections: it counts toward `max_connections`, closes
-//! after `tunnel_idle_timeout` with no byte either way, and on shutdown has the
+//! as one of its connections: it counts toward `max_connections`, keeps
+//! the connection it came on busy (an HTTP/2 tunnel shares it), closes
+//! after `tunnel_idle_timeout` with no byte either way or after
+//! `send_timeout` with a side taking nothing, and on shutdown has the
 //! grace period like any other connection, then is dropped.
 //!
 //! [`PendingUpgrade::attach`]: super::upgrade::PendingUpgrade::attach
@@ -516,18 +518,21 @@ struct Shared<H> {
     splices: mpsc::UnboundedSender<Splice>,
 }
 
-/// An upgraded connection to splice, with the idle limit of the connection
-/// it came on.
+/// An upgraded connection to splice, with the idle and send limits of the
+/// connection it came on.
 struct Splice {
     pending: PendingUpgrade,
     idle: Duration,
+    send: Duration,
     client_addr: SocketAddr,
+    /// Keeps the connection it came on counted busy while it lasts.
+    _busy: InFlight,
 }
 
 impl Splice {
     async fn run(self) {
         let client_addr = self.client_addr;
-        if let Err(e) = self.pending.splice_until_idle(self.idle).await {
+        if let Err(e) = self.pending.splice_until_idle(self.idle, self.send).await {
             debug!(%client_addr, error = %e, "upgraded connection ended");
         }
     }
@@ -642,8 +647,12 @@ where
         let activity = Arc::clone(&activity);
         hyper::service::service_fn(move |req: Request<Incoming>| {
             let guard = InFlight::start(&activity);
+            let activity = Arc::clone(&activity);
             let shared = Arc::clone(&shared);
             let info = Arc::clone(&info);
+            // HTTP/2 frames handed to hyper at most this large (see
+            // `GuardedBody`); HTTP/1 frames go as they come.
+            let piece = (req.version() == Version::HTTP_2).then_some(H2_PIECE);
             async move {
                 let limit = shared.limits.max_body_bytes;
                 // An HTTP/2 WebSocket opens with a 2xx to its CONNECT.
@@ -668,7 +677,11 @@ where
                         let splice = Splice {
                             pending,
                             idle: shared.limits.tunnel_idle_timeout,
+                            send: shared.limits.send_timeout,
                             client_addr,
+                            // An HTTP/2 tunnel rides on this connection,
+                            // which is busy for as long as it lasts.
+                            _busy: InFlight::start(&activity),
                         };
                         // A listener already gone drops it: the upgrade fails.
                         let _ = shared.splices.send(splice);
@@ -676,6 +689,8 @@ where
                 }
                 Ok::<_, Infallible>(response.map(|inner| GuardedBody {
                     inner,
+                    rest: Bytes::new(),
+                    piece,
                     _guard: guard,
                 }))
             }
@@ -882,6 +897,8 @@ struct Activity {
     write_blocked: AtomicBool,
     /// Writes that went through after a blocked one: progress, to the timer.
     unblocked: AtomicU64,
+    /// Writes that went through at all, for a connection that is closing.
+    written: AtomicU64,
 }
 
 /// Why a connection's timer went off.
@@ -903,6 +920,7 @@ impl Activity {
             opened: Instant::now(),
             write_blocked: AtomicBool::new(false),
             unblocked: AtomicU64::new(0),
+            written: AtomicU64::new(0),
         }
     }
 
@@ -911,9 +929,10 @@ impl Activity {
     /// unless `idle_too` is false; and with [`Due::Stalled`] when writing
     /// to it has been blocked without progress at two looks `send` apart.
     /// With `idle_too` false (the connection is closing), a connection with
-    /// no request in flight at two looks `send` apart is stalled too: what
-    /// keeps it open is only what its client does not take, such as the
-    /// last bytes of an HTTP/2 stream behind a window held shut.
+    /// no request in flight and no write gone through at two looks `send`
+    /// apart is stalled too: what keeps it open is only what its client
+    /// does not take, such as the last bytes of an HTTP/2 stream behind a
+    /// window held shut.
     async fn due(&self, first: Duration, idle: Duration, send: Duration, idle_too: bool) -> Due {
         // A request may start and end while the timer sleeps, after which the
         // connection is due `idle` after it ended: never sleep longer than that.
@@ -924,9 +943,9 @@ impl Activity {
         };
         // The progress count when writing was first seen blocked, and when.
         let mut blocked: Option<(u64, Instant)> = None;
-        // While closing: when the connection was first seen with no request
-        // in flight.
-        let mut drained: Option<Instant> = None;
+        // While closing: the write count when the connection was first seen
+        // with no request in flight and no write since, and when.
+        let mut drained: Option<(u64, Instant)> = None;
         loop {
             tokio::time::sleep_until(wake.into()).await;
             let now = Instant::now();
@@ -950,11 +969,16 @@ impl Activity {
                 if self.in_flight.load(Ordering::Acquire) > 0 {
                     drained = None;
                 } else {
-                    let since = *drained.get_or_insert(now);
-                    if now >= since + send {
-                        return Due::Stalled;
+                    let written = self.written.load(Ordering::Relaxed);
+                    match drained {
+                        Some((seen, since)) if seen == written => {
+                            if now >= since + send {
+                                return Due::Stalled;
+                            }
+                            next = next.min(since + send);
+                        }
+                        _ => drained = Some((written, now)),
                     }
-                    next = next.min(since + send);
                 }
                 wake = next;
                 continue;
@@ -989,6 +1013,8 @@ struct Tracked<IO> {
     blocked: bool,
     /// Writes that went through after a blocked one.
     unblocked: u64,
+    /// Writes that went through.
+    written: u64,
 }
 
 impl<IO> Tracked<IO> {
@@ -998,6 +1024,7 @@ impl<IO> Tracked<IO> {
             activity,
             blocked: false,
             unblocked: 0,
+            written: 0,
         }
     }
 
@@ -1017,6 +1044,16 @@ impl<IO> Tracked<IO> {
                 self.activity.write_blocked.store(false, Ordering::Relaxed);
             }
             _ => {}
+        }
+    }
+
+    /// Counts a write that went through: one plain store.
+    fn count(&mut self, polled: &Poll<io::Result<usize>>) {
+        if let Poll::Ready(Ok(n)) = polled {
+            if *n > 0 {
+                self.written += 1;
+                self.activity.written.store(self.written, Ordering::Relaxed);
+            }
         }
     }
 }
@@ -1039,6 +1076,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write(cx, buf);
         self.note(&polled);
+        self.count(&polled);
         polled
     }
 
@@ -1049,6 +1087,7 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write_vectored(cx, bufs);
         self.note(&polled);
+        self.count(&polled);
         polled
     }
 
@@ -1092,10 +1131,34 @@ impl Drop for InFlight {
     }
 }
 
-/// A response body that keeps its request counted as in flight.
+/// The most bytes of an HTTP/2 response handed to hyper at once. hyper
+/// polls a stream's body again only once the client's window has room past
+/// what it was last given, so the send timeout of a stream (see
+/// `streams`) is a limit on taking this much, whatever the size of the
+/// chunks the origin or the cache sends.
+const H2_PIECE: usize = 16 * 1024;
+
+/// A response body that keeps its request counted as in flight, and on
+/// HTTP/2 hands out its data in pieces of at most `piece` bytes.
 struct GuardedBody {
     inner: ResponseBody,
+    /// Data not handed out yet, of a frame larger than a piece.
+    rest: Bytes,
+    piece: Option<usize>,
     _guard: InFlight,
+}
+
+impl GuardedBody {
+    /// The next piece of `data`, the rest kept for the next polls.
+    fn piece_of(&mut self, mut data: Bytes) -> Bytes {
+        match self.piece {
+            Some(piece) if data.len() > piece => {
+                self.rest = data.split_off(piece);
+                data
+            }
+            _ => data,
+        }
+    }
 }
 
 impl Body for GuardedBody {
@@ -1106,16 +1169,39 @@ impl Body for GuardedBody {
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        if !this.rest.is_empty() {
+            let rest = std::mem::take(&mut this.rest);
+            let piece = this.piece_of(rest);
+            streams::note_body_poll(true);
+            return Poll::Ready(Some(Ok(Frame::data(piece))));
+        }
+        let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                Ok(data) => Poll::Ready(Some(Ok(Frame::data(this.piece_of(data))))),
+                Err(frame) => Poll::Ready(Some(Ok(frame))),
+            },
+            other => other,
+        };
         streams::note_body_poll(matches!(&polled, Poll::Ready(Some(Ok(f))) if f.is_data()));
         polled
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.rest.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        let inner = self.inner.size_hint();
+        if self.rest.is_empty() {
+            return inner;
+        }
+        let rest = self.rest.len() as u64;
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(rest));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(rest));
+        }
+        hint
     }
 }

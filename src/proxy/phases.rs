@@ -1,4 +1,4 @@
-//! The request phases, in order: receive, decide, max-forwards, throttle,
+//! The request phases, in order: receive, decide, throttle, max-forwards,
 //! lookup, fetch, store, deliver, log. [`Gateway`] is the listeners'
 //! [`Handler`]; `serve` below runs the phases in sequence, `max_forwards`
 //! answers a TRACE or OPTIONS with no hop left, `fill` fetches and stores,
@@ -242,6 +242,18 @@ impl Gateway {
             }
         };
 
+        // ---- throttle: what the rule would forward is counted, answers
+        // made here included
+        log.backend = Some(backend);
+        if let Some(limiter) = rule.limiter {
+            if let Err(retry) = gen.limiters.check(limiter, &view) {
+                metrics::counter!("portico_throttled_total").increment(1);
+                return Err(ProxyError::TooManyRequests {
+                    retry_after_secs: Some(retry.as_secs().max(1)),
+                });
+            }
+        }
+
         // ---- max-forwards
         // A TRACE or OPTIONS with no hop left is answered here, as by the
         // final recipient (RFC 9110 §7.6.2), but only where the rule would
@@ -249,6 +261,7 @@ impl Gateway {
         let hops = max_forwards::hops(&parts.method, &parts.headers)?;
         if hops == Hops::Exhausted {
             log.cache = "synthetic";
+            log.backend = None;
             let allow = match gen.backends[backend] {
                 BackendRuntime::Static(_) => STATIC_METHODS,
                 BackendRuntime::Pool(_) => FORWARDED_METHODS,
@@ -259,17 +272,8 @@ impl Gateway {
             }
             return Ok(resp);
         }
-        log.backend = Some(backend);
 
-        // ---- throttle
-        if let Some(limiter) = rule.limiter {
-            if let Err(retry) = gen.limiters.check(limiter, &view) {
-                metrics::counter!("portico_throttled_total").increment(1);
-                return Err(ProxyError::TooManyRequests {
-                    retry_after_secs: Some(retry.as_secs().max(1)),
-                });
-            }
-        }
+        // ---- throttle: the rest of it, the body's limits
         if let (Some(max), Some(len)) = (rule.limits.max_body, req_body.size_hint().exact()) {
             if len > max {
                 return Err(ProxyError::PayloadTooLarge { limit: max });

@@ -48,6 +48,13 @@ pub enum UpgradeError {
         /// The idle limit.
         after: Duration,
     },
+    /// A side took nothing written to it for the send limit; both sides
+    /// were closed.
+    #[error("a side took nothing for {after:?}; closed")]
+    Stalled {
+        /// The send limit.
+        after: Duration,
+    },
 }
 
 /// The pending upgrades of a client request and the origin's `101` response.
@@ -120,12 +127,19 @@ impl PendingUpgrade {
     }
 
     /// [`PendingUpgrade::splice`], closing both sides once no byte has gone
-    /// either way for `idle` ([`UpgradeError::Idle`]).
-    pub async fn splice_until_idle(self, idle: Duration) -> Result<(u64, u64), UpgradeError> {
-        self.relay(Some(idle)).await
+    /// either way for `idle` ([`UpgradeError::Idle`]), or once a write to
+    /// either side has been blocked for `send` with nothing taken
+    /// ([`UpgradeError::Stalled`]): a peer that stops reading while the
+    /// other keeps sending would otherwise hold both for `idle`.
+    pub async fn splice_until_idle(
+        self,
+        idle: Duration,
+        send: Duration,
+    ) -> Result<(u64, u64), UpgradeError> {
+        self.relay(Some((idle, send))).await
     }
 
-    async fn relay(self, idle: Option<Duration>) -> Result<(u64, u64), UpgradeError> {
+    async fn relay(self, limits: Option<(Duration, Duration)>) -> Result<(u64, u64), UpgradeError> {
         let _held = self.held;
         let (client, origin) = tokio::join!(self.client, self.origin);
         let client = client.map_err(|source| UpgradeError::Upgrade {
@@ -138,15 +152,16 @@ impl PendingUpgrade {
         })?;
         let mut client = TokioIo::new(client);
         let mut origin = TokioIo::new(origin);
-        let copied = match idle {
+        let copied = match limits {
             None => tokio::io::copy_bidirectional(&mut client, &mut origin).await?,
-            Some(idle) => {
+            Some((idle, send)) => {
                 let traffic = Arc::new(Traffic::new());
-                let mut client = Watched::new(client, &traffic);
-                let mut origin = Watched::new(origin, &traffic);
+                let mut client = Watched::new(client, &traffic, 0);
+                let mut origin = Watched::new(origin, &traffic, 1);
                 tokio::select! {
                     copied = tokio::io::copy_bidirectional(&mut client, &mut origin) => copied?,
                     () = traffic.idle_for(idle) => return Err(UpgradeError::Idle { after: idle }),
+                    () = traffic.stalled_for(send) => return Err(UpgradeError::Stalled { after: send }),
                 }
             }
         };
@@ -171,11 +186,18 @@ impl PendingUpgrade {
 #[derive(Clone)]
 struct Attached(Arc<Mutex<Option<PendingUpgrade>>>);
 
-/// When bytes last went either way through a splice.
+/// Not blocked, in [`Traffic::blocked_ms`].
+const FLOWING: u64 = u64::MAX;
+
+/// When bytes last went either way through a splice, and since when a
+/// write to either side has been blocked.
 struct Traffic {
     start: Instant,
     /// Milliseconds from `start` to the last read or write that moved bytes.
     last_ms: AtomicU64,
+    /// Per side (client, origin): milliseconds from `start` to the write
+    /// that blocked, with none gone through since; [`FLOWING`] if none.
+    blocked_ms: [AtomicU64; 2],
 }
 
 impl Traffic {
@@ -183,12 +205,50 @@ impl Traffic {
         Self {
             start: Instant::now(),
             last_ms: AtomicU64::new(0),
+            blocked_ms: [AtomicU64::new(FLOWING), AtomicU64::new(FLOWING)],
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(FLOWING - 1)
+    }
+
+    /// Notes how a write to `side` went: blocked (kept from the first time
+    /// it blocked) or through.
+    fn note_write(&self, side: usize, blocked: bool) {
+        let slot = &self.blocked_ms[side];
+        if blocked {
+            if slot.load(Ordering::Relaxed) == FLOWING {
+                slot.store(self.now_ms(), Ordering::Relaxed);
+            }
+        } else if slot.load(Ordering::Relaxed) != FLOWING {
+            slot.store(FLOWING, Ordering::Relaxed);
+        }
+    }
+
+    /// Completes once a write to either side has been blocked for `send`
+    /// with none gone through since. Looks every `send` at most.
+    async fn stalled_for(&self, send: Duration) {
+        loop {
+            let now = Instant::now();
+            let mut wake = now + send;
+            for slot in &self.blocked_ms {
+                let since = slot.load(Ordering::Relaxed);
+                if since == FLOWING {
+                    continue;
+                }
+                let due = self.start + Duration::from_millis(since) + send;
+                if now >= due {
+                    return;
+                }
+                wake = wake.min(due);
+            }
+            tokio::time::sleep_until(wake).await;
         }
     }
 
     fn note(&self) {
-        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.last_ms.store(ms, Ordering::Relaxed);
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
     }
 
     /// Completes once nothing has moved for `idle`. One timer, re-armed
@@ -206,17 +266,20 @@ impl Traffic {
 }
 
 /// One side of a splice, noting in its [`Traffic`] each read or write that
-/// moves bytes.
+/// moves bytes, and each write that blocks.
 struct Watched<IO> {
     io: IO,
     traffic: Arc<Traffic>,
+    /// 0 for the client, 1 for the origin.
+    side: usize,
 }
 
 impl<IO> Watched<IO> {
-    fn new(io: IO, traffic: &Arc<Traffic>) -> Self {
+    fn new(io: IO, traffic: &Arc<Traffic>, side: usize) -> Self {
         Self {
             io,
             traffic: Arc::clone(traffic),
+            side,
         }
     }
 }
@@ -243,14 +306,25 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         let polled = Pin::new(&mut self.io).poll_write(cx, buf);
-        if matches!(polled, Poll::Ready(Ok(n)) if n > 0) {
-            self.traffic.note();
+        match polled {
+            Poll::Ready(Ok(n)) if n > 0 => {
+                self.traffic.note();
+                self.traffic.note_write(self.side, false);
+            }
+            Poll::Pending => self.traffic.note_write(self.side, true),
+            _ => {}
         }
         polled
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.io).poll_flush(cx)
+        let polled = Pin::new(&mut self.io).poll_flush(cx);
+        match polled {
+            Poll::Ready(Ok(())) => self.traffic.note_write(self.side, false),
+            Poll::Pending => self.traffic.note_write(self.side, true),
+            Poll::Ready(Err(_)) => {}
+        }
+        polled
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {

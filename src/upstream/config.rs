@@ -189,7 +189,7 @@ impl Default for Timeouts {
 /// Idle keep-alive connections kept per server.
 ///
 /// An idle connection holds its read and write buffers (up to about
-/// 16 KiB) and its socket buffers, so
+/// 48 KiB: 32 for reading, 16 for writing) and its socket buffers, so
 /// a burst of traffic would otherwise leave every connection it opened
 /// sitting on that memory until the timeout. Past `idle_max`, the
 /// connection idle the longest is closed, as NGINX's `keepalive` does.

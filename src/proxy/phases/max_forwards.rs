@@ -66,6 +66,11 @@ pub(super) fn answer(parts: &http::request::Parts, allow: &'static str) -> Respo
         header::CONTENT_TYPE,
         HeaderValue::from_static("message/http"),
     );
+    // Never read as anything but the message it is.
+    resp.headers_mut().insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
     resp
 }
 
@@ -96,14 +101,21 @@ fn reflect(parts: &http::request::Parts) -> Vec<u8> {
 /// Whether a request field is likely to hold sensitive data, and so stays
 /// out of a TRACE reflection (RFC 9110 §9.3.8): credentials
 /// (`Authorization`, `Proxy-Authorization`), cookies, and any field whose
-/// name says it carries a token, a key, a secret, a password, a session or
-/// a signature (`X-Api-Key`, `X-Auth-Token`, `X-CSRF-Token`,
-/// `X-Amz-Security-Token`, ...). A reflection is read by whatever script
+/// name says it carries a token, a key, a secret, a password, a session,
+/// a signature or who the client is (`X-Api-Key`, `X-Auth-Token`,
+/// `X-CSRF-Token`, `X-Amz-Security-Token`, `X-Forwarded-User`,
+/// `X-Forwarded-Client-Cert`, `X-Amzn-Oidc-Data`, ...). A reflection is read by whatever script
 /// sent the request, which must not learn what the browser or an
 /// intermediary added to it; leaving out a harmless field costs nothing.
 fn is_sensitive(name: &HeaderName) -> bool {
-    const WORDS: [&str; 12] = [
+    const WORDS: [&str; 18] = [
         "auth",
+        "user",
+        "email",
+        "principal",
+        "cert",
+        "oidc",
+        "identity",
         "cookie",
         "token",
         "key",
@@ -118,7 +130,8 @@ fn is_sensitive(name: &HeaderName) -> bool {
     ];
     // Names are lower case.
     let name = name.as_str();
-    WORDS.iter().any(|w| name.contains(w))
+    // The one common field that names software, not a person.
+    name != "user-agent" && WORDS.iter().any(|w| name.contains(w))
 }
 
 #[cfg(test)]
@@ -175,6 +188,12 @@ mod tests {
             "x-amz-security-token",
             "x-session-id",
             "x-client-secret",
+            "x-forwarded-user",
+            "x-forwarded-email",
+            "x-amzn-oidc-data",
+            "x-ms-client-principal",
+            "x-forwarded-client-cert",
+            "x-ssl-client-cert",
         ] {
             assert!(is_sensitive(&HeaderName::from_static(name)), "{name}");
         }
