@@ -999,6 +999,42 @@ async fn an_idle_h2_connection_still_sending_to_a_slow_reader_is_not_dropped() {
 }
 
 #[tokio::test]
+async fn pings_do_not_keep_open_an_idle_h2_connection_whose_client_takes_nothing() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], vec![b'x'; 16 * 1024])).await;
+        let p = proxy(&policy_for(
+            &origin,
+            "http {\n  send_timeout 300ms\n  idle_timeout 100ms\n}\nrule all { route app cache off }",
+        ))
+        .await;
+        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        // A window of one byte, never opened further, and a ping every
+        // 100 ms: the proxy's answers to them are all it can write.
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(1)
+            .keep_alive_interval(Duration::from_millis(100))
+            .keep_alive_while_idle(true)
+            .handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        let conn = tokio::spawn(conn);
+        let req = http::Request::get("http://h2.test/held")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
+        assert!(ended.is_ok(), "the connection was kept open by its pings");
+        drop(resp);
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn an_h2_stream_waiting_on_a_quiet_origin_is_not_reset() {
     use http_body_util::{BodyExt as _, Empty};
     use hyper_util::rt::{TokioExecutor, TokioIo};

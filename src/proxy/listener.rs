@@ -897,9 +897,17 @@ struct Activity {
     write_blocked: AtomicBool,
     /// Writes that went through after a blocked one: progress, to the timer.
     unblocked: AtomicU64,
-    /// Writes that went through at all, for a connection that is closing.
+    /// Bytes written to the client, for a connection that is closing.
     written: AtomicU64,
 }
+
+/// Bytes a closing connection may write in a send timeout without that
+/// counting as progress: control frames (an HTTP/2 PING's answer is 17)
+/// that a client can ask for while it takes no data.
+const CONTROL_BYTES: u64 = 64;
+/// How many send timeouts a closing connection with nothing in flight may
+/// take to finish sending, progress or not.
+const DRAIN_SENDS: u32 = 4;
 
 /// Why a connection's timer went off.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -929,10 +937,11 @@ impl Activity {
     /// unless `idle_too` is false; and with [`Due::Stalled`] when writing
     /// to it has been blocked without progress at two looks `send` apart.
     /// With `idle_too` false (the connection is closing), a connection with
-    /// no request in flight and no write gone through at two looks `send`
-    /// apart is stalled too: what keeps it open is only what its client
-    /// does not take, such as the last bytes of an HTTP/2 stream behind a
-    /// window held shut.
+    /// no request in flight is stalled too when at two looks `send` apart
+    /// no more than [`CONTROL_BYTES`] went out (what keeps it open is only
+    /// what its client does not take, such as the last bytes of an HTTP/2
+    /// stream behind a window held shut), or when it has been so for
+    /// [`DRAIN_SENDS`] times `send`, however slowly it drains.
     async fn due(&self, first: Duration, idle: Duration, send: Duration, idle_too: bool) -> Due {
         // A request may start and end while the timer sleeps, after which the
         // connection is due `idle` after it ended: never sleep longer than that.
@@ -943,9 +952,9 @@ impl Activity {
         };
         // The progress count when writing was first seen blocked, and when.
         let mut blocked: Option<(u64, Instant)> = None;
-        // While closing: the write count when the connection was first seen
-        // with no request in flight and no write since, and when.
-        let mut drained: Option<(u64, Instant)> = None;
+        // While closing with no request in flight: the bytes written at the
+        // last look that saw progress, and when; and when it was first seen.
+        let mut drained: Option<(u64, Instant, Instant)> = None;
         loop {
             tokio::time::sleep_until(wake.into()).await;
             let now = Instant::now();
@@ -970,14 +979,20 @@ impl Activity {
                     drained = None;
                 } else {
                     let written = self.written.load(Ordering::Relaxed);
-                    match drained {
-                        Some((seen, since)) if seen == written => {
-                            if now >= since + send {
+                    match &mut drained {
+                        None => drained = Some((written, now, now)),
+                        Some((seen, since, first)) => {
+                            if now >= *first + send * DRAIN_SENDS {
                                 return Due::Stalled;
                             }
-                            next = next.min(since + send);
+                            // Replies to the client's pings are no progress.
+                            if written.saturating_sub(*seen) > CONTROL_BYTES {
+                                (*seen, *since) = (written, now);
+                            } else if now >= *since + send {
+                                return Due::Stalled;
+                            }
+                            next = next.min(*since + send);
                         }
-                        _ => drained = Some((written, now)),
                     }
                 }
                 wake = next;
@@ -1013,7 +1028,7 @@ struct Tracked<IO> {
     blocked: bool,
     /// Writes that went through after a blocked one.
     unblocked: u64,
-    /// Writes that went through.
+    /// Bytes written.
     written: u64,
 }
 
@@ -1047,11 +1062,11 @@ impl<IO> Tracked<IO> {
         }
     }
 
-    /// Counts a write that went through: one plain store.
+    /// Counts the bytes of a write that went through: one plain store.
     fn count(&mut self, polled: &Poll<io::Result<usize>>) {
         if let Poll::Ready(Ok(n)) = polled {
             if *n > 0 {
-                self.written += 1;
+                self.written += *n as u64;
                 self.activity.written.store(self.written, Ordering::Relaxed);
             }
         }

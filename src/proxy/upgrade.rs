@@ -318,11 +318,12 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Watched<IO> {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        // A pending flush is not a blocked write: over TLS it waits for the
+        // whole of what was encrypted to reach the socket, however steadily
+        // the peer reads.
         let polled = Pin::new(&mut self.io).poll_flush(cx);
-        match polled {
-            Poll::Ready(Ok(())) => self.traffic.note_write(self.side, false),
-            Poll::Pending => self.traffic.note_write(self.side, true),
-            Poll::Ready(Err(_)) => {}
+        if let Poll::Ready(Ok(())) = polled {
+            self.traffic.note_write(self.side, false);
         }
         polled
     }
