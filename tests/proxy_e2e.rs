@@ -2726,11 +2726,28 @@ impl Captured {
 
     /// The access log line for `path`, if it has been written.
     fn access_line(&self, path: &str) -> Option<String> {
+        self.access_lines(path).into_iter().next()
+    }
+
+    /// Every access log line for `path` written so far, in order.
+    fn access_lines(&self, path: &str) -> Vec<String> {
         let needle = format!(" path={path} ");
         self.text()
             .lines()
-            .find(|l| l.contains("portico::access") && l.contains(&needle))
+            .filter(|l| l.contains("portico::access") && l.contains(&needle))
             .map(str::to_owned)
+            .collect()
+    }
+
+    /// Waits for the access log line of the request for `path` after the
+    /// first `before` of them.
+    async fn wait_access_line_after(&self, path: &str, before: usize) -> String {
+        eventually(
+            &format!("access log line {} for {path}", before + 1),
+            || self.access_lines(path).len() > before,
+        )
+        .await;
+        self.access_lines(path).swap_remove(before)
     }
 
     /// Waits for the access log line for `path`: it is written when the
@@ -2888,6 +2905,56 @@ async fn access_log_counts_the_bytes_of_a_chunked_body() {
         let line = logs.wait_access_line("/logged-chunked").await;
         assert_eq!(field_u64(&line, "bytes"), LEN as u64, "{line}");
         assert!(line.contains(" complete=true"), "{line}");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn access_log_marks_an_h2_stream_reset_behind_a_shut_window_cut_short() {
+    use http_body_util::Empty;
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let (logs, _guard) = Captured::start();
+    bounded(async {
+        // A stored 200 KB object: a hit hands its whole body over at once,
+        // so the body has nothing left to read long before the client has
+        // taken it.
+        const LEN: usize = 200_000;
+        let origin = Origin::start(|_| {
+            reply(
+                200,
+                &[("cache-control", "public, max-age=600")],
+                vec![b'x'; LEN],
+            )
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            "http { send_timeout 300ms }\nrule all { route app cache { ttl 10m } }",
+        ))
+        .await;
+        let filled = get(addr(&p), "/logged-h2-held", &[("host", "h2.test")]).await;
+        assert_eq!(filled.body.len(), LEN);
+        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
+            .initial_stream_window_size(16 * 1024)
+            .handshake(TokioIo::new(stream))
+            .await
+            .unwrap();
+        tokio::spawn(conn);
+        let req = http::Request::get("http://h2.test/logged-h2-held")
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let held = sender.send_request(req).await.unwrap();
+        assert_eq!(held.status(), 200);
+        assert!(held.headers()["cache-status"]
+            .to_str()
+            .unwrap()
+            .contains("hit"));
+        let line = logs.wait_access_line_after("/logged-h2-held", 1).await;
+        assert!(line.contains(" complete=false"), "{line}");
+        assert!(field_u64(&line, "bytes") < LEN as u64, "{line}");
+        drop(held);
         p.shutdown().await;
     })
     .await;

@@ -136,3 +136,69 @@ impl Body for RequestBody {
             .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
 }
+
+/// The most bytes of an HTTP/2 response handed to the connection at once.
+/// hyper polls a stream's body again only once the client's window has
+/// room past what it was last given, so a stream's send timeout is a limit
+/// on taking this much, whatever the size of the chunks the origin or the
+/// cache sends.
+pub const H2_PIECE: usize = 16 * 1024;
+
+/// A response body's data cut into pieces of at most a given size, for
+/// the wrappers that hand them out one poll at a time.
+#[derive(Debug, Default)]
+pub struct Sliced {
+    /// Data not handed out yet, of a frame larger than a piece.
+    rest: Bytes,
+    /// The largest piece; none: frames go as they come.
+    size: Option<usize>,
+}
+
+impl Sliced {
+    /// Sliced of at most `size` bytes, or whole frames.
+    pub fn new(size: Option<usize>) -> Self {
+        Self {
+            rest: Bytes::new(),
+            size,
+        }
+    }
+
+    /// The next piece of a frame already cut, if any is left.
+    pub fn next_piece(&mut self) -> Option<Bytes> {
+        if self.rest.is_empty() {
+            return None;
+        }
+        let rest = std::mem::take(&mut self.rest);
+        Some(self.cut(rest))
+    }
+
+    /// The first piece of `data`, the rest kept for [`Sliced::next_piece`].
+    pub fn cut(&mut self, mut data: Bytes) -> Bytes {
+        match self.size {
+            Some(size) if data.len() > size => {
+                self.rest = data.split_off(size);
+                data
+            }
+            _ => data,
+        }
+    }
+
+    /// Whether every piece has been handed out.
+    pub fn is_empty(&self) -> bool {
+        self.rest.is_empty()
+    }
+
+    /// `hint`, the body's own, with the pieces left added.
+    pub fn hint(&self, hint: SizeHint) -> SizeHint {
+        if self.rest.is_empty() {
+            return hint;
+        }
+        let rest = self.rest.len() as u64;
+        let mut out = SizeHint::new();
+        out.set_lower(hint.lower().saturating_add(rest));
+        if let Some(upper) = hint.upper() {
+            out.set_upper(upper.saturating_add(rest));
+        }
+        out
+    }
+}

@@ -66,7 +66,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
-use super::body::{BoxError, RequestBody, ResponseBody};
+use super::body::{BoxError, RequestBody, ResponseBody, Sliced, H2_PIECE};
 use super::errors::{ErrorPages, ProxyError};
 use super::upgrade::PendingUpgrade;
 
@@ -689,8 +689,7 @@ where
                 }
                 Ok::<_, Infallible>(response.map(|inner| GuardedBody {
                     inner,
-                    rest: Bytes::new(),
-                    piece,
+                    pieces: Sliced::new(piece),
                     _guard: guard,
                 }))
             }
@@ -1146,34 +1145,13 @@ impl Drop for InFlight {
     }
 }
 
-/// The most bytes of an HTTP/2 response handed to hyper at once. hyper
-/// polls a stream's body again only once the client's window has room past
-/// what it was last given, so the send timeout of a stream (see
-/// `streams`) is a limit on taking this much, whatever the size of the
-/// chunks the origin or the cache sends.
-const H2_PIECE: usize = 16 * 1024;
-
 /// A response body that keeps its request counted as in flight, and on
-/// HTTP/2 hands out its data in pieces of at most `piece` bytes.
+/// HTTP/2 hands out its data in pieces of at most [`H2_PIECE`] bytes (for
+/// the streams' send timeout, see `streams`).
 struct GuardedBody {
     inner: ResponseBody,
-    /// Data not handed out yet, of a frame larger than a piece.
-    rest: Bytes,
-    piece: Option<usize>,
+    pieces: Sliced,
     _guard: InFlight,
-}
-
-impl GuardedBody {
-    /// The next piece of `data`, the rest kept for the next polls.
-    fn piece_of(&mut self, mut data: Bytes) -> Bytes {
-        match self.piece {
-            Some(piece) if data.len() > piece => {
-                self.rest = data.split_off(piece);
-                data
-            }
-            _ => data,
-        }
-    }
 }
 
 impl Body for GuardedBody {
@@ -1185,15 +1163,13 @@ impl Body for GuardedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        if !this.rest.is_empty() {
-            let rest = std::mem::take(&mut this.rest);
-            let piece = this.piece_of(rest);
+        if let Some(piece) = this.pieces.next_piece() {
             streams::note_body_poll(true);
             return Poll::Ready(Some(Ok(Frame::data(piece))));
         }
         let polled = match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
-                Ok(data) => Poll::Ready(Some(Ok(Frame::data(this.piece_of(data))))),
+                Ok(data) => Poll::Ready(Some(Ok(Frame::data(this.pieces.cut(data))))),
                 Err(frame) => Poll::Ready(Some(Ok(frame))),
             },
             other => other,
@@ -1203,20 +1179,10 @@ impl Body for GuardedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.rest.is_empty() && self.inner.is_end_stream()
+        self.pieces.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        let inner = self.inner.size_hint();
-        if self.rest.is_empty() {
-            return inner;
-        }
-        let rest = self.rest.len() as u64;
-        let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower().saturating_add(rest));
-        if let Some(upper) = inner.upper() {
-            hint.set_upper(upper.saturating_add(rest));
-        }
-        hint
+        self.pieces.hint(self.inner.size_hint())
     }
 }

@@ -20,7 +20,7 @@ use http::{header, Method, StatusCode};
 use hyper::body::{Body, Frame, SizeHint};
 
 use super::{Generation, Log};
-use crate::proxy::body::{BoxError, ResponseBody};
+use crate::proxy::body::{BoxError, ResponseBody, Sliced, H2_PIECE};
 
 /// What the access log line says besides the body's bytes and end, gathered
 /// by the time the response head is ready.
@@ -38,6 +38,9 @@ pub(super) struct Access {
 /// A response body that writes the access log line when it is dropped.
 pub(super) struct LoggedBody {
     inner: ResponseBody,
+    /// On HTTP/2, the data cut as the listener hands it out, so that what
+    /// is counted sent was taken by the connection.
+    pieces: Sliced,
     /// Data bytes handed to the connection so far.
     sent: u64,
     /// The body said it had no more frames.
@@ -49,8 +52,10 @@ pub(super) struct LoggedBody {
 
 impl LoggedBody {
     pub(super) fn new(inner: ResponseBody, access: Access) -> Self {
+        let piece = (access.head.version == http::Version::HTTP_2).then_some(H2_PIECE);
         Self {
             inner,
+            pieces: Sliced::new(piece),
             sent: 0,
             ended: false,
             failed: false,
@@ -65,7 +70,7 @@ impl LoggedBody {
         let status = self.access.status;
         !self.failed
             && (self.ended
-                || self.inner.is_end_stream()
+                || (self.pieces.is_empty() && self.inner.is_end_stream())
                 || self.access.head.method == Method::HEAD
                 || status.is_informational()
                 || status == StatusCode::NO_CONTENT
@@ -82,7 +87,16 @@ impl Body for LoggedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         let this = &mut *self;
-        let polled = Pin::new(&mut this.inner).poll_frame(cx);
+        let polled = match this.pieces.next_piece() {
+            Some(piece) => Poll::Ready(Some(Ok(Frame::data(piece)))),
+            None => match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => match frame.into_data() {
+                    Ok(data) => Poll::Ready(Some(Ok(Frame::data(this.pieces.cut(data))))),
+                    Err(frame) => Poll::Ready(Some(Ok(frame))),
+                },
+                other => other,
+            },
+        };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
@@ -97,11 +111,11 @@ impl Body for LoggedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.pieces.is_empty() && self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.pieces.hint(self.inner.size_hint())
     }
 }
 
