@@ -859,10 +859,33 @@ async fn h2c_prior_knowledge_is_proxied() {
     .await;
 }
 
+/// An HTTP/2 client (prior knowledge) of the proxy at `a`, its builder set
+/// up by `setup`; the connection runs on a task of its own.
+async fn h2_client(
+    a: std::net::SocketAddr,
+    setup: impl FnOnce(&mut hyper::client::conn::http2::Builder<hyper_util::rt::TokioExecutor>),
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<Result<(), hyper::Error>>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo};
+    let stream = tokio::net::TcpStream::connect(a).await.unwrap();
+    let mut builder = hyper::client::conn::http2::Builder::new(TokioExecutor::new());
+    setup(&mut builder);
+    let (sender, conn) = builder.handshake(TokioIo::new(stream)).await.unwrap();
+    (sender, tokio::spawn(conn))
+}
+
+/// A GET of `path` on the host `h2.test`, for [`h2_client`].
+fn h2_request(path: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    http::Request::get(format!("http://h2.test{path}"))
+        .body(http_body_util::Empty::new())
+        .unwrap()
+}
+
 #[tokio::test]
 async fn an_h2_stream_whose_window_stays_shut_is_reset_after_the_send_timeout() {
-    use http_body_util::{BodyExt as _, Empty};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use http_body_util::BodyExt as _;
     bounded(async {
         const BIG: usize = 8 << 20;
         let origin = Origin::start(|s| {
@@ -878,24 +901,16 @@ async fn an_h2_stream_whose_window_stays_shut_is_reset_after_the_send_timeout() 
             "http { send_timeout 300ms }\nrule all { route app cache off }",
         ))
         .await;
-        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(16 * 1024)
-            .handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let get = |path: &str| {
-            http::Request::get(format!("http://h2.test{path}"))
-                .body(Empty::<bytes::Bytes>::new())
-                .unwrap()
-        };
-        let held = sender.send_request(get("/big")).await.unwrap();
+        let (mut sender, _conn) = h2_client(addr(&p), |b| {
+            b.initial_stream_window_size(16 * 1024);
+        })
+        .await;
+        let held = sender.send_request(h2_request("/big")).await.unwrap();
         assert_eq!(held.status(), 200);
         // Nothing of the body is read, so its window stays shut.
         tokio::time::sleep(Duration::from_secs(2)).await;
         // The connection carries on...
-        let small = sender.send_request(get("/small")).await.unwrap();
+        let small = sender.send_request(h2_request("/small")).await.unwrap();
         let small = small.into_body().collect().await.unwrap().to_bytes();
         assert_eq!(&small[..], b"small");
         // ...but the held stream was reset short of its body.
@@ -917,8 +932,7 @@ async fn an_h2_stream_whose_window_stays_shut_is_reset_after_the_send_timeout() 
 
 #[tokio::test]
 async fn a_slow_h2_reader_that_keeps_reading_gets_the_whole_body() {
-    use http_body_util::{BodyExt as _, Empty};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use http_body_util::BodyExt as _;
     bounded(async {
         const LEN: usize = 2 << 20;
         let origin = Origin::start(|_| reply(200, &[], vec![b'x'; LEN])).await;
@@ -927,18 +941,12 @@ async fn a_slow_h2_reader_that_keeps_reading_gets_the_whole_body() {
             "http {\n  send_timeout 300ms\n  idle_timeout 300ms\n}\nrule all { route app cache off }",
         ))
         .await;
-        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(64 * 1024)
-            .initial_connection_window_size(64 * 1024)
-            .handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::get("http://h2.test/big")
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let mut body = sender.send_request(req).await.unwrap().into_body();
+        let (mut sender, _conn) = h2_client(addr(&p), |b| {
+            b.initial_stream_window_size(64 * 1024)
+                .initial_connection_window_size(64 * 1024);
+        })
+        .await;
+        let mut body = sender.send_request(h2_request("/big")).await.unwrap().into_body();
         // About 500 KiB/s: the origin's answer comes in reads far larger
         // than what this client takes in a send timeout, yet it never
         // stops taking.
@@ -960,8 +968,7 @@ async fn a_slow_h2_reader_that_keeps_reading_gets_the_whole_body() {
 
 #[tokio::test]
 async fn an_idle_h2_connection_still_sending_to_a_slow_reader_is_not_dropped() {
-    use http_body_util::{BodyExt as _, Empty};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use http_body_util::BodyExt as _;
     bounded(async {
         const LEN: usize = 16 * 1024;
         let origin = Origin::start(|_| reply(200, &[], vec![b'x'; LEN])).await;
@@ -970,17 +977,15 @@ async fn an_idle_h2_connection_still_sending_to_a_slow_reader_is_not_dropped() {
             "http {\n  send_timeout 1s\n  idle_timeout 100ms\n}\nrule all { route app cache off }",
         ))
         .await;
-        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(1024)
-            .handshake(TokioIo::new(stream))
+        let (mut sender, _conn) = h2_client(addr(&p), |b| {
+            b.initial_stream_window_size(1024);
+        })
+        .await;
+        let mut body = sender
+            .send_request(h2_request("/slow"))
             .await
-            .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::get("http://h2.test/slow")
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let mut body = sender.send_request(req).await.unwrap().into_body();
+            .unwrap()
+            .into_body();
         // The whole answer is handed over at once and waits in HTTP/2's
         // buffers while the connection idles out; taking 1 KiB every
         // 100 ms, the client needs longer than the send timeout for it.
@@ -1000,8 +1005,6 @@ async fn an_idle_h2_connection_still_sending_to_a_slow_reader_is_not_dropped() {
 
 #[tokio::test]
 async fn pings_do_not_keep_open_an_idle_h2_connection_whose_client_takes_nothing() {
-    use http_body_util::Empty;
-    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     bounded(async {
         let origin = Origin::start(|_| reply(200, &[], vec![b'x'; 16 * 1024])).await;
         let p = proxy(&policy_for(
@@ -1009,22 +1012,16 @@ async fn pings_do_not_keep_open_an_idle_h2_connection_whose_client_takes_nothing
             "http {\n  send_timeout 300ms\n  idle_timeout 100ms\n}\nrule all { route app cache off }",
         ))
         .await;
-        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
         // A window of one byte, never opened further, and a ping every
         // 100 ms: the proxy's answers to them are all it can write.
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .initial_stream_window_size(1)
-            .keep_alive_interval(Duration::from_millis(100))
-            .keep_alive_while_idle(true)
-            .handshake(TokioIo::new(stream))
-            .await
-            .unwrap();
-        let conn = tokio::spawn(conn);
-        let req = http::Request::get("http://h2.test/held")
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
+        let (mut sender, conn) = h2_client(addr(&p), |b| {
+            b.timer(hyper_util::rt::TokioTimer::new())
+                .initial_stream_window_size(1)
+                .keep_alive_interval(Duration::from_millis(100))
+                .keep_alive_while_idle(true);
+        })
+        .await;
+        let resp = sender.send_request(h2_request("/held")).await.unwrap();
         assert_eq!(resp.status(), 200);
         let ended = tokio::time::timeout(Duration::from_secs(10), conn).await;
         assert!(ended.is_ok(), "the connection was kept open by its pings");
@@ -2912,8 +2909,6 @@ async fn access_log_counts_the_bytes_of_a_chunked_body() {
 
 #[tokio::test]
 async fn access_log_marks_an_h2_stream_reset_behind_a_shut_window_cut_short() {
-    use http_body_util::Empty;
-    use hyper_util::rt::{TokioExecutor, TokioIo};
     let (logs, _guard) = Captured::start();
     bounded(async {
         // A stored 200 KB object: a hit hands its whole body over at once,
@@ -2935,17 +2930,14 @@ async fn access_log_marks_an_h2_stream_reset_behind_a_shut_window_cut_short() {
         .await;
         let filled = get(addr(&p), "/logged-h2-held", &[("host", "h2.test")]).await;
         assert_eq!(filled.body.len(), LEN);
-        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
-        let (mut sender, conn) = hyper::client::conn::http2::Builder::new(TokioExecutor::new())
-            .initial_stream_window_size(16 * 1024)
-            .handshake(TokioIo::new(stream))
+        let (mut sender, _conn) = h2_client(addr(&p), |b| {
+            b.initial_stream_window_size(16 * 1024);
+        })
+        .await;
+        let held = sender
+            .send_request(h2_request("/logged-h2-held"))
             .await
             .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::get("http://h2.test/logged-h2-held")
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let held = sender.send_request(req).await.unwrap();
         assert_eq!(held.status(), 200);
         assert!(held.headers()["cache-status"]
             .to_str()
