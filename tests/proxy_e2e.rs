@@ -1810,6 +1810,41 @@ async fn proxy_before_echo_origin() -> (
     (p, task, stream)
 }
 
+/// An HTTP/2 WebSocket opening (RFC 8441 extended CONNECT) of
+/// `http://ws.test/chat`, with `fields` besides the version.
+fn websocket_connect(
+    fields: &[(&str, &str)],
+) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
+    let mut req = http::Request::builder()
+        .method(http::Method::CONNECT)
+        .uri("http://ws.test/chat")
+        .header("sec-websocket-version", "13");
+    for (name, value) in fields {
+        req = req.header(*name, *value);
+    }
+    let mut req = req.body(http_body_util::Empty::new()).unwrap();
+    req.extensions_mut()
+        .insert(hyper::ext::Protocol::from_static("websocket"));
+    req
+}
+
+/// Sends the extended CONNECT `connect` makes, again until the server's
+/// SETTINGS (with ENABLE_CONNECT_PROTOCOL), which may come after the first
+/// try, allow it.
+async fn send_extended_connect(
+    sender: &mut hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    connect: impl Fn() -> http::Request<http_body_util::Empty<bytes::Bytes>>,
+) -> http::Response<hyper::body::Incoming> {
+    for _ in 0..50 {
+        sender.ready().await.unwrap();
+        match sender.send_request(connect()).await {
+            Ok(resp) => return resp,
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    panic!("extended CONNECT not accepted");
+}
+
 /// Sends each message over a switched connection and expects it echoed.
 async fn echo_round_trips(upgraded: hyper::upgrade::Upgraded, messages: &[&[u8]]) {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
@@ -2031,8 +2066,6 @@ async fn a_websocket_whose_client_stops_reading_is_closed_after_the_send_timeout
 #[tokio::test]
 async fn an_h2_websocket_outlives_the_keep_alive_idle_and_send_timeouts() {
     bounded(async {
-        use bytes::Bytes;
-        use http_body_util::Empty;
         use hyper_util::rt::{TokioExecutor, TokioIo};
         let (origin, task) = echo_upgrade_origin().await;
         let p = proxy(&format!(
@@ -2045,29 +2078,7 @@ async fn an_h2_websocket_outlives_the_keep_alive_idle_and_send_timeouts() {
                 .await
                 .unwrap();
         tokio::spawn(conn);
-        let connect = || {
-            let mut req = http::Request::builder()
-                .method(http::Method::CONNECT)
-                .uri("http://ws.test/chat")
-                .header("sec-websocket-version", "13")
-                .body(Empty::<Bytes>::new())
-                .unwrap();
-            req.extensions_mut()
-                .insert(hyper::ext::Protocol::from_static("websocket"));
-            req
-        };
-        let mut resp = None;
-        for _ in 0..50 {
-            sender.ready().await.unwrap();
-            match sender.send_request(connect()).await {
-                Ok(r) => {
-                    resp = Some(r);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        }
-        let resp = resp.expect("extended CONNECT accepted");
+        let resp = send_extended_connect(&mut sender, || websocket_connect(&[])).await;
         assert_eq!(resp.status(), 200);
         let upgraded = hyper::upgrade::on(resp).await.expect("the h2 stream opened");
         let mut io = TokioIo::new(upgraded);
@@ -2160,33 +2171,8 @@ async fn websocket_over_h2_reaches_an_http1_origin_and_echoes() {
                 .await
                 .unwrap();
         tokio::spawn(conn);
-        let connect = || {
-            let mut req = http::Request::builder()
-                .method(http::Method::CONNECT)
-                .uri("http://ws.test/chat")
-                .header("sec-websocket-version", "13")
-                .header("cookie", "a=1")
-                .header("cookie", "b=2")
-                .body(Empty::<Bytes>::new())
-                .unwrap();
-            req.extensions_mut()
-                .insert(hyper::ext::Protocol::from_static("websocket"));
-            req
-        };
-        // The server's SETTINGS (with ENABLE_CONNECT_PROTOCOL) may not have
-        // arrived when the first request is sent.
-        let mut resp = None;
-        for _ in 0..50 {
-            sender.ready().await.unwrap();
-            match sender.send_request(connect()).await {
-                Ok(r) => {
-                    resp = Some(r);
-                    break;
-                }
-                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
-            }
-        }
-        let resp = resp.expect("extended CONNECT accepted");
+        let connect = || websocket_connect(&[("cookie", "a=1"), ("cookie", "b=2")]);
+        let resp = send_extended_connect(&mut sender, connect).await;
         assert_eq!(resp.status(), 200);
         assert_eq!(resp.headers().get("x-origin-saw-method").unwrap(), "GET");
         // HTTP/2 names the host in :authority alone.
