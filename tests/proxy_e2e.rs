@@ -876,6 +876,27 @@ async fn h2_client(
     (sender, tokio::spawn(conn))
 }
 
+/// Reads `body` to its end, pausing for `pause` after each `every` bytes
+/// (counted in whole frames): the bytes read, or the error that ended it.
+async fn read_paced(
+    body: &mut hyper::body::Incoming,
+    every: usize,
+    pause: Duration,
+) -> Result<usize, hyper::Error> {
+    use http_body_util::BodyExt as _;
+    let (mut got, mut since_pause) = (0, 0);
+    while let Some(frame) = body.frame().await {
+        let n = frame?.data_ref().map_or(0, |d| d.len());
+        got += n;
+        since_pause += n;
+        if since_pause >= every {
+            since_pause = 0;
+            tokio::time::sleep(pause).await;
+        }
+    }
+    Ok(got)
+}
+
 /// A GET of `path` on the host `h2.test`, for [`h2_client`].
 fn h2_request(path: &str) -> http::Request<http_body_util::Empty<bytes::Bytes>> {
     http::Request::get(format!("http://h2.test{path}"))
@@ -932,7 +953,6 @@ async fn an_h2_stream_whose_window_stays_shut_is_reset_after_the_send_timeout() 
 
 #[tokio::test]
 async fn a_slow_h2_reader_that_keeps_reading_gets_the_whole_body() {
-    use http_body_util::BodyExt as _;
     bounded(async {
         const LEN: usize = 2 << 20;
         let origin = Origin::start(|_| reply(200, &[], vec![b'x'; LEN])).await;
@@ -950,16 +970,9 @@ async fn a_slow_h2_reader_that_keeps_reading_gets_the_whole_body() {
         // About 500 KiB/s: the origin's answer comes in reads far larger
         // than what this client takes in a send timeout, yet it never
         // stops taking.
-        let (mut got, mut since_pause) = (0, 0);
-        while let Some(frame) = body.frame().await {
-            let n = frame.expect("the stream was not reset").data_ref().map_or(0, |d| d.len());
-            got += n;
-            since_pause += n;
-            if since_pause >= 32 * 1024 {
-                since_pause = 0;
-                tokio::time::sleep(Duration::from_millis(60)).await;
-            }
-        }
+        let got = read_paced(&mut body, 32 * 1024, Duration::from_millis(60))
+            .await
+            .expect("the stream was not reset");
         assert_eq!(got, LEN);
         p.shutdown().await;
     })
@@ -968,7 +981,6 @@ async fn a_slow_h2_reader_that_keeps_reading_gets_the_whole_body() {
 
 #[tokio::test]
 async fn an_idle_h2_connection_still_sending_to_a_slow_reader_is_not_dropped() {
-    use http_body_util::BodyExt as _;
     bounded(async {
         const LEN: usize = 16 * 1024;
         let origin = Origin::start(|_| reply(200, &[], vec![b'x'; LEN])).await;
@@ -989,14 +1001,9 @@ async fn an_idle_h2_connection_still_sending_to_a_slow_reader_is_not_dropped() {
         // The whole answer is handed over at once and waits in HTTP/2's
         // buffers while the connection idles out; taking 1 KiB every
         // 100 ms, the client needs longer than the send timeout for it.
-        let mut got = 0;
-        while let Some(frame) = body.frame().await {
-            got += frame
-                .expect("the connection was not dropped")
-                .data_ref()
-                .map_or(0, |d| d.len());
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let got = read_paced(&mut body, 1, Duration::from_millis(100))
+            .await
+            .expect("the connection was not dropped");
         assert_eq!(got, LEN);
         p.shutdown().await;
     })
