@@ -1040,8 +1040,7 @@ async fn pings_do_not_keep_open_an_idle_h2_connection_whose_client_takes_nothing
 
 #[tokio::test]
 async fn an_h2_stream_waiting_on_a_quiet_origin_is_not_reset() {
-    use http_body_util::{BodyExt as _, Empty};
-    use hyper_util::rt::{TokioExecutor, TokioIo};
+    use http_body_util::BodyExt as _;
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     bounded(async {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -1067,16 +1066,8 @@ async fn an_h2_stream_waiting_on_a_quiet_origin_is_not_reset() {
             "http {{ send_timeout 300ms }}\nbackend app {{\n  server \"{origin_addr}\"\n}}\nrule all {{ route app cache off }}\n"
         ))
         .await;
-        let stream = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
-        let (mut sender, conn) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
-                .await
-                .unwrap();
-        tokio::spawn(conn);
-        let req = http::Request::get("http://h2.test/events")
-            .body(Empty::<bytes::Bytes>::new())
-            .unwrap();
-        let resp = sender.send_request(req).await.unwrap();
+        let (mut sender, _conn) = h2_client(addr(&p), |_| {}).await;
+        let resp = sender.send_request(h2_request("/events")).await.unwrap();
         let body = resp.into_body().collect().await.expect("the whole stream");
         assert_eq!(&body.to_bytes()[..], b"data: 1\ndata: 2\n");
         p.shutdown().await;
