@@ -1616,6 +1616,13 @@ async fn static_files_backend_serves_validates_ranges_and_refuses_escapes() {
             assert!(!got.text().contains("top secret"), "{path}");
         }
         assert_eq!(get(a, "/missing.txt", &[]).await.status, 404);
+
+        let got = send(a, "OPTIONS", "/hello.txt", &[], "").await;
+        assert_eq!(got.status, 204);
+        assert_eq!(got.header("allow"), Some("GET, HEAD, OPTIONS"));
+        let got = send(a, "TRACE", "/hello.txt", &[], "").await;
+        assert_eq!(got.status, 405);
+        assert_eq!(got.header("allow"), Some("GET, HEAD, OPTIONS"));
         p.shutdown().await;
     })
     .await;

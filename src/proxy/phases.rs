@@ -55,10 +55,8 @@ const MAX_JOINS: usize = 4;
 /// memory tier (besides it).
 const COPIES_SHARE: usize = 8;
 /// The methods Portico forwards, for `Allow`; a static-files backend
-/// answers only [`STATIC_METHODS`].
+/// answers only [`static_files::METHODS`].
 const FORWARDED_METHODS: &str = "GET, HEAD, POST, PUT, DELETE, PATCH, OPTIONS, TRACE";
-/// The methods a static-files backend answers.
-const STATIC_METHODS: &str = "GET, HEAD";
 
 /// How a backend is reached.
 pub enum BackendRuntime {
@@ -263,7 +261,7 @@ impl Gateway {
             log.cache = "synthetic";
             log.backend = None;
             let allow = match gen.backends[backend] {
-                BackendRuntime::Static(_) => STATIC_METHODS,
+                BackendRuntime::Static(_) => static_files::METHODS,
                 BackendRuntime::Pool(_) => FORWARDED_METHODS,
             };
             let mut resp = max_forwards::answer(parts, allow);

@@ -110,13 +110,24 @@ impl Body for FileBody {
     }
 }
 
+/// The methods a static-files backend answers, for `Allow`.
+pub const METHODS: &str = "GET, HEAD, OPTIONS";
+
 /// Answers `req` from the directory of `cfg`. The body streams the
 /// selected bytes from the file (see the module doc).
 pub async fn serve<B>(cfg: &StaticConfig, req: &Request<B>) -> Response<FileBody> {
     if req.method() != Method::GET && req.method() != Method::HEAD {
-        let mut resp = plain(StatusCode::METHOD_NOT_ALLOWED);
+        // OPTIONS asks what the target supports (RFC 9110 §9.3.7): the same
+        // methods for every path, so the answer needs no file. Anything else
+        // (TRACE included) is refused with the list.
+        let status = if req.method() == Method::OPTIONS {
+            StatusCode::NO_CONTENT
+        } else {
+            StatusCode::METHOD_NOT_ALLOWED
+        };
+        let mut resp = plain(status);
         resp.headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+            .insert(header::ALLOW, HeaderValue::from_static(METHODS));
         return resp;
     }
     let segments = match decode_path(req.uri().path()) {
@@ -586,10 +597,21 @@ mod tests {
     #[tokio::test]
     async fn other_methods_get_405_with_allow() {
         let s = site();
-        for m in [Method::POST, Method::PUT, Method::DELETE] {
+        for m in [Method::POST, Method::PUT, Method::DELETE, Method::TRACE] {
             let (st, h, _) = get(&s, m, "/hello.txt", &[]).await;
             assert_eq!(st, StatusCode::METHOD_NOT_ALLOWED);
-            assert_eq!(h[header::ALLOW], "GET, HEAD");
+            assert_eq!(h[header::ALLOW], "GET, HEAD, OPTIONS");
+        }
+    }
+
+    #[tokio::test]
+    async fn options_lists_the_methods_for_any_path() {
+        let s = site();
+        for path in ["/hello.txt", "/nope.txt", "*"] {
+            let (st, h, body) = get(&s, Method::OPTIONS, path, &[]).await;
+            assert_eq!(st, StatusCode::NO_CONTENT, "{path}");
+            assert_eq!(h[header::ALLOW], "GET, HEAD, OPTIONS");
+            assert!(body.is_empty());
         }
     }
 
