@@ -10,6 +10,7 @@
 # Run from the project root after `cargo build --release` and once
 # benches/passthrough/run.sh (which builds the upstream):
 #     benches/passthrough/cpu.sh [PATH]     (default /obj/1k; N=200000 ROUNDS=3)
+#     CAP=50 benches/passthrough/cpu.sh     each proxy held to 50% of one core
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -27,10 +28,15 @@ cleanup() { kill "${pids[@]}" 2>/dev/null || true; }
 trap cleanup EXIT
 taskset -c 0 "$ceiling" 127.0.0.1:8095 >/dev/null 2>&1 &
 pids+=($!)
-RUST_LOG=warn taskset -c 1 "$portico" run "$here/portico.policy" --threads 1 --log-format plain >/dev/null 2>&1 &
+wrap_portico=() wrap_nginx=()
+if [[ -n ${CAP:-} ]]; then
+  wrap_portico=("$here/capped.sh" portico-pass-cap "$CAP")
+  wrap_nginx=("$here/capped.sh" nginx-pass-cap "$CAP")
+fi
+RUST_LOG=warn taskset -c 1 "${wrap_portico[@]}" "$portico" run "$here/portico.policy" --threads 1 --log-format plain >/dev/null 2>&1 &
 portico_pid=$!
 pids+=($portico_pid)
-taskset -c 1 nginx -p /tmp/portico-nginx-pass/ -c "$here/nginx.conf" >/dev/null 2>&1 &
+taskset -c 1 "${wrap_nginx[@]}" nginx -p /tmp/portico-nginx-pass/ -c "$here/nginx.conf" >/dev/null 2>&1 &
 nginx_pid=$!
 pids+=($nginx_pid)
 for port in 8184 8181; do

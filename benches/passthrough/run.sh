@@ -6,6 +6,13 @@
 #
 # Run from the project root after `cargo build --release`:
 #     benches/passthrough/run.sh            (REPS, DURATION, SIZES as in the harness)
+#     CAP=50 benches/passthrough/run.sh     each proxy held to 50% of one core
+#
+# Uncapped, the two proxies each cost about as much CPU per request as wrk
+# and the upstream together on the other core, so a round is decided by
+# whichever core the machine slows at that moment. With CAP (a percentage of
+# one core, given to each proxy in its own cgroup by capped.sh) the proxy is
+# always the bottleneck, and the ratio is one of CPU cost per request.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
@@ -28,6 +35,11 @@ taskset -c "${LOADGEN_CPU:-0}" "$ceiling" 127.0.0.1:8095 > /tmp/portico-pass-ups
 upstream=$!
 trap 'kill $upstream 2>/dev/null || true' EXIT
 sleep 0.5
+wrap_portico= wrap_nginx=
+if [[ -n ${CAP:-} ]]; then
+  wrap_portico="$here/capped.sh portico-pass-cap $CAP"
+  wrap_nginx="$here/capped.sh nginx-pass-cap $CAP"
+fi
 REF=${REF:-nginx-pass} TESTS=hit "$bench" \
-  "portico-pass=http://127.0.0.1:8184::$portico run $here/portico.policy --log-format plain" \
-  "nginx-pass=http://127.0.0.1:8181::nginx -p /tmp/portico-nginx-pass/ -c $here/nginx.conf"
+  "portico-pass=http://127.0.0.1:8184::$wrap_portico $portico run $here/portico.policy --log-format plain" \
+  "nginx-pass=http://127.0.0.1:8181::$wrap_nginx nginx -p /tmp/portico-nginx-pass/ -c $here/nginx.conf"
