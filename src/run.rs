@@ -194,7 +194,14 @@ fn server_limits(policy: &Policy) -> ServerLimits {
         tunnel_idle_timeout: h.tunnel_idle_timeout,
         send_timeout: h.send_timeout,
         max_header_bytes: h.max_header as usize,
-        max_body_bytes: h.max_body,
+        // The listener refuses only what no rule would take; each rule's
+        // own limit (or `http`'s) is applied once the rule is known.
+        max_body_bytes: policy
+            .model
+            .rules
+            .iter()
+            .filter_map(|r| r.limits.max_body)
+            .fold(h.max_body, u64::max),
         shutdown_grace: h.shutdown_grace,
         max_connections: usize::try_from(h.max_connections).unwrap_or(usize::MAX),
         ..ServerLimits::default()
@@ -853,9 +860,20 @@ http {
   idle_timeout 5s
   tunnel_idle_timeout 90s
   send_timeout 7s
+  header_timeout 4s
+  max_header 8KiB
+  max_body 1MiB
 }
 backend app {
   server "127.0.0.1:9000"
+}
+rule upload when path ^= "/upload" {
+  route app
+  max_body 5MiB
+}
+rule small when path ^= "/small" {
+  route app
+  max_body 1KiB
 }
 rule default {
   route app
@@ -865,6 +883,10 @@ rule default {
         )
         .unwrap();
         let limits = server_limits(&policy);
+        assert_eq!(limits.header_read_timeout, Duration::from_secs(4));
+        assert_eq!(limits.max_header_bytes, 8 << 10);
+        // The largest body any rule takes.
+        assert_eq!(limits.max_body_bytes, 5 << 20);
         assert_eq!(limits.max_connections, 3);
         assert_eq!(limits.idle_timeout, Duration::from_secs(5));
         assert_eq!(limits.tunnel_idle_timeout, Duration::from_secs(90));

@@ -3247,6 +3247,46 @@ async fn connect_is_refused_with_405_and_allow() {
     .await;
 }
 
+/// A rule's `max_body` replaces `http`'s for its requests, above it as well
+/// as below; rules without one keep `http`'s, declared or streamed.
+#[tokio::test]
+async fn rule_max_body_can_raise_the_http_limit() {
+    bounded(async {
+        let origin = Origin::start(|s| reply(200, &[], format!("got {}", s.body.len()))).await;
+        let rules = r#"
+rule upload when path ^= "/upload" { route app cache off max_body 64KiB }
+rule all { route app cache off }"#;
+        let p = proxy(&format!(
+            "http {{ max_body 1KiB }}\n{}",
+            policy_for(&origin, rules)
+        ))
+        .await;
+        let a = addr(&p);
+        let got = send(a, "POST", "/upload/a", &[], vec![b'x'; 8192]).await;
+        assert_eq!(got.status, 200);
+        assert_eq!(got.text(), "got 8192");
+        let got = send(a, "POST", "/other", &[], vec![b'x'; 8192]).await;
+        assert_eq!(got.status, 413);
+        let got = send(a, "POST", "/upload/b", &[], vec![b'x'; 70_000]).await;
+        assert_eq!(got.status, 413);
+        for (path, expect) in [("/upload/c", "HTTP/1.1 200"), ("/other", "HTTP/1.1 413")] {
+            let chunk = "x".repeat(8000);
+            let request = format!(
+                "POST {path} HTTP/1.1\r\nhost: t.test\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n{:x}\r\n{chunk}\r\n0\r\n\r\n",
+                chunk.len()
+            );
+            let answer = raw_exchange(a, request.as_bytes(), Duration::from_secs(5)).await;
+            assert!(answer.starts_with(expect), "{path}: {answer}");
+        }
+        assert!(
+            origin.seen().iter().all(|s| s.uri.path().starts_with("/upload") || s.body.len() <= 1024),
+            "a request without a rule limit went over http's"
+        );
+        p.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn rule_max_body_also_bounds_a_chunked_body() {
     bounded(async {

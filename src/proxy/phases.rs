@@ -272,15 +272,21 @@ impl Gateway {
         }
 
         // ---- throttle: the rest of it, the body's limits
-        if let (Some(max), Some(len)) = (rule.limits.max_body, req_body.size_hint().exact()) {
-            if len > max {
-                return Err(ProxyError::PayloadTooLarge { limit: max });
-            }
+        // The rule's limit, or `http`'s: the listener let through bodies up
+        // to the largest limit of any rule.
+        let max_body = rule.limits.max_body.unwrap_or(policy.model.http.max_body);
+        if req_body
+            .size_hint()
+            .exact()
+            .is_some_and(|len| len > max_body)
+        {
+            return Err(ProxyError::PayloadTooLarge { limit: max_body });
         }
         // A body without a declared length is counted while it streams.
-        let req_body = match rule.limits.max_body {
-            Some(max) if max < req_body.limit() => req_body.with_limit(max),
-            _ => req_body,
+        let req_body = if max_body < req_body.limit() {
+            req_body.with_limit(max_body)
+        } else {
+            req_body
         };
 
         // ---- lookup
