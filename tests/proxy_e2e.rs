@@ -1412,6 +1412,7 @@ rule all {{ route app cache off }}
 "#,
             a.addr, b.addr
         );
+        let (logs, _guard) = Captured::start();
         let p = proxy(&policy).await;
         let proxied_to_a = || a.seen().iter().filter(|s| s.uri.path() == "/").count();
 
@@ -1430,6 +1431,14 @@ rule all {{ route app cache off }}
         let bodies = spread(addr(&p), 10, &[]).await;
         assert_eq!(count_of(&bodies, "b"), 10);
         assert_eq!(proxied_to_a(), at_a);
+        // The log names the server by backend and address.
+        let named = format!("app/{}", a.addr);
+        assert!(
+            logs.text()
+                .lines()
+                .any(|l| l.contains("upstream server down") && l.contains(&named)),
+            "no down line naming {named}"
+        );
 
         healthy.store(true, Ordering::SeqCst);
         let deadline = Instant::now() + Duration::from_secs(5);

@@ -352,7 +352,8 @@ impl Listener {
             shutdown: shutdown.clone(),
             splices: splices.clone(),
         });
-        info!(addr = %self.local_addr, tls = self.tls.is_some(), "listening");
+        // `portico run` says which listener this is; the detail is for tests.
+        debug!(addr = %self.local_addr, tls = self.tls.is_some(), "listener serving");
         let mut conns = JoinSet::new();
         let mut stop = pin!(shutdown.triggered());
         let mut at_cap = false;

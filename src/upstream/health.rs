@@ -40,6 +40,8 @@ pub struct HealthState {
     rise: u32,
     fall: u32,
     servers: Box<[ServerHealth]>,
+    /// How logs name each server: `backend/host:port`.
+    labels: Box<[Box<str>]>,
 }
 
 #[derive(Debug)]
@@ -56,7 +58,35 @@ impl HealthState {
     /// State for `n` servers, all up. `rise` and `fall` (at least 1) govern
     /// active checks; `eject` governs passive ejection.
     pub fn new(n: usize, rise: u32, fall: u32, eject: EjectConfig) -> Arc<Self> {
+        let labels = (0..n).map(|i| i.to_string().into()).collect();
+        Self::build(n, rise, fall, eject, labels)
+    }
+
+    /// As [`HealthState::new`], for the servers `addrs` of `backend`, which
+    /// logs name as `backend/addr`.
+    pub fn labelled(
+        backend: &str,
+        addrs: &[&str],
+        rise: u32,
+        fall: u32,
+        eject: EjectConfig,
+    ) -> Arc<Self> {
+        let labels = addrs
+            .iter()
+            .map(|a| format!("{backend}/{a}").into())
+            .collect();
+        Self::build(addrs.len(), rise, fall, eject, labels)
+    }
+
+    fn build(
+        n: usize,
+        rise: u32,
+        fall: u32,
+        eject: EjectConfig,
+        labels: Box<[Box<str>]>,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            labels,
             base: Instant::now(),
             eject,
             rise: rise.max(1),
@@ -169,7 +199,7 @@ impl HealthState {
         s.request_fail_streak.store(0, Ordering::Release);
         let until = self.now_ms() + self.eject.cooldown.as_millis() as u64;
         s.ejected_until_ms.store(until, Ordering::Release);
-        tracing::warn!(server = i, cooldown = ?self.eject.cooldown, "upstream server ejected after {streak} failed requests");
+        tracing::warn!(server = &*self.labels[i], cooldown = ?self.eject.cooldown, "upstream server ejected after {streak} failed requests");
         true
     }
 
@@ -182,7 +212,7 @@ impl HealthState {
             let streak = s.probe_ok_streak.fetch_add(1, Ordering::Relaxed) + 1;
             if streak >= self.rise && !s.up.swap(true, Ordering::AcqRel) {
                 tracing::info!(
-                    server = i,
+                    server = &*self.labels[i],
                     "upstream server back up after {streak} good probes"
                 );
                 return Some(true);
@@ -192,7 +222,7 @@ impl HealthState {
             let streak = s.probe_fail_streak.fetch_add(1, Ordering::Relaxed) + 1;
             if streak >= self.fall && s.up.swap(false, Ordering::AcqRel) {
                 tracing::warn!(
-                    server = i,
+                    server = &*self.labels[i],
                     "upstream server down after {streak} failed probes"
                 );
                 return Some(false);

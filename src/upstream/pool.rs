@@ -263,7 +263,7 @@ impl Pool {
         let conns = Connections::new(servers.len(), tls, cfg.keepalive);
 
         let (rise, fall) = cfg.health.as_ref().map_or((1, 1), |h| (h.rise, h.fall));
-        let health = HealthState::new(servers.len(), rise, fall, cfg.eject);
+        let health = HealthState::labelled(&cfg.name, &ids, rise, fall, cfg.eject);
         if let Some(previous) = previous {
             // Before the checker starts, so its first round builds on it.
             let kept: Vec<(usize, usize)> = servers
