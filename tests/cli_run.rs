@@ -180,6 +180,83 @@ async fn sighup_reloads_a_good_policy_and_refuses_a_broken_one() {
     .await;
 }
 
+/// Good and broken policies, reloaded by SIGHUP while clients keep sending:
+/// no request fails, the broken ones change nothing, and a slow request in
+/// flight to a backend that a reload removes still finishes.
+#[tokio::test]
+async fn reloads_of_good_and_broken_policies_under_load_fail_no_request() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let slow = Origin::start_with_delay(Duration::from_millis(800), |_| {
+            reply(200, &[], "slow")
+        })
+        .await;
+        let with_slow = format!(
+            "backend slow {{ server \"{}\" }}\nrule slow when path == \"/slow\" {{ route slow cache off }}\n{}",
+            slow.addr,
+            policy_routing_to(&a, &b, "a")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.policy");
+        std::fs::write(&path, &with_slow).unwrap();
+        let p = Portico::spawn(&["run", path.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+        let addr = p.listen_addr();
+        assert_eq!(get(addr, "/", &[]).await.text(), "a");
+
+        let in_flight = tokio::spawn(async move { get(addr, "/slow", &[]).await });
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while slow.count() == 0 {
+            assert!(Instant::now() < deadline, "the slow request never arrived");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let mut clients = tokio::task::JoinSet::new();
+        for _ in 0..4 {
+            let stop = stop.clone();
+            clients.spawn(async move {
+                let mut seen = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+                    let got = get(addr, "/", &[]).await;
+                    assert_eq!(got.status, 200, "{}", got.text());
+                    seen.push(got.text());
+                }
+                seen
+            });
+        }
+        for i in 0..6 {
+            let to = if i % 2 == 0 { "b" } else { "a" };
+            rewrite_quietly(&path, &policy_routing_to(&a, &b, to));
+            p.signal("HUP");
+            p.wait_line("policy reloaded", Duration::from_secs(5));
+            if i == 0 {
+                assert!(!in_flight.is_finished(), "the slow request ended before the reload");
+            }
+            until_body(addr, to, Duration::from_secs(5)).await;
+            rewrite_quietly(&path, &policy_routing_to(&a, &b, "nowhere"));
+            p.signal("HUP");
+            p.wait_line("reload refused", Duration::from_secs(5));
+            let got = get(addr, "/", &[]).await;
+            assert_eq!((got.status.as_u16(), got.text()), (200, to.to_owned()));
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        let mut total = Vec::new();
+        while let Some(r) = clients.join_next().await {
+            total.extend(r.expect("a client failed a request"));
+        }
+        assert!(total.len() >= 20, "only {} requests", total.len());
+        assert!(total.iter().any(|t| t == "a") && total.iter().any(|t| t == "b"));
+
+        let got = in_flight.await.unwrap();
+        assert_eq!((got.status.as_u16(), got.text()), (200, "slow".to_owned()));
+        // The reloads removed the slow backend: /slow now goes where `/` goes.
+        assert_eq!(get(addr, "/slow", &[]).await.text(), "a");
+        assert_eq!(slow.count(), 1);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_edited_policy_file_is_picked_up_without_a_signal() {
     bounded(async {
