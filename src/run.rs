@@ -730,6 +730,15 @@ pub fn main(args: RunArgs) -> i32 {
         cache_dir: args.cache_dir.clone(),
     };
     rt.block_on(async move {
+        // Before anything slow (binding, opening the disk cache): from here
+        // a SIGHUP or SIGTERM waits for the start to finish instead of
+        // killing the process by its default action.
+        let Some(signals) = Signals::install() else {
+            tracing::error!("cannot install signal handlers");
+            return 1;
+        };
+        tracing::info!(pid = std::process::id(), "starting");
+        crate::log::flush();
         crate::admin::install_metrics();
         let running = match start(policy, args.policy.clone(), overrides).await {
             Ok(r) => r,
@@ -740,8 +749,26 @@ pub fn main(args: RunArgs) -> i32 {
             }
         };
         crate::log::flush();
-        serve_until_signalled(running, loaded_mtime).await
+        serve_until_signalled(running, signals, loaded_mtime).await
     })
+}
+
+/// The signals `portico run` acts on.
+struct Signals {
+    hup: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    fn install() -> Option<Self> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Some(Self {
+            hup: signal(SignalKind::hangup()).ok()?,
+            term: signal(SignalKind::terminate()).ok()?,
+            int: signal(SignalKind::interrupt()).ok()?,
+        })
+    }
 }
 
 fn mtime(path: &PathBuf) -> Option<std::time::SystemTime> {
@@ -751,16 +778,16 @@ fn mtime(path: &PathBuf) -> Option<std::time::SystemTime> {
 /// Serves until SIGTERM or SIGINT, reloading on SIGHUP and whenever the
 /// policy file's modification time differs from `seen`, the one it had
 /// when it was loaded.
-async fn serve_until_signalled(running: Running, mut seen: Option<std::time::SystemTime>) -> i32 {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut hup), Ok(mut term), Ok(mut int)) = (
-        signal(SignalKind::hangup()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::interrupt()),
-    ) else {
-        tracing::error!("cannot install signal handlers");
-        return 1;
-    };
+async fn serve_until_signalled(
+    running: Running,
+    signals: Signals,
+    mut seen: Option<std::time::SystemTime>,
+) -> i32 {
+    let Signals {
+        mut hup,
+        mut term,
+        mut int,
+    } = signals;
     let mut poll = tokio::time::interval(Duration::from_secs(1));
     let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
     let mut flush = tokio::time::interval(Duration::from_millis(100));

@@ -257,6 +257,36 @@ async fn reloads_of_good_and_broken_policies_under_load_fail_no_request() {
     .await;
 }
 
+/// A SIGHUP that comes while Portico starts (here while it opens a disk
+/// cache given by `--cache-dir`) is acted on once it has started, and does
+/// not kill it.
+#[tokio::test]
+async fn a_sighup_during_the_start_does_not_kill_portico() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.policy");
+        let cache = dir.path().join("cache");
+        std::fs::write(&path, policy_routing_to(&a, &b, "a")).unwrap();
+        let p = Portico::spawn(&[
+            "run",
+            path.to_str().unwrap(),
+            "--listen",
+            "127.0.0.1:0",
+            "--cache-dir",
+            cache.to_str().unwrap(),
+        ]);
+        p.wait_line("starting", Duration::from_secs(10));
+        p.signal("HUP");
+        let addr = p.listen_addr();
+        p.wait_line("SIGHUP: reloading", Duration::from_secs(5));
+        assert_eq!(get(addr, "/", &[]).await.text(), "a");
+        assert!(cache.is_dir(), "the disk cache is where --cache-dir says");
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn an_edited_policy_file_is_picked_up_without_a_signal() {
     bounded(async {
