@@ -3256,6 +3256,37 @@ async fn connect_is_refused_with_405_and_allow() {
     .await;
 }
 
+/// Requests the listener refuses before any rule sees them still get their
+/// access log line.
+#[tokio::test]
+async fn requests_refused_by_the_listener_are_logged() {
+    bounded(async {
+        let (logs, _guard) = Captured::start();
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&format!(
+            "http {{ max_body 1KiB }}\n{}",
+            policy_for(&origin, "rule all { route app cache off }")
+        ))
+        .await;
+        let a = addr(&p);
+        let got = send(a, "POST", "/refused-too-large", &[], vec![b'x'; 4096]).await;
+        assert_eq!(got.status, 413);
+        let line = logs.wait_access_line("/refused-too-large").await;
+        assert!(line.contains("status=413"), "{line}");
+        assert!(line.contains("rule=- backend=- cache=\"refused\""), "{line}");
+
+        let request = "POST /refused-coding HTTP/1.1\r\nhost: t.test\r\ntransfer-encoding: gzip, chunked\r\n\r\n0\r\n\r\n";
+        let answer = raw_exchange(a, request.as_bytes(), Duration::from_secs(5)).await;
+        let status = &answer[9..12];
+        assert!(status.starts_with('4') || status.starts_with('5'), "{answer}");
+        let line = logs.wait_access_line("/refused-coding").await;
+        assert!(line.contains(&format!("status={status}")), "{line}");
+        assert_eq!(origin.count(), 0);
+        p.shutdown().await;
+    })
+    .await;
+}
+
 /// A rule's `max_body` replaces `http`'s for its requests, above it as well
 /// as below; rules without one keep `http`'s, declared or streamed.
 #[tokio::test]

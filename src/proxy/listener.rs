@@ -68,6 +68,7 @@ use tracing::{debug, info, warn};
 
 use super::body::{BoxError, RequestBody, ResponseBody, Sliced, H2_PIECE};
 use super::errors::{ErrorPages, ProxyError};
+use super::phases::log_refused;
 use super::upgrade::PendingUpgrade;
 
 mod h1;
@@ -662,8 +663,13 @@ where
                 let req = req.map(|body| RequestBody::new(body, limit));
                 let mut response = match transfer_coding_error(req.headers()) {
                     Some(e) => {
+                        // Refused as soon as the head is in: no clock read
+                        // on the way of every other request.
+                        let started = Instant::now();
                         debug!(%client_addr, error = %e, "request refused");
                         let mut response = shared.errors.respond(&e, Some(req.headers()));
+                        let bytes = response.body().size_hint().exact();
+                        log_refused(client_addr.ip(), &req, response.status(), bytes, started);
                         // Its body is left unread: the connection cannot
                         // carry another request.
                         response
@@ -853,9 +859,19 @@ async fn respond<H: Handler>(
     // known without looking the field up again.
     let declared = req.body().size_hint().exact();
     let mut response = if declared.is_some_and(|len| len > limit) {
-        shared
+        let started = Instant::now();
+        let response = shared
             .errors
-            .respond(&ProxyError::PayloadTooLarge { limit }, Some(req.headers()))
+            .respond(&ProxyError::PayloadTooLarge { limit }, Some(req.headers()));
+        let bytes = response.body().size_hint().exact();
+        log_refused(
+            info.client_addr.ip(),
+            &req,
+            response.status(),
+            bytes,
+            started,
+        );
+        response
     } else {
         shared.handler.handle(req, info).await
     };

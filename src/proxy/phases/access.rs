@@ -148,3 +148,45 @@ impl Drop for LoggedBody {
         );
     }
 }
+
+/// Logs a request that the listener answered itself (a declared body over
+/// every rule's limit, a refused transfer coding) before any rule saw it:
+/// the same line as any other, with no rule or backend and `cache=refused`,
+/// and the same request metrics.
+pub(crate) fn log_refused<B>(
+    client: IpAddr,
+    req: &http::Request<B>,
+    status: StatusCode,
+    bytes: Option<u64>,
+    started: Instant,
+) {
+    let elapsed = started.elapsed();
+    let class = match status.as_u16() / 100 {
+        1 => "1xx",
+        2 => "2xx",
+        3 => "3xx",
+        4 => "4xx",
+        _ => "5xx",
+    };
+    metrics::counter!("portico_requests_total", "status" => class).increment(1);
+    metrics::histogram!("portico_request_duration_seconds").record(elapsed.as_secs_f64());
+    tracing::info!(
+        target: "portico::access",
+        client = %client,
+        method = %req.method(),
+        host = %req
+            .uri()
+            .host()
+            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
+            .unwrap_or("-"),
+        path = %req.uri().path(),
+        status = status.as_u16(),
+        bytes = bytes.unwrap_or(0),
+        complete = true,
+        duration_us = elapsed.as_micros() as u64,
+        upstream_us = None::<u64>,
+        rule = %"-",
+        backend = %"-",
+        cache = "refused",
+    );
+}
