@@ -355,6 +355,8 @@ async fn hop_by_hop_headers_stay_on_their_hop() {
                     ("connection", "x-origin-hop"),
                     ("x-origin-hop", "1"),
                     ("keep-alive", "timeout=5"),
+                    ("proxy-connection", "keep-alive"),
+                    ("trailer", "x-checksum"),
                 ],
                 "ok",
             )
@@ -370,13 +372,22 @@ async fn hop_by_hop_headers_stay_on_their_hop() {
                 ("keep-alive", "timeout=5"),
                 ("te", "trailers"),
                 ("upgrade", "websocket"),
+                ("proxy-connection", "keep-alive"),
+                ("trailer", "x-checksum"),
                 ("x-end-to-end", "kept"),
             ],
         )
         .await;
         assert_eq!(got.status, 200);
         let seen = &origin.seen()[0];
-        for name in ["x-secret", "keep-alive", "te", "upgrade"] {
+        for name in [
+            "x-secret",
+            "keep-alive",
+            "te",
+            "upgrade",
+            "proxy-connection",
+            "trailer",
+        ] {
             assert!(
                 seen.headers.get(name).is_none(),
                 "{name} reached the origin"
@@ -385,6 +396,8 @@ async fn hop_by_hop_headers_stay_on_their_hop() {
         assert_eq!(seen.headers.get("x-end-to-end").unwrap(), "kept");
         assert!(got.header("x-origin-hop").is_none());
         assert!(got.header("keep-alive").is_none());
+        assert!(got.header("proxy-connection").is_none());
+        assert!(got.header("trailer").is_none());
         p.shutdown().await;
     })
     .await;
@@ -1589,6 +1602,9 @@ async fn static_files_backend_serves_validates_ranges_and_refuses_escapes() {
         std::fs::create_dir(&site).unwrap();
         std::fs::write(site.join("hello.txt"), "hello, static world").unwrap();
         std::fs::write(root.path().join("secret.txt"), "top secret").unwrap();
+        std::os::unix::fs::symlink(root.path().join("secret.txt"), site.join("link.txt")).unwrap();
+        std::fs::create_dir(site.join("docs")).unwrap();
+        std::fs::write(site.join("docs/index.html"), "<h1>docs</h1>").unwrap();
         let policy = format!(
             "backend files {{ static \"{}\" }}\nrule all {{ route files cache off }}",
             site.display()
@@ -1599,7 +1615,23 @@ async fn static_files_backend_serves_validates_ranges_and_refuses_escapes() {
         let got = get(a, "/hello.txt", &[]).await;
         assert_eq!(got.status, 200);
         assert_eq!(got.text(), "hello, static world");
+        assert_eq!(
+            got.header("content-type"),
+            Some("text/plain; charset=utf-8")
+        );
         let etag = got.header("etag").expect("ETag").to_string();
+        let modified = got
+            .header("last-modified")
+            .expect("Last-Modified")
+            .to_string();
+        let got = get(a, "/hello.txt", &[("if-modified-since", &modified)]).await;
+        assert_eq!(got.status, 304);
+        let got = get(a, "/docs/", &[]).await;
+        assert_eq!(
+            (got.status.as_u16(), got.text()),
+            (200, "<h1>docs</h1>".to_owned())
+        );
+        assert_eq!(got.header("content-type"), Some("text/html; charset=utf-8"));
 
         let got = get(a, "/hello.txt", &[("if-none-match", &etag)]).await;
         assert_eq!(got.status, 304);
@@ -1615,10 +1647,13 @@ async fn static_files_backend_serves_validates_ranges_and_refuses_escapes() {
             "/%2e%2e/secret.txt",
             "/%2e%2e%2fsecret.txt",
             "/..%2fsecret.txt",
+            "/%252e%252e/secret.txt",
+            "/%252e%252e%252fsecret.txt",
+            "/link.txt",
         ] {
             let got = get(a, path, &[]).await;
             assert!(
-                got.status == 400 || got.status == 404,
+                got.status == 400 || got.status == 403 || got.status == 404,
                 "{path}: {}",
                 got.status
             );

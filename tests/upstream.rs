@@ -2,6 +2,8 @@
 //! balancing, failover, health checks, ejection, retry safety, time limits,
 //! keep-alive and TLS.
 
+mod common;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -982,6 +984,37 @@ fn tls_material(
         ca_file,
         other_file,
     )
+}
+
+/// The same through a policy: `tls`, `ca_file` and `tls_server_name` as an
+/// operator writes them, a request through Portico, and 502 when the CA
+/// file is not the one that signed the origin's certificate.
+#[tokio::test]
+async fn https_backend_written_in_a_policy() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let (acceptor, ca_file, other_ca) = tls_material(dir.path());
+        let a = Origin::start_with("secure", Some(acceptor)).await;
+        let policy = |ca: &std::path::Path| {
+            format!(
+                "backend secure {{\n  server \"{}\"\n  tls\n  ca_file \"{}\"\n  tls_server_name \"localhost\"\n}}\nrule all {{ route secure cache off }}\n",
+                a.addr,
+                ca.display()
+            )
+        };
+        let p = common::proxy(&policy(&ca_file)).await;
+        let got = common::get(common::addr(&p), "/x", &[]).await;
+        assert_eq!((got.status, got.text()), (StatusCode::OK, "secure".to_owned()));
+        p.shutdown().await;
+
+        let p = common::proxy(&policy(&other_ca)).await;
+        let got = common::get(common::addr(&p), "/x", &[]).await;
+        assert_eq!(got.status, StatusCode::BAD_GATEWAY);
+        assert_eq!(a.requests(), 1);
+        p.shutdown().await;
+    })
+    .await
+    .unwrap();
 }
 
 #[tokio::test]
