@@ -1369,6 +1369,51 @@ rule all {{ route app cache off }}
     .await;
 }
 
+/// A server killed while it holds requests: a GET it had is retried on the
+/// other server (a reset before any response byte), and a POST it had gets
+/// 502 and is not sent again.
+#[tokio::test]
+async fn a_backend_killed_with_requests_in_flight() {
+    bounded(async {
+        for method in ["GET", "POST"] {
+            let a = KillableOrigin::start_with_delay("a", Duration::from_secs(30)).await;
+            let b = KillableOrigin::start("b").await;
+            let policy = format!(
+                "backend app {{\n  server \"{}\"\n  server \"{}\"\n}}\nrule all {{ route app cache off }}\n",
+                a.addr, b.addr
+            );
+            let p = proxy(&policy).await;
+            let target = addr(&p);
+            // Round robin: of two at once, one goes to each; `a` holds its own.
+            let sent: Vec<_> = (0..2)
+                .map(|_| {
+                    let body = if method == "GET" { "" } else { "1" };
+                    tokio::spawn(async move { send(target, method, "/", &[], body).await })
+                })
+                .collect();
+            eventually("one request at each server", || a.count() == 1 && b.count() == 1).await;
+            a.kill();
+            let mut got: Vec<_> = Vec::new();
+            for s in sent {
+                let r = s.await.unwrap();
+                got.push((r.status.as_u16(), r.text()));
+            }
+            got.sort();
+            if method == "GET" {
+                assert_eq!(got, [(200, "b".to_owned()), (200, "b".to_owned())]);
+                assert_eq!(b.count(), 2, "the held GET was retried once");
+            } else {
+                assert_eq!(got[0], (200, "b".to_owned()));
+                assert_eq!(got[1].0, 502, "{got:?}");
+                assert_eq!(b.count(), 1, "the POST was sent twice");
+            }
+            assert_eq!(a.count(), 1);
+            p.shutdown().await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_backend_killed_mid_run_loses_its_traffic_without_failed_requests() {
     bounded(async {

@@ -410,6 +410,12 @@ pub struct KillableOrigin {
 
 impl KillableOrigin {
     pub async fn start(name: &'static str) -> KillableOrigin {
+        Self::start_with_delay(name, Duration::ZERO).await
+    }
+
+    /// Like [`KillableOrigin::start`], answering each request after `delay`
+    /// (counted when it arrives), so that a kill can find requests in flight.
+    pub async fn start_with_delay(name: &'static str, delay: Duration) -> KillableOrigin {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind origin");
         let addr = listener.local_addr().expect("origin address");
         let requests = Arc::new(AtomicUsize::new(0));
@@ -424,7 +430,10 @@ impl KillableOrigin {
                 let conn = tokio::spawn(async move {
                     let service = hyper::service::service_fn(move |_req: Request<Incoming>| {
                         requests.fetch_add(1, Ordering::SeqCst);
-                        async move { Ok::<_, std::convert::Infallible>(reply(200, &[], name)) }
+                        async move {
+                            tokio::time::sleep(delay).await;
+                            Ok::<_, std::convert::Infallible>(reply(200, &[], name))
+                        }
                     });
                     let _ = hyper::server::conn::http1::Builder::new()
                         .serve_connection(TokioIo::new(stream), service)
