@@ -38,8 +38,13 @@ impl Portico {
     }
 
     fn spawn(args: &[&str]) -> Portico {
+        Self::spawn_with_env(args, &[])
+    }
+
+    fn spawn_with_env(args: &[&str], env: &[(&str, &str)]) -> Portico {
         let mut child = Command::new(env!("CARGO_BIN_EXE_portico"))
             .args(args)
+            .envs(env.iter().copied())
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -283,6 +288,58 @@ async fn a_sighup_during_the_start_does_not_kill_portico() {
         p.wait_line("SIGHUP: reloading", Duration::from_secs(5));
         assert_eq!(get(addr, "/", &[]).await.text(), "a");
         assert!(cache.is_dir(), "the disk cache is where --cache-dir says");
+    })
+    .await;
+}
+
+/// `--admin` opens the admin listener, its token comes from `--admin-token`
+/// or else PORTICO_ADMIN_TOKEN, and SIGINT stops Portico with exit code 0.
+#[tokio::test]
+async fn admin_flags_and_token_variable_reach_the_admin_listener_and_sigint_stops() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.policy");
+        std::fs::write(&path, policy_routing_to(&a, &b, "a")).unwrap();
+        let path = path.to_str().unwrap();
+        let base = [
+            "run",
+            path,
+            "--listen",
+            "127.0.0.1:0",
+            "--admin",
+            "127.0.0.1:0",
+        ];
+        for (flag, env, token) in [
+            (Some("from-flag"), Some("from-env"), "from-flag"),
+            (None, Some("from-env"), "from-env"),
+        ] {
+            let mut args = base.to_vec();
+            if let Some(t) = flag {
+                args.extend(["--admin-token", t]);
+            }
+            let env: Vec<(&str, &str)> = env
+                .map(|t| ("PORTICO_ADMIN_TOKEN", t))
+                .into_iter()
+                .collect();
+            let mut p = Portico::spawn_with_env(&args, &env);
+            let line = p.wait_line("admin listening addr=", Duration::from_secs(10));
+            let admin: SocketAddr = line
+                .split("addr=")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|a| a.parse().ok())
+                .unwrap_or_else(|| panic!("no address in {line}"));
+            let bearer = format!("Bearer {token}");
+            let got = get(admin, "/metrics", &[("authorization", &bearer)]).await;
+            assert_eq!(got.status, 200, "{token}: {}", got.text());
+            assert!(got.text().contains("portico_"), "{}", got.text());
+            let got = get(admin, "/metrics", &[("authorization", "Bearer wrong")]).await;
+            assert_eq!(got.status, 401);
+            p.signal("INT");
+            assert_eq!(p.wait_exit(Duration::from_secs(10)).await, Some(0));
+        }
     })
     .await;
 }
