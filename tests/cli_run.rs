@@ -121,6 +121,26 @@ impl Drop for Portico {
     }
 }
 
+/// Two origins answering `a` and `b`, and a policy file in a scratch
+/// directory that routes everything to `a`.
+struct Site {
+    a: Origin,
+    b: Origin,
+    dir: tempfile::TempDir,
+    path: std::path::PathBuf,
+}
+
+impl Site {
+    async fn routing_to_a() -> Site {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("site.policy");
+        std::fs::write(&path, policy_routing_to(&a, &b, "a")).unwrap();
+        Site { a, b, dir, path }
+    }
+}
+
 fn policy_routing_to(a: &Origin, b: &Origin, target: &str) -> String {
     format!(
         r#"
@@ -161,11 +181,7 @@ async fn until_body(addr: SocketAddr, want: &str, within: Duration) {
 #[tokio::test]
 async fn sighup_reloads_a_good_policy_and_refuses_a_broken_one() {
     bounded(async {
-        let a = Origin::start(|_| reply(200, &[], "a")).await;
-        let b = Origin::start(|_| reply(200, &[], "b")).await;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("site.policy");
-        std::fs::write(&path, policy_routing_to(&a, &b, "a")).unwrap();
+        let Site { a, b, dir: _dir, path } = Site::routing_to_a().await;
         // One thread: the single-threaded runtime reloads too.
         let p = Portico::spawn_one_thread(&path);
         let addr = p.listen_addr();
@@ -268,12 +284,8 @@ async fn reloads_of_good_and_broken_policies_under_load_fail_no_request() {
 #[tokio::test]
 async fn a_sighup_during_the_start_does_not_kill_portico() {
     bounded(async {
-        let a = Origin::start(|_| reply(200, &[], "a")).await;
-        let b = Origin::start(|_| reply(200, &[], "b")).await;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("site.policy");
+        let Site { a: _a, b: _b, dir, path } = Site::routing_to_a().await;
         let cache = dir.path().join("cache");
-        std::fs::write(&path, policy_routing_to(&a, &b, "a")).unwrap();
         let p = Portico::spawn(&[
             "run",
             path.to_str().unwrap(),
@@ -297,11 +309,7 @@ async fn a_sighup_during_the_start_does_not_kill_portico() {
 #[tokio::test]
 async fn admin_flags_and_token_variable_reach_the_admin_listener_and_sigint_stops() {
     bounded(async {
-        let a = Origin::start(|_| reply(200, &[], "a")).await;
-        let b = Origin::start(|_| reply(200, &[], "b")).await;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("site.policy");
-        std::fs::write(&path, policy_routing_to(&a, &b, "a")).unwrap();
+        let Site { a: _a, b: _b, dir: _dir, path } = Site::routing_to_a().await;
         let path = path.to_str().unwrap();
         let base = [
             "run",
@@ -347,11 +355,7 @@ async fn admin_flags_and_token_variable_reach_the_admin_listener_and_sigint_stop
 #[tokio::test]
 async fn an_edited_policy_file_is_picked_up_without_a_signal() {
     bounded(async {
-        let a = Origin::start(|_| reply(200, &[], "a")).await;
-        let b = Origin::start(|_| reply(200, &[], "b")).await;
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("site.policy");
-        std::fs::write(&path, policy_routing_to(&a, &b, "a")).unwrap();
+        let Site { a, b, dir: _dir, path } = Site::routing_to_a().await;
         let p = Portico::spawn(&["run", path.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
         let addr = p.listen_addr();
         assert_eq!(get(addr, "/", &[]).await.text(), "a");
