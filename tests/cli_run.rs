@@ -181,7 +181,12 @@ async fn until_body(addr: SocketAddr, want: &str, within: Duration) {
 #[tokio::test]
 async fn sighup_reloads_a_good_policy_and_refuses_a_broken_one() {
     bounded(async {
-        let Site { a, b, dir: _dir, path } = Site::routing_to_a().await;
+        let Site {
+            a,
+            b,
+            dir: _dir,
+            path,
+        } = Site::routing_to_a().await;
         // One thread: the single-threaded runtime reloads too.
         let p = Portico::spawn_one_thread(&path);
         let addr = p.listen_addr();
@@ -284,7 +289,12 @@ async fn reloads_of_good_and_broken_policies_under_load_fail_no_request() {
 #[tokio::test]
 async fn a_sighup_during_the_start_does_not_kill_portico() {
     bounded(async {
-        let Site { a: _a, b: _b, dir, path } = Site::routing_to_a().await;
+        let Site {
+            a: _a,
+            b: _b,
+            dir,
+            path,
+        } = Site::routing_to_a().await;
         let cache = dir.path().join("cache");
         let p = Portico::spawn(&[
             "run",
@@ -309,7 +319,12 @@ async fn a_sighup_during_the_start_does_not_kill_portico() {
 #[tokio::test]
 async fn admin_flags_and_token_variable_reach_the_admin_listener_and_sigint_stops() {
     bounded(async {
-        let Site { a: _a, b: _b, dir: _dir, path } = Site::routing_to_a().await;
+        let Site {
+            a: _a,
+            b: _b,
+            dir: _dir,
+            path,
+        } = Site::routing_to_a().await;
         let path = path.to_str().unwrap();
         let base = [
             "run",
@@ -355,7 +370,12 @@ async fn admin_flags_and_token_variable_reach_the_admin_listener_and_sigint_stop
 #[tokio::test]
 async fn an_edited_policy_file_is_picked_up_without_a_signal() {
     bounded(async {
-        let Site { a, b, dir: _dir, path } = Site::routing_to_a().await;
+        let Site {
+            a,
+            b,
+            dir: _dir,
+            path,
+        } = Site::routing_to_a().await;
         let p = Portico::spawn(&["run", path.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
         let addr = p.listen_addr();
         assert_eq!(get(addr, "/", &[]).await.text(), "a");
