@@ -480,6 +480,49 @@ async fn age_on_hits_grows() {
     .await;
 }
 
+/// A 304 that refreshes a stored copy replaces its fields with the 304's;
+/// the response rules' edits to those fields are made again, and the
+/// others keep theirs once.
+#[tokio::test]
+async fn response_rule_edits_survive_a_304_refresh() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            let fields = [("cache-control", "max-age=60"), ("etag", "\"v1\"")];
+            if s.headers.contains_key("if-none-match") {
+                reply(304, &fields, "")
+            } else {
+                reply(200, &fields, "body")
+            }
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"rule all { route app cache { } }
+on response {
+  response_header set "cache-control" "public, max-age=60"
+  response_header add "x-note" "edited"
+}"#,
+        ))
+        .await;
+        let first = get(addr(&p), "/r", &[]).await;
+        assert_eq!(first.header("cache-control"), Some("public, max-age=60"));
+        let refreshed = get(addr(&p), "/r", &[("cache-control", "no-cache")]).await;
+        assert_eq!(origin.count(), 2);
+        assert!(origin.seen()[1].headers.contains_key("if-none-match"));
+        assert_eq!(refreshed.text(), "body");
+        assert_eq!(
+            refreshed.header("cache-control"),
+            Some("public, max-age=60")
+        );
+        let hit = get(addr(&p), "/r", &[]).await;
+        assert!(hit.is_hit(), "{}", hit.cache_status());
+        assert_eq!(hit.header("cache-control"), Some("public, max-age=60"));
+        assert_eq!(hit.headers.get_all("x-note").iter().count(), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn request_no_cache_and_max_age_0_and_min_fresh_go_to_the_origin() {
     bounded(async {

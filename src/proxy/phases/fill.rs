@@ -143,7 +143,7 @@ impl Gateway {
                     rule,
                     &view,
                     entry.status,
-                    headers.clone(),
+                    (headers.clone(), &head.headers),
                     entry.body_slice().to_vec(),
                     parts,
                     request_time,
@@ -295,7 +295,7 @@ impl Gateway {
         rule: &RuleSpec,
         view: &View<'_>,
         status: StatusCode,
-        headers: HeaderMap,
+        (mut headers, replaced): (HeaderMap, &HeaderMap),
         body: Vec<u8>,
         parts: &http::request::Parts,
         request_time: SystemTime,
@@ -311,6 +311,17 @@ impl Gateway {
         );
         if actions.no_store {
             return Err("policy");
+        }
+        // The response rules' edits were applied before the copy was first
+        // stored; the fields the 304 replaced (`replaced`, its own) have
+        // lost them, and get them again. The others still carry them, so
+        // an `add` is not made twice.
+        for e in actions
+            .headers
+            .iter()
+            .filter(|e| replaced.contains_key(&e.name))
+        {
+            e.apply(&mut headers);
         }
         let overrides = overrides(cache, &actions);
         let directives = control::response_directives(&headers, &gen.targeted);
