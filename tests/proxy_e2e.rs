@@ -320,18 +320,25 @@ rule all { route app cache off throttle per_client }
     .await;
 }
 
-#[tokio::test]
-async fn the_throttle_counts_trace_and_options_answered_by_portico() {
-    bounded(async {
-        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
-        let p = proxy(&policy_for(
-            &origin,
-            r#"
+/// An origin answering `ok`, and Portico in front of it letting each
+/// client address through twice a minute.
+async fn throttled_to_two() -> (Origin, portico::run::Running) {
+    let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+    let p = proxy(&policy_for(
+        &origin,
+        r#"
 limit per_client { rate 1/m burst 2 by client.ip }
 rule all { route app cache off throttle per_client }
 "#,
-        ))
-        .await;
+    ))
+    .await;
+    (origin, p)
+}
+
+#[tokio::test]
+async fn the_throttle_counts_trace_and_options_answered_by_portico() {
+    bounded(async {
+        let (origin, p) = throttled_to_two().await;
         let a = addr(&p);
         let hop_left = [("max-forwards", "0")];
         assert_eq!(send(a, "OPTIONS", "/", &hop_left, "").await.status, 200);
@@ -3588,15 +3595,7 @@ rule all { route app cache off }
 #[tokio::test]
 async fn an_upgrade_header_does_not_sidestep_the_throttle() {
     bounded(async {
-        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
-        let p = proxy(&policy_for(
-            &origin,
-            r#"
-limit per_client { rate 1/m burst 2 by client.ip }
-rule all { route app cache off throttle per_client }
-"#,
-        ))
-        .await;
+        let (origin, p) = throttled_to_two().await;
         let a = addr(&p);
         let upgrade = [("connection", "upgrade"), ("upgrade", "websocket")];
         let statuses: Vec<u16> = {
