@@ -451,6 +451,45 @@ async fn run_with_a_backend_flag_serves_from_that_origin() {
     .await;
 }
 
+/// Heads the HTTP/1 server cannot take (one that does not parse, one too
+/// large) are answered 400 and 431 and still get an access log line and a
+/// count, on a fresh connection and on one whose earlier request had a body.
+#[tokio::test]
+async fn heads_that_cannot_be_taken_are_answered_and_logged() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let backend = origin.addr.to_string();
+        let p = Portico::spawn(&["run", "-b", &backend, "--listen", "127.0.0.1:0"]);
+        let addr = p.listen_addr();
+        let within = Duration::from_secs(5);
+        let huge = format!(
+            "GET /h HTTP/1.1\r\nHost: t\r\nX: {}\r\n\r\n",
+            "a".repeat(40_000)
+        );
+        let after_body = "POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nok\
+                          GET /b HTTP/1.1\r\nHost: t\r\nbad name: x\r\n\r\n";
+        for (request, status) in [
+            ("GET /x HTTP/1.1\r\nHost: t\r\nbad name: x\r\n\r\n", "400"),
+            (huge.as_str(), "431"),
+            (after_body, "400"),
+        ] {
+            let answer = raw_exchange(addr, request.as_bytes(), within).await;
+            let last = answer.rfind("HTTP/1.1 ").expect("an answer");
+            assert!(
+                answer[last..].starts_with(&format!("HTTP/1.1 {status} ")),
+                "{answer}"
+            );
+            let line = p.wait_line(&format!("status={status}"), within);
+            for field in ["method=- ", "path=- ", "rule=- backend=- cache=refused"] {
+                assert!(line.contains(field), "`{field}` missing from {line}");
+            }
+        }
+        // The POST before the last one was forwarded.
+        assert_eq!(origin.count(), 1);
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn json_access_log_lines_parse() {
     bounded(async {

@@ -3099,17 +3099,6 @@ async fn access_log_marks_a_download_cut_short() {
 
 // ============================================================ limits that must not be sidestepped
 
-/// Sends raw bytes on a fresh connection and returns what came back until
-/// the server closed or `within` passed.
-async fn raw_exchange(a: std::net::SocketAddr, request: &[u8], within: Duration) -> String {
-    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
-    let mut s = tokio::net::TcpStream::connect(a).await.unwrap();
-    s.write_all(request).await.unwrap();
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 #[tokio::test]
 async fn transfer_codings_other_than_one_chunked_are_refused() {
     bounded(async {

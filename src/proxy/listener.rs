@@ -68,7 +68,7 @@ use tracing::{debug, info, warn};
 
 use super::body::{BoxError, RequestBody, ResponseBody, Sliced, H2_PIECE};
 use super::errors::{ErrorPages, ProxyError};
-use super::phases::log_refused;
+use super::phases::{log_refused, log_unparsed};
 use super::upgrade::PendingUpgrade;
 
 mod h1;
@@ -136,6 +136,11 @@ impl Default for ServerLimits {
         }
     }
 }
+
+/// How an HTTP/2 connection with prior knowledge opens (RFC 9113 §3.4), as
+/// far as the HTTP/1 loop reads before it hands the connection over: the
+/// version is where httparse stops.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2";
 
 /// The smallest read buffer hyper's HTTP/1 accepts.
 const MIN_H1_BUF: usize = 8192;
@@ -568,6 +573,9 @@ fn builder_h1(limits: &ServerLimits) -> hyper::server::conn::http1::Builder {
         .timer(TokioTimer::new())
         .header_read_timeout(limits.header_read_timeout)
         .max_buf_size(limits.max_header_bytes.max(MIN_H1_BUF))
+        // The buffer's bound alone lets a head that came in one read be
+        // up to a read larger; this one is exact.
+        .max_header_size(limits.max_header_bytes)
         .max_headers(limits.max_headers)
         .keep_alive(true);
     builder
@@ -631,8 +639,11 @@ async fn serve_connection<IO, H>(
         }
     };
     // After an HTTP/1.1 exchange the connection stays HTTP/1.1: HTTP/2's
-    // preface is recognised only at its start.
-    serve_hyper(h1::Rewind::new(prefix, io), info, shared, served).await;
+    // preface is recognised only at its start, so only a connection that
+    // opens with it (cleartext HTTP/2 with prior knowledge) or negotiated
+    // h2 needs the server that speaks both.
+    let h1_only = !h2 && (served || !prefix.starts_with(H2_PREFACE));
+    serve_hyper(h1::Rewind::new(prefix, io), info, shared, h1_only).await;
 }
 
 /// Serves the rest of a connection with hyper.
@@ -711,6 +722,7 @@ where
         drive(
             pin!(conn),
             |c| c.graceful_shutdown(),
+            refused_head,
             &activity,
             &shared,
             client_addr,
@@ -721,6 +733,9 @@ where
         drive(
             pin!(conn),
             |c| c.graceful_shutdown(),
+            |e: &Box<dyn std::error::Error + Send + Sync>| {
+                e.downcast_ref::<hyper::Error>().and_then(refused_head)
+            },
             &activity,
             &shared,
             client_addr,
@@ -729,11 +744,33 @@ where
     }
 }
 
+/// The status hyper answered a request head it could not take with (its
+/// server's `on_error`), or None when it sent no answer: 431 for a head
+/// over the size or field limits, 414 for a target too long, 400 for one
+/// that does not parse. An HTTP/2 preface after HTTP/1 requests gets none.
+fn refused_head(e: &hyper::Error) -> Option<StatusCode> {
+    if e.is_parse_too_large() {
+        // hyper gives a target too long the same kind; its message tells.
+        let uri = e.to_string().contains("URI too long");
+        Some(if uri {
+            StatusCode::URI_TOO_LONG
+        } else {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        })
+    } else if e.is_parse() && !e.is_parse_version_h2() {
+        Some(StatusCode::BAD_REQUEST)
+    } else {
+        None
+    }
+}
+
 /// Runs a hyper connection until it ends, shutting it down gracefully when
-/// it has been idle too long or the listener stops.
+/// it has been idle too long or the listener stops. A head the connection
+/// refused (`refused` says with which status) gets its access log line.
 async fn drive<C, E, H>(
     mut conn: Pin<&mut C>,
     mut graceful_shutdown: impl FnMut(Pin<&mut C>),
+    refused: impl Fn(&E) -> Option<StatusCode>,
     activity: &Activity,
     shared: &Shared<H>,
     client_addr: SocketAddr,
@@ -760,6 +797,9 @@ async fn drive<C, E, H>(
         if let Poll::Ready(result) = conn.as_mut().poll(cx) {
             if let Err(e) = result {
                 debug!(%client_addr, error = %e, "connection ended with an error");
+                if let Some(status) = refused(&e) {
+                    log_unparsed(client_addr.ip(), status);
+                }
             }
             return Poll::Ready(());
         }
@@ -1201,5 +1241,67 @@ impl Body for GuardedBody {
 
     fn size_hint(&self) -> SizeHint {
         self.pieces.hint(self.inner.size_hint())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+
+    /// What hyper's HTTP/1 server answers to `request`, and the status
+    /// [`refused_head`] reads from the error it ends with.
+    async fn refused(request: Vec<u8>) -> (String, Option<StatusCode>) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let limits = ServerLimits {
+            max_header_bytes: 128 * 1024,
+            ..ServerLimits::default()
+        };
+        let server = async {
+            let (stream, _) = listener.accept().await.unwrap();
+            let service = hyper::service::service_fn(|_req: Request<Incoming>| async {
+                Ok::<_, Infallible>(Response::new(http_body_util::Empty::<Bytes>::new()))
+            });
+            builder_h1(&limits)
+                .serve_connection(TokioIo::new(stream), service)
+                .await
+        };
+        let client = async {
+            let mut client = TcpStream::connect(addr).await.unwrap();
+            // The server may answer and close before it has read it all.
+            let _ = client.write_all(&request).await;
+            let _ = client.shutdown().await;
+            let mut out = Vec::new();
+            let _ = client.read_to_end(&mut out).await;
+            String::from_utf8_lossy(&out).into_owned()
+        };
+        let bounded = tokio::time::timeout(Duration::from_secs(10), async {
+            tokio::join!(server, client)
+        });
+        let (result, answer) = bounded.await.expect("the exchange ends");
+        let status = result.err().as_ref().and_then(refused_head);
+        (answer, status)
+    }
+
+    #[tokio::test]
+    async fn the_status_of_a_refused_head_is_the_one_hyper_sent() {
+        let long_target = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(70_000));
+        let huge_head = format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(140_000));
+        for (request, status) in [
+            ("GET / HTTP/1.1\r\nbad name: x\r\n\r\n".to_owned(), 400),
+            (long_target, 414),
+            (huge_head, 431),
+        ] {
+            let (answer, got) = refused(request.into_bytes()).await;
+            assert!(
+                answer.starts_with(&format!("HTTP/1.1 {status} ")),
+                "{status}: {answer:.200}"
+            );
+            assert_eq!(got.map(|s| s.as_u16()), Some(status));
+        }
+        // A connection that just ends sent nothing and refused nothing.
+        let (answer, got) = refused(b"GET / HTTP/1.1\r\n".to_vec()).await;
+        assert_eq!((answer.as_str(), got), ("", None));
     }
 }

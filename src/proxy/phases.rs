@@ -14,7 +14,7 @@ mod fill;
 mod invalidate;
 mod max_forwards;
 
-pub(crate) use access::log_refused;
+pub(crate) use access::{log_refused, log_unparsed};
 use access::{Access, LoggedBody};
 use deliver::{not_modified, precondition_failed, synthetic};
 use fill::Filled;

@@ -508,3 +508,14 @@ pub fn unbrotli(body: &[u8]) -> String {
     brotli::BrotliDecompress(&mut &body[..], &mut out).expect("a brotli body");
     String::from_utf8(out).expect("text")
 }
+
+/// Writes `request` on a new connection and reads what comes back until the
+/// server closes or `within` has passed.
+pub async fn raw_exchange(a: SocketAddr, request: &[u8], within: Duration) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(a).await.unwrap();
+    s.write_all(request).await.unwrap();
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}

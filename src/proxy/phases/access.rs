@@ -13,7 +13,7 @@ use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::{header, Method, StatusCode};
@@ -160,33 +160,75 @@ pub(crate) fn log_refused<B>(
     bytes: Option<u64>,
     started: Instant,
 ) {
-    let elapsed = started.elapsed();
-    let class = match status.as_u16() / 100 {
-        1 => "1xx",
-        2 => "2xx",
-        3 => "3xx",
-        4 => "4xx",
-        _ => "5xx",
+    let host = req
+        .uri()
+        .host()
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+        })
+        .unwrap_or("-");
+    let line = Refused {
+        method: req.method().as_str(),
+        host,
+        path: req.uri().path(),
+        bytes: bytes.unwrap_or(0),
+        elapsed: started.elapsed(),
     };
-    metrics::counter!("portico_requests_total", "status" => class).increment(1);
-    metrics::histogram!("portico_request_duration_seconds").record(elapsed.as_secs_f64());
-    tracing::info!(
-        target: "portico::access",
-        client = %client,
-        method = %req.method(),
-        host = %req
-            .uri()
-            .host()
-            .or_else(|| req.headers().get(header::HOST).and_then(|h| h.to_str().ok()))
-            .unwrap_or("-"),
-        path = %req.uri().path(),
-        status = status.as_u16(),
-        bytes = bytes.unwrap_or(0),
-        complete = true,
-        duration_us = elapsed.as_micros() as u64,
-        upstream_us = None::<u64>,
-        rule = %"-",
-        backend = %"-",
-        cache = "refused",
-    );
+    line.log(client, status);
+}
+
+/// Logs a request head that could not be taken at all (400 for one that
+/// does not parse, 431 for one over the size or field limits, 414 for a
+/// target too long), answered by the HTTP/1 server before anything of it
+/// was known: method, host and path are `-`, and so is its duration (0),
+/// since no start was seen.
+pub(crate) fn log_unparsed(client: IpAddr, status: StatusCode) {
+    let line = Refused {
+        method: "-",
+        host: "-",
+        path: "-",
+        bytes: 0,
+        elapsed: Duration::ZERO,
+    };
+    line.log(client, status);
+}
+
+/// An access log line for a request no rule saw.
+struct Refused<'a> {
+    method: &'a str,
+    host: &'a str,
+    path: &'a str,
+    bytes: u64,
+    elapsed: Duration,
+}
+
+impl Refused<'_> {
+    fn log(&self, client: IpAddr, status: StatusCode) {
+        let class = match status.as_u16() / 100 {
+            1 => "1xx",
+            2 => "2xx",
+            3 => "3xx",
+            4 => "4xx",
+            _ => "5xx",
+        };
+        metrics::counter!("portico_requests_total", "status" => class).increment(1);
+        metrics::histogram!("portico_request_duration_seconds").record(self.elapsed.as_secs_f64());
+        tracing::info!(
+            target: "portico::access",
+            client = %client,
+            method = %self.method,
+            host = %self.host,
+            path = %self.path,
+            status = status.as_u16(),
+            bytes = self.bytes,
+            complete = true,
+            duration_us = self.elapsed.as_micros() as u64,
+            upstream_us = None::<u64>,
+            rule = %"-",
+            backend = %"-",
+            cache = "refused",
+        );
+    }
 }
