@@ -293,10 +293,14 @@ fn with_headers(
     resp
 }
 
+/// Redirects a directory's path to the same with a final `/`. The path
+/// starts with exactly one `/`: `//host/...` (or `/\host`) in `Location`
+/// would send the client to another host.
 fn redirect_to_directory<B>(req: &Request<B>) -> Response<FileBody> {
+    let path = req.uri().path().trim_start_matches(['/', '\\']);
     let location = match req.uri().query() {
-        Some(q) => format!("{}/?{q}", req.uri().path()),
-        None => format!("{}/", req.uri().path()),
+        Some(q) => format!("/{path}/?{q}"),
+        None => format!("/{path}/"),
     };
     match HeaderValue::from_str(&location) {
         Ok(v) => {
@@ -627,6 +631,12 @@ mod tests {
         let (st, h, _) = get(&s, Method::GET, "/docs?x=1", &[]).await;
         assert_eq!(st, StatusCode::MOVED_PERMANENTLY);
         assert_eq!(h[header::LOCATION], "/docs/?x=1");
+        // `//docs/` in Location would name a host called `docs`.
+        for (path, location) in [("//docs", "/docs/"), ("///docs?x=1", "/docs/?x=1")] {
+            let (st, h, _) = get(&s, Method::GET, path, &[]).await;
+            assert_eq!(st, StatusCode::MOVED_PERMANENTLY, "{path}");
+            assert_eq!(h[header::LOCATION], location, "{path}");
+        }
         let (st, _, body) = get(&s, Method::GET, "/docs/", &[]).await;
         assert_eq!((st, &body[..]), (StatusCode::OK, &b"docs"[..]));
         let (st, _, body) = get(&s, Method::GET, "/hello%2etxt", &[]).await;
