@@ -1128,6 +1128,38 @@ async fn via_names_the_client_s_http_version() {
     .await;
 }
 
+/// HTTP/1.0 has no Host to send: such a request is served (by a rule that
+/// matches any host), and the origin gets its server's own address as
+/// `Host`. HTTP/1.1 without Host stays 400.
+#[tokio::test]
+async fn http_1_0_without_host_is_served_with_the_server_s_host() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let within = Duration::from_secs(5);
+        let answer = raw_exchange(addr(&p), b"GET /no-host HTTP/1.0\r\n\r\n", within).await;
+        assert!(
+            answer.starts_with("HTTP/1.") && answer[8..].starts_with(" 200"),
+            "{answer}"
+        );
+        assert!(answer.ends_with("\r\n\r\nok"), "{answer}");
+        let seen = origin.seen();
+        let host = seen[0].headers.get("host").expect("a Host for the origin");
+        assert_eq!(host.to_str().unwrap(), origin.addr.to_string());
+        assert!(seen[0].headers.get("x-forwarded-host").is_none());
+        let answer = raw_exchange(
+            addr(&p),
+            b"GET /no-host HTTP/1.1\r\nConnection: close\r\n\r\n",
+            within,
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 400 "), "{answer}");
+        assert_eq!(origin.count(), 1);
+        p.shutdown().await;
+    })
+    .await;
+}
+
 // ============================================================ Max-Forwards
 
 #[tokio::test]

@@ -786,7 +786,8 @@ fn build_upstream(
 }
 
 /// The receive phase's checks, for every request: the host it names and
-/// the scheme it came by; 400 without a host, with a `Host` field that is
+/// the scheme it came by; 400 without a host (but on HTTP/1.0, which has
+/// none to send), with a `Host` field that is
 /// repeated, invalid or (on HTTP/2) names another host than `:authority`,
 /// or with a target that is not a path (OPTIONS may name the server itself).
 fn receive<'a>(
@@ -794,7 +795,13 @@ fn receive<'a>(
     conn: &ConnInfo,
 ) -> Result<(std::borrow::Cow<'a, str>, Scheme), ProxyError> {
     let field = check_host_field(parts)?;
-    let host = host_of(parts, field).ok_or(ProxyError::BadRequest("missing Host"))?;
+    let host = match host_of(parts, field) {
+        Some(host) => host,
+        // HTTP/1.0 needs no Host (`check_host_field` let it through): its
+        // rules see an empty host, and the backend's server is sent its own.
+        None if field.is_none() && parts.version < http::Version::HTTP_11 => "".into(),
+        None => return Err(ProxyError::BadRequest("missing Host")),
+    };
     // OPTIONS may ask about the server (`*`); CONNECT names an authority,
     // and is answered by `serve_switch`.
     if !parts.uri.path().starts_with('/')
