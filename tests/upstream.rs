@@ -390,6 +390,35 @@ async fn probes_are_spread_over_the_interval_not_sent_in_step() {
     .unwrap();
 }
 
+/// Ejections are guesses from failed requests: when they have taken every
+/// server out, requests go to the servers anyway, so that a sole server
+/// back from a restart serves at once rather than after its cooldown, and
+/// its first good response ends the ejection.
+#[tokio::test]
+async fn servers_that_are_all_ejected_are_still_tried() {
+    bounded(async {
+        let a = Origin::start("a").await;
+        a.behaviour.broken.store(true, Ordering::SeqCst);
+        let mut cfg = backend(vec![a.server()]);
+        cfg.eject = EjectConfig {
+            consecutive_failures: 2,
+            cooldown: Duration::from_secs(60),
+        };
+        let pool = Pool::new(&cfg).unwrap();
+        for _ in 0..2 {
+            let err = get(&pool, "/x").await.unwrap_err();
+            assert_eq!(err.status(), StatusCode::BAD_GATEWAY, "{err}");
+        }
+        assert!(pool.health().is_ejected(0));
+        a.behaviour.broken.store(false, Ordering::SeqCst);
+        assert_eq!(get(&pool, "/x").await.unwrap(), "a");
+        assert!(!pool.health().is_ejected(0), "a good response re-admits it");
+        assert_eq!(a.requests(), 3);
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn passive_ejection_and_readmission_after_cooldown() {
     bounded(async {
@@ -452,18 +481,18 @@ async fn all_servers_down_fails_fast_with_no_healthy_server() {
         assert!(started.elapsed() < Duration::from_millis(50));
         assert_eq!(a.requests() + b.requests(), 0);
 
-        // Passive ejection gets there too: both ports refuse, one failure ejects.
+        // Passive ejection alone does not get there: both ports refuse and
+        // one failure ejects, but servers that are all ejected are tried
+        // anyway, and fail as fast as they refuse.
         let mut cfg = backend(vec![closed_port().await, closed_port().await]);
         cfg.eject.consecutive_failures = 1;
         let pool = Pool::new(&cfg).unwrap();
-        let err = get(&pool, "/x").await.unwrap_err();
-        assert!(matches!(err, UpstreamError::Connect { .. }), "{err}");
-        assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
-        let err = get(&pool, "/x").await.unwrap_err();
-        assert!(
-            matches!(err, UpstreamError::NoHealthyServer { .. }),
-            "{err}"
-        );
+        for _ in 0..2 {
+            let err = get(&pool, "/x").await.unwrap_err();
+            assert!(matches!(err, UpstreamError::Connect { .. }), "{err}");
+            assert_eq!(err.status(), StatusCode::BAD_GATEWAY);
+        }
+        assert!(pool.health().is_ejected(0) && pool.health().is_ejected(1));
     })
     .await
     .unwrap();

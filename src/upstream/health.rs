@@ -176,11 +176,22 @@ impl HealthState {
         until != 0 && self.now_ms() < until
     }
 
-    /// A request to server `i` got a response: its failure streak ends.
+    /// A request to server `i` got a response: its failure streak ends, and
+    /// so does an ejection it was sent despite (every server was ejected).
     pub fn record_success(&self, i: usize) {
         let s = &self.servers[i];
         if s.request_fail_streak.load(Ordering::Relaxed) != 0 {
             s.request_fail_streak.store(0, Ordering::Relaxed);
+        }
+        if s.ejected_until_ms.load(Ordering::Relaxed) != 0 {
+            let ejected = self.is_ejected(i);
+            s.ejected_until_ms.store(0, Ordering::Release);
+            if ejected {
+                tracing::info!(
+                    server = &*self.labels[i],
+                    "upstream server re-admitted after a good response"
+                );
+            }
         }
     }
 

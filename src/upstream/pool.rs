@@ -378,10 +378,19 @@ impl Pool {
         // Servers already tried; allocated only once a try fails.
         let mut tried: Vec<bool> = Vec::new();
         let mut last_error: Option<UpstreamError> = None;
+        // Set when every server the active checks hold up is ejected: the
+        // ejections are then set aside (like Envoy's panic mode, and NGINX,
+        // which never takes a sole server out). They are guesses from
+        // failed requests, and a backend whose servers have all come back
+        // would otherwise refuse every request for the rest of a cooldown.
+        let mut panic = false;
         loop {
-            let usable =
-                |i: usize| self.health.is_usable(i) && !tried.get(i).copied().unwrap_or(false);
-            let picked = balance::select(
+            let usable = |i: usize| {
+                self.health.is_up(i)
+                    && (panic || !self.health.is_ejected(i))
+                    && !tried.get(i).copied().unwrap_or(false)
+            };
+            let mut picked = balance::select(
                 self.selector.as_ref(),
                 &self.weights,
                 &self.backup,
@@ -389,6 +398,21 @@ impl Pool {
                 &usable,
                 hash_key,
             );
+            if picked.is_none() && !panic && last_error.is_none() {
+                panic = true;
+                let usable = |i: usize| self.health.is_up(i);
+                picked = balance::select(
+                    self.selector.as_ref(),
+                    &self.weights,
+                    &self.backup,
+                    &self.load,
+                    &usable,
+                    hash_key,
+                );
+                if picked.is_some() {
+                    tracing::debug!(backend = %self.name, "every server is ejected; trying them anyway");
+                }
+            }
             let Some(i) = picked else {
                 return Err(
                     last_error.unwrap_or_else(|| UpstreamError::NoHealthyServer {
