@@ -900,8 +900,19 @@ impl Prober {
                 match answer {
                     Ok(resp) => {
                         let status = resp.status().as_u16();
-                        // Read the (small) body so the connection can be reused.
-                        let _ = resp.into_body().collect().await;
+                        // A small body is read, so that the connection can
+                        // be reused; a large one (a health path that is a
+                        // whole page, or a stream) is dropped with its
+                        // connection once past the cap.
+                        let mut body = resp.into_body();
+                        let mut left = PROBE_BODY_MAX;
+                        while let Some(Ok(frame)) = body.frame().await {
+                            let len = frame.data_ref().map_or(0, Bytes::len);
+                            match left.checked_sub(len) {
+                                Some(rest) => left = rest,
+                                None => break,
+                            }
+                        }
                         Ok(status)
                     }
                     Err(ExchangeError::Unsent(_, e) | ExchangeError::Failed(e)) => {
@@ -923,6 +934,9 @@ impl Prober {
         })
     }
 }
+
+/// Most body bytes a health probe reads before it gives the rest up.
+const PROBE_BODY_MAX: usize = 64 * 1024;
 
 #[cfg(test)]
 mod tests {
