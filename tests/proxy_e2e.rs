@@ -583,6 +583,20 @@ rule all { route app cache off }
         assert_eq!(seen.headers.get("host").unwrap(), "www.example");
         assert_eq!(seen.headers.get_all("host").iter().count(), 1);
         assert_eq!(seen.headers.get("x-forwarded-host").unwrap(), "www.example");
+        // Only http and https are this server's schemes.
+        for target in ["ftp://www.example/page", "FTP://www.example/page"] {
+            let request = format!("GET {target} HTTP/1.1\r\nHost: www.example\r\nConnection: close\r\n\r\n");
+            let answer = raw_exchange(addr(&p), request.as_bytes(), Duration::from_secs(5)).await;
+            assert!(answer.starts_with("HTTP/1.1 400"), "{target}: {answer}");
+        }
+        let answer = raw_exchange(
+            addr(&p),
+            b"GET HTTPS://www.example/secure HTTP/1.1\r\nHost: www.example\r\nConnection: close\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        assert_eq!(origin.count(), 2);
         p.shutdown().await;
     })
     .await;

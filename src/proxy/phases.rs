@@ -789,7 +789,8 @@ fn build_upstream(
 /// the scheme it came by; 400 without a host (but on HTTP/1.0, which has
 /// none to send), with a `Host` field that is
 /// repeated, invalid or (on HTTP/2) names another host than `:authority`,
-/// or with a target that is not a path (OPTIONS may name the server itself).
+/// with a target that is not a path (OPTIONS may name the server itself),
+/// or with an absolute target of a scheme other than http or https.
 fn receive<'a>(
     parts: &'a http::request::Parts,
     conn: &ConnInfo,
@@ -812,6 +813,13 @@ fn receive<'a>(
     }
     if has_dot_segment(parts.uri.path().as_bytes()) {
         return Err(ProxyError::BadRequest("a dot-segment in the path"));
+    }
+    // An absolute-form target (RFC 9112 §3.2.2) names http or https; any
+    // other scheme is not this server's to answer.
+    if let Some(scheme) = parts.uri.scheme() {
+        if *scheme != http::uri::Scheme::HTTP && *scheme != http::uri::Scheme::HTTPS {
+            return Err(ProxyError::BadRequest("a scheme other than http or https"));
+        }
     }
     let scheme = if conn.tls {
         Scheme::Https
