@@ -269,6 +269,47 @@ async fn rule_total_timeout_answers_504_against_a_slow_origin() {
     .await;
 }
 
+/// A rule's `first_byte_timeout` and `connect_timeout` replace the
+/// backend's for that rule's requests alone.
+#[tokio::test]
+async fn rule_first_byte_and_connect_timeouts_replace_the_backend_s() {
+    bounded(async {
+        let slow =
+            Origin::start_with_delay(Duration::from_millis(1500), |_| reply(200, &[], "late"))
+                .await;
+        let (silent, _listener, _held) = unanswering().await;
+        let p = proxy(&format!(
+            r#"
+backend slow {{
+  server "{}"
+  first_byte_timeout 20s
+}}
+backend silent {{
+  server "{silent}"
+  connect_timeout 60s
+}}
+rule head when path == "/head" {{ route slow cache off first_byte_timeout 200ms }}
+rule connect when path == "/connect" {{ route silent cache off connect_timeout 200ms }}
+rule all {{ route slow cache off }}
+"#,
+            slow.addr
+        ))
+        .await;
+        let a = addr(&p);
+        // Without the rules' limits, /head would get the late 200 and
+        // /connect would outlast the test's bound.
+        for path in ["/head", "/connect"] {
+            let got = get(a, path, &[]).await;
+            assert_eq!(got.status, 504, "{path}: {}", got.text());
+        }
+        // The backend's own limit is left for the other rule.
+        let got = get(a, "/other", &[]).await;
+        assert_eq!((got.status.as_u16(), got.text()), (200, "late".to_owned()));
+        p.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn rule_max_body_answers_413() {
     bounded(async {
@@ -1364,6 +1405,38 @@ rule all {{ route app cache off }}
         let (na, nb) = (count_of(&bodies, "a"), count_of(&bodies, "b"));
         assert_eq!(na + nb, 40);
         assert!((28..=32).contains(&na), "a={na} b={nb}");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+/// `balance random` (two random choices, the lighter one taken) follows the
+/// weights on average but in no fixed order, unlike round robin's
+/// repeating `a a b a`. Bounds at five standard deviations: a false
+/// failure is about one in a million.
+#[tokio::test]
+async fn random_balance_follows_weights_in_no_fixed_order() {
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let policy = format!(
+            r#"
+backend app {{
+  server "{}" weight 3
+  server "{}" weight 1
+  balance random
+}}
+rule all {{ route app cache off }}
+"#,
+            a.addr, b.addr
+        );
+        let p = proxy(&policy).await;
+        let bodies = spread(addr(&p), 200, &[]).await;
+        let na = count_of(&bodies, "a");
+        assert_eq!(na + count_of(&bodies, "b"), 200);
+        assert!((120..=180).contains(&na), "a={na} of 200");
+        let periodic = bodies.windows(5).all(|w| w[0] == w[4]);
+        assert!(!periodic, "a fixed rotation: {bodies:?}");
         p.shutdown().await;
     })
     .await;

@@ -673,23 +673,9 @@ async fn a_kept_connection_times_each_answer_by_its_own_limit() {
     .unwrap();
 }
 
-/// A listener that never accepts, with its accept queue filled: the kernel
-/// drops further SYNs, so a connection to it is never made. Kept alive by
-/// the returned listener and the connections that filled the queue.
+/// A server that never answers a connection ([`common::unanswering`]).
 async fn unanswering() -> (ServerConfig, TcpListener, Vec<TcpStream>) {
-    let socket = tokio::net::TcpSocket::new_v4().unwrap();
-    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-    let listener = socket.listen(0).unwrap();
-    let addr = listener.local_addr().unwrap();
-    let mut held = Vec::new();
-    for _ in 0..8 {
-        match tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await {
-            Ok(Ok(stream)) => held.push(stream),
-            _ => break,
-        }
-    }
-    let probe = tokio::time::timeout(Duration::from_millis(300), TcpStream::connect(addr)).await;
-    assert!(probe.is_err(), "the accept queue did not fill up");
+    let (addr, listener, held) = common::unanswering().await;
     (ServerConfig::new(addr.to_string()), listener, held)
 }
 

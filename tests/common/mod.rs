@@ -519,3 +519,25 @@ pub async fn raw_exchange(a: SocketAddr, request: &[u8], within: Duration) -> St
     let _ = tokio::time::timeout(within, s.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
+
+/// A listener that never accepts, with its accept queue filled: the kernel
+/// drops further SYNs, so a connection to it is never made. Kept alive by
+/// the returned listener and the connections that filled the queue.
+pub async fn unanswering() -> (SocketAddr, TcpListener, Vec<tokio::net::TcpStream>) {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+    let listener = socket.listen(0).unwrap();
+    let addr = listener.local_addr().unwrap();
+    let mut held = Vec::new();
+    for _ in 0..8 {
+        let connect = tokio::net::TcpStream::connect(addr);
+        match tokio::time::timeout(Duration::from_millis(300), connect).await {
+            Ok(Ok(stream)) => held.push(stream),
+            _ => break,
+        }
+    }
+    let connect = tokio::net::TcpStream::connect(addr);
+    let probe = tokio::time::timeout(Duration::from_millis(300), connect).await;
+    assert!(probe.is_err(), "the accept queue did not fill up");
+    (addr, listener, held)
+}
