@@ -523,6 +523,83 @@ on response {
     .await;
 }
 
+/// A 304 after which the refreshed copy may no longer be stored (a response
+/// rule says `cache off` for what the 304 says) still has the response
+/// rules' edits made again to the fields it replaced.
+#[tokio::test]
+async fn response_rule_edits_survive_a_304_whose_copy_is_not_stored() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            if s.headers.contains_key("if-none-match") {
+                let fields = [("etag", "\"v1\""), ("x-version", "v2"), ("x-stop", "1")];
+                reply(304, &fields, "")
+            } else {
+                let fields = [("cache-control", "max-age=60"), ("etag", "\"v1\"")];
+                reply(200, &fields, "body")
+            }
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"rule all { route app cache { } }
+on response { response_header set "x-version" "edited" }
+on response when header("x-stop") { cache off }"#,
+        ))
+        .await;
+        let first = get(addr(&p), "/n", &[]).await;
+        assert_eq!(first.header("x-version"), Some("edited"));
+        let refreshed = get(addr(&p), "/n", &[("cache-control", "no-cache")]).await;
+        assert_eq!(origin.count(), 2);
+        assert_eq!(
+            (refreshed.status.as_u16(), refreshed.text()),
+            (200, "body".to_owned())
+        );
+        assert!(
+            refreshed.cache_status().contains("not-storable"),
+            "{}",
+            refreshed.cache_status()
+        );
+        assert_eq!(refreshed.header("x-version"), Some("edited"));
+        p.shutdown().await;
+    })
+    .await;
+}
+
+/// An origin that answers a revalidation with 5xx: the error is passed on
+/// (nothing allows the stored copy to stand in) with the response rules'
+/// edits, as any other answer would be.
+#[tokio::test]
+async fn response_rules_see_a_5xx_answer_to_a_revalidation() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            if s.headers.contains_key("if-none-match") {
+                reply(503, &[], "down")
+            } else {
+                let fields = [("cache-control", "max-age=60"), ("etag", "\"v1\"")];
+                reply(200, &fields, "body")
+            }
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"rule all { route app cache { } }
+on response when status >= 500 { response_header set "x-origin-error" "yes" }"#,
+        ))
+        .await;
+        assert_eq!(get(addr(&p), "/e", &[]).await.text(), "body");
+        let failed = get(addr(&p), "/e", &[("cache-control", "no-cache")]).await;
+        assert_eq!(origin.count(), 2);
+        assert_eq!(failed.status, 503, "{}", failed.cache_status());
+        assert_eq!(failed.header("x-origin-error"), Some("yes"));
+        // The stored copy stays.
+        let hit = get(addr(&p), "/e", &[]).await;
+        assert!(hit.is_hit(), "{}", hit.cache_status());
+        assert_eq!(hit.text(), "body");
+        p.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn request_no_cache_and_max_age_0_and_min_fresh_go_to_the_origin() {
     bounded(async {

@@ -155,7 +155,9 @@ impl Gateway {
                 }
                 // The refreshed copy may no longer be stored: pass the old
                 // body once, with the stored fields as the 304 updated them
-                // (its own head describes no body).
+                // (its own head describes no body) and the response rules'
+                // edits made again to those it replaced.
+                refreshed_edits(gen, &view, entry.status, &mut headers, &head.headers);
                 head.headers = headers;
                 for c in cookies {
                     head.headers.append(header::SET_COOKIE, c);
@@ -164,17 +166,6 @@ impl Gateway {
                 let resp = Response::from_parts(head, body::full(entry.body()));
                 return Ok(Filled::Passed(resp, "not-storable", 304));
             }
-        } else if stale.is_some() && head.status.is_server_error() {
-            // An error never replaces the stored copy: it stays for
-            // stale-if-error and for later revalidation (RFC 5861 section 4).
-            metrics::counter!("portico_cache_not_stored_total", "reason" => "server-error")
-                .increment(1);
-            return Ok(Filled::passed(
-                Response::from_parts(head, resp_body),
-                "server-error",
-            ));
-        } else if stale.is_some() {
-            metrics::counter!("portico_cache_revalidations_total", "result" => "200").increment(1);
         }
 
         let actions = policy.decide_response(
@@ -186,6 +177,19 @@ impl Gateway {
         );
         for e in &actions.headers {
             e.apply(&mut head.headers);
+        }
+        if stale.is_some() && head.status.is_server_error() {
+            // An error never replaces the stored copy: it stays for
+            // stale-if-error and for later revalidation (RFC 5861 section
+            // 4). Passed on, it has had the response rules' edits.
+            metrics::counter!("portico_cache_not_stored_total", "reason" => "server-error")
+                .increment(1);
+            return Ok(Filled::passed(
+                Response::from_parts(head, resp_body),
+                "server-error",
+            ));
+        } else if stale.is_some() {
+            metrics::counter!("portico_cache_revalidations_total", "result" => "200").increment(1);
         }
         let overrides = overrides(cache, &actions);
         let directives = control::response_directives(&head.headers, &gen.targeted);
@@ -302,26 +306,9 @@ impl Gateway {
         response_time: SystemTime,
     ) -> Result<Entry, &'static str> {
         let cache = rule.cache.as_ref().ok_or("bypass")?;
-        let actions = gen.policy.decide_response(
-            view,
-            &ResponseView {
-                status: status.as_u16(),
-                headers: &headers,
-            },
-        );
+        let actions = refreshed_edits(gen, view, status, &mut headers, replaced);
         if actions.no_store {
             return Err("policy");
-        }
-        // The response rules' edits were applied before the copy was first
-        // stored; the fields the 304 replaced (`replaced`, its own) have
-        // lost them, and get them again. The others still carry them, so
-        // an `add` is not made twice.
-        for e in actions
-            .headers
-            .iter()
-            .filter(|e| replaced.contains_key(&e.name))
-        {
-            e.apply(&mut headers);
         }
         let overrides = overrides(cache, &actions);
         let directives = control::response_directives(&headers, &gen.targeted);
@@ -671,4 +658,32 @@ where
         }
         std::pin::Pin::new(&mut self.rest).poll_frame(cx)
     }
+}
+
+/// The response rules' verdict on a stored copy a 304 refreshed. Their
+/// edits were made before the copy was first stored; the fields the 304
+/// replaced (`replaced`, its own) have lost them, and get them again. The
+/// others still carry them, so an `add` is not made twice.
+fn refreshed_edits(
+    gen: &Generation,
+    view: &View<'_>,
+    status: StatusCode,
+    headers: &mut HeaderMap,
+    replaced: &HeaderMap,
+) -> crate::policy::model::ResponseActions {
+    let actions = gen.policy.decide_response(
+        view,
+        &ResponseView {
+            status: status.as_u16(),
+            headers,
+        },
+    );
+    for e in actions
+        .headers
+        .iter()
+        .filter(|e| replaced.contains_key(&e.name))
+    {
+        e.apply(headers);
+    }
+    actions
 }
