@@ -510,6 +510,56 @@ rule rest { route app cache off }
     .await;
 }
 
+/// Behind a proxy named in `http { trust_forwarded }` (here the test's own
+/// 127.0.0.1), the client is the last untrusted address of its
+/// `X-Forwarded-For`: rules and limits see it, and the origin gets the
+/// chain with the proxy appended. `X-Forwarded-Proto` from the proxy stays.
+#[tokio::test]
+async fn a_trusted_proxy_s_forwarded_for_names_the_client() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&format!(
+            "http {{ trust_forwarded [127.0.0.1] }}\n{}",
+            policy_for(
+                &origin,
+                r#"
+rule blocked when client.ip in [203.0.113.0/24] { deny 403 }
+rule all { route app cache off }
+"#
+            )
+        ))
+        .await;
+        let a = addr(&p);
+        let got = get(a, "/", &[("x-forwarded-for", "198.51.100.9, 203.0.113.7")]).await;
+        assert_eq!(got.status, 403);
+        assert_eq!(origin.count(), 0);
+        let got = get(
+            a,
+            "/",
+            &[
+                ("x-forwarded-for", "203.0.113.7, 198.51.100.9"),
+                ("x-forwarded-proto", "https"),
+            ],
+        )
+        .await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        let seen = &origin.seen()[0];
+        assert_eq!(
+            seen.headers.get("x-forwarded-for").unwrap(),
+            "203.0.113.7, 198.51.100.9, 127.0.0.1"
+        );
+        assert_eq!(seen.headers.get("x-forwarded-proto").unwrap(), "https");
+        // Without the field, the peer is the client.
+        assert_eq!(get(a, "/", &[]).await.status, 200);
+        assert_eq!(
+            origin.seen()[1].headers.get("x-forwarded-for").unwrap(),
+            "127.0.0.1"
+        );
+        p.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn forwarding_fields_and_via_both_ways() {
     bounded(async {

@@ -252,6 +252,7 @@ const HTTP: &[(&str, Kind)] = &[
     ("hide_server", Kind::Flag),
     ("shutdown_grace", Kind::Duration),
     ("max_connections", Kind::Number),
+    ("trust_forwarded", Kind::Nets),
 ];
 const PURGE: &[(&str, Kind)] = &[("allow", Kind::Nets)];
 const BACKEND: &[(&str, Kind)] = &[

@@ -132,6 +132,10 @@ pub struct HttpConfig {
     pub shutdown_grace: Duration,
     /// Client connections open at once per listener. Default 10,000.
     pub max_connections: u64,
+    /// Proxies in front whose `X-Forwarded-For` is believed: a request from
+    /// one of them is from the last address that field names that is not
+    /// one of them. Default none.
+    pub trust_forwarded: Vec<IpNet>,
 }
 
 impl Default for HttpConfig {
@@ -146,6 +150,7 @@ impl Default for HttpConfig {
             hide_server: false,
             shutdown_grace: Duration::from_secs(10),
             max_connections: 10_000,
+            trust_forwarded: Vec::new(),
         }
     }
 }

@@ -304,6 +304,45 @@ impl Forwarded {
     }
 }
 
+/// The client a request from `peer` is from, when `peer` is a proxy in
+/// front that is trusted (`trusted`): the last address of
+/// `X-Forwarded-For` that is not itself trusted, each hop having appended
+/// the one it heard from (NGINX's `real_ip_recursive`). When every address
+/// is trusted, the first; an entry that is not an address ends the walk,
+/// as nothing before it can be believed. `None` when `peer` is not trusted
+/// or names nobody: the peer is the client.
+pub fn forwarded_client(
+    peer: IpAddr,
+    headers: &HeaderMap,
+    trusted: &[ipnet::IpNet],
+) -> Option<IpAddr> {
+    let trusts = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    if trusted.is_empty() || !trusts(&peer) {
+        return None;
+    }
+    let fields: Vec<&HeaderValue> = headers.get_all(X_FORWARDED_FOR).iter().collect();
+    let mut client = None;
+    for field in fields.iter().rev() {
+        let Ok(text) = field.to_str() else {
+            return client;
+        };
+        for entry in text.rsplit(',').map(str::trim).filter(|e| !e.is_empty()) {
+            // An address, or one with a port (`192.0.2.1:4711`, `[2001:db8::1]:80`).
+            let ip = entry
+                .parse::<IpAddr>()
+                .or_else(|_| entry.parse::<std::net::SocketAddr>().map(|a| a.ip()));
+            let Ok(ip) = ip else {
+                return client;
+            };
+            if !trusts(&ip) {
+                return Some(ip);
+            }
+            client = Some(ip);
+        }
+    }
+    client
+}
+
 /// Prepares a client request for the origin, in its own field map:
 /// hop-by-hop fields removed, forwarding fields and `Via` added. The
 /// request's `Host` (or the URI's authority, as HTTP/2 carries it) becomes
@@ -355,6 +394,47 @@ pub fn prepare_downstream_response<B>(resp: &mut Response<B>, opts: &ResponseHyg
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_client_behind_trusted_proxies_is_the_last_untrusted_address() {
+        let trusted: Vec<ipnet::IpNet> = ["10.0.0.0/8", "127.0.0.1/32"]
+            .iter()
+            .map(|n| n.parse().unwrap())
+            .collect();
+        let peer: IpAddr = "127.0.0.1".parse().unwrap();
+        let client = |fields: &[&str], peer: IpAddr| {
+            let mut h = HeaderMap::new();
+            for f in fields {
+                h.append(X_FORWARDED_FOR, HeaderValue::from_str(f).unwrap());
+            }
+            forwarded_client(peer, &h, &trusted).map(|ip| ip.to_string())
+        };
+        let some = |s: &str| Some(s.to_owned());
+        // A client can write anything first; the hops after it are trusted.
+        assert_eq!(
+            client(&["6.6.6.6, 203.0.113.7, 10.1.1.1"], peer),
+            some("203.0.113.7")
+        );
+        assert_eq!(
+            client(&["6.6.6.6", "203.0.113.7:4711"], peer),
+            some("203.0.113.7")
+        );
+        assert_eq!(client(&["[2001:db8::1]:80"], peer), some("2001:db8::1"));
+        // Every one trusted: the first. Garbage ends the walk.
+        assert_eq!(client(&["10.0.0.2, 10.0.0.3"], peer), some("10.0.0.2"));
+        assert_eq!(
+            client(&["203.0.113.7, unknown, 10.0.0.3"], peer),
+            some("10.0.0.3")
+        );
+        assert_eq!(client(&["unknown"], peer), None);
+        // An untrusted peer, or none named: the peer is the client.
+        assert_eq!(client(&["203.0.113.7"], "192.0.2.1".parse().unwrap()), None);
+        assert_eq!(client(&[], peer), None);
+        let none: &[ipnet::IpNet] = &[];
+        let mut h = HeaderMap::new();
+        h.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));
+        assert_eq!(forwarded_client(peer, &h, none), None);
+    }
     use http::StatusCode;
 
     type Fields<'a> = &'a [(&'a str, &'a str)];

@@ -46,7 +46,7 @@
 use std::convert::Infallible;
 use std::future::Future;
 use std::io;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -156,6 +156,10 @@ pub struct ConnInfo {
     pub tls: bool,
     /// The server name the client sent in its TLS ClientHello.
     pub sni: Option<String>,
+    /// The trusted proxy in front (`http { trust_forwarded }`) that the
+    /// request came from, when `client_addr` is the client it names in
+    /// `X-Forwarded-For` (with port 0) rather than the connection's peer.
+    pub proxied_by: Option<IpAddr>,
 }
 
 /// Answers requests. The integrator's request pipeline implements this;
@@ -597,6 +601,7 @@ async fn accept<H: Handler>(
         local_addr: shared.local_addr,
         tls: tls.is_some(),
         sni: None,
+        proxied_by: None,
     };
     match tls {
         None => serve_connection(stream, info, shared, opened, false).await,
@@ -733,9 +738,7 @@ where
         drive(
             pin!(conn),
             |c| c.graceful_shutdown(),
-            |e: &Box<dyn std::error::Error + Send + Sync>| {
-                e.downcast_ref::<hyper::Error>().and_then(refused_head)
-            },
+            |e: &_| e.downcast_ref::<hyper::Error>().and_then(refused_head),
             &activity,
             &shared,
             client_addr,

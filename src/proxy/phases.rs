@@ -613,6 +613,17 @@ impl Handler for Gateway {
         let gen = self.current();
         let mut log = Log::default();
         let (mut parts, body) = req.into_parts();
+        // Behind a trusted proxy, the client is the one it names: for
+        // rules, keys, limits, the log and the forwarding fields alike.
+        let trusted = &gen.policy.model.http.trust_forwarded;
+        let conn = match hygiene::forwarded_client(conn.client_addr.ip(), &parts.headers, trusted) {
+            Some(client) => Arc::new(ConnInfo {
+                client_addr: std::net::SocketAddr::new(client, 0),
+                proxied_by: Some(conn.client_addr.ip()),
+                ..ConnInfo::clone(&conn)
+            }),
+            None => conn,
+        };
         // What the client's Connection names is this hop's alone (RFC 9110
         // §7.6.1) and never reaches the origin: rules, cache keys and Vary
         // must not see it either, or an answer made without a field would
@@ -770,9 +781,11 @@ fn build_upstream(
         &mut headers,
         host,
         &ForwardContext {
-            client_ip: conn.client_addr.ip(),
+            // The hop this request came from is the one added: a trusted
+            // proxy's chain is kept before it.
+            client_ip: conn.proxied_by.unwrap_or(conn.client_addr.ip()),
             tls: conn.tls,
-            trust_forwarded: false,
+            trust_forwarded: conn.proxied_by.is_some(),
             via,
         },
     );

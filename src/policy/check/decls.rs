@@ -223,6 +223,9 @@ impl Checker<'_> {
                 out.max_connections = n;
             }
         }
+        if let Some((Val::Nets(n), _)) = v.remove("trust_forwarded") {
+            out.trust_forwarded = n;
+        }
     }
 
     pub(super) fn purge(&mut self, s: &ast::Section, out: &mut PurgeConfig) {

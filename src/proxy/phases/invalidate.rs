@@ -175,9 +175,9 @@ impl Gateway {
             upstream.headers_mut(),
             client_host,
             &ForwardContext {
-                client_ip: conn.client_addr.ip(),
+                client_ip: conn.proxied_by.unwrap_or(conn.client_addr.ip()),
                 tls: conn.tls,
-                trust_forwarded: false,
+                trust_forwarded: conn.proxied_by.is_some(),
                 via: hygiene::default_via(req.version()),
             },
         );
