@@ -452,8 +452,9 @@ async fn run_with_a_backend_flag_serves_from_that_origin() {
 }
 
 /// Heads the HTTP/1 server cannot take (one that does not parse, one too
-/// large) are answered 400 and 431 and still get an access log line and a
-/// count, on a fresh connection and on one whose earlier request had a body.
+/// large, one whose request line alone is too large) are answered 400, 431
+/// and 414 and still get an access log line and a count, on a fresh
+/// connection and on one whose earlier request had a body.
 #[tokio::test]
 async fn heads_that_cannot_be_taken_are_answered_and_logged() {
     bounded(async {
@@ -468,9 +469,11 @@ async fn heads_that_cannot_be_taken_are_answered_and_logged() {
         );
         let after_body = "POST /b HTTP/1.1\r\nHost: t\r\nContent-Length: 2\r\n\r\nok\
                           GET /b HTTP/1.1\r\nHost: t\r\nbad name: x\r\n\r\n";
+        let long_target = format!("GET /{} HTTP/1.1\r\nHost: t\r\n\r\n", "a".repeat(40_000));
         for (request, status) in [
             ("GET /x HTTP/1.1\r\nHost: t\r\nbad name: x\r\n\r\n", "400"),
             (huge.as_str(), "431"),
+            (long_target.as_str(), "414"),
             (after_body, "400"),
         ] {
             let answer = raw_exchange(addr, request.as_bytes(), within).await;

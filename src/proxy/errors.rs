@@ -50,6 +50,10 @@ pub enum ProxyError {
     /// The request header section is too large (431, RFC 6585 §5).
     #[error("request header fields too large")]
     HeaderTooLarge,
+    /// The request target is longer than the server reads (414, RFC 9112
+    /// §3).
+    #[error("request target too long")]
+    UriTooLong,
     /// The request needs something this server does not implement, such
     /// as a transfer coding it cannot decode (501, RFC 9110 §15.6.2).
     #[error("not implemented: {0}")]
@@ -86,6 +90,7 @@ impl ProxyError {
             Self::RequestTimeout => StatusCode::REQUEST_TIMEOUT,
             Self::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
             Self::HeaderTooLarge => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            Self::UriTooLong => StatusCode::URI_TOO_LONG,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
             Self::NotImplemented(_) => StatusCode::NOT_IMPLEMENTED,
             Self::BadGateway(_) => StatusCode::BAD_GATEWAY,
@@ -105,6 +110,7 @@ impl ProxyError {
             Self::RequestTimeout => "The request body did not arrive in time.",
             Self::TooManyRequests { .. } => "Too many requests; slow down and retry later.",
             Self::HeaderTooLarge => "The request headers are too large.",
+            Self::UriTooLong => "The request target is too long.",
             Self::Internal(_) => "An internal error occurred.",
             Self::NotImplemented(_) => "The request uses a feature this server does not support.",
             Self::BadGateway(_) => "The origin server could not be reached or answered badly.",

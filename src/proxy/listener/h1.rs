@@ -16,7 +16,9 @@
 //! (431), a target hyper would refuse, and HTTP/2's preface. The connection
 //! is handed over with the bytes read so far ([`Rewind`]) and stays with
 //! hyper for the rest of its life, so nothing is parsed twice but the one
-//! head that did not fit here.
+//! head that did not fit here. A request line that alone is over the
+//! head's size limit is the exception: its target is too long, and this
+//! loop answers 414 itself (hyper would say 431) and closes.
 //!
 //! What the loop does is what hyper did for the same requests: keep-alive
 //! by RFC 9112 §9.3 (HTTP/1.0 only with `keep-alive`, which the response
@@ -52,6 +54,7 @@ use tracing::debug;
 use super::{respond, ConnInfo, Handler, Shared, SideWake};
 use crate::proxy::body::{RequestBody, ResponseBody};
 use crate::proxy::errors::ProxyError;
+use crate::proxy::phases::log_unparsed;
 use crate::upstream::{parsed_value, FieldNames};
 
 /// Most fields a request head may carry here; a head with more (or a
@@ -86,6 +89,9 @@ pub(super) enum Parsed {
     Head(Head),
     /// Something for hyper; the buffer is as it was.
     HandOff,
+    /// A request line that alone is over the head's size limit: its target
+    /// is too long (414, RFC 9112 §3). The buffer is as it was.
+    TargetTooLong,
 }
 
 /// Parses the request head at the start of `buf`. A head that is whole and
@@ -113,6 +119,11 @@ pub(super) fn parse_head(
         {
             Ok(httparse::Status::Complete(len)) if len <= max_bytes => len,
             Ok(httparse::Status::Partial) if buf.len() < max_bytes => return Parsed::Partial,
+            // Over the limit (the arms above took every head within it)
+            // before the request line has even ended.
+            Ok(_) if !buf[..max_bytes.min(buf.len())].contains(&b'\n') => {
+                return Parsed::TargetTooLong
+            }
             _ => return Parsed::HandOff,
         };
         let (Some(method), Some(path), Some(minor)) = (req.method, req.path, req.version) else {
@@ -818,8 +829,9 @@ where
                 || ends_head(&read[checked.saturating_sub(3)..]);
             if may_end {
                 match parse_head(&mut read, limits.max_headers, max_bytes, &mut names) {
-                    Parsed::Head(head) => break head,
+                    Parsed::Head(head) => break Some(head),
                     Parsed::HandOff => return Some((read.freeze(), served)),
+                    Parsed::TargetTooLong => break None,
                     Parsed::Partial => {}
                 }
             }
@@ -865,6 +877,35 @@ where
                     side.woken.store(true, Ordering::Release);
                 }
             }
+        };
+
+        let Some(head) = head else {
+            // Refused before it was taken: answered, logged, and the
+            // connection closed, as what follows is not a head.
+            log_unparsed(client_addr.ip(), StatusCode::URI_TOO_LONG);
+            let response = shared.errors.respond(&ProxyError::UriTooLong, None);
+            let (parts, body) = response.into_parts();
+            let asked = Asked {
+                version: Version::HTTP_11,
+                head: false,
+                keep_alive: false,
+                trailers: false,
+            };
+            let (framing, _) =
+                encode_head(&mut out.scratch, &parts, &body.size_hint(), asked, true);
+            out.push_scratch();
+            let send = SendTimer {
+                timer: timer.as_mut(),
+                armed: &mut armed,
+                side: &side,
+                side_waker: &side_waker,
+                timeout: limits.send_timeout,
+                due: None,
+                looked: false,
+            };
+            let _ = send_body(io, &mut out, body, framing, None, send, &mut read).await;
+            let _ = io.shutdown().await;
+            return None;
         };
 
         // ---- handle
@@ -1082,6 +1123,16 @@ mod tests {
             parse_head(&mut buf, 100, 8192, &mut FieldNames::default()),
             Parsed::HandOff
         ));
+        // A request line longer than the limit, whole or not: 414.
+        let target = format!("GET /{} HTTP/1.1\r\n\r\n", "a".repeat(9000));
+        for end in [target.len(), 8500] {
+            let mut buf = BytesMut::from(&target.as_bytes()[..end]);
+            assert!(matches!(
+                parse_head(&mut buf, 100, 8192, &mut FieldNames::default()),
+                Parsed::TargetTooLong
+            ));
+            assert_eq!(buf.len(), end);
+        }
         let many: String = (0..5).map(|i| format!("X-{i}: v\r\n")).collect();
         let text = format!("GET / HTTP/1.1\r\n{many}\r\n");
         let mut buf = BytesMut::from(text.as_str());
@@ -1252,6 +1303,7 @@ mod tests {
                         return (seen, left(&buf));
                     }
                     Parsed::HandOff => return ("hand off".into(), left(&buf)),
+                    Parsed::TargetTooLong => return ("too long".into(), left(&buf)),
                     Parsed::Partial => {}
                 }
             }
@@ -1301,7 +1353,9 @@ mod tests {
             let mut buf = BytesMut::from(&bytes[..]);
             match parse_head(&mut buf, 100, 8192, &mut FieldNames::default()) {
                 Parsed::Head(_) => proptest::prop_assert!(bytes.ends_with(&buf)),
-                Parsed::HandOff | Parsed::Partial => proptest::prop_assert_eq!(&buf[..], &bytes[..]),
+                Parsed::HandOff | Parsed::Partial | Parsed::TargetTooLong => {
+                    proptest::prop_assert_eq!(&buf[..], &bytes[..])
+                }
             }
         }
     }
