@@ -385,30 +385,25 @@ impl Pool {
         // would otherwise refuse every request for the rest of a cooldown.
         let mut panic = false;
         loop {
-            let usable = |i: usize| {
-                self.health.is_up(i)
-                    && (panic || !self.health.is_ejected(i))
-                    && !tried.get(i).copied().unwrap_or(false)
-            };
-            let mut picked = balance::select(
-                self.selector.as_ref(),
-                &self.weights,
-                &self.backup,
-                &self.load,
-                &usable,
-                hash_key,
-            );
-            if picked.is_none() && !panic && last_error.is_none() {
-                panic = true;
-                let usable = |i: usize| self.health.is_up(i);
-                picked = balance::select(
+            let pick = |panic: bool| {
+                let usable = |i: usize| {
+                    self.health.is_up(i)
+                        && (panic || !self.health.is_ejected(i))
+                        && !tried.get(i).copied().unwrap_or(false)
+                };
+                balance::select(
                     self.selector.as_ref(),
                     &self.weights,
                     &self.backup,
                     &self.load,
                     &usable,
                     hash_key,
-                );
+                )
+            };
+            let mut picked = pick(panic);
+            if picked.is_none() && !panic && last_error.is_none() {
+                panic = true;
+                picked = pick(true);
                 if picked.is_some() {
                     tracing::debug!(backend = %self.name, "every server is ejected; trying them anyway");
                 }

@@ -521,7 +521,25 @@ struct SendTimer<'a> {
     looked: bool,
 }
 
-impl SendTimer<'_> {
+impl<'a> SendTimer<'a> {
+    fn new(
+        timer: Pin<&'a mut tokio::time::Sleep>,
+        armed: &'a mut Instant,
+        side: &'a SideWake,
+        side_waker: &'a Waker,
+        timeout: Duration,
+    ) -> Self {
+        SendTimer {
+            timer,
+            armed,
+            side,
+            side_waker,
+            timeout,
+            due: None,
+            looked: false,
+        }
+    }
+
     /// A write (or flush) is blocked, after writing something when
     /// `progressed`. Pending, or an error once the client has taken
     /// nothing for the timeout.
@@ -894,15 +912,13 @@ where
             let (framing, _) =
                 encode_head(&mut out.scratch, &parts, &body.size_hint(), asked, true);
             out.push_scratch();
-            let send = SendTimer {
-                timer: timer.as_mut(),
-                armed: &mut armed,
-                side: &side,
-                side_waker: &side_waker,
-                timeout: limits.send_timeout,
-                due: None,
-                looked: false,
-            };
+            let send = SendTimer::new(
+                timer.as_mut(),
+                &mut armed,
+                &side,
+                &side_waker,
+                limits.send_timeout,
+            );
             let _ = send_body(io, &mut out, body, framing, None, send, &mut read).await;
             let _ = io.shutdown().await;
             return None;
@@ -964,15 +980,13 @@ where
         // Trailer fields go only to a client that accepts them, and only
         // those the response announced.
         let trailers = parts.headers.get(TRAILER).filter(|_| asked.trailers);
-        let send = SendTimer {
-            timer: timer.as_mut(),
-            armed: &mut armed,
-            side: &side,
-            side_waker: &side_waker,
-            timeout: limits.send_timeout,
-            due: None,
-            looked: false,
-        };
+        let send = SendTimer::new(
+            timer.as_mut(),
+            &mut armed,
+            &side,
+            &side_waker,
+            limits.send_timeout,
+        );
         if let Err(e) = send_body(io, &mut out, body, framing, trailers, send, &mut read).await {
             debug!(%client_addr, error = %e, "response not sent whole; closing");
             return None;
