@@ -524,6 +524,7 @@ async fn a_trusted_proxy_s_forwarded_for_names_the_client() {
                 &origin,
                 r#"
 rule blocked when client.ip in [203.0.113.0/24] { deny 403 }
+rule to_https when scheme == http and path == "/login" { redirect 301 "https://t.test/login" }
 rule all { route app cache off }
 "#
             )
@@ -555,6 +556,22 @@ rule all { route app cache off }
             origin.seen()[1].headers.get("x-forwarded-for").unwrap(),
             "127.0.0.1"
         );
+        // The scheme the proxy says the client used is the one rules see:
+        // a redirect to https is not made again behind a proxy that ends TLS.
+        let via_tls = [
+            ("x-forwarded-for", "198.51.100.9"),
+            ("x-forwarded-proto", "https"),
+        ];
+        assert_eq!(get(a, "/login", &via_tls).await.status, 200);
+        let plain = [
+            ("x-forwarded-for", "198.51.100.9"),
+            ("x-forwarded-proto", "http"),
+        ];
+        assert_eq!(get(a, "/login", &plain).await.status, 301);
+        // A request that names no client is the peer's own: its scheme is
+        // the connection's.
+        let unproxied = [("x-forwarded-proto", "https")];
+        assert_eq!(get(a, "/login", &unproxied).await.status, 301);
         p.shutdown().await;
     })
     .await;

@@ -834,12 +834,29 @@ fn receive<'a>(
             return Err(ProxyError::BadRequest("a scheme other than http or https"));
         }
     }
-    let scheme = if conn.tls {
+    Ok((host, client_scheme(conn, &parts.headers)))
+}
+
+/// The scheme the client came by: the connection's, or behind a trusted
+/// proxy (`http { trust_forwarded }`) the first its `X-Forwarded-Proto`
+/// names, the client's own hop. A rule that redirects `http` to `https`
+/// behind a proxy that ends TLS would otherwise redirect for ever.
+fn client_scheme(conn: &ConnInfo, headers: &HeaderMap) -> Scheme {
+    let forwarded = conn.proxied_by.and_then(|_| {
+        let proto = headers.get(hygiene::X_FORWARDED_PROTO)?.to_str().ok()?;
+        Some(
+            proto
+                .split(',')
+                .next()?
+                .trim()
+                .eq_ignore_ascii_case("https"),
+        )
+    });
+    if forwarded.unwrap_or(conn.tls) {
         Scheme::Https
     } else {
         Scheme::Http
-    };
-    Ok((host, scheme))
+    }
 }
 
 /// The target with its percent-escapes normalised (RFC 3986 section

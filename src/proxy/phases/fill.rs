@@ -96,11 +96,7 @@ impl Gateway {
         }
         let view = View {
             method: &parts.method,
-            scheme: if conn.tls {
-                Scheme::Https
-            } else {
-                Scheme::Http
-            },
+            scheme: client_scheme(conn, &parts.headers),
             host,
             path: parts.uri.path(),
             query: parts.uri.query().unwrap_or(""),
