@@ -577,6 +577,42 @@ rule all { route app cache off }
     .await;
 }
 
+/// An IPv4 client of an IPv6 socket (`::ffff:127.0.0.1`, as a dual-stack
+/// listener sees it) is its IPv4 address to rules and to the origin.
+#[tokio::test]
+async fn an_ipv4_client_of_an_ipv6_socket_is_its_ipv4_address() {
+    bounded(async {
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let policy = portico::policy::load(
+            &policy_for(
+                &origin,
+                r#"
+rule outside when not client.ip in [127.0.0.0/8] { deny 403 }
+rule all { route app cache off }
+"#,
+            ),
+            "test.policy",
+        )
+        .unwrap();
+        let p = portico::run::start(
+            policy,
+            None,
+            portico::run::Overrides {
+                listen: vec!["[::ffff:127.0.0.1]:0".into()],
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("portico starts");
+        let got = get(addr(&p), "/", &[]).await;
+        assert_eq!(got.status, 200, "{}", got.text());
+        let seen = &origin.seen()[0];
+        assert_eq!(seen.headers.get("x-forwarded-for").unwrap(), "127.0.0.1");
+        p.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn forwarding_fields_and_via_both_ways() {
     bounded(async {

@@ -316,7 +316,9 @@ pub fn forwarded_client(
     headers: &HeaderMap,
     trusted: &[ipnet::IpNet],
 ) -> Option<IpAddr> {
-    let trusts = |ip: &IpAddr| trusted.iter().any(|n| n.contains(ip));
+    // An IPv4 peer of a dual-stack socket is `::ffff:a.b.c.d`: compared
+    // as the IPv4 address it is, as every entry is.
+    let trusts = |ip: &IpAddr| trusted.iter().any(|n| n.contains(&ip.to_canonical()));
     if trusted.is_empty() || !trusts(&peer) {
         return None;
     }
@@ -331,7 +333,7 @@ pub fn forwarded_client(
             let ip = entry
                 .parse::<IpAddr>()
                 .or_else(|_| entry.parse::<std::net::SocketAddr>().map(|a| a.ip()));
-            let Ok(ip) = ip else {
+            let Ok(ip) = ip.map(|ip| ip.to_canonical()) else {
                 return client;
             };
             if !trusts(&ip) {
@@ -420,6 +422,13 @@ mod tests {
             some("203.0.113.7")
         );
         assert_eq!(client(&["[2001:db8::1]:80"], peer), some("2001:db8::1"));
+        // IPv4 written as IPv6, by a dual-stack socket or a proxy: as IPv4.
+        let mapped: IpAddr = "::ffff:127.0.0.1".parse().unwrap();
+        assert_eq!(client(&["203.0.113.7"], mapped), some("203.0.113.7"));
+        assert_eq!(
+            client(&["::ffff:203.0.113.7, 10.0.0.1"], peer),
+            some("203.0.113.7")
+        );
         // Every one trusted: the first. Garbage ends the walk.
         assert_eq!(client(&["10.0.0.2, 10.0.0.3"], peer), some("10.0.0.2"));
         assert_eq!(

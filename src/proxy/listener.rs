@@ -591,6 +591,9 @@ async fn accept<H: Handler>(
     tls: Option<TlsAcceptor>,
     shared: Arc<Shared<H>>,
 ) {
+    // An IPv4 client of a dual-stack listener comes as `::ffff:a.b.c.d`:
+    // rules, allow lists and the log see the IPv4 address it is.
+    let client_addr = SocketAddr::new(client_addr.ip().to_canonical(), client_addr.port());
     // Small writes (headers, h2 frames) should not wait for Nagle.
     if let Err(e) = stream.set_nodelay(true) {
         debug!(%client_addr, error = %e, "set_nodelay failed");
