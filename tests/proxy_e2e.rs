@@ -568,10 +568,36 @@ rule all { route app cache off }
             ("x-forwarded-proto", "http"),
         ];
         assert_eq!(get(a, "/login", &plain).await.status, 301);
-        // A request that names no client is the peer's own: its scheme is
-        // the connection's.
-        let unproxied = [("x-forwarded-proto", "https")];
-        assert_eq!(get(a, "/login", &unproxied).await.status, 301);
+        // The proxy's own request (naming no client) is believed too.
+        let own = [("x-forwarded-proto", "https")];
+        assert_eq!(get(a, "/login", &own).await.status, 200);
+        // A proxy that adds to the field leaves the client's word first:
+        // the last value is the proxy's.
+        let added = [
+            ("x-forwarded-for", "198.51.100.9"),
+            ("x-forwarded-proto", "https, http"),
+        ];
+        assert_eq!(get(a, "/login", &added).await.status, 301);
+        p.shutdown().await;
+
+        // From a peer that is not trusted, none of it is believed.
+        let origin = Origin::start(|_| reply(200, &[], "ok")).await;
+        let p = proxy(&format!(
+            "http {{ trust_forwarded [10.0.0.0/8] }}\n{}",
+            policy_for(
+                &origin,
+                r#"
+rule to_https when scheme == http { redirect 301 "https://t.test/" }
+rule all { route app cache off }
+"#
+            )
+        ))
+        .await;
+        let spoofed = [
+            ("x-forwarded-for", "10.0.0.9"),
+            ("x-forwarded-proto", "https"),
+        ];
+        assert_eq!(get(addr(&p), "/", &spoofed).await.status, 301);
         p.shutdown().await;
     })
     .await;

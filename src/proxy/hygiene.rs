@@ -309,8 +309,9 @@ impl Forwarded {
 /// `X-Forwarded-For` that is not itself trusted, each hop having appended
 /// the one it heard from (NGINX's `real_ip_recursive`). When every address
 /// is trusted, the first; an entry that is not an address ends the walk,
-/// as nothing before it can be believed. `None` when `peer` is not trusted
-/// or names nobody: the peer is the client.
+/// as nothing before it can be believed; a request that names nobody is
+/// the proxy's own (`peer`). `None` when `peer` is not trusted: it is the
+/// client, and what it says of others is not believed.
 pub fn forwarded_client(
     peer: IpAddr,
     headers: &HeaderMap,
@@ -322,11 +323,10 @@ pub fn forwarded_client(
     if trusted.is_empty() || !trusts(&peer) {
         return None;
     }
-    let fields: Vec<&HeaderValue> = headers.get_all(X_FORWARDED_FOR).iter().collect();
-    let mut client = None;
-    for field in fields.iter().rev() {
+    let mut client = peer;
+    for field in headers.get_all(X_FORWARDED_FOR).iter().rev() {
         let Ok(text) = field.to_str() else {
-            return client;
+            return Some(client);
         };
         for entry in text.rsplit(',').map(str::trim).filter(|e| !e.is_empty()) {
             // An address, or one with a port (`192.0.2.1:4711`, `[2001:db8::1]:80`).
@@ -334,15 +334,15 @@ pub fn forwarded_client(
                 .parse::<IpAddr>()
                 .or_else(|_| entry.parse::<std::net::SocketAddr>().map(|a| a.ip()));
             let Ok(ip) = ip.map(|ip| ip.to_canonical()) else {
-                return client;
+                return Some(client);
             };
             if !trusts(&ip) {
                 return Some(ip);
             }
-            client = Some(ip);
+            client = ip;
         }
     }
-    client
+    Some(client)
 }
 
 /// Prepares a client request for the origin, in its own field map:
@@ -435,10 +435,11 @@ mod tests {
             client(&["203.0.113.7, unknown, 10.0.0.3"], peer),
             some("10.0.0.3")
         );
-        assert_eq!(client(&["unknown"], peer), None);
-        // An untrusted peer, or none named: the peer is the client.
+        // Nobody named: the proxy's own request.
+        assert_eq!(client(&["unknown"], peer), some("127.0.0.1"));
+        assert_eq!(client(&[], peer), some("127.0.0.1"));
+        // An untrusted peer is the client.
         assert_eq!(client(&["203.0.113.7"], "192.0.2.1".parse().unwrap()), None);
-        assert_eq!(client(&[], peer), None);
         let none: &[ipnet::IpNet] = &[];
         let mut h = HeaderMap::new();
         h.insert(X_FORWARDED_FOR, HeaderValue::from_static("203.0.113.7"));

@@ -570,7 +570,9 @@ fn builder(limits: &ServerLimits) -> auto::Builder<streams::StreamExec> {
     builder
 }
 
-/// hyper's HTTP/1.1 alone, set as [`builder`]'s HTTP/1.1 side.
+/// hyper's HTTP/1.1 alone, set as [`builder`]'s HTTP/1.1 side, and with
+/// an exact header size limit, which that side cannot be given: every
+/// HTTP/1 connection but one that negotiated h2 by ALPN is served by it.
 fn builder_h1(limits: &ServerLimits) -> hyper::server::conn::http1::Builder {
     let mut builder = hyper::server::conn::http1::Builder::new();
     builder

@@ -838,19 +838,19 @@ fn receive<'a>(
 }
 
 /// The scheme the client came by: the connection's, or behind a trusted
-/// proxy (`http { trust_forwarded }`) the first its `X-Forwarded-Proto`
-/// names, the client's own hop. A rule that redirects `http` to `https`
-/// behind a proxy that ends TLS would otherwise redirect for ever.
+/// proxy (`http { trust_forwarded }`) what its `X-Forwarded-Proto` says:
+/// the last value, the one the proxy next to Portico wrote (one that adds
+/// to the field rather than replacing it leaves the client's own value
+/// before its). A rule that redirects `http` to `https` behind a proxy
+/// that ends TLS would otherwise redirect for ever.
 fn client_scheme(conn: &ConnInfo, headers: &HeaderMap) -> Scheme {
     let forwarded = conn.proxied_by.and_then(|_| {
-        let proto = headers.get(hygiene::X_FORWARDED_PROTO)?.to_str().ok()?;
-        Some(
-            proto
-                .split(',')
-                .next()?
-                .trim()
-                .eq_ignore_ascii_case("https"),
-        )
+        let field = headers
+            .get_all(hygiene::X_FORWARDED_PROTO)
+            .iter()
+            .next_back()?;
+        let last = field.to_str().ok()?.rsplit(',').next()?;
+        Some(last.trim().eq_ignore_ascii_case("https"))
     });
     if forwarded.unwrap_or(conn.tls) {
         Scheme::Https

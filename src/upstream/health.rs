@@ -176,22 +176,31 @@ impl HealthState {
         until != 0 && self.now_ms() < until
     }
 
-    /// A request to server `i` got a response: its failure streak ends, and
-    /// so does an ejection it was sent despite (every server was ejected).
+    /// A request to server `i` got a response: its failure streak ends.
     pub fn record_success(&self, i: usize) {
         let s = &self.servers[i];
         if s.request_fail_streak.load(Ordering::Relaxed) != 0 {
             s.request_fail_streak.store(0, Ordering::Relaxed);
         }
-        if s.ejected_until_ms.load(Ordering::Relaxed) != 0 {
-            let ejected = self.is_ejected(i);
-            s.ejected_until_ms.store(0, Ordering::Release);
-            if ejected {
-                tracing::info!(
-                    server = &*self.labels[i],
-                    "upstream server re-admitted after a good response"
-                );
-            }
+    }
+
+    /// Server `i`, sent a request although it was ejected (every server
+    /// was), answered it: its ejection ends. A request that was in flight
+    /// when it was ejected does not end it; nor is a later ejection than
+    /// the one seen undone.
+    pub fn readmit(&self, i: usize) {
+        let s = &self.servers[i];
+        let until = s.ejected_until_ms.load(Ordering::Acquire);
+        if until != 0
+            && self.now_ms() < until
+            && s.ejected_until_ms
+                .compare_exchange(until, 0, Ordering::AcqRel, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::info!(
+                server = &*self.labels[i],
+                "upstream server re-admitted after a good response"
+            );
         }
     }
 

@@ -467,6 +467,9 @@ impl Pool {
             let error = match outcome {
                 Ok(mut resp) => {
                     self.health.record_success(i);
+                    if panic {
+                        self.health.readmit(i);
+                    }
                     resp.body_mut().end_by(end);
                     resp.body_mut().hold_load(guard);
                     return Ok(resp);

@@ -66,6 +66,10 @@ const READ_BUF: usize = 8 * 1024;
 const HIGH_WATER: usize = 256 * 1024;
 /// Most buffers handed to one vectored write.
 const MAX_SLICES: usize = 32;
+/// What is read and dropped of a refused request before its connection
+/// closes, at most, and for how long.
+const DRAIN_MAX: usize = 1 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(1);
 
 /// A request head taken from the read buffer, and what its framing says.
 #[derive(Debug)]
@@ -921,6 +925,20 @@ where
             );
             let _ = send_body(io, &mut out, body, framing, None, send, &mut read).await;
             let _ = io.shutdown().await;
+            // The rest of the line is still coming: closing with it unread
+            // would reset the connection, and the client could lose the
+            // answer. It is read and dropped, for a little while.
+            let drain = async {
+                let mut left = DRAIN_MAX;
+                while left > 0 {
+                    read.clear();
+                    match poll_fn(|cx| poll_read_buf(io, &mut read, cx)).await {
+                        Ok(n) if n > 0 => left = left.saturating_sub(n),
+                        _ => break,
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
             return None;
         };
 
