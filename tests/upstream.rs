@@ -339,52 +339,70 @@ async fn health_check_takes_a_server_out_and_back_in() {
     .unwrap();
 }
 
+/// A server that answers every request 200 with a chunked body that never
+/// ends: 16 KiB chunks as fast as they go, or with `trickle` one byte every
+/// 20 ms. Counts the requests.
+async fn endless(trickle: bool) -> (SocketAddr, Arc<AtomicUsize>, JoinHandle<()>) {
+    use tokio::io::AsyncWriteExt as _;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let requests = Arc::new(AtomicUsize::new(0));
+    let counted = Arc::clone(&requests);
+    let server = tokio::spawn(async move {
+        loop {
+            let (mut tcp, _) = listener.accept().await.unwrap();
+            let counted = Arc::clone(&counted);
+            tokio::spawn(async move {
+                let mut head = [0u8; 1024];
+                let _ = tcp.read(&mut head).await;
+                counted.fetch_add(1, Ordering::SeqCst);
+                let start = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
+                if tcp.write_all(start).await.is_err() {
+                    return;
+                }
+                let chunk = if trickle {
+                    "1\r\nx\r\n".to_owned()
+                } else {
+                    format!("4000\r\n{}\r\n", "x".repeat(0x4000))
+                };
+                while tcp.write_all(chunk.as_bytes()).await.is_ok() {
+                    if trickle {
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                    }
+                }
+            });
+        }
+    });
+    (addr, requests, server)
+}
+
 /// A health path that answers 200 with a body that never ends (a stream, or
-/// a page far larger than a probe needs) keeps the server up: the probe
-/// reads only the head and the start of the body, not all of it until its
-/// timeout.
+/// a page far larger than a probe needs), fast or slowly, keeps the server
+/// up: the status is the verdict, and the probe does not wait for the end
+/// of the body until its timeout.
 #[tokio::test]
 async fn a_probe_does_not_read_an_endless_body() {
-    use tokio::io::AsyncWriteExt as _;
     bounded(async {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addr = listener.local_addr().unwrap();
-        let probes = Arc::new(AtomicUsize::new(0));
-        let counted = Arc::clone(&probes);
-        let server = tokio::spawn(async move {
-            loop {
-                let (mut tcp, _) = listener.accept().await.unwrap();
-                let counted = Arc::clone(&counted);
-                tokio::spawn(async move {
-                    let mut head = [0u8; 1024];
-                    let _ = tcp.read(&mut head).await;
-                    counted.fetch_add(1, Ordering::SeqCst);
-                    let start = b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n";
-                    if tcp.write_all(start).await.is_err() {
-                        return;
-                    }
-                    let chunk = format!("4000\r\n{}\r\n", "x".repeat(0x4000));
-                    while tcp.write_all(chunk.as_bytes()).await.is_ok() {}
-                });
-            }
-        });
-        let mut cfg = backend(vec![ServerConfig::new(addr.to_string())]);
-        cfg.health = Some(HealthConfig {
-            path: "/healthz".into(),
-            interval: Duration::from_millis(50),
-            timeout: Duration::from_millis(300),
-            fall: 1,
-            ..Default::default()
-        });
-        let pool = Pool::new(&cfg).unwrap();
-        wait_until("three probes", || probes.load(Ordering::SeqCst) >= 3).await;
-        // Past the timeout of the third probe, had it waited for the end.
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        assert!(
-            pool.health().is_up(0),
-            "an endless body took the server down"
-        );
-        server.abort();
+        for trickle in [false, true] {
+            let (addr, probes, server) = endless(trickle).await;
+            let mut cfg = backend(vec![ServerConfig::new(addr.to_string())]);
+            cfg.health = Some(HealthConfig {
+                path: "/healthz".into(),
+                interval: Duration::from_millis(50),
+                timeout: Duration::from_millis(300),
+                fall: 1,
+                ..Default::default()
+            });
+            let pool = Pool::new(&cfg).unwrap();
+            wait_until("three probes", || probes.load(Ordering::SeqCst) >= 3).await;
+            // Past the timeout of the third probe, had it waited for the end.
+            tokio::time::sleep(Duration::from_millis(400)).await;
+            assert!(
+                pool.health().is_up(0),
+                "an endless body (trickle: {trickle}) took the server down"
+            );
+            server.abort();
+        }
     })
     .await
     .unwrap();

@@ -898,19 +898,24 @@ impl Prober {
                 match answer {
                     Ok(resp) => {
                         let status = resp.status().as_u16();
-                        // A small body is read, so that the connection can
-                        // be reused; a large one (a health path that is a
-                        // whole page, or a stream) is dropped with its
-                        // connection once past the cap.
+                        // The status is the verdict. A small body is read,
+                        // so that the connection can be reused; a large one
+                        // (a health path that is a whole page, or a stream)
+                        // is dropped with its connection once past the cap,
+                        // and so is one still coming when the last quarter
+                        // of the probe's time begins.
                         let mut body = resp.into_body();
-                        let mut left = PROBE_BODY_MAX;
-                        while let Some(Ok(frame)) = body.frame().await {
-                            let len = frame.data_ref().map_or(0, Bytes::len);
-                            match left.checked_sub(len) {
-                                Some(rest) => left = rest,
-                                None => break,
+                        let read = async {
+                            let mut left = PROBE_BODY_MAX;
+                            while let Some(Ok(frame)) = body.frame().await {
+                                let len = frame.data_ref().map_or(0, Bytes::len);
+                                match left.checked_sub(len) {
+                                    Some(rest) => left = rest,
+                                    None => break,
+                                }
                             }
-                        }
+                        };
+                        let _ = tokio::time::timeout_at(due - timeout / 4, read).await;
                         Ok(status)
                     }
                     Err(ExchangeError::Unsent(_, e) | ExchangeError::Failed(e)) => {
