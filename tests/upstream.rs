@@ -306,6 +306,39 @@ async fn killed_backend_traffic_moves_to_the_other() {
     .unwrap();
 }
 
+/// A server that is dead when the checks start goes down on its first failed
+/// probe, not only after `fall` of them: it has no good record yet. Later,
+/// a server that was up needs `fall` failures again.
+#[tokio::test]
+async fn a_server_failing_its_first_probe_goes_down_at_once() {
+    bounded(async {
+        let (a, b) = (Origin::start("a").await, Origin::start("b").await);
+        a.behaviour.unhealthy.store(true, Ordering::SeqCst);
+        let mut cfg = backend(vec![a.server(), b.server()]);
+        cfg.health = Some(HealthConfig {
+            path: "/healthz".into(),
+            interval: Duration::from_millis(300),
+            timeout: Duration::from_millis(200),
+            rise: 1,
+            fall: 3,
+            ..Default::default()
+        });
+        let pool = Pool::new(&cfg).unwrap();
+        let probes = |o: &Origin| o.behaviour.probed.lock().unwrap().len();
+        wait_until("a down", || !pool.health().is_up(0)).await;
+        assert_eq!(probes(&a), 1, "down after its first probe");
+        // Back up, then failing again: now it takes `fall` probes.
+        a.behaviour.unhealthy.store(false, Ordering::SeqCst);
+        wait_until("a up", || pool.health().is_up(0)).await;
+        let before = probes(&a);
+        a.behaviour.unhealthy.store(true, Ordering::SeqCst);
+        wait_until("a down again", || !pool.health().is_up(0)).await;
+        assert!(probes(&a) - before >= 3, "{} probes", probes(&a) - before);
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn health_check_takes_a_server_out_and_back_in() {
     bounded(async {

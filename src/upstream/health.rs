@@ -2,14 +2,17 @@
 //! passive ejection that follows failed requests.
 //!
 //! The request path only reads atomics ([`HealthState::is_usable`]); probes
-//! and request outcomes write them. A server starts up, goes down after
-//! `fall` consecutive failed probes and comes back after `rise` consecutive
-//! good ones. Independently, `consecutive_failures` failed requests eject it
+//! and request outcomes write them. A server starts up, on probation: its
+//! first probe takes it down if it fails, so that a server dead at start
+//! does not keep getting traffic for `fall` probes. After that it goes down
+//! after `fall` consecutive failed probes and comes back after `rise`
+//! consecutive good ones. Independently, `consecutive_failures` failed requests eject it
 //! for `cooldown`, after which it is re-admitted with a clean slate.
 //!
 //! Each server is probed on its own schedule: the first probe comes at a
-//! random point of the first interval, and each later one up to a tenth of
-//! the interval early, at random. Servers, and Portico instances started
+//! random point of the first interval (of the first second when the
+//! interval is longer), and each later one up to a tenth of the interval
+//! early, at random. Servers, and Portico instances started
 //! together, thus do not probe in step, and no server waits longer than
 //! the interval between two probes (unless a probe itself takes longer), so
 //! `fall` failed probes still come within `fall - 1` intervals of the first.
@@ -47,6 +50,9 @@ pub struct HealthState {
 #[derive(Debug)]
 struct ServerHealth {
     up: AtomicBool,
+    /// Whether a probe has said anything of the server yet. Until then it
+    /// is up on probation: its first failed probe takes it down.
+    probed: AtomicBool,
     probe_ok_streak: AtomicU32,
     probe_fail_streak: AtomicU32,
     request_fail_streak: AtomicU32,
@@ -94,6 +100,7 @@ impl HealthState {
             servers: (0..n)
                 .map(|_| ServerHealth {
                     up: AtomicBool::new(true),
+                    probed: AtomicBool::new(false),
                     probe_ok_streak: AtomicU32::new(0),
                     probe_fail_streak: AtomicU32::new(0),
                     request_fail_streak: AtomicU32::new(0),
@@ -117,6 +124,8 @@ impl HealthState {
             if active {
                 new.up
                     .store(old.up.load(Ordering::Acquire), Ordering::Release);
+                new.probed
+                    .store(old.probed.load(Ordering::Acquire), Ordering::Release);
                 new.probe_ok_streak.store(
                     old.probe_ok_streak.load(Ordering::Relaxed),
                     Ordering::Relaxed,
@@ -227,6 +236,7 @@ impl HealthState {
     /// server changed state.
     pub fn record_probe(&self, i: usize, ok: bool) -> Option<bool> {
         let s = &self.servers[i];
+        let first = !s.probed.load(Ordering::Acquire) && !s.probed.swap(true, Ordering::AcqRel);
         if ok {
             s.probe_fail_streak.store(0, Ordering::Relaxed);
             let streak = s.probe_ok_streak.fetch_add(1, Ordering::Relaxed) + 1;
@@ -240,7 +250,8 @@ impl HealthState {
         } else {
             s.probe_ok_streak.store(0, Ordering::Relaxed);
             let streak = s.probe_fail_streak.fetch_add(1, Ordering::Relaxed) + 1;
-            if streak >= self.fall && s.up.swap(false, Ordering::AcqRel) {
+            // A server never probed has no good record to outweigh a failure.
+            if (streak >= self.fall || first) && s.up.swap(false, Ordering::AcqRel) {
                 tracing::warn!(
                     server = &*self.labels[i],
                     "upstream server down after {streak} failed probes"
@@ -282,7 +293,7 @@ pub struct HealthChecker {
 
 impl HealthChecker {
     /// Spawns the checker: each server is probed through `probe(i)`, first
-    /// at a random point of the first `interval`, then every `interval`
+    /// at a random point of the first `interval` (or second), then every `interval`
     /// less up to a tenth of it (see [`next_probe`]); a probe slower than
     /// `timeout` counts as failed, and one slower than the interval is
     /// followed by the next at once. Must be called inside a tokio runtime.
@@ -300,7 +311,7 @@ impl HealthChecker {
         let task = tokio::spawn(async move {
             let (state, probe) = (&state, &probe);
             let servers = (0..state.len()).map(|i| async move {
-                tokio::time::sleep(random_below(interval)).await;
+                tokio::time::sleep(random_below(interval.min(Duration::from_secs(1)))).await;
                 loop {
                     let started = Instant::now();
                     let ok = tokio::time::timeout(timeout, probe(i))
@@ -355,6 +366,8 @@ mod tests {
     fn rise_and_fall_need_consecutive_probes() {
         let h = HealthState::new(1, 2, 3, eject(0, 0));
         assert!(h.is_usable(0));
+        // Past its probation: one good probe.
+        assert_eq!(h.record_probe(0, true), None);
         assert_eq!(h.record_probe(0, false), None);
         assert_eq!(h.record_probe(0, false), None);
         assert_eq!(h.record_probe(0, true), None); // streak broken
@@ -367,6 +380,9 @@ mod tests {
         assert_eq!(h.record_probe(0, true), None);
         assert_eq!(h.record_probe(0, true), Some(true));
         assert!(h.is_usable(0));
+        // A server never probed goes down on its first failure.
+        let h = HealthState::new(1, 2, 3, eject(0, 0));
+        assert_eq!(h.record_probe(0, false), Some(false));
     }
 
     #[tokio::test]
@@ -398,6 +414,7 @@ mod tests {
         old.record_probe(0, false);
         old.record_probe(0, false); // down
         assert!(old.record_failure(1)); // ejected
+        old.record_probe(2, true); // past its probation
         old.record_probe(2, false); // one failure short of down
                                     // Server 0 stays at 0, 2 moves to 1, 1 moves to 2, a new one is 3.
         let kept = [(0, 0), (1, 2), (2, 1)];
