@@ -1370,6 +1370,17 @@ async fn options_with_no_hop_left_is_answered_without_the_origin() {
         assert!(out.starts_with("HTTP/1.1 200 "), "{out}");
         assert!(out.contains("\r\nallow: GET, HEAD, "), "{out}");
         assert!(out.contains("\r\ncontent-length: 0\r\n"), "{out}");
+        // An Upgrade does not take OPTIONS or TRACE past the count: the
+        // proxy ignores it (RFC 9110 §7.8) and answers them.
+        for method in ["OPTIONS", "TRACE"] {
+            let request = format!(
+                "{method} /x HTTP/1.1\r\nHost: a.test\r\nMax-Forwards: 0\r\nUpgrade: websocket\r\n\
+                 Connection: upgrade, close\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                 Sec-WebSocket-Version: 13\r\n\r\n"
+            );
+            let out = raw_exchange(a, request.as_bytes(), Duration::from_secs(5)).await;
+            assert!(out.starts_with("HTTP/1.1 200 "), "{method}: {out}");
+        }
         assert_eq!(origin.count(), 0);
         p.shutdown().await;
     })

@@ -629,7 +629,11 @@ impl Handler for Gateway {
         // must not see it either, or an answer made without a field would
         // be stored as one made with it. An upgrade keeps `Upgrade`.
         if parts.headers.contains_key(header::CONNECTION) {
-            hygiene::strip_hop_by_hop(&mut parts.headers, true);
+            // OPTIONS and TRACE go as themselves, counted by Max-Forwards
+            // and answered here when it runs out: their Upgrade is
+            // ignored, as a server may (RFC 9110 §7.8).
+            let keep_upgrade = parts.method != Method::OPTIONS && parts.method != Method::TRACE;
+            hygiene::strip_hop_by_hop(&mut parts.headers, keep_upgrade);
         }
         // One spelling per target, for rules, keys and the origin alike.
         if let Some(uri) = normalize_escapes(&parts.uri) {
