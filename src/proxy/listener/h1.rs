@@ -901,94 +901,74 @@ where
             }
         };
 
-        let Some(head) = head else {
+        // ---- handle
+        let (asked, response, refused) = match head {
             // Refused before it was taken: answered, logged, and the
             // connection closed, as what follows is not a head.
-            log_unparsed(client_addr.ip(), StatusCode::URI_TOO_LONG);
-            let response = shared.errors.respond(&ProxyError::UriTooLong, None);
-            let (parts, body) = response.into_parts();
-            let asked = Asked {
-                version: Version::HTTP_11,
-                head: false,
-                keep_alive: false,
-                trailers: false,
-            };
-            let (framing, _) =
-                encode_head(&mut out.scratch, &parts, &body.size_hint(), asked, true);
-            out.push_scratch();
-            let send = SendTimer::new(
-                timer.as_mut(),
-                &mut armed,
-                &side,
-                &side_waker,
-                limits.send_timeout,
-            );
-            let _ = send_body(io, &mut out, body, framing, None, send, &mut read).await;
-            let _ = io.shutdown().await;
-            // The rest of the line is still coming: closing with it unread
-            // would reset the connection, and the client could lose the
-            // answer. It is read and dropped, for a little while.
-            let drain = async {
-                let mut left = DRAIN_MAX;
-                while left > 0 {
-                    read.clear();
-                    match poll_fn(|cx| poll_read_buf(io, &mut read, cx)).await {
-                        Ok(n) if n > 0 => left = left.saturating_sub(n),
-                        _ => break,
-                    }
+            None => {
+                log_unparsed(client_addr.ip(), StatusCode::URI_TOO_LONG);
+                let asked = Asked {
+                    version: Version::HTTP_11,
+                    head: false,
+                    keep_alive: false,
+                    trailers: false,
+                };
+                (
+                    asked,
+                    shared.errors.respond(&ProxyError::UriTooLong, None),
+                    true,
+                )
+            }
+            Some(head) => {
+                let asked = Asked {
+                    version: head.request.version(),
+                    head: head.request.method() == Method::HEAD,
+                    keep_alive: head.keep_alive,
+                    trailers: head.trailers,
+                };
+                let request = head
+                    .request
+                    .map(|()| RequestBody::empty(limits.max_body_bytes));
+                let response = {
+                    let mut handler = pin!(respond(shared, request, Arc::clone(info)));
+                    // Like hyper: while nothing else has been read, a read notices
+                    // a client that went away, and the handler is dropped.
+                    let mut watching = read.is_empty();
+                    poll_fn(|cx| {
+                        if let Poll::Ready(response) = handler.as_mut().poll(cx) {
+                            return Poll::Ready(Some(response));
+                        }
+                        if watching {
+                            match poll_read_buf(io, &mut read, cx) {
+                                Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
+                                Poll::Ready(Ok(_)) => watching = false,
+                                Poll::Pending => {}
+                            }
+                        }
+                        side.task.register(cx.waker());
+                        // The flag stays set, so that a fired timer is looked at
+                        // when the next head is awaited.
+                        if !stopping && side.woken.load(Ordering::Acquire) {
+                            let mut side_cx = Context::from_waker(&side_waker);
+                            stopping = stop.as_mut().poll(&mut side_cx).is_ready();
+                        }
+                        Poll::Pending
+                    })
+                    .await
+                };
+                let Some(mut response) = response else {
+                    debug!(%client_addr, "client closed while its request was handled");
+                    return None;
+                };
+                served = true;
+                if response.status().is_informational() {
+                    // An interim status cannot be the answer (hyper too sends 500).
+                    let e = ProxyError::Internal("an interim status as the final answer".into());
+                    response = shared.errors.respond(&e, None);
                 }
-            };
-            let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
-            return None;
+                (asked, response, false)
+            }
         };
-
-        // ---- handle
-        let asked = Asked {
-            version: head.request.version(),
-            head: head.request.method() == Method::HEAD,
-            keep_alive: head.keep_alive,
-            trailers: head.trailers,
-        };
-        let request = head
-            .request
-            .map(|()| RequestBody::empty(limits.max_body_bytes));
-        let response = {
-            let mut handler = pin!(respond(shared, request, Arc::clone(info)));
-            // Like hyper: while nothing else has been read, a read notices
-            // a client that went away, and the handler is dropped.
-            let mut watching = read.is_empty();
-            poll_fn(|cx| {
-                if let Poll::Ready(response) = handler.as_mut().poll(cx) {
-                    return Poll::Ready(Some(response));
-                }
-                if watching {
-                    match poll_read_buf(io, &mut read, cx) {
-                        Poll::Ready(Ok(0) | Err(_)) => return Poll::Ready(None),
-                        Poll::Ready(Ok(_)) => watching = false,
-                        Poll::Pending => {}
-                    }
-                }
-                side.task.register(cx.waker());
-                // The flag stays set, so that a fired timer is looked at
-                // when the next head is awaited.
-                if !stopping && side.woken.load(Ordering::Acquire) {
-                    let mut side_cx = Context::from_waker(&side_waker);
-                    stopping = stop.as_mut().poll(&mut side_cx).is_ready();
-                }
-                Poll::Pending
-            })
-            .await
-        };
-        let Some(mut response) = response else {
-            debug!(%client_addr, "client closed while its request was handled");
-            return None;
-        };
-        served = true;
-        if response.status().is_informational() {
-            // An interim status cannot be the answer (hyper too sends 500).
-            let e = ProxyError::Internal("an interim status as the final answer".into());
-            response = shared.errors.respond(&e, None);
-        }
 
         // ---- deliver
         let (parts, body) = response.into_parts();
@@ -1011,6 +991,22 @@ where
         }
         if !keep_alive {
             let _ = io.shutdown().await;
+            if refused {
+                // The rest of the line is still coming: closing with it
+                // unread would reset the connection, and the client could
+                // lose the answer. It is read and dropped, for a while.
+                let drain = async {
+                    let mut left = DRAIN_MAX;
+                    while left > 0 {
+                        read.clear();
+                        match poll_fn(|cx| poll_read_buf(io, &mut read, cx)).await {
+                            Ok(n) if n > 0 => left = left.saturating_sub(n),
+                            _ => break,
+                        }
+                    }
+                };
+                let _ = tokio::time::timeout(DRAIN_TIME, drain).await;
+            }
             return None;
         }
         // A pipelined request already begun has the header timeout for
