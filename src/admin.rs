@@ -47,6 +47,9 @@ pub fn install_metrics() -> Option<&'static PrometheusHandle> {
 pub struct Admin {
     gateway: Gateway,
     token: ArcSwapOption<String>,
+    /// Set once shutdown begins: `/healthz` then answers 503, so that a load
+    /// balancer stops sending clients to listeners that no longer accept.
+    draining: std::sync::atomic::AtomicBool,
 }
 
 impl Admin {
@@ -57,7 +60,14 @@ impl Admin {
         Admin {
             gateway,
             token: ArcSwapOption::from_pointee(token),
+            draining: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// From now on `/healthz` answers 503 `draining`.
+    pub fn set_draining(&self) {
+        self.draining
+            .store(true, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Replaces the token requests must carry; `None` refuses them all.
@@ -156,6 +166,9 @@ impl Handler for Admin {
     ) -> Response<ResponseBody> {
         let path = req.uri().path();
         if path == "/healthz" {
+            if self.draining.load(std::sync::atomic::Ordering::Relaxed) {
+                return text(StatusCode::SERVICE_UNAVAILABLE, "draining\n".into());
+            }
             return text(StatusCode::OK, "ok\n".into());
         }
         if !self.authorized(&req) {

@@ -24,7 +24,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::Mutex;
 
 /// Command-line settings that override the policy's.
@@ -661,6 +661,9 @@ impl Running {
 
     /// Stops accepting, drains in-flight requests, closes the cache.
     pub async fn shutdown(self) {
+        if let Some(api) = &self.admin_api {
+            api.set_draining();
+        }
         let listeners = std::mem::take(&mut *self.listeners.lock().await);
         let stops = listeners.into_iter().map(|s| s.handle.stop());
         let drains = std::mem::take(&mut *self.drains.lock().unwrap_or_else(|p| p.into_inner()));
@@ -702,8 +705,8 @@ pub fn main(args: RunArgs) -> i32 {
         }
     };
     // Taken before the file is read: an edit made while Portico starts is
-    // then seen by the first poll, not taken for the version loaded.
-    let loaded_mtime = args.policy.as_ref().and_then(mtime);
+    // then seen by the watch, not taken for the version loaded.
+    let loaded_stamp = args.policy.as_deref().and_then(Stamp::of);
     let loaded = match (&args.policy, &args.backend) {
         (Some(path), _) => std::fs::read_to_string(path)
             .map_err(|e| format!("{}: {e}", path.display()))
@@ -729,7 +732,7 @@ pub fn main(args: RunArgs) -> i32 {
         admin_token: args.admin_token.clone(),
         cache_dir: args.cache_dir.clone(),
     };
-    rt.block_on(async move {
+    let code = rt.block_on(async move {
         // Before anything slow (binding, opening the disk cache): from here
         // a SIGHUP or SIGTERM waits for the start to finish instead of
         // killing the process by its default action.
@@ -749,8 +752,12 @@ pub fn main(args: RunArgs) -> i32 {
             }
         };
         crate::log::flush();
-        serve_until_signalled(running, signals, loaded_mtime).await
-    })
+        serve_until_signalled(running, signals, loaded_stamp).await
+    });
+    // Whatever is left (connections a forced exit cut short, blocking work
+    // of the cache) is not waited for.
+    rt.shutdown_background();
+    code
 }
 
 /// The signals `portico run` acts on.
@@ -771,24 +778,87 @@ impl Signals {
     }
 }
 
-fn mtime(path: &PathBuf) -> Option<std::time::SystemTime> {
-    std::fs::metadata(path).and_then(|m| m.modified()).ok()
+/// How often the watch looks at the policy file.
+const WATCH_EVERY: Duration = Duration::from_millis(500);
+
+/// How long an edited policy file must stay as it is before it is loaded.
+/// An editor or `echo ... >` that rewrites a file in place empties it first,
+/// and an empty (or cut-off) file can be a valid policy, one without the
+/// listeners or rules of the real one.
+const WATCH_SETTLE: Duration = Duration::from_secs(1);
+
+/// What the watch knows of the policy file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    modified: std::time::SystemTime,
+    len: u64,
+}
+
+impl Stamp {
+    fn of(path: &std::path::Path) -> Option<Stamp> {
+        let meta = std::fs::metadata(path).ok()?;
+        Some(Stamp {
+            modified: meta.modified().ok()?,
+            len: meta.len(),
+        })
+    }
+}
+
+/// Decides when an edited policy file is to be loaded: once its
+/// modification time differs from the loaded version's, and neither the
+/// time nor the size has moved for [`WATCH_SETTLE`].
+#[derive(Debug)]
+struct Watch {
+    /// The modification time of the version last loaded (or refused).
+    loaded: Option<std::time::SystemTime>,
+    /// What the file looked like at the last look, and since when.
+    last: Option<(Stamp, Instant)>,
+}
+
+impl Watch {
+    fn new(loaded: Option<Stamp>, now: Instant) -> Watch {
+        Watch {
+            loaded: loaded.map(|s| s.modified),
+            last: loaded.map(|s| (s, now)),
+        }
+    }
+
+    /// Whether to load the file, which looks like `seen` at `now`.
+    fn due(&mut self, seen: Option<Stamp>, now: Instant) -> bool {
+        let Some(seen) = seen else {
+            // Gone for now (an editor's rename): wait for it to come back.
+            self.last = None;
+            return false;
+        };
+        match self.last {
+            Some((last, since)) if last == seen => {
+                if Some(seen.modified) != self.loaded && now.duration_since(since) >= WATCH_SETTLE {
+                    self.loaded = Some(seen.modified);
+                    return true;
+                }
+                false
+            }
+            _ => {
+                self.last = Some((seen, now));
+                false
+            }
+        }
+    }
 }
 
 /// Serves until SIGTERM or SIGINT, reloading on SIGHUP and whenever the
-/// policy file's modification time differs from `seen`, the one it had
-/// when it was loaded.
-async fn serve_until_signalled(
-    running: Running,
-    signals: Signals,
-    mut seen: Option<std::time::SystemTime>,
-) -> i32 {
+/// policy file's modification time differs from that of the version loaded
+/// (once the file has settled, see [`Watch`]). A second SIGTERM or SIGINT
+/// during the drain exits at once, with status 1.
+async fn serve_until_signalled(running: Running, signals: Signals, loaded: Option<Stamp>) -> i32 {
     let Signals {
         mut hup,
         mut term,
         mut int,
     } = signals;
-    let mut poll = tokio::time::interval(Duration::from_secs(1));
+    let mut watch = Watch::new(loaded, Instant::now());
+    let mut poll = tokio::time::interval(WATCH_EVERY);
+    poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut housekeeping = tokio::time::interval(Duration::from_secs(60));
     let mut flush = tokio::time::interval(Duration::from_millis(100));
     loop {
@@ -801,9 +871,8 @@ async fn serve_until_signalled(
                 }
             }
             _ = poll.tick() => {
-                let now = running.path.as_ref().and_then(mtime);
-                if now.is_some() && now != seen {
-                    seen = now;
+                let seen = running.path.as_deref().and_then(Stamp::of);
+                if watch.due(seen, Instant::now()) {
                     tracing::info!("the policy file changed: reloading");
                     if let Err(e) = running.reload_file().await {
                         tracing::error!("reload refused, the running policy stays:\n{e}");
@@ -818,15 +887,60 @@ async fn serve_until_signalled(
         }
     }
     tracing::info!("shutting down: draining in-flight requests");
-    running.shutdown().await;
+    let drain = running.shutdown();
+    tokio::pin!(drain);
+    loop {
+        tokio::select! {
+            () = &mut drain => break,
+            // The drain can take the whole grace period: what it logs must
+            // not wait for the exit to be seen.
+            _ = flush.tick() => crate::log::flush(),
+            _ = term.recv() => return forced(),
+            _ = int.recv() => return forced(),
+        }
+    }
     tracing::info!("stopped");
     crate::log::flush();
     0
 }
 
+/// A second signal during the drain: the operator does not want to wait.
+fn forced() -> i32 {
+    tracing::warn!("a second signal: exiting without waiting for the drain");
+    crate::log::flush();
+    1
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_watch_loads_an_edit_once_it_has_settled() {
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let stamp = |secs: u64, len: u64| Stamp {
+            modified: std::time::UNIX_EPOCH + Duration::from_secs(secs),
+            len,
+        };
+        let mut w = Watch::new(Some(stamp(1, 100)), t0);
+        assert!(!w.due(Some(stamp(1, 100)), at(5000)), "the loaded version");
+        // Emptied, then written with the same time: neither is loaded
+        // until the file has stayed as it is for WATCH_SETTLE.
+        assert!(!w.due(Some(stamp(2, 0)), at(5500)));
+        assert!(!w.due(Some(stamp(2, 120)), at(6000)));
+        assert!(!w.due(Some(stamp(2, 120)), at(6500)));
+        assert!(w.due(Some(stamp(2, 120)), at(7000)));
+        assert!(!w.due(Some(stamp(2, 120)), at(9000)), "loaded once");
+        // Gone for a moment (a rename), then back with a new time.
+        assert!(!w.due(None, at(9500)));
+        assert!(!w.due(Some(stamp(3, 120)), at(10000)));
+        assert!(w.due(Some(stamp(3, 120)), at(11000)));
+        // The same time but another size is an edit the watch waits out,
+        // not one it loads: only the time says the file was changed.
+        assert!(!w.due(Some(stamp(3, 90)), at(12000)));
+        assert!(!w.due(Some(stamp(3, 90)), at(14000)));
+    }
 
     #[test]
     fn listen_addresses() {

@@ -390,6 +390,132 @@ async fn an_edited_policy_file_is_picked_up_without_a_signal() {
     .await;
 }
 
+/// An editor (or `echo ... >`) rewrites a file in place: it is empty for a
+/// moment first, and on a coarse clock the full text can even carry the
+/// empty file's modification time. The watch loads neither the empty file
+/// nor misses the full one.
+#[tokio::test]
+async fn a_policy_file_rewritten_in_place_is_loaded_only_once_whole() {
+    bounded(async {
+        let Site {
+            a,
+            b,
+            dir: _dir,
+            path,
+        } = Site::routing_to_a().await;
+        let p = Portico::spawn(&["run", path.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+        let addr = p.listen_addr();
+        assert_eq!(get(addr, "/", &[]).await.text(), "a");
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let asking = {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut wrong = vec![];
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let got = get(addr, "/", &[]).await;
+                    if got.status != 200 || !matches!(got.text().as_str(), "a" | "b") {
+                        wrong.push(format!("{} {}", got.status, got.text()));
+                    }
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                wrong
+            })
+        };
+        // Three edits, each leaving the file empty for longer than the watch
+        // takes between two looks.
+        for (turn, target) in ["b", "a", "b"].into_iter().enumerate() {
+            std::fs::write(&path, "").unwrap();
+            let stamp = SystemTime::now() + Duration::from_secs(5 * (turn as u64 + 1));
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.set_modified(stamp).unwrap();
+            tokio::time::sleep(Duration::from_millis(600)).await;
+            std::fs::write(&path, policy_routing_to(&a, &b, target)).unwrap();
+            let f = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+            f.set_modified(stamp).unwrap();
+            until_body(addr, target, Duration::from_secs(10)).await;
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let wrong = asking.await.unwrap();
+        assert!(
+            wrong.is_empty(),
+            "answers from a half-written policy: {wrong:?}"
+        );
+    })
+    .await;
+}
+
+/// A slow request in flight, a long grace and the admin listener on; the
+/// request has reached the origin.
+async fn draining_site(
+    delay: Duration,
+) -> (Origin, tempfile::TempDir, Portico, SocketAddr, SocketAddr) {
+    let origin = Origin::start_with_delay(delay, |_| reply(200, &[], "finished")).await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("site.policy");
+    std::fs::write(
+        &path,
+        format!(
+            "http {{ shutdown_grace 60s }}\n{}",
+            policy_for(&origin, "rule all { route app cache off }")
+        ),
+    )
+    .unwrap();
+    let p = Portico::spawn(&[
+        "run",
+        path.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--admin",
+        "127.0.0.1:0",
+    ]);
+    // The proxy's listener is logged before the admin one.
+    let addr = p.listen_addr();
+    let admin = p.wait_line("admin listening addr=", Duration::from_secs(10));
+    let admin: SocketAddr = admin
+        .split("addr=")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| panic!("no address in {admin}"));
+    assert_eq!(get(admin, "/healthz", &[]).await.status, 200);
+    tokio::spawn(async move { get(addr, "/slow", &[]).await });
+    eventually("the slow request reached the origin", || {
+        origin.count() == 1
+    })
+    .await;
+    (origin, dir, p, addr, admin)
+}
+
+/// While it drains, Portico says so: its log is written as it goes (not
+/// at the exit), and the admin `/healthz` answers 503, so that a load
+/// balancer stops sending clients.
+#[tokio::test]
+async fn a_draining_portico_logs_as_it_goes_and_fails_its_health_check() {
+    bounded(async {
+        let (_origin, _dir, mut p, _addr, admin) = draining_site(Duration::from_secs(3)).await;
+        p.signal("TERM");
+        p.wait_line("shutting down", Duration::from_secs(1));
+        let got = get(admin, "/healthz", &[]).await;
+        assert_eq!(got.status, 503, "{}", got.text());
+        assert_eq!(p.wait_exit(Duration::from_secs(10)).await, Some(0));
+    })
+    .await;
+}
+
+/// A second SIGTERM (or SIGINT) during the drain exits at once, with 1.
+#[tokio::test]
+async fn a_second_signal_ends_the_drain_at_once() {
+    bounded(async {
+        let (_origin, _dir, mut p, _addr, _admin) = draining_site(Duration::from_secs(30)).await;
+        p.signal("TERM");
+        p.wait_line("shutting down", Duration::from_secs(5));
+        p.signal("INT");
+        assert_eq!(p.wait_exit(Duration::from_secs(5)).await, Some(1));
+        p.wait_line("a second signal", Duration::from_secs(1));
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn sigterm_drains_a_slow_request_and_exits_zero() {
     bounded(async {
