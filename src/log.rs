@@ -165,7 +165,32 @@ impl AccessFields<'_> {
     fn text(&mut self, field: &Field, value: &dyn std::fmt::Display) {
         self.key(field);
         if !self.json {
+            let start = self.line.len();
             let _ = write!(self.line, "{value}");
+            // A value a client wrote (a Host, say) must not be able to add
+            // fields of its own: one with a space, `=`, a quote, a
+            // backslash or a control character is written quoted, logfmt
+            // style, and so is an empty one.
+            let plain = &self.line[start..];
+            if plain.is_empty()
+                || plain
+                    .bytes()
+                    .any(|b| matches!(b, b' ' | b'=' | b'"' | b'\\') || b < 0x20 || b == 0x7f)
+            {
+                let raw = self.line.split_off(start);
+                self.line.push('"');
+                for c in raw.chars() {
+                    match c {
+                        '"' => self.line.push_str("\\\""),
+                        '\\' => self.line.push_str("\\\\"),
+                        c if (c as u32) < 0x20 || c == '\x7f' => {
+                            let _ = write!(self.line, "\\x{:02x}", c as u32);
+                        }
+                        c => self.line.push(c),
+                    }
+                }
+                self.line.push('"');
+            }
             return;
         }
         self.line.push('"');
@@ -303,7 +328,21 @@ mod tests {
         let plain = lines(false, emit);
         assert_eq!(
             plain,
-            vec!["2026-11-23T00:00:00.123Z access method=GET path=/a\"b status=200 bytes=5 complete=false cache=hit\n"]
+            vec!["2026-11-23T00:00:00.123Z access method=GET path=\"/a\\\"b\" status=200 bytes=5 complete=false cache=hit\n"]
+        );
+        // What a client wrote cannot add fields to a plain line.
+        let forged = lines(false, || {
+            tracing::info!(
+                target: "portico::access",
+                host = %"evil status=200 cache=hit",
+                path = %"/\x1b[2J\\",
+                rule = %"",
+                status = 400u16,
+            );
+        });
+        assert_eq!(
+            forged,
+            vec!["2026-11-23T00:00:00.123Z access host=\"evil status=200 cache=hit\" path=\"/\\x1b[2J\\\\\" rule=\"\" status=400\n"]
         );
         let json = lines(true, emit);
         assert_eq!(
