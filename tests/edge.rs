@@ -699,6 +699,35 @@ async fn a_kept_alive_connection_may_idle_past_the_header_timeout() {
     timeout(BOUND, edge.handle.stop()).await.unwrap();
 }
 
+/// The empty line some clients send after a request is not the start of
+/// the next one: the connection still has the idle timeout, not the header
+/// timeout.
+#[tokio::test]
+async fn an_empty_line_after_a_request_leaves_the_connection_idle() {
+    let edge = start(ServerLimits {
+        header_read_timeout: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(5),
+        ..ServerLimits::default()
+    })
+    .await;
+    let mut stream = TcpStream::connect(edge.addr).await.unwrap();
+    let mut pending = Vec::new();
+    stream
+        .write_all(b"GET /one HTTP/1.1\r\nHost: a\r\n\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, body) = read_response(&mut stream, &mut pending).await;
+    assert_eq!(body, "GET /one HTTP/1.1 sni=-");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    stream
+        .write_all(b"GET /two HTTP/1.1\r\nHost: a\r\n\r\n")
+        .await
+        .unwrap();
+    let (_, body) = read_response(&mut stream, &mut pending).await;
+    assert_eq!(body, "GET /two HTTP/1.1 sni=-");
+    timeout(BOUND, edge.handle.stop()).await.unwrap();
+}
+
 #[tokio::test]
 async fn a_slow_head_after_a_kept_alive_request_has_the_header_timeout() {
     // The idle timeout is far past the bound: only the header timeout can

@@ -3818,6 +3818,44 @@ async fn an_h2c_upgrade_is_not_passed_on() {
     .await;
 }
 
+/// An HTTP/1.0 request cannot switch protocols: its Upgrade is ignored
+/// (RFC 9110 §7.8) and it is served as a plain request, where it used to be
+/// sent on as an upgrade and end in a 502.
+#[tokio::test]
+async fn an_http_1_0_upgrade_is_served_as_a_plain_request() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            if s.headers.contains_key("upgrade") {
+                reply(
+                    101,
+                    &[("connection", "upgrade"), ("upgrade", "websocket")],
+                    "",
+                )
+            } else {
+                reply(200, &[], "plain")
+            }
+        })
+        .await;
+        let p = proxy(&policy_for(&origin, "rule all { route app cache off }")).await;
+        let out = raw_exchange(
+            addr(&p),
+            b"GET /ws HTTP/1.0\r\nHost: a.test\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n",
+            Duration::from_secs(5),
+        )
+        .await;
+        assert!(
+            out.starts_with("HTTP/1.0 200 ") || out.starts_with("HTTP/1.1 200 "),
+            "{out}"
+        );
+        assert!(out.ends_with("plain"), "{out}");
+        let seen = &origin.seen()[0];
+        assert!(seen.headers.get("upgrade").is_none());
+        p.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_denied_upgrade_gets_the_rules_response_headers() {
     bounded(async {

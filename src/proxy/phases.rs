@@ -631,8 +631,11 @@ impl Handler for Gateway {
         if parts.headers.contains_key(header::CONNECTION) {
             // OPTIONS and TRACE go as themselves, counted by Max-Forwards
             // and answered here when it runs out: their Upgrade is
-            // ignored, as a server may (RFC 9110 §7.8).
-            let keep_upgrade = parts.method != Method::OPTIONS && parts.method != Method::TRACE;
+            // ignored, as a server may (RFC 9110 §7.8). So is that of an
+            // HTTP/1.0 request, as a server must: only HTTP/1.1 switches.
+            let keep_upgrade = parts.version == http::Version::HTTP_11
+                && parts.method != Method::OPTIONS
+                && parts.method != Method::TRACE;
             hygiene::strip_hop_by_hop(&mut parts.headers, keep_upgrade);
         }
         // One spelling per target, for rules, keys and the origin alike.

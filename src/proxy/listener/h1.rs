@@ -1011,6 +1011,11 @@ where
         }
         // A pipelined request already begun has the header timeout for
         // the rest of its head; otherwise the connection may sit idle.
+        // Empty lines after a request are not the start of another
+        // (RFC 9112 §2.2 has servers ignore them): they are dropped.
+        if read.iter().all(|&b| b == b'\r' || b == b'\n') {
+            read.clear();
+        }
         idle = read.is_empty();
         due = Instant::now()
             + if idle {
