@@ -552,6 +552,52 @@ async fn an_early_answer_to_an_upload_is_delivered() {
     .unwrap();
 }
 
+/// A server that answers 200 without reading the body and then closes (Go's
+/// net/http does so for a large body its handler did not read) has given
+/// its answer: it is delivered, whether the upload then waits for the
+/// client or runs into the closed connection.
+#[tokio::test]
+async fn a_2xx_answer_before_the_body_then_a_close_is_delivered() {
+    bounded(async {
+        for answer in [
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok"[..],
+            &b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok"[..],
+        ] {
+            // The client's body stalls: without the answer, the exchange
+            // would end with the first-byte limit (a 408 for the client).
+            let origin = Origin::start(vec![Step::AnswerBeforeBody(answer)]).await;
+            let (body, _tx) = streamed(b"first");
+            let req = Request::post("/upload").body(body).unwrap();
+            let resp = impatient(&origin)
+                .send(req, b"", None, Limits::default())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&bytes[..], b"ok");
+
+            // A body far larger than the socket buffers, all ready: the
+            // writes meet the closed connection.
+            let origin = Origin::start(vec![Step::AnswerBeforeBody(answer)]).await;
+            let frames =
+                (0..4096).map(|_| Ok::<_, Infallible>(Frame::data(Bytes::from(vec![b'x'; 1024]))));
+            let req = Request::put("/big")
+                .body(StreamBody::new(futures_util::stream::iter(frames)))
+                .unwrap();
+            let resp = origin
+                .pool()
+                .send(req, b"", None, Limits::default())
+                .await
+                .unwrap();
+            assert_eq!(resp.status(), StatusCode::OK);
+            let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+            assert_eq!(&bytes[..], b"ok");
+        }
+    })
+    .await
+    .unwrap();
+}
+
 #[tokio::test]
 async fn an_interim_answer_during_an_upload_does_not_stop_it() {
     bounded(async {

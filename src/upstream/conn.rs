@@ -310,15 +310,6 @@ impl Conn {
         Poll::Ready(Ok(()))
     }
 
-    /// Whether the server has already sent the head of a final answer that
-    /// ends the upload: 300 or more (say 413), which it may send before it
-    /// has read the whole request body. A 2xx head waits in the buffer while
-    /// the body goes on (a streaming server may answer as it reads); interim
-    /// answers (100 Continue) are taken and dropped; a head still arriving is
-    /// waited for, so that a partial `100 Continue` does not stop the upload.
-    ///
-    /// Called only when writing or the request body is pending, so a
-    /// Pending here always has a waker registered on that side too.
     /// Counts one more interim head; an error once there are too many.
     fn take_interim(&mut self) -> Result<(), ProtocolError> {
         self.interim += 1;
@@ -328,22 +319,43 @@ impl Conn {
         Ok(())
     }
 
+    /// Whether the server has already sent the head of a final answer that
+    /// ends the upload: 300 or more (say 413), or any answer that closes the
+    /// connection, which it may send before it has read the whole request
+    /// body; or any final answer after which the server closed or reset the
+    /// connection (a server that answers 200 without reading a large body,
+    /// then closes, is common). Another 2xx head waits in the buffer while
+    /// the body goes on (a streaming server may answer as it reads), and
+    /// what follows it is read, up to [`READ_CHUNK`], only to see such a
+    /// close; interim answers (100 Continue) are taken and dropped; a head
+    /// still arriving is waited for, so that a partial `100 Continue` does
+    /// not stop the upload.
+    ///
+    /// Called only when writing or the request body is pending, so a
+    /// Pending here always has a waker registered on that side too.
     fn poll_early_answer(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), ConnError>> {
         loop {
-            loop {
+            let answered = loop {
                 match peek_head(&self.read)? {
                     Peek::Interim(len) => {
                         self.take_interim()?;
                         let _ = self.read.split_to(len);
                     }
                     // The final head stays in the buffer for `read_head`.
-                    Peek::Final(status) if status >= 300 => return Poll::Ready(Ok(())),
-                    // Nothing more is read until the request is sent.
-                    Peek::Final(_) => return Poll::Pending,
-                    Peek::Partial => break,
+                    Peek::Final { status, closes } if status >= 300 || closes => {
+                        return Poll::Ready(Ok(()))
+                    }
+                    Peek::Final { .. } => break true,
+                    Peek::Partial => break false,
                 }
+            };
+            if answered && self.read.len() >= READ_CHUNK {
+                // The rest of the answer waits for the end of the upload.
+                return Poll::Pending;
             }
             match ready!(self.poll_fill(cx, READ_CHUNK)) {
+                // Closed or reset after answering: the answer stands.
+                Ok(0) | Err(_) if answered => return Poll::Ready(Ok(())),
                 Ok(0) => return Poll::Ready(Err(ConnError::Closed)),
                 Ok(_) => {}
                 Err(e) => return Poll::Ready(Err(e.into())),
@@ -356,10 +368,30 @@ impl Conn {
 enum Peek {
     /// A whole interim (1xx) head of this length.
     Interim(usize),
-    /// A whole final head with this status.
-    Final(u16),
+    /// A whole final head with this status, and whether it says the server
+    /// closes the connection after it.
+    Final { status: u16, closes: bool },
     /// Nothing whole yet.
     Partial,
+}
+
+/// Whether a response head ends its connection: `Connection: close`, or
+/// HTTP/1.0 without `keep-alive`.
+fn closes(response: &httparse::Response<'_, '_>) -> bool {
+    let mut keep_alive = false;
+    for field in response.headers.iter() {
+        if !field.name.eq_ignore_ascii_case("connection") {
+            continue;
+        }
+        for token in field.value.split(|&b| b == b',') {
+            let token = token.trim_ascii();
+            if token.eq_ignore_ascii_case(b"close") {
+                return true;
+            }
+            keep_alive |= token.eq_ignore_ascii_case(b"keep-alive");
+        }
+    }
+    response.version == Some(0) && !keep_alive
 }
 
 fn peek_head(buf: &[u8]) -> Result<Peek, ProtocolError> {
@@ -376,7 +408,10 @@ fn peek_head(buf: &[u8]) -> Result<Peek, ProtocolError> {
     match parsed {
         Ok(httparse::Status::Complete(len)) => Ok(match response.code.unwrap_or(0) {
             code @ 100..=199 if code != 101 => Peek::Interim(len),
-            code => Peek::Final(code),
+            status => Peek::Final {
+                status,
+                closes: closes(&response),
+            },
         }),
         Ok(httparse::Status::Partial) if buf.len() > codec::MAX_HEAD_BYTES => {
             Err(ProtocolError::HeadTooLarge)
