@@ -491,7 +491,13 @@ pub(crate) fn valid_host_field(value: &[u8]) -> bool {
 fn add_length(value: &[u8], length: &mut Option<u64>) -> Result<(), ProtocolError> {
     for part in value.split(|&b| b == b',') {
         let part = part.trim_ascii();
-        if part.is_empty() || part.len() > 19 || !part.iter().all(u8::is_ascii_digit) {
+        if part.is_empty() || !part.iter().all(u8::is_ascii_digit) {
+            return Err(ProtocolError::ContentLength);
+        }
+        // `1*DIGIT`: leading zeros are allowed, however many; what is left
+        // must fit (any 19 digits do).
+        let part = &part[part.iter().take_while(|&&d| d == b'0').count()..];
+        if part.len() > 19 {
             return Err(ProtocolError::ContentLength);
         }
         let n = part.iter().fold(0u64, |n, &d| n * 10 + u64::from(d - b'0'));
@@ -667,7 +673,8 @@ impl Decoder {
                     } else {
                         return Ok(Decoded::More);
                     }
-                    let mut fields = [httparse::EMPTY_HEADER; 32];
+                    // As many trailer fields as a head may have fields.
+                    let mut fields = [httparse::EMPTY_HEADER; MAX_FIELDS];
                     let (len, trailers) = match httparse::parse_headers(buf, &mut fields) {
                         Ok(httparse::Status::Complete((len, _))) if len > MAX_HEAD_BYTES => {
                             return Err(ProtocolError::Trailers)
@@ -996,6 +1003,10 @@ mod tests {
     fn response_heads_parse_into_fields_and_framing() {
         let h = final_head("HTTP/1.1 200 OK\r\nContent-Length: 5\r\nX-A: one\r\nx-a: two \r\n\r\n");
         assert_eq!(h.status, StatusCode::OK);
+        // Leading zeros are digits like any other.
+        let long =
+            final_head("HTTP/1.1 200 OK\r\nContent-Length: 00000000000000000000000005\r\n\r\n");
+        assert_eq!(long.body, Decoder::Length(5));
         assert_eq!(h.version, Version::HTTP_11);
         assert_eq!(h.body, Decoder::Length(5));
         assert!(h.keep_alive);
@@ -1194,6 +1205,15 @@ mod tests {
         // Cut short: not ended.
         let (_, _, ended) = decode_all(Decoder::Chunked(Chunk::Size), b"5\r\nhel", 2).unwrap();
         assert!(!ended);
+        // More trailer fields than a small table would hold.
+        let mut wire = b"2\r\nok\r\n0\r\n".to_vec();
+        for i in 0..100 {
+            wire.extend_from_slice(format!("x-t{i}: {i}\r\n").as_bytes());
+        }
+        wire.extend_from_slice(b"\r\n");
+        let (data, trailers, ended) = decode_all(Decoder::Chunked(Chunk::Size), &wire, 64).unwrap();
+        assert_eq!((data.as_slice(), ended), (&b"ok"[..], true));
+        assert_eq!(trailers.unwrap()["x-t99"], "99");
     }
 
     #[test]
