@@ -155,7 +155,7 @@ pub struct ConnInfo {
     /// Whether the connection is TLS.
     pub tls: bool,
     /// The server name the client sent in its TLS ClientHello.
-    pub sni: Option<String>,
+    pub sni: Option<Arc<str>>,
     /// The trusted proxy in front (`http { trust_forwarded }`) that the
     /// request came from, when `client_addr` is the client it names in
     /// `X-Forwarded-For` (with port 0) rather than the connection's peer.
@@ -615,7 +615,7 @@ async fn accept<H: Handler>(
             match tokio::time::timeout(shared.limits.header_read_timeout, handshake).await {
                 Ok(Ok(stream)) => {
                     let tls = stream.get_ref().1;
-                    info.sni = tls.server_name().map(str::to_owned);
+                    info.sni = tls.server_name().map(Arc::from);
                     let h2 = tls.alpn_protocol() == Some(b"h2");
                     serve_connection(stream, info, shared, opened, h2).await;
                 }
