@@ -5,7 +5,7 @@
 mod common;
 use common::*;
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -1978,6 +1978,158 @@ async fn static_files_backend_serves_validates_ranges_and_refuses_escapes() {
         let got = send(a, "TRACE", "/hello.txt", &[], "").await;
         assert_eq!(got.status, 405);
         assert_eq!(got.header("allow"), Some("GET, HEAD, OPTIONS"));
+        p.shutdown().await;
+    })
+    .await;
+}
+
+/// A file has one path, the one rules see: `//`, `%2F`, `.` segments and a
+/// `/` after a file's name cannot reach a file a rule denies.
+#[tokio::test]
+async fn static_files_cannot_be_reached_around_a_path_rule() {
+    bounded(async {
+        let site = tempfile::tempdir().unwrap();
+        std::fs::create_dir(site.path().join("private")).unwrap();
+        std::fs::write(site.path().join("private/key.txt"), "the key").unwrap();
+        std::fs::write(site.path().join("hello.txt"), "the greeting").unwrap();
+        std::fs::write(site.path().join("open.txt"), "open").unwrap();
+        let policy = format!(
+            r#"backend files {{ static "{}" }}
+rule private when path ^= "/private/" {{ deny 403 }}
+rule hello when path == "/hello.txt" {{ deny 403 }}
+rule all {{ route files cache off }}"#,
+            site.path().display()
+        );
+        let p = proxy(&policy).await;
+        let a = addr(&p);
+        assert_eq!(get(a, "/private/key.txt", &[]).await.status, 403);
+        assert_eq!(get(a, "/hello.txt", &[]).await.status, 403);
+        assert_eq!(get(a, "/open.txt", &[]).await.text(), "open");
+        for path in [
+            "//private/key.txt",
+            "/private%2Fkey.txt",
+            "/private%2fkey.txt",
+            "/x/..%2fprivate/key.txt",
+            "/hello.txt/",
+            "//hello.txt",
+            "/hello.txt//",
+            "/./hello.txt",
+            "/open.txt/",
+        ] {
+            let got = get(a, path, &[]).await;
+            assert!(
+                matches!(got.status.as_u16(), 400 | 403 | 404),
+                "{path}: {} {}",
+                got.status,
+                got.text()
+            );
+            assert!(!got.text().contains("the "), "{path}: {}", got.text());
+        }
+        p.shutdown().await;
+    })
+    .await;
+}
+
+/// What is checked is the file that was opened: a directory on the way
+/// swapped for a symlink out of the root between a check and an open leads
+/// nowhere, and the length and validators are the opened file's.
+#[tokio::test]
+async fn a_static_directory_swapped_for_a_symlink_never_leads_outside() {
+    bounded(async {
+        let top = tempfile::tempdir().unwrap();
+        let site = top.path().join("site");
+        let outside = top.path().join("outside");
+        std::fs::create_dir_all(site.join("u")).unwrap();
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(site.join("u/f.txt"), "innocent-innocent").unwrap();
+        std::fs::write(outside.join("f.txt"), "SECRET-SECRET-SECRET").unwrap();
+        std::os::unix::fs::symlink(&outside, site.join("u.link")).unwrap();
+        let policy = format!(
+            "backend files {{ static \"{}\" }}\nrule all {{ route files cache off }}",
+            site.display()
+        );
+        let p = proxy(&policy).await;
+        let a = addr(&p);
+        assert_eq!(get(a, "/u/f.txt", &[]).await.text(), "innocent-innocent");
+        // `u` is by turns the real directory and a symlink out of the root,
+        // as fast as renames go, while the file is asked for.
+        let stop = Arc::new(AtomicBool::new(false));
+        let swapper = {
+            let (stop, site) = (stop.clone(), site.clone());
+            std::thread::spawn(move || {
+                let (u, dir, link) = (site.join("u"), site.join("u.dir"), site.join("u.link"));
+                while !stop.load(Ordering::Relaxed) {
+                    std::fs::rename(&u, &dir).unwrap();
+                    std::fs::rename(&link, &u).unwrap();
+                    std::fs::rename(&u, &link).unwrap();
+                    std::fs::rename(&dir, &u).unwrap();
+                }
+            })
+        };
+        let mut served = 0;
+        for _ in 0..2000 {
+            let got = get(a, "/u/f.txt", &[]).await;
+            let text = got.text();
+            assert!(!text.contains("SECRET"), "read outside the root: {text}");
+            if got.status == 200 {
+                assert_eq!(text, "innocent-innocent");
+                served += 1;
+            }
+        }
+        stop.store(true, Ordering::Relaxed);
+        swapper.join().unwrap();
+        assert!(served > 0, "the file inside was never served");
+        p.shutdown().await;
+    })
+    .await;
+}
+
+/// If-Match and If-Unmodified-Since that fail are 412, with or without a
+/// range (RFC 9110 §13.1.1, §13.1.4); a Range beyond what u64 holds is
+/// clamped to the file; the unit's case does not matter.
+#[tokio::test]
+async fn static_preconditions_fail_with_412_and_ranges_clamp() {
+    bounded(async {
+        let site = tempfile::tempdir().unwrap();
+        std::fs::write(site.path().join("f.txt"), "hello").unwrap();
+        let policy = format!(
+            "backend files {{ static \"{}\" }}\nrule all {{ route files cache off }}",
+            site.path().display()
+        );
+        let p = proxy(&policy).await;
+        let a = addr(&p);
+        let etag = get(a, "/f.txt", &[])
+            .await
+            .header("etag")
+            .unwrap()
+            .to_string();
+        let weak = format!("W/{etag}");
+        for range in [None, Some("bytes=0-1")] {
+            for (name, value) in [
+                ("if-match", "\"nope\""),
+                ("if-match", weak.as_str()),
+                ("if-unmodified-since", "Thu, 01 Jan 1970 00:00:00 GMT"),
+            ] {
+                let mut fields = vec![(name, value)];
+                fields.extend(range.map(|r| ("range", r)));
+                let got = get(a, "/f.txt", &fields).await;
+                assert_eq!(got.status, 412, "{name}: {value} {range:?}");
+                assert!(got.body.is_empty());
+            }
+        }
+        let got = get(a, "/f.txt", &[("if-match", &etag), ("range", "bytes=1-2")]).await;
+        assert_eq!((got.status.as_u16(), got.text()), (206, "el".to_owned()));
+        let got = get(a, "/f.txt", &[("if-match", "*")]).await;
+        assert_eq!(got.status, 200);
+        for (range, want) in [
+            ("bytes=0-99999999999999999999999", "bytes 0-4/5"),
+            ("bytes=-99999999999999999999", "bytes 0-4/5"),
+            ("Bytes=1-2", "bytes 1-2/5"),
+        ] {
+            let got = get(a, "/f.txt", &[("range", range)]).await;
+            assert_eq!(got.status, 206, "{range}");
+            assert_eq!(got.header("content-range"), Some(want), "{range}");
+        }
         p.shutdown().await;
     })
     .await;

@@ -2,13 +2,16 @@
 //!
 //! Only GET and HEAD are allowed. Validators and conditional requests follow
 //! RFC 9110 §8.8 and §13 (strong ETag from size and modification time,
-//! Last-Modified, 304 for If-None-Match / If-Modified-Since), byte ranges
-//! follow §14 (one range gives 206, an unsatisfiable one 416, several are
-//! answered with the whole file). Nothing outside the root is ever read: the
-//! path is percent-decoded exactly once and refused when it holds `..`, NUL,
-//! a backslash or a still-encoded sequence, and the file's canonical path
-//! (symlinks resolved) must lie inside the canonical root. File access goes
-//! through `tokio::fs`, so the runtime's threads never block on the disk.
+//! Last-Modified, 412 for If-Match / If-Unmodified-Since, 304 for
+//! If-None-Match / If-Modified-Since), byte ranges follow §14 (one range
+//! gives 206, an unsatisfiable one 416, several are answered with the whole
+//! file). Nothing outside the root is ever read: the path is percent-decoded
+//! exactly once and refused when it holds `..`, NUL, a backslash or a
+//! still-encoded sequence, and the opened file's real path (symlinks
+//! resolved, as the kernel opened it) must lie inside the canonical root.
+//! Each file is reached by one path only, the one rules see (no `//`, `%2F`
+//! or `.` segments, no `/` after a file's name). File access goes through
+//! the blocking pool, so the runtime's threads never block on the disk.
 //!
 //! The file (or range) is streamed in chunks of [`CHUNK`] bytes as the
 //! client takes them: a request holds one chunk in memory, whatever the size
@@ -132,9 +135,9 @@ pub async fn serve<B>(cfg: &StaticConfig, req: &Request<B>) -> Response<FileBody
     }
     let segments = match decode_path(req.uri().path()) {
         Ok(s) => s,
-        Err(reason) => {
+        Err((status, reason)) => {
             tracing::debug!(path = req.uri().path(), reason, "static path refused");
-            return plain(StatusCode::BAD_REQUEST);
+            return plain(status);
         }
     };
     let Ok(root) = tokio::fs::canonicalize(&cfg.root).await else {
@@ -143,44 +146,72 @@ pub async fn serve<B>(cfg: &StaticConfig, req: &Request<B>) -> Response<FileBody
     };
     let mut target = root.clone();
     target.extend(&segments);
-    let Some((mut file_path, mut meta)) = resolve_inside(&root, &target).await else {
+    let Some(mut found) = open_inside(&root, target).await else {
         return plain(StatusCode::NOT_FOUND);
     };
-    if meta.is_dir() {
+    if found.meta.is_dir() {
         if !req.uri().path().ends_with('/') {
             return redirect_to_directory(req);
         }
-        match resolve_inside(&root, &file_path.join(&cfg.index)).await {
-            Some((p, m)) if m.is_file() => {
-                file_path = p;
-                meta = m;
-            }
+        match open_inside(&root, found.path.join(&cfg.index)).await {
+            Some(index) if index.meta.is_file() => found = index,
             _ => return plain(StatusCode::NOT_FOUND),
         }
-    }
-    if !meta.is_file() {
+    } else if req.uri().path().ends_with('/') {
+        // A file is no directory: `/a.txt/` names nothing (as on any file
+        // system), so a rule on `/a.txt` cannot be side-stepped with it.
         return plain(StatusCode::NOT_FOUND);
     }
-    serve_file(req, &file_path, &meta).await
+    serve_file(req, found).await
 }
 
-/// Canonicalizes `path` and returns it with its metadata only when it lies
-/// inside `root` (itself canonical).
-async fn resolve_inside(root: &Path, path: &Path) -> Option<(PathBuf, std::fs::Metadata)> {
-    let canonical = tokio::fs::canonicalize(path).await.ok()?;
-    if !canonical.starts_with(root) {
-        tracing::warn!(path = %path.display(), "static path resolves outside the root");
-        return None;
-    }
-    let meta = tokio::fs::metadata(&canonical).await.ok()?;
-    Some((canonical, meta))
+/// A file or directory opened inside the root.
+struct Found {
+    /// Where it really is: the path the kernel opened, symlinks resolved.
+    path: PathBuf,
+    file: std::fs::File,
+    /// Of the open file, not of whatever the path names by now.
+    meta: std::fs::Metadata,
 }
 
-async fn serve_file<B>(
-    req: &Request<B>,
-    path: &Path,
-    meta: &std::fs::Metadata,
-) -> Response<FileBody> {
+/// Opens `path` and keeps it only when what was opened lies inside `root`
+/// (itself canonical) and is a regular file or a directory. The check is on
+/// the open file (its `/proc/self/fd` link and `fstat`), not on the path:
+/// a directory on the way swapped for a symlink between a check and an open
+/// cannot lead outside, and the length and validators sent are those of the
+/// bytes sent. Opening does not block on a FIFO (`O_NONBLOCK`), which is then
+/// refused like any other special file.
+async fn open_inside(root: &Path, path: PathBuf) -> Option<Found> {
+    let root = root.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        use std::os::unix::io::AsRawFd as _;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&path)
+            .ok()?;
+        let real = std::fs::read_link(format!("/proc/self/fd/{}", file.as_raw_fd())).ok()?;
+        if !real.starts_with(&root) {
+            tracing::warn!(path = %path.display(), "static path resolves outside the root");
+            return None;
+        }
+        let meta = file.metadata().ok()?;
+        (meta.is_file() || meta.is_dir()).then_some(Found {
+            path: real,
+            file,
+            meta,
+        })
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+async fn serve_file<B>(req: &Request<B>, found: Found) -> Response<FileBody> {
+    let Found { path, file, meta } = found;
+    let path = path.as_path();
+    let meta = &meta;
     let len = meta.len();
     let modified = meta.modified().unwrap_or(UNIX_EPOCH);
     let since_epoch = modified
@@ -199,8 +230,20 @@ async fn serve_file<B>(
     }
     validators.push((header::ACCEPT_RANGES, HeaderValue::from_static("bytes")));
 
-    // RFC 9110 §13.2.2: If-None-Match is evaluated first; If-Modified-Since
-    // only when it is absent.
+    // RFC 9110 §13.2.2: If-Match first, If-Unmodified-Since only when it
+    // is absent; a failed one is 412 and nothing is sent.
+    let precondition_failed = match headers.get(header::IF_MATCH) {
+        Some(im) => !im.to_str().is_ok_and(|v| match_hits(v, &etag)),
+        None => headers
+            .get(header::IF_UNMODIFIED_SINCE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_http_date)
+            .is_some_and(|since| since_epoch.as_secs() > since),
+    };
+    if precondition_failed {
+        return with_headers(plain(StatusCode::PRECONDITION_FAILED), validators);
+    }
+    // Then If-None-Match; If-Modified-Since only when it is absent.
     let not_modified = match headers.get(header::IF_NONE_MATCH) {
         Some(inm) => inm.to_str().is_ok_and(|v| none_match_hits(v, &etag)),
         None => headers
@@ -216,10 +259,17 @@ async fn serve_file<B>(
     let mut status = StatusCode::OK;
     let mut start = 0;
     let mut count = len;
+    // A Last-Modified date is a strong validator only when the file is a
+    // second older than now (RFC 9110 §8.8.2.2): two writes within one
+    // second would otherwise splice ranges of both.
+    let date_is_strong = std::time::SystemTime::now()
+        .duration_since(modified)
+        .is_ok_and(|age| age >= Duration::from_secs(1));
     let range_applies = req.method() == Method::GET
         && headers.get(header::IF_RANGE).is_none_or(|v| {
-            v.to_str()
-                .is_ok_and(|v| v == etag || (!v.starts_with('"') && v == last_modified))
+            v.to_str().is_ok_and(|v| {
+                v == etag || (date_is_strong && !v.starts_with('"') && v == last_modified)
+            })
         });
     if range_applies {
         if let Some(range) = headers.get(header::RANGE).and_then(|v| v.to_str().ok()) {
@@ -247,7 +297,7 @@ async fn serve_file<B>(
     let body = if req.method() == Method::HEAD {
         FileBody::empty()
     } else {
-        match open_at(path, start).await {
+        match positioned(file, start).await {
             Ok(file) => FileBody::new(file, count),
             Err(e) => {
                 tracing::warn!(path = %path.display(), error = %e, "static file read failed");
@@ -266,11 +316,11 @@ async fn serve_file<B>(
     with_headers(resp, validators)
 }
 
-/// Opens `path` positioned at `start`. A read that then fails (or finds
+/// The open file, positioned at `start`. A read that then fails (or finds
 /// the file shorter than its length was) ends the body with an error, after
 /// the head: the client sees a body cut short, never wrong bytes.
-async fn open_at(path: &Path, start: u64) -> std::io::Result<tokio::fs::File> {
-    let mut file = tokio::fs::File::open(path).await?;
+async fn positioned(file: std::fs::File, start: u64) -> std::io::Result<tokio::fs::File> {
+    let mut file = tokio::fs::File::from_std(file);
     if start > 0 {
         file.seek(SeekFrom::Start(start)).await?;
     }
@@ -312,41 +362,65 @@ fn redirect_to_directory<B>(req: &Request<B>) -> Response<FileBody> {
     }
 }
 
-/// Decodes a request path once into safe segments, or says why it is refused.
-fn decode_path(path: &str) -> Result<Vec<String>, &'static str> {
+/// Decodes a request path once into safe segments, or says why it is refused
+/// and with what status.
+///
+/// Each file has one path: the one the rules see. A path that would reach a
+/// file another way than its rules expect is refused with 404: an encoded
+/// `/` (`/private%2Fkey`), an empty segment (`//private/key`, `/a//b`) or a
+/// `.` segment; so a rule such as `deny when path ^= "/private/"` cannot be
+/// side-stepped. The path's final `/` (a directory's) is the one empty
+/// segment allowed.
+fn decode_path(path: &str) -> Result<Vec<String>, (StatusCode, &'static str)> {
+    let bad = |reason| (StatusCode::BAD_REQUEST, reason);
+    let none = |reason| (StatusCode::NOT_FOUND, reason);
     let raw = path.as_bytes();
     let mut bytes = Vec::with_capacity(raw.len());
     let mut i = 0;
     while i < raw.len() {
         if raw[i] == b'%' {
-            let hex = raw.get(i + 1..i + 3).ok_or("truncated percent-encoding")?;
-            let hi = hex_value(hex[0]).ok_or("bad percent-encoding")?;
-            let lo = hex_value(hex[1]).ok_or("bad percent-encoding")?;
-            bytes.push(hi << 4 | lo);
+            let hex = raw
+                .get(i + 1..i + 3)
+                .ok_or(bad("truncated percent-encoding"))?;
+            let hi = hex_value(hex[0]).ok_or(bad("bad percent-encoding"))?;
+            let lo = hex_value(hex[1]).ok_or(bad("bad percent-encoding"))?;
+            let byte = hi << 4 | lo;
+            if byte == b'/' {
+                return Err(none("encoded slash"));
+            }
+            bytes.push(byte);
             i += 3;
         } else {
             bytes.push(raw[i]);
             i += 1;
         }
     }
-    let decoded = String::from_utf8(bytes).map_err(|_| "path is not UTF-8")?;
+    let decoded = String::from_utf8(bytes).map_err(|_| bad("path is not UTF-8"))?;
     if decoded.contains('\0') {
-        return Err("NUL in path");
+        return Err(bad("NUL in path"));
     }
     if decoded.contains('\\') {
-        return Err("backslash in path");
+        return Err(bad("backslash in path"));
     }
     let d = decoded.as_bytes();
     if d.windows(3)
         .any(|w| w[0] == b'%' && hex_value(w[1]).is_some() && hex_value(w[2]).is_some())
     {
-        return Err("encoded sequence left after decoding");
+        return Err(bad("encoded sequence left after decoding"));
     }
+    let Some(rest) = decoded.strip_prefix('/') else {
+        return Err(bad("path does not start with /"));
+    };
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
     let mut segments = Vec::new();
-    for seg in decoded.split('/') {
+    if rest.is_empty() {
+        return Ok(segments);
+    }
+    for seg in rest.split('/') {
         match seg {
-            "" | "." => {}
-            ".." => return Err("parent segment"),
+            "" => return Err(none("empty segment")),
+            "." => return Err(none("dot segment")),
+            ".." => return Err(bad("parent segment")),
             s => segments.push(s.to_owned()),
         }
     }
@@ -360,6 +434,12 @@ fn hex_value(b: u8) -> Option<u8> {
         b'A'..=b'F' => Some(b - b'A' + 10),
         _ => None,
     }
+}
+
+/// `true` when an If-Match value matches `etag` by strong comparison
+/// (RFC 9110 §13.1.1, §8.8.3.2): a weak tag never does.
+fn match_hits(value: &str, etag: &str) -> bool {
+    value.trim() == "*" || value.split(',').any(|t| t.trim() == etag)
 }
 
 /// `true` when an If-None-Match value matches `etag` by weak comparison
@@ -381,7 +461,13 @@ enum RangeOutcome {
 
 /// Parses a `Range` value (RFC 9110 §14.1.2) against a file of `len` bytes.
 fn parse_range(value: &str, len: u64) -> RangeOutcome {
-    let Some(spec) = value.trim().strip_prefix("bytes=") else {
+    let value = value.trim();
+    // The unit is case-insensitive.
+    let Some(spec) = value
+        .get(..6)
+        .filter(|unit| unit.eq_ignore_ascii_case("bytes="))
+        .map(|_| &value[6..])
+    else {
         return RangeOutcome::Ignore;
     };
     if spec.contains(',') {
@@ -390,11 +476,13 @@ fn parse_range(value: &str, len: u64) -> RangeOutcome {
     let Some((first, last)) = spec.trim().split_once('-') else {
         return RangeOutcome::Ignore;
     };
+    // A number too large for u64 is larger than any file: it stands for
+    // u64::MAX, so that a last byte past the end is clamped (§14.1.1).
     let parse = |s: &str| -> Option<u64> {
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
             None
         } else {
-            s.parse().ok()
+            Some(s.parse().unwrap_or(u64::MAX))
         }
     };
     match (first.is_empty(), last.is_empty()) {
@@ -402,7 +490,9 @@ fn parse_range(value: &str, len: u64) -> RangeOutcome {
         (true, false) => match parse(last) {
             Some(0) => RangeOutcome::Unsatisfiable,
             Some(n) if len > 0 => RangeOutcome::Single(len.saturating_sub(n), len - 1),
-            Some(_) => RangeOutcome::Unsatisfiable,
+            // An empty file has no last bytes to send: the whole (empty)
+            // file answers, as this is the one satisfiable form for it.
+            Some(_) => RangeOutcome::Ignore,
             None => RangeOutcome::Ignore,
         },
         // bytes=A-: from A to the end.
@@ -631,11 +721,12 @@ mod tests {
         let (st, h, _) = get(&s, Method::GET, "/docs?x=1", &[]).await;
         assert_eq!(st, StatusCode::MOVED_PERMANENTLY);
         assert_eq!(h[header::LOCATION], "/docs/?x=1");
-        // `//docs/` in Location would name a host called `docs`.
-        for (path, location) in [("//docs", "/docs/"), ("///docs?x=1", "/docs/?x=1")] {
+        // No second path to a directory: and `//docs/` in a Location would
+        // name a host called `docs`.
+        for path in ["//docs", "///docs?x=1"] {
             let (st, h, _) = get(&s, Method::GET, path, &[]).await;
-            assert_eq!(st, StatusCode::MOVED_PERMANENTLY, "{path}");
-            assert_eq!(h[header::LOCATION], location, "{path}");
+            assert_eq!(st, StatusCode::NOT_FOUND, "{path}");
+            assert!(h.get(header::LOCATION).is_none(), "{path}");
         }
         let (st, _, body) = get(&s, Method::GET, "/docs/", &[]).await;
         assert_eq!((st, &body[..]), (StatusCode::OK, &b"docs"[..]));
