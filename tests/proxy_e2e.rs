@@ -2417,6 +2417,14 @@ async fn websocket_upgrade_passes_through_and_echoes() {
 async fn open_websocket(
     proxy: std::net::SocketAddr,
 ) -> (hyper::upgrade::Upgraded, http::response::Parts) {
+    open_websocket_with(proxy, &[]).await
+}
+
+/// [`open_websocket`] with more request fields.
+async fn open_websocket_with(
+    proxy: std::net::SocketAddr,
+    fields: &[(&str, &str)],
+) -> (hyper::upgrade::Upgraded, http::response::Parts) {
     use bytes::Bytes;
     use http_body_util::Empty;
     use hyper_util::rt::TokioIo;
@@ -2425,14 +2433,16 @@ async fn open_websocket(
         .await
         .unwrap();
     tokio::spawn(conn.with_upgrades());
-    let req = http::Request::get("/chat")
+    let mut req = http::Request::get("/chat")
         .header("host", "ws.test")
         .header("connection", "Upgrade")
         .header("upgrade", "websocket")
         .header("sec-websocket-version", "13")
-        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==")
-        .body(Empty::<Bytes>::new())
-        .unwrap();
+        .header("sec-websocket-key", "dGhlIHNhbXBsZSBub25jZQ==");
+    for (name, value) in fields {
+        req = req.header(*name, *value);
+    }
+    let req = req.body(Empty::<Bytes>::new()).unwrap();
     let mut resp = sender.send_request(req).await.unwrap();
     assert_eq!(resp.status(), 101);
     let upgraded = hyper::upgrade::on(&mut resp)
@@ -2465,6 +2475,44 @@ async fn least_conn_counts_an_open_websocket_as_a_connection() {
             assert_ne!(answered, busy, "a plain request went to the server holding the WebSocket");
         }
         drop(ws);
+        p.shutdown().await;
+        one_task.abort();
+        two_task.abort();
+    })
+    .await;
+}
+
+/// `balance hash` keeps a WebSocket on the server its key sends the same
+/// user's plain requests to; requests without any part of the key (no
+/// `X-User` yet) are spread over the servers, not all sent to one.
+#[tokio::test]
+async fn hash_balance_keeps_websockets_with_their_user_and_spreads_keyless_requests() {
+    bounded(async {
+        let (one, one_task) = echo_upgrade_origin().await;
+        let (two, two_task) = echo_upgrade_origin().await;
+        let policy = format!(
+            "backend app {{\n  server \"{one}\"\n  server \"{two}\"\n  balance hash [header(\"X-User\")]\n}}\nrule all {{ route app cache off }}"
+        );
+        let p = proxy(&policy).await;
+        let mut used = std::collections::HashSet::new();
+        for user in 0..6 {
+            let user = format!("user-{user}");
+            let plain = get(addr(&p), "/plain", &[("x-user", &user)]).await;
+            let server = plain.header("x-origin-addr").unwrap().to_owned();
+            used.insert(server.clone());
+            for _ in 0..3 {
+                let (ws, head) = open_websocket_with(addr(&p), &[("x-user", &user)]).await;
+                assert_eq!(head.headers["x-origin-addr"], server.as_str(), "{user}");
+                drop(ws);
+            }
+        }
+        assert_eq!(used.len(), 2, "six users all on one server");
+        let mut keyless = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let got = get(addr(&p), "/plain", &[]).await;
+            keyless.insert(got.header("x-origin-addr").unwrap().to_owned());
+        }
+        assert_eq!(keyless.len(), 2, "requests without a key all went to one server");
         p.shutdown().await;
         one_task.abort();
         two_task.abort();

@@ -405,6 +405,34 @@ pub fn eval_response(
     (out, matched)
 }
 
+/// The key a `balance hash` backend picks a server by, or `None` when the
+/// request has nothing of its own to go on: the key has header, cookie or
+/// query parts and none of them is in the request (a first visit, before
+/// its session cookie). Such requests are spread over the servers instead
+/// of all going to the one that the empty key hashes to, as HAProxy and
+/// NGINX do.
+pub fn hash_key(parts: &[KeyPart], req: &Request<'_>) -> Option<String> {
+    let optional = |p: &KeyPart| {
+        matches!(
+            p,
+            KeyPart::Header(_) | KeyPart::Cookie(_) | KeyPart::QueryParam(_) | KeyPart::Query
+        )
+    };
+    let present = |p: &KeyPart| match p {
+        KeyPart::Header(h) => header_str(req.headers, h).is_some(),
+        KeyPart::Cookie(n) => cookie(req.headers, n).is_some(),
+        KeyPart::QueryParam(n) => query_param(req.query, n).is_some(),
+        KeyPart::Query => !req.query.is_empty(),
+        _ => false,
+    };
+    if parts.is_empty() || (parts.iter().any(optional) && !parts.iter().any(present)) {
+        return None;
+    }
+    let mut key = String::new();
+    render_key(parts, req, &mut key);
+    Some(key)
+}
+
 /// Renders a key from its parts: `host` and `path` as written, other parts as
 /// `|name=value` (query parameters as `?name=value`).
 pub fn render_key(parts: &[KeyPart], req: &Request<'_>, out: &mut String) {

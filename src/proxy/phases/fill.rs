@@ -22,11 +22,7 @@ impl Gateway {
             }
             BackendRuntime::Pool(pool) => {
                 let spec = &gen.policy.model.backends[backend];
-                let hash_key = (!spec.hash_key.is_empty()).then(|| {
-                    let mut k = String::new();
-                    crate::policy::eval::render_key(&spec.hash_key, view, &mut k);
-                    k
-                });
+                let hash_key = crate::policy::eval::hash_key(&spec.hash_key, view);
                 let (parts, ()) = upstream.head.into_parts();
                 let req = Request::from_parts(parts, body);
                 let limits = crate::upstream::Limits {

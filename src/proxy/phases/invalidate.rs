@@ -95,7 +95,7 @@ impl Gateway {
         conn: &ConnInfo,
         log: &mut Log,
     ) -> Result<Response<ResponseBody>, ProxyError> {
-        let (rule, backend) = {
+        let (rule, backend, hash_key) = {
             // Rules see an HTTP/2 WebSocket as the GET it is in HTTP/1.1.
             let method = if req.method() == Method::CONNECT {
                 &Method::GET
@@ -130,7 +130,11 @@ impl Gateway {
             }
             log.rule = d.index;
             log.backend = Some(b);
-            (d.rule, b)
+            // A `balance hash` backend keeps an upgrade (a WebSocket) on the
+            // server the same key sends plain requests to.
+            let hash_key =
+                crate::policy::eval::hash_key(&gen.policy.model.backends[b].hash_key, &view);
+            (d.rule, b, hash_key)
         };
         log.cache = "bypass";
         let BackendRuntime::Pool(pool) = &gen.backends[backend] else {
@@ -187,7 +191,7 @@ impl Gateway {
             .send(
                 upstream,
                 &lines,
-                None,
+                hash_key.as_deref().map(str::as_bytes),
                 crate::upstream::Limits {
                     connect: rule.limits.connect_timeout,
                     first_byte: rule.limits.first_byte_timeout,
