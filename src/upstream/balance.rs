@@ -41,7 +41,7 @@ pub trait Selector: Send + Sync + std::fmt::Debug {
 pub fn selector_for(balance: Balance, ids: &[&str], weights: &[u32]) -> Box<dyn Selector> {
     match balance {
         Balance::RoundRobin => Box::new(SmoothWeighted::new(weights.len())),
-        Balance::LeastConn => Box::new(LeastConn::default()),
+        Balance::LeastConn => Box::new(LeastConn::new(weights.len())),
         Balance::Random => Box::new(TwoChoices),
         Balance::Hash => Box::new(HashRing::new(ids, weights)),
     }
@@ -171,11 +171,22 @@ impl Selector for SmoothWeighted {
     }
 }
 
-/// Fewest requests in flight relative to weight; ties are broken by a
-/// rotating start so idle servers share the traffic.
-#[derive(Debug, Default)]
+/// Fewest requests in flight relative to weight; ties (every server idle,
+/// say) are broken by smooth weighted round robin among the tied servers,
+/// as nginx does, so that weights still count when the load does not tell
+/// servers apart.
+#[derive(Debug)]
 pub struct LeastConn {
-    rotation: AtomicUsize,
+    ties: SmoothWeighted,
+}
+
+impl LeastConn {
+    /// State for `n` servers.
+    pub fn new(n: usize) -> Self {
+        Self {
+            ties: SmoothWeighted::new(n),
+        }
+    }
 }
 
 /// `true` when server `a` is less loaded than `b` relative to their weights.
@@ -191,15 +202,22 @@ impl Selector for LeastConn {
         if n == 0 {
             return None;
         }
-        let start = self.rotation.fetch_add(1, Ordering::Relaxed) % n;
         let mut best: Option<usize> = None;
-        for step in 0..n {
-            let i = (start + step) % n;
+        for i in 0..n {
             if (c.usable)(i) && best.is_none_or(|b| lighter(c, i, b)) {
                 best = Some(i);
             }
         }
-        best
+        let best = best?;
+        let tied = |i: usize| (c.usable)(i) && !lighter(c, best, i);
+        self.ties.select(
+            &Candidates {
+                weights: c.weights,
+                load: c.load,
+                usable: &tied,
+            },
+            None,
+        )
     }
 }
 
@@ -384,7 +402,7 @@ mod tests {
 
     #[test]
     fn least_conn_prefers_lowest_weighted_load_and_guard_releases() {
-        let sel = LeastConn::default();
+        let sel = LeastConn::new(3);
         let load = Load::new(3);
         let weights = [1, 1, 4];
         let up = [true; 3];
@@ -405,7 +423,7 @@ mod tests {
 
     #[test]
     fn least_conn_spreads_ties() {
-        let sel = LeastConn::default();
+        let sel = LeastConn::new(3);
         let load = Load::new(3);
         let up = [true; 3];
         let mut seen = [0; 3];
@@ -413,6 +431,27 @@ mod tests {
             seen[pick(&sel, &[1, 1, 1], &load, &up).unwrap()] += 1;
         }
         assert_eq!(seen, [10, 10, 10]);
+    }
+
+    #[test]
+    fn least_conn_ties_follow_the_weights() {
+        // Sequential traffic: every pick finds every server idle.
+        let sel = LeastConn::new(2);
+        let load = Load::new(2);
+        let mut seen = [0; 2];
+        for _ in 0..1000 {
+            seen[pick(&sel, &[4, 1], &load, &[true; 2]).unwrap()] += 1;
+        }
+        assert_eq!(seen, [800, 200]);
+        // Only the servers tied for the lightest load share the picks.
+        let sel = LeastConn::new(3);
+        let load = Load::new(3);
+        let _busy = load.enter(0);
+        let mut seen = [0; 3];
+        for _ in 0..40 {
+            seen[pick(&sel, &[1, 3, 1], &load, &[true; 3]).unwrap()] += 1;
+        }
+        assert_eq!(seen, [0, 30, 10]);
     }
 
     #[test]
