@@ -619,7 +619,25 @@ impl Running {
                 }
             }
         }
-        self.gateway.swap(generation);
+        let before = self.gateway.swap(generation);
+        // A pool the new generation does not reuse gets no more health
+        // checks, though a long response (a download, a stream) may keep
+        // it alive for a while: its removed servers would go on being
+        // probed, and its remaining ones probed twice.
+        let now = self.gateway.current();
+        for old in &before.backends {
+            let BackendRuntime::Pool(pool) = old else {
+                continue;
+            };
+            let reused = now
+                .backends
+                .iter()
+                .any(|b| matches!(b, BackendRuntime::Pool(p) if Arc::ptr_eq(p, pool)));
+            if !reused {
+                pool.shutdown();
+            }
+        }
+        drop(before);
         if let Some(api) = &self.admin_api {
             api.set_token(admin_token(admin_cfg.as_ref(), &self.overrides));
         }

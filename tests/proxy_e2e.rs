@@ -2886,6 +2886,60 @@ async fn reloads_under_load_lose_no_request() {
     .await;
 }
 
+/// A reload that replaces a backend's pool stops its health checks at once,
+/// even while a long response through the old pool keeps it alive: the
+/// server the reload removed is probed no more.
+#[tokio::test]
+async fn a_replaced_pool_stops_probing_while_a_long_response_holds_it() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    bounded(async {
+        let a = Origin::start(|_| reply(200, &[], "a")).await;
+        let b = Origin::start(|_| reply(200, &[], "b")).await;
+        let big = Origin::start(|_| reply(200, &[], vec![b'x'; 32 << 20])).await;
+        let policy = |servers: &str| {
+            format!(
+                r#"
+backend app {{
+{servers}
+  health get "/healthz" every 100ms timeout 50ms rise 1 fall 1
+}}
+backend big {{ server "{}" }}
+rule download when path == "/big" {{ route big cache off }}
+rule all {{ route app cache off }}
+"#,
+                big.addr
+            )
+        };
+        let both = format!("  server \"{}\"\n  server \"{}\"", a.addr, b.addr);
+        let p = proxy(&policy(&both)).await;
+        eventually("a probed", || a.count_path("/healthz") >= 2).await;
+        // A download the client stops reading: it stays in flight.
+        let mut client = tokio::net::TcpStream::connect(addr(&p)).await.unwrap();
+        client
+            .write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut first = [0u8; 4096];
+        let n = client.read(&mut first).await.unwrap();
+        assert!(first[..n].starts_with(b"HTTP/1.1 200"));
+        p.reload(load(&policy(&format!("  server \"{}\"", b.addr))))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let probed = a.count_path("/healthz");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            a.count_path("/healthz"),
+            probed,
+            "the removed server is still probed"
+        );
+        assert_eq!(get(addr(&p), "/", &[]).await.text(), "b");
+        drop(client);
+        p.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn reload_binds_added_listeners_and_closes_removed_ones() {
     bounded(async {
