@@ -2474,6 +2474,19 @@ async fn least_conn_counts_an_open_websocket_as_a_connection() {
             let answered = got.header("x-origin-addr").unwrap();
             assert_ne!(answered, busy, "a plain request went to the server holding the WebSocket");
         }
+        // A reload that changes the backend builds a new pool: the open
+        // WebSocket counts there too.
+        p.reload(load(&policy.replace(
+            "balance least_conn",
+            "balance least_conn\n  connect_timeout 3s",
+        )))
+        .await
+        .unwrap();
+        for _ in 0..6 {
+            let got = get(addr(&p), "/plain", &[]).await;
+            let answered = got.header("x-origin-addr").unwrap();
+            assert_ne!(answered, busy, "after the reload, the WebSocket no longer counted");
+        }
         drop(ws);
         p.shutdown().await;
         one_task.abort();

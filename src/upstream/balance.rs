@@ -80,17 +80,34 @@ pub fn select(
     )
 }
 
-/// Requests in flight per server, shared by the pool and the load-aware selectors.
+/// Requests in flight per server, shared by the pool and the load-aware
+/// selectors, and by the pools a reload builds for the same servers.
 #[derive(Debug)]
 pub struct Load {
-    counts: Box<[AtomicU32]>,
+    counts: Box<[Arc<AtomicU32>]>,
 }
 
 impl Load {
     /// Counters for `n` servers, all zero.
     pub fn new(n: usize) -> Arc<Self> {
         Arc::new(Self {
-            counts: (0..n).map(|_| AtomicU32::new(0)).collect(),
+            counts: (0..n).map(|_| Arc::default()).collect(),
+        })
+    }
+
+    /// Counters for `n` servers, of which those in `kept` (new index, index
+    /// in `previous`) go on counting as they did in `previous`: requests and
+    /// WebSockets still open through the pool a reload replaced count for
+    /// the new one too, until they end.
+    pub fn carried(n: usize, previous: &Load, kept: &[(usize, usize)]) -> Arc<Self> {
+        let mut counts: Vec<Arc<AtomicU32>> = (0..n).map(|_| Arc::default()).collect();
+        for &(i, j) in kept {
+            if let (Some(slot), Some(before)) = (counts.get_mut(i), previous.counts.get(j)) {
+                *slot = Arc::clone(before);
+            }
+        }
+        Arc::new(Self {
+            counts: counts.into(),
         })
     }
 
@@ -100,10 +117,10 @@ impl Load {
     }
 
     /// Counts one more request to server `i` until the guard is dropped.
-    pub fn enter(self: &Arc<Self>, i: usize) -> InFlightGuard {
+    pub fn enter(&self, i: usize) -> InFlightGuard {
         self.counts[i].fetch_add(1, Ordering::Relaxed);
         InFlightGuard {
-            load: Arc::clone(self),
+            count: Arc::clone(&self.counts[i]),
             index: i,
         }
     }
@@ -112,7 +129,7 @@ impl Load {
 /// One request in flight to one server; dropping it ends the count.
 #[derive(Debug)]
 pub struct InFlightGuard {
-    load: Arc<Load>,
+    count: Arc<AtomicU32>,
     index: usize,
 }
 
@@ -125,7 +142,7 @@ impl InFlightGuard {
 
 impl Drop for InFlightGuard {
     fn drop(&mut self) {
-        self.load.counts[self.index].fetch_sub(1, Ordering::Relaxed);
+        self.count.fetch_sub(1, Ordering::Relaxed);
     }
 }
 

@@ -264,6 +264,7 @@ impl Pool {
 
         let (rise, fall) = cfg.health.as_ref().map_or((1, 1), |h| (h.rise, h.fall));
         let health = HealthState::labelled(&cfg.name, &ids, rise, fall, cfg.eject);
+        let mut load = Load::new(servers.len());
         if let Some(previous) = previous {
             // Before the checker starts, so its first round builds on it.
             let kept: Vec<(usize, usize)> = servers
@@ -275,6 +276,7 @@ impl Pool {
                 })
                 .collect();
             health.carry_over(&previous.health, &kept, cfg.health.is_some());
+            load = Load::carried(servers.len(), &previous.load, &kept);
         }
         let probe_host = match cfg.health.as_ref().and_then(|h| h.host.as_deref()) {
             Some(host) => Some(probe_host(host).map_err(config_error)?),
@@ -289,7 +291,7 @@ impl Pool {
         });
         Ok(Pool {
             name: cfg.name.clone(),
-            load: Load::new(servers.len()),
+            load,
             servers,
             weights,
             backup,
