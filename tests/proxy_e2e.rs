@@ -1080,6 +1080,54 @@ async fn h2_client(
     (sender, tokio::spawn(conn))
 }
 
+/// Over HTTP/2 too, an answer to HEAD, and a 204, has no body, whatever
+/// made it: a `deny`, an error page, a `respond`. A body there is sent as
+/// DATA, which clients refuse as a malformed response.
+#[tokio::test]
+async fn h2_head_and_204_answers_have_no_body_whatever_made_them() {
+    use http_body_util::BodyExt as _;
+    bounded(async {
+        let policy = format!(
+            r#"backend dead {{ server "{}" }}
+rule d when path == "/deny" {{ deny 403 }}
+rule n when path == "/none" {{ respond 204 "x" }}
+rule all {{ route dead cache off }}"#,
+            closed_addr()
+        );
+        let p = proxy(&policy).await;
+        let (mut sender, conn) = h2_client(addr(&p), |_| {}).await;
+        for (method, path, status) in [
+            ("HEAD", "/deny", 403),
+            ("HEAD", "/dead", 502),
+            ("GET", "/none", 204),
+            ("HEAD", "/none", 204),
+        ] {
+            let req = http::Request::builder()
+                .method(method)
+                .uri(format!("http://h2.test{path}"))
+                .body(http_body_util::Empty::new())
+                .unwrap();
+            let resp = sender.send_request(req).await.unwrap();
+            assert_eq!(resp.status(), status, "{method} {path}");
+            let length = resp.headers().get("content-length").cloned();
+            let body = resp.into_body().collect().await;
+            let body = body
+                .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+                .to_bytes();
+            assert!(body.is_empty(), "{method} {path}: {body:?}");
+            if status == 204 {
+                assert!(length.is_none(), "{method} {path}: {length:?}");
+            } else {
+                assert!(length.is_some_and(|l| l != "0"), "{method} {path}");
+            }
+        }
+        drop(sender);
+        let _ = conn.await;
+        p.shutdown().await;
+    })
+    .await;
+}
+
 /// Reads `body` to its end, pausing for `pause` after each `every` bytes
 /// (counted in whole frames): the bytes read, or the error that ended it.
 async fn read_paced(

@@ -687,6 +687,29 @@ impl Handler for Gateway {
             },
         );
         let status = resp.status();
+        // No body goes with an answer to HEAD, or with a 204 or 304,
+        // whatever made it (an error page, `deny`, `respond`): HTTP/1.1
+        // never writes one, and HTTP/2 would send it as DATA, a malformed
+        // response (RFC 9110 §6.4.1, RFC 9113 §8.1.1). HEAD keeps the
+        // length a GET would have; a 204 has none (RFC 9110 §8.6).
+        if head.method == Method::HEAD
+            || status == StatusCode::NO_CONTENT
+            || status == StatusCode::NOT_MODIFIED
+        {
+            if !resp.body().is_end_stream() {
+                let exact = resp.body().size_hint().exact();
+                if let (Some(n), false) =
+                    (exact, resp.headers().contains_key(header::CONTENT_LENGTH))
+                {
+                    resp.headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(n));
+                }
+                *resp.body_mut() = body::empty();
+            }
+            if status == StatusCode::NO_CONTENT {
+                resp.headers_mut().remove(header::CONTENT_LENGTH);
+            }
+        }
         let m = &self.inner.metrics;
         m.requests[usize::from((status.as_u16() / 100).clamp(1, 5) - 1)].increment(1);
         // The log line and the duration wait for the body's end.
