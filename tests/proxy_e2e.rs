@@ -4171,6 +4171,46 @@ async fn an_http_1_0_upgrade_is_served_as_a_plain_request() {
     .await;
 }
 
+/// An upgrade the origin does not take is answered like any request: the
+/// rule's response edits hold (an Upgrade field cannot side-step them), and
+/// a request with a body and an Upgrade goes as the plain request it also
+/// is, its body with it.
+#[tokio::test]
+async fn an_upgrade_the_origin_ignores_is_answered_like_any_request() {
+    bounded(async {
+        let origin = Origin::start(|s| {
+            reply(
+                200,
+                &[("x-secret", "internal")],
+                format!("{} {}", s.method, String::from_utf8_lossy(&s.body)),
+            )
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"rule all { route app cache off response_header remove "X-Secret" }"#,
+        ))
+        .await;
+        let upgrade = [("upgrade", "foo"), ("connection", "upgrade")];
+        let got = send(addr(&p), "GET", "/x", &upgrade, "").await;
+        assert_eq!((got.status.as_u16(), got.text()), (200, "GET ".to_owned()));
+        assert!(
+            got.header("x-secret").is_none(),
+            "the rule's edit was side-stepped"
+        );
+        let started = std::time::Instant::now();
+        let got = send(addr(&p), "POST", "/x", &upgrade, "hello").await;
+        assert_eq!(
+            (got.status.as_u16(), got.text()),
+            (200, "POST hello".to_owned())
+        );
+        assert!(got.header("x-secret").is_none());
+        assert!(started.elapsed() < Duration::from_secs(5));
+        p.shutdown().await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn a_denied_upgrade_gets_the_rules_response_headers() {
     bounded(async {

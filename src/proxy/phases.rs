@@ -633,9 +633,12 @@ impl Handler for Gateway {
             // and answered here when it runs out: their Upgrade is
             // ignored, as a server may (RFC 9110 §7.8). So is that of an
             // HTTP/1.0 request, as a server must: only HTTP/1.1 switches.
+            // An upgrade is a request without a body: one that has a body is
+            // served as the plain request it also is, body and all.
             let keep_upgrade = parts.version == http::Version::HTTP_11
                 && parts.method != Method::OPTIONS
-                && parts.method != Method::TRACE;
+                && parts.method != Method::TRACE
+                && body.is_end_stream();
             hygiene::strip_hop_by_hop(&mut parts.headers, keep_upgrade);
         }
         // One spelling per target, for rules, keys and the origin alike.

@@ -237,6 +237,52 @@ impl Gateway {
                 "the origin answered the WebSocket upgrade with {}",
                 resp.status()
             )));
+        } else {
+            // The origin did not switch: its answer is an ordinary one,
+            // and gets what any forwarded answer gets, the response rules
+            // and the rule's own edits above all (a `response_header remove`
+            // must not be side-stepped by adding an Upgrade).
+            let status = resp.status();
+            hygiene::strip_hop_by_hop(resp.headers_mut(), false);
+            strip_targeted(gen, resp.headers_mut());
+            let method = if h2_websocket {
+                &Method::GET
+            } else {
+                req.method()
+            };
+            let view = View {
+                method,
+                scheme,
+                host,
+                path: req.uri().path(),
+                query: req.uri().query().unwrap_or(""),
+                headers: req.headers(),
+                client_ip: Some(conn.client_addr.ip()),
+            };
+            let actions = gen.policy.decide_response(
+                &view,
+                &ResponseView {
+                    status: status.as_u16(),
+                    headers: resp.headers(),
+                },
+            );
+            for e in &actions.headers {
+                e.apply(resp.headers_mut());
+            }
+            for e in &rule.response_headers {
+                e.apply(resp.headers_mut());
+            }
+            set_cache_status(
+                resp.headers_mut(),
+                &CacheStatus::Forward {
+                    reason: Forward::Bypass,
+                    status: Some(status.as_u16()),
+                    ttl: None,
+                    stored: false,
+                    collapsed: false,
+                    detail: None,
+                },
+            );
         }
         Ok(resp.map(|b| b.boxed_unsync()))
     }
