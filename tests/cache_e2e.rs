@@ -294,6 +294,35 @@ async fn store_set_cookie_stores_without_the_cookie() {
     .await;
 }
 
+/// A rule that removes `Set-Cookie` removes it from the answer that filled
+/// the cache too, not only from the hits after it.
+#[tokio::test]
+async fn a_rule_s_cookie_removal_holds_for_the_filling_request() {
+    bounded(async {
+        let origin = Origin::start(|_| {
+            reply(
+                200,
+                &[("cache-control", "max-age=60"), ("set-cookie", "sid=secret")],
+                "c",
+            )
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"rule all { route app cache { store_set_cookie } response_header remove "Set-Cookie" }"#,
+        ))
+        .await;
+        let first = get(addr(&p), "/c", &[]).await;
+        assert!(first.cache_status().contains("stored"), "{}", first.cache_status());
+        assert_eq!(first.header("set-cookie"), None);
+        let hit = get(addr(&p), "/c", &[]).await;
+        assert!(hit.is_hit());
+        assert_eq!(hit.header("set-cookie"), None);
+        p.shutdown().await;
+    })
+    .await;
+}
+
 /// The `ttl=` of a hit's Cache-Status.
 fn ttl(got: &Got) -> i64 {
     let cs = got.cache_status();

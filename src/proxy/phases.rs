@@ -475,9 +475,23 @@ impl Gateway {
                     detail: (!stored).then_some("store-refused"),
                 };
                 let mut resp = self.deliver(gen, rule, parts, &key, &entry, &status, now);
-                // The cookie was set for this client alone; the stored copy has none.
-                for c in cookies {
-                    resp.headers_mut().append(header::SET_COOKIE, c);
+                // The cookie was set for this client alone; the stored copy
+                // has none. The rule's edits of `Set-Cookie` (a `remove`, say)
+                // hold for it too: what they made of the copy's none is
+                // replaced by what they make of the origin's cookies.
+                if !cookies.is_empty() {
+                    let fields = resp.headers_mut();
+                    fields.remove(header::SET_COOKIE);
+                    for c in cookies {
+                        fields.append(header::SET_COOKIE, c);
+                    }
+                    for e in rule
+                        .response_headers
+                        .iter()
+                        .filter(|e| e.name == header::SET_COOKIE)
+                    {
+                        e.apply(fields);
+                    }
                 }
                 Ok(resp)
             }
