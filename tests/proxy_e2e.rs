@@ -855,6 +855,58 @@ async fn h2_cookie_fields_reach_an_http1_origin_as_one() {
     .await;
 }
 
+/// Rules and cache keys see an HTTP/2 client's cookie fields as the one
+/// field the origin gets: a session in the second field still takes the
+/// request past the cache, and still tells one user's key from another's.
+#[tokio::test]
+async fn h2_cookie_fields_are_one_field_for_rules_and_keys() {
+    use http_body_util::BodyExt as _;
+    bounded(async {
+        let origin = Origin::start(|s| {
+            let cookie = s.headers.get("cookie").map(|c| c.to_str().unwrap().to_owned());
+            reply(
+                200,
+                &[("cache-control", "public, max-age=60")],
+                format!("page for {}", cookie.unwrap_or_default()),
+            )
+        })
+        .await;
+        let p = proxy(&policy_for(
+            &origin,
+            r#"rule private when path == "/p" and header("Cookie") ~ "session=" { route app cache off }
+rule keyed when path == "/k" { route app cache { key [host, path, header("Cookie")] } }
+rule all { route app }"#,
+        ))
+        .await;
+        let (mut sender, conn) = h2_client(addr(&p), |_| {}).await;
+        let mut ask = async |path: &str, cookies: &[&str]| {
+            let mut req = http::Request::get(format!("http://h2.test{path}"));
+            for c in cookies {
+                req = req.header("cookie", *c);
+            }
+            let resp = sender
+                .send_request(req.body(http_body_util::Empty::new()).unwrap())
+                .await
+                .unwrap();
+            let status = resp.headers()["cache-status"].to_str().unwrap().to_owned();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            (status, String::from_utf8_lossy(&body).into_owned())
+        };
+        let (status, _) = ask("/p", &["theme=dark", "session=alice"]).await;
+        assert!(status.contains("fwd=bypass"), "{status}");
+        let (_, body) = ask("/p", &[]).await;
+        assert!(!body.contains("alice"), "{body}");
+        let (_, alice) = ask("/k", &["theme=dark", "session=alice"]).await;
+        assert!(alice.contains("alice"), "{alice}");
+        let (status, bob) = ask("/k", &["theme=dark", "session=bob"]).await;
+        assert!(bob.contains("bob"), "Bob got {bob} ({status})");
+        drop(sender);
+        let _ = conn.await;
+        p.shutdown().await;
+    })
+    .await;
+}
+
 // ============================================================ HTTPS and HTTP/2
 
 mod tls_pki {

@@ -655,6 +655,12 @@ impl Handler for Gateway {
                 && body.is_end_stream();
             hygiene::strip_hop_by_hop(&mut parts.headers, keep_upgrade);
         }
+        // HTTP/2 clients may send a field per cookie (RFC 9113 §8.2.3): one
+        // field for rules, keys, Vary, limiters and the origin alike, or a
+        // rule on `header("Cookie")` would see only the first.
+        if parts.version >= http::Version::HTTP_2 {
+            hygiene::join_cookies(&mut parts.headers);
+        }
         // One spelling per target, for rules, keys and the origin alike.
         if let Some(uri) = normalize_escapes(&parts.uri) {
             parts.uri = uri;
@@ -814,9 +820,6 @@ fn build_upstream(
     }
     if let Hops::Left(n) = hops {
         headers.insert(header::MAX_FORWARDS, HeaderValue::from(n));
-    }
-    if parts.version >= http::Version::HTTP_2 {
-        hygiene::join_cookies(&mut headers);
     }
     // Like the client's own X-Forwarded-* fields: its RFC 7239 field would
     // reach the origin as if Portico had written it (a rule's edit may).
