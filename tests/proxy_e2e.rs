@@ -1180,6 +1180,44 @@ rule all {{ route dead cache off }}"#,
     .await;
 }
 
+/// An origin's trailers reach an HTTP/2 client without the fields no trailer
+/// may carry: a connection-specific one there used to make the stream fail,
+/// body and all.
+#[tokio::test]
+async fn h2_trailers_lose_the_fields_no_trailer_may_carry() {
+    use http_body_util::BodyExt as _;
+    bounded(async {
+        let origin = RawOrigin::start(
+            b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\ntrailer: x-sum\r\n\r\n\
+              5\r\nhello\r\n0\r\nx-sum: abc\r\nconnection: close\r\ncontent-length: 9\r\n\r\n"
+                .to_vec(),
+        )
+        .await;
+        let p = proxy(&format!(
+            "backend app {{ server \"{}\" }}\nrule all {{ route app cache off }}",
+            origin.addr
+        ))
+        .await;
+        let (mut sender, conn) = h2_client(addr(&p), |_| {}).await;
+        let req = http::Request::get("http://h2.test/t")
+            .header("te", "trailers")
+            .body(http_body_util::Empty::new())
+            .unwrap();
+        let resp = sender.send_request(req).await.unwrap();
+        assert_eq!(resp.status(), 200);
+        let collected = resp.into_body().collect().await.expect("the whole stream");
+        let trailers = collected.trailers().cloned();
+        assert_eq!(collected.to_bytes(), "hello");
+        let trailers = trailers.expect("trailers");
+        assert_eq!(trailers.len(), 1, "{trailers:?}");
+        assert_eq!(trailers["x-sum"], "abc");
+        drop(sender);
+        let _ = conn.await;
+        p.shutdown().await;
+    })
+    .await;
+}
+
 /// Reads `body` to its end, pausing for `pause` after each `every` bytes
 /// (counted in whole frames): the bytes read, or the error that ended it.
 async fn read_paced(

@@ -686,7 +686,9 @@ impl Decoder {
                                     .map_err(|_| ProtocolError::Trailers)?;
                                 let value = HeaderValue::from_bytes(f.value)
                                     .map_err(|_| ProtocolError::Trailers)?;
-                                map.append(name, value);
+                                if !NOT_IN_TRAILERS.contains(&name.as_str()) {
+                                    map.append(name, value);
+                                }
                             }
                             (len, map)
                         }
@@ -715,6 +717,41 @@ impl Decoder {
         }
     }
 }
+
+/// Fields an origin's trailers lose (RFC 9110 §6.5.1): framing, routing,
+/// connection-specific and authentication fields, and those that say how
+/// the response is to be handled, which were settled with its head. An
+/// HTTP/2 client would take them for the stream's own, or refuse the
+/// stream (a connection-specific field is malformed there, RFC 9113
+/// §8.2.2); an HTTP/1.1 client is sent no trailers at all.
+const NOT_IN_TRAILERS: [&str; 26] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "content-encoding",
+    "content-type",
+    "content-range",
+    "host",
+    "authorization",
+    "proxy-authenticate",
+    "www-authenticate",
+    "set-cookie",
+    "cache-control",
+    "expires",
+    "age",
+    "date",
+    "location",
+    "retry-after",
+    "vary",
+    "etag",
+    "last-modified",
+    "pragma",
+];
 
 /// Takes at most `left` bytes from the front of a non-empty `buf`: the
 /// bytes, and how many are still to come after them.
@@ -1214,6 +1251,13 @@ mod tests {
         let (data, trailers, ended) = decode_all(Decoder::Chunked(Chunk::Size), &wire, 64).unwrap();
         assert_eq!((data.as_slice(), ended), (&b"ok"[..], true));
         assert_eq!(trailers.unwrap()["x-t99"], "99");
+        // Fields no trailer may carry are dropped; the others are kept.
+        let wire = b"2\r\nok\r\n0\r\nx-sum: abc\r\nconnection: close\r\ncontent-length: 9\r\nset-cookie: a=1\r\n\r\n";
+        let (_, trailers, ended) = decode_all(Decoder::Chunked(Chunk::Size), wire, 64).unwrap();
+        let trailers = trailers.unwrap();
+        assert!(ended);
+        assert_eq!(trailers.len(), 1, "{trailers:?}");
+        assert_eq!(trailers["x-sum"], "abc");
     }
 
     #[test]
