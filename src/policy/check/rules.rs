@@ -320,6 +320,17 @@ impl Checker<'_> {
         // These describe the connection or the message's framing, which
         // Portico sets for each hop itself: an edit would break the framing
         // (or the HTTP/2 stream, where connection fields are malformed).
+        if h.op == ast::HeaderOp::Add && name == http::header::HOST {
+            // Two `Host` fields make a request any server must refuse (RFC
+            // 9112 §3.2), and that two hops may read two ways.
+            self.err(
+                "invalid-header",
+                h.name.span,
+                "`host` is one field: `add` would send two".to_string(),
+            )
+            .help = Some("`set` replaces it".into());
+            return None;
+        }
         if h.op != ast::HeaderOp::Remove && FRAMING_FIELDS.contains(&name.as_str()) {
             self.err(
                 "invalid-header",
@@ -507,7 +518,21 @@ impl Checker<'_> {
                     options,
                     ..
                 } => {
-                    let code = self.status(status).unwrap_or(200);
+                    let code = match self.status(status) {
+                        Some(c) if c >= 200 => c,
+                        Some(c) => {
+                            // HTTP/1.1 clients would get a 500, HTTP/2 ones
+                            // a broken stream.
+                            self.err(
+                                "invalid-status",
+                                status.span,
+                                format!("`respond` gives the final answer; {c} is an interim one"),
+                            )
+                            .help = Some("a final status is 200 to 599".into());
+                            200
+                        }
+                        None => 200,
+                    };
                     let body = body
                         .as_ref()
                         .and_then(|b| self.string(b, "a response body"))
