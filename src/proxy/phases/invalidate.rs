@@ -96,21 +96,7 @@ impl Gateway {
         log: &mut Log,
     ) -> Result<Response<ResponseBody>, ProxyError> {
         let (rule, backend, hash_key) = {
-            // Rules see an HTTP/2 WebSocket as the GET it is in HTTP/1.1.
-            let method = if req.method() == Method::CONNECT {
-                &Method::GET
-            } else {
-                req.method()
-            };
-            let view = View {
-                method,
-                scheme,
-                host,
-                path: req.uri().path(),
-                query: req.uri().query().unwrap_or(""),
-                headers: req.headers(),
-                client_ip: Some(conn.client_addr.ip()),
-            };
+            let view = upgrade_view(&req, scheme, host, conn);
             let d = gen.policy.decide(&view);
             let Outcome::Forward(b) = d.rule.outcome else {
                 let mut resp = synthetic(&d.rule.outcome, &self.inner.errors, req.headers());
@@ -245,20 +231,7 @@ impl Gateway {
             let status = resp.status();
             hygiene::strip_hop_by_hop(resp.headers_mut(), false);
             strip_targeted(gen, resp.headers_mut());
-            let method = if h2_websocket {
-                &Method::GET
-            } else {
-                req.method()
-            };
-            let view = View {
-                method,
-                scheme,
-                host,
-                path: req.uri().path(),
-                query: req.uri().query().unwrap_or(""),
-                headers: req.headers(),
-                client_ip: Some(conn.client_addr.ip()),
-            };
+            let view = upgrade_view(&req, scheme, host, conn);
             let actions = gen.policy.decide_response(
                 &view,
                 &ResponseView {
@@ -285,6 +258,30 @@ impl Gateway {
             );
         }
         Ok(resp.map(|b| b.boxed_unsync()))
+    }
+}
+
+/// What the rules see of an upgrade: an HTTP/2 WebSocket (extended
+/// CONNECT) as the GET it is in HTTP/1.1.
+fn upgrade_view<'a>(
+    req: &'a Request<RequestBody>,
+    scheme: Scheme,
+    host: &'a str,
+    conn: &ConnInfo,
+) -> View<'a> {
+    let method = if req.method() == Method::CONNECT {
+        &Method::GET
+    } else {
+        req.method()
+    };
+    View {
+        method,
+        scheme,
+        host,
+        path: req.uri().path(),
+        query: req.uri().query().unwrap_or(""),
+        headers: req.headers(),
+        client_ip: Some(conn.client_addr.ip()),
     }
 }
 
