@@ -11,7 +11,7 @@
 
 pub mod balance;
 mod codec;
-pub(crate) use codec::{parsed_value, valid_host_field, FieldNames};
+pub(crate) use codec::{parsed_value, valid_host_field, FieldNames, FRAMING_FIELDS};
 pub mod config;
 mod conn;
 pub mod health;

@@ -686,7 +686,10 @@ impl Decoder {
                                     .map_err(|_| ProtocolError::Trailers)?;
                                 let value = HeaderValue::from_bytes(f.value)
                                     .map_err(|_| ProtocolError::Trailers)?;
-                                if !NOT_IN_TRAILERS.contains(&name.as_str()) {
+                                let name_str = name.as_str();
+                                if !FRAMING_FIELDS.contains(&name_str)
+                                    && !NOT_IN_TRAILERS.contains(&name_str)
+                                {
                                     map.append(name, value);
                                 }
                             }
@@ -718,13 +721,10 @@ impl Decoder {
     }
 }
 
-/// Fields an origin's trailers lose (RFC 9110 §6.5.1): framing, routing,
-/// connection-specific and authentication fields, and those that say how
-/// the response is to be handled, which were settled with its head. An
-/// HTTP/2 client would take them for the stream's own, or refuse the
-/// stream (a connection-specific field is malformed there, RFC 9113
-/// §8.2.2); an HTTP/1.1 client is sent no trailers at all.
-const NOT_IN_TRAILERS: [&str; 26] = [
+/// The fields of the connection and of the message's framing, which
+/// Portico writes for each hop itself: no rule may set them, and no
+/// trailer carries them.
+pub(crate) const FRAMING_FIELDS: [&str; 8] = [
     "connection",
     "keep-alive",
     "proxy-connection",
@@ -733,6 +733,15 @@ const NOT_IN_TRAILERS: [&str; 26] = [
     "transfer-encoding",
     "upgrade",
     "content-length",
+];
+
+/// Besides [`FRAMING_FIELDS`], the fields an origin's trailers lose (RFC
+/// 9110 §6.5.1): routing and authentication fields, and those that say how
+/// the response is to be handled, which were settled with its head. An
+/// HTTP/2 client would take them for the stream's own, or refuse the
+/// stream (a connection-specific field is malformed there, RFC 9113
+/// §8.2.2); an HTTP/1.1 client is sent no trailers at all.
+const NOT_IN_TRAILERS: [&str; 18] = [
     "content-encoding",
     "content-type",
     "content-range",

@@ -3,17 +3,9 @@
 
 use super::*;
 
-/// Fields no header edit may set or add (lowercase).
-const FRAMING_FIELDS: [&str; 8] = [
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-    "content-length",
-];
+// Fields no header edit may set or add.
+use crate::upstream::FRAMING_FIELDS;
+
 impl Checker<'_> {
     // ------------------------------------------------------------ conditions
 

@@ -137,9 +137,6 @@ impl Gateway {
         let mut upstream = Request::new(body::empty());
         *upstream.uri_mut() = req.uri().clone();
         *upstream.headers_mut() = req.headers().clone();
-        if req.version() >= http::Version::HTTP_2 {
-            hygiene::join_cookies(upstream.headers_mut());
-        }
         upstream.headers_mut().remove(header::FORWARDED);
         if req.uri().authority().is_some() {
             if let Some(v) = &client_host {
